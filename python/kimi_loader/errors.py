@@ -1,0 +1,71 @@
+"""The one exception hierarchy of kimi_loader.
+
+Every error the library raises is a :class:`KimiLoaderError`. Instances carry the
+``file`` and ``tensor`` they are about (``None`` when not applicable) and, for header and
+index errors, a machine-readable ``kind`` (e.g. ``"overlap"``, ``"missing_shard"``).
+The Rust core raises these classes by name (see ``rust/python/src/errors.rs``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KimiLoaderError",
+    "CheckpointNotFoundError",
+    "CheckpointIOError",
+    "HeaderError",
+    "IndexMismatchError",
+    "MissingTensorError",
+    "ShapeMismatchError",
+    "UnsupportedFormatError",
+    "InvalidArgumentError",
+]
+
+
+class KimiLoaderError(Exception):
+    """Root of every kimi_loader error."""
+
+    file: str | None = None
+    tensor: str | None = None
+    kind: str | None = None
+
+    def __init__(self, message: str = "", *, file: str | None = None, tensor: str | None = None,
+                 kind: str | None = None) -> None:
+        super().__init__(message)
+        self.file = file
+        self.tensor = tensor
+        self.kind = kind
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointNotFoundError(KimiLoaderError, FileNotFoundError):
+    """A checkpoint path (or a file it needs) does not exist."""
+
+
+class CheckpointIOError(KimiLoaderError, OSError):
+    """Reading a shard failed (permissions, a file truncated while in use, ...)."""
+
+
+class HeaderError(KimiLoaderError, ValueError):
+    """A safetensors header is malformed (see ``kind``)."""
+
+
+class IndexMismatchError(KimiLoaderError, ValueError):
+    """``model.safetensors.index.json`` and the shards disagree (see ``kind``)."""
+
+
+class MissingTensorError(KimiLoaderError, KeyError):
+    """A tensor that is needed is not in the checkpoint."""
+
+
+class ShapeMismatchError(KimiLoaderError, ValueError):
+    """A tensor's shape or size differs from what its destination expects."""
+
+
+class UnsupportedFormatError(KimiLoaderError, ValueError):
+    """The checkpoint's layout or quantization format is not supported."""
+
+
+class InvalidArgumentError(KimiLoaderError, ValueError):
+    """An argument cannot be honoured (e.g. ``threads=0``)."""

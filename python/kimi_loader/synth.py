@@ -1,0 +1,393 @@
+"""Synthetic Kimi-K2.5 / DeepSeek-V3 checkpoints in the real naming and formats.
+
+:func:`make_checkpoint` writes ``config.json``, ``model.safetensors.index.json`` and the
+shards. Quantized tensors come from the reference packers: compressed-tensors'
+``pack_to_int32`` for ct-int4, :func:`kimi_loader.formats.pack_mxfp4` (tested bit-exactly
+against compressed-tensors' ``unpack_fp4_from_uint8``) for Quark MXFP4, and torch's
+``float8_e4m3fn`` for FP8 block. Values are random but shaped like real weights
+(Kaiming-scale linears, norms near 1), and the same ``seed`` gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgumentError
+from .formats import E2M1_VALUES, QUANT_FORMATS, pack_mxfp4
+
+__all__ = ["PRESETS", "make_checkpoint", "text_config", "expected_tensor_count"]
+
+_KIMI_ROPE = {"type": "yarn", "factor": 64.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+              "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
+_DS_ROPE = {"type": "yarn", "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
+
+_BASE_TEXT: dict[str, Any] = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "ep_size": 1,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "tie_word_embeddings": False,
+    "topk_method": "noaux_tc",
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+}
+
+#: preset name -> (family, default shard count, text config)
+PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
+    "kimi-k2.5-tiny": ("kimi", 4, {
+        **_BASE_TEXT, "model_type": "kimi_k2",
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_nextn_predict_layers": 0, "first_k_dense_replace": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 2.827, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
+        "max_position_embeddings": 262144, "rope_scaling": _KIMI_ROPE,
+    }),
+    "deepseek-v3-tiny": ("deepseek", 4, {
+        **_BASE_TEXT, "model_type": "deepseek_v3",
+        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
+        "num_hidden_layers": 4, "num_nextn_predict_layers": 1, "first_k_dense_replace": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 163840, "rope_scaling": _DS_ROPE,
+    }),
+    # Kimi-K2.5's real tensor count (61 layers x 384 experts, 64 shards), tiny shapes.
+    "kimi-k2.5-fullcount": ("kimi", 64, {
+        **_BASE_TEXT, "model_type": "kimi_k2",
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 32,
+        "num_hidden_layers": 61, "num_nextn_predict_layers": 0, "first_k_dense_replace": 1,
+        "num_attention_heads": 1, "num_key_value_heads": 1,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
+        "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
+        "routed_scaling_factor": 2.827, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
+        "max_position_embeddings": 262144, "rope_scaling": _KIMI_ROPE,
+    }),
+}
+
+_VISION_HIDDEN = 16
+
+
+def text_config(preset: str, **overrides: Any) -> dict[str, Any]:
+    """The language-model config of a preset with ``overrides`` applied."""
+    if preset not in PRESETS:
+        raise InvalidArgumentError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[preset][2])
+    cfg.update(overrides)
+    return cfg
+
+
+# --------------------------------------------------------------------------------------
+# quantization configs as the real checkpoints spell them
+def _quant_config(quant: str) -> dict[str, Any] | None:
+    if quant == "bf16":
+        return None
+    if quant == "fp8-block":
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": [128, 128]}
+    if quant == "ct-int4":
+        return {
+            "quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "kv_cache_scheme": None,
+            "config_groups": {"group_0": {
+                "targets": ["Linear"], "input_activations": None, "output_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32,
+                            "strategy": "group", "dynamic": False, "actorder": None,
+                            "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
+            }},
+            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                       "re:.*mlp\\.(gate|up|gate_up|down)_proj.*", "re:.*mlp\\.gate$",
+                       "re:vision_tower.*", "re:mm_projector.*"],
+        }
+    if quant == "quark-mxfp4":
+        spec = {"dtype": "fp4", "qscheme": "per_group", "group_size": 32, "ch_axis": -1,
+                "scale_format": "e8m0", "round_method": "half_even", "symmetric": None}
+        return {
+            "quant_method": "quark", "quant_mode": "eager_mode",
+            "export": {"weight_format": "real_quantized", "pack_method": "reorder", "kv_cache_group": []},
+            "global_quant_config": {"weight": {**spec, "is_dynamic": False},
+                                    "input_tensors": {**spec, "is_dynamic": True},
+                                    "output_tensors": None, "bias": None},
+            "exclude": ["re:lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:vision_tower.*",
+                        "re:mm_projector.*"],
+            "layer_quant_config": {}, "layer_type_quant_config": {},
+        }
+    raise InvalidArgumentError(f"unknown quant {quant!r}; choose from {list(QUANT_FORMATS)}")
+
+
+# --------------------------------------------------------------------------------------
+# what tensors a model has
+@dataclass
+class _Linear:
+    """A group of linears of one shape, generated together (e.g. one projection of all
+    experts of a layer). ``role`` decides the format: ``expert``, ``shared``, ``dense``,
+    ``attn``."""
+    names: list[str]
+    out: int
+    inp: int
+    role: str
+
+
+@dataclass
+class _Plain:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # norm | embed | router | bias | vision
+
+
+def _layer_parts(cfg: dict[str, Any], p: str, moe: bool) -> Iterator[_Linear | _Plain]:
+    h = cfg["hidden_size"]
+    heads = cfg["num_attention_heads"]
+    nope, rope, v = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"], cfg["v_head_dim"]
+    kv_lora, q_lora = cfg["kv_lora_rank"], cfg["q_lora_rank"]
+    yield _Plain(f"{p}.input_layernorm.weight", (h,), "norm")
+    yield _Plain(f"{p}.post_attention_layernorm.weight", (h,), "norm")
+    a = f"{p}.self_attn"
+    if q_lora:
+        yield _Linear([f"{a}.q_a_proj"], q_lora, h, "attn")
+        yield _Plain(f"{a}.q_a_layernorm.weight", (q_lora,), "norm")
+        yield _Linear([f"{a}.q_b_proj"], heads * (nope + rope), q_lora, "attn")
+    else:
+        yield _Linear([f"{a}.q_proj"], heads * (nope + rope), h, "attn")
+    yield _Linear([f"{a}.kv_a_proj_with_mqa"], kv_lora + rope, h, "attn")
+    yield _Plain(f"{a}.kv_a_layernorm.weight", (kv_lora,), "norm")
+    yield _Linear([f"{a}.kv_b_proj"], heads * (nope + v), kv_lora, "attn")
+    yield _Linear([f"{a}.o_proj"], h, heads * v, "attn")
+    if not moe:
+        inter = cfg["intermediate_size"]
+        yield _Linear([f"{p}.mlp.gate_proj"], inter, h, "dense")
+        yield _Linear([f"{p}.mlp.up_proj"], inter, h, "dense")
+        yield _Linear([f"{p}.mlp.down_proj"], h, inter, "dense")
+        return
+    e, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    yield _Plain(f"{p}.mlp.gate.weight", (e, h), "router")
+    yield _Plain(f"{p}.mlp.gate.e_score_correction_bias", (e,), "bias")
+    experts = range(e)
+    yield _Linear([f"{p}.mlp.experts.{i}.gate_proj" for i in experts], inter, h, "expert")
+    yield _Linear([f"{p}.mlp.experts.{i}.up_proj" for i in experts], inter, h, "expert")
+    yield _Linear([f"{p}.mlp.experts.{i}.down_proj" for i in experts], h, inter, "expert")
+    shared = inter * cfg["n_shared_experts"]
+    if cfg["n_shared_experts"]:
+        yield _Linear([f"{p}.mlp.shared_experts.gate_proj"], shared, h, "shared")
+        yield _Linear([f"{p}.mlp.shared_experts.up_proj"], shared, h, "shared")
+        yield _Linear([f"{p}.mlp.shared_experts.down_proj"], h, shared, "shared")
+
+
+def _model_parts(cfg: dict[str, Any], family: str) -> Iterator[_Linear | _Plain]:
+    pre = "language_model." if family == "kimi" else ""
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    yield _Plain(f"{pre}model.embed_tokens.weight", (vocab, h), "embed")
+    n = cfg["num_hidden_layers"]
+    for i in range(n):
+        yield from _layer_parts(cfg, f"{pre}model.layers.{i}", moe=i >= cfg["first_k_dense_replace"])
+    for j in range(cfg.get("num_nextn_predict_layers") or 0):  # DeepSeek MTP layers
+        p = f"{pre}model.layers.{n + j}"
+        yield from _layer_parts(cfg, p, moe=True)
+        yield _Plain(f"{p}.embed_tokens.weight", (vocab, h), "embed")
+        yield _Plain(f"{p}.enorm.weight", (h,), "norm")
+        yield _Plain(f"{p}.hnorm.weight", (h,), "norm")
+        yield _Linear([f"{p}.eh_proj"], h, 2 * h, "attn")
+        yield _Plain(f"{p}.shared_head.norm.weight", (h,), "norm")
+        yield _Plain(f"{p}.shared_head.head.weight", (vocab, h), "embed")
+    yield _Plain(f"{pre}model.norm.weight", (h,), "norm")
+    yield _Plain(f"{pre}lm_head.weight", (vocab, h), "embed")
+    if family == "kimi":
+        vh = _VISION_HIDDEN
+        yield _Plain("vision_tower.patch_embed.proj.weight", (vh, 3, 2, 2), "vision")
+        yield _Plain("vision_tower.patch_embed.proj.bias", (vh,), "vision")
+        yield _Plain("vision_tower.encoder.blocks.0.wqkv.weight", (3 * vh, vh), "vision")
+        yield _Plain("vision_tower.encoder.final_layernorm.weight", (vh,), "vision")
+        yield _Plain("mm_projector.pre_norm.weight", (vh,), "vision")
+        yield _Plain("mm_projector.proj.0.weight", (4 * vh, 4 * vh), "vision")
+        yield _Plain("mm_projector.proj.2.weight", (h, 4 * vh), "vision")
+
+
+def _linear_format(role: str, quant: str, shared_expert_quant: str | None) -> str:
+    if role == "shared" and shared_expert_quant is not None:
+        return shared_expert_quant
+    if quant == "ct-int4":
+        return "ct-int4" if role == "expert" else "bf16"
+    if quant == "quark-mxfp4":
+        return "quark-mxfp4" if role in ("expert", "shared", "dense") else "bf16"
+    return quant  # bf16, or fp8-block for every linear
+
+
+def _layer_of(name: str) -> int:
+    parts = name.split(".")
+    if "layers" in parts:
+        i = parts.index("layers")
+        if i + 1 < len(parts) and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return -1 if "embed_tokens" in name else 1 << 30
+
+
+# --------------------------------------------------------------------------------------
+# value generation and the reference packers
+def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g, dtype=torch.float32)
+
+
+def _quantize_linear(w: torch.Tensor, fmt: str, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """``w`` is ``[n, out, in]`` float32 (n stacked linears). Returns suffix -> stacked
+    tensor with a leading ``n`` dim, in checkpoint format ``fmt``."""
+    n, out, inp = w.shape
+    if fmt == "bf16":
+        return {"weight": w.to(torch.bfloat16)}
+    if fmt == "ct-int4":
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        if inp % 32:
+            raise InvalidArgumentError(f"ct-int4 needs input dims divisible by 32, got {inp}")
+        groups = w.reshape(n, out, inp // 32, 32)
+        scale = (groups.abs().amax(-1) / 7.0).clamp(min=1e-6).to(torch.bfloat16)
+        q = torch.round(groups / scale.float().unsqueeze(-1)).clamp(-8, 7).to(torch.int8)
+        packed = pack_to_int32(q.reshape(n * out, inp), num_bits=4).reshape(n, out, inp // 8)
+        shape = torch.tensor([out, inp], dtype=torch.int32).expand(n, 2).contiguous()
+        return {"weight_packed": packed, "weight_scale": scale.contiguous(), "weight_shape": shape}
+    if fmt == "fp8-block":
+        ob, ib = math.ceil(out / 128), math.ceil(inp / 128)
+        padded = torch.zeros(n, ob * 128, ib * 128)
+        padded[:, :out, :inp] = w
+        blocks = padded.reshape(n, ob, 128, ib, 128)
+        scale_inv = (blocks.abs().amax(dim=(2, 4)) / 448.0).clamp(min=1e-12)
+        q = (blocks / scale_inv[:, :, None, :, None]).reshape(n, ob * 128, ib * 128)[:, :out, :inp]
+        return {"weight": q.to(torch.float8_e4m3fn).contiguous(), "weight_scale_inv": scale_inv.contiguous()}
+    if fmt == "quark-mxfp4":
+        if inp % 32:
+            raise InvalidArgumentError(f"MXFP4 needs input dims divisible by 32, got {inp}")
+        codes = torch.randint(0, 16, (n * out, inp), generator=g)
+        packed = pack_mxfp4(E2M1_VALUES[codes]).reshape(n, out, inp // 2)
+        # e8m0 scales 2^-7 .. 2^-4: dequantized magnitudes like a real layer's weights
+        scale = torch.randint(120, 124, (n, out, inp // 32), generator=g).to(torch.uint8)
+        return {"weight": packed, "weight_scale": scale}
+    raise InvalidArgumentError(f"unknown format {fmt!r}")
+
+
+def _plain_value(p: _Plain, g: torch.Generator) -> torch.Tensor:
+    if p.kind == "norm":
+        return (1.0 + 0.1 * _rand(g, *p.shape)).to(torch.bfloat16)
+    if p.kind == "bias":
+        return 0.01 * _rand(g, *p.shape)  # e_score_correction_bias stays float32
+    if p.kind == "router":
+        return (_rand(g, *p.shape) / math.sqrt(p.shape[1])).to(torch.bfloat16)
+    return (0.02 * _rand(g, *p.shape)).to(torch.bfloat16)  # embed, lm_head, vision
+
+
+def _tensors(cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: str | None,
+             g: torch.Generator) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for part in _model_parts(cfg, family):
+        if isinstance(part, _Plain):
+            out[part.name] = _plain_value(part, g)
+            continue
+        fmt = _linear_format(part.role, quant, shared_expert_quant)
+        w = _rand(g, len(part.names), part.out, part.inp) / math.sqrt(part.inp)
+        for suffix, stacked in _quantize_linear(w, fmt, g).items():
+            for i, name in enumerate(part.names):
+                out[f"{name}.{suffix}"] = stacked[i]
+    return out
+
+
+def expected_tensor_count(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4", **overrides: Any) -> int:
+    """How many tensors :func:`make_checkpoint` writes, without generating them."""
+    family = PRESETS[preset][0] if preset in PRESETS else None
+    cfg = text_config(preset, **overrides)
+    n = 0
+    per = {"bf16": 1, "ct-int4": 3, "fp8-block": 2, "quark-mxfp4": 2}
+    for part in _model_parts(cfg, family or "kimi"):
+        n += 1 if isinstance(part, _Plain) else len(part.names) * per[_linear_format(part.role, quant, None)]
+    return n
+
+
+# --------------------------------------------------------------------------------------
+def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4",
+                    seed: int = 0, num_shards: int | None = None, shared_expert_quant: str | None = None,
+                    **overrides: Any) -> str:
+    """Writes a complete synthetic checkpoint into directory ``path`` and returns it.
+
+    ``preset``: ``kimi-k2.5-tiny`` (Kimi-K2.5 wrapper config with ``text_config``,
+    ``language_model.`` names, vision tensors), ``deepseek-v3-tiny`` (plain DeepSeek-V3
+    with an MTP layer), or ``kimi-k2.5-fullcount`` (61 layers x 384 experts, ~210k
+    tensors, 64 shards, tiny shapes). ``quant``: one of ``bf16``, ``fp8-block``,
+    ``ct-int4``, ``quark-mxfp4``. ``num_shards`` defaults to the preset's (4, or 64 for
+    fullcount). ``shared_expert_quant`` forces the shared experts' format (e.g. ``"bf16"``
+    in a Quark checkpoint, as an older Kimi-K2.5-MXFP4 revision had). Other keyword
+    arguments override text-config fields (``num_hidden_layers=2``,
+    ``n_routed_experts=384``, ...).
+    """
+    from safetensors.torch import save_file
+
+    if preset not in PRESETS:
+        raise InvalidArgumentError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    family, default_shards, _ = PRESETS[preset]
+    num_shards = default_shards if num_shards is None else num_shards
+    if num_shards < 1:
+        raise InvalidArgumentError("num_shards must be at least 1")
+    cfg = text_config(preset, **overrides)
+    qc = _quant_config(quant)
+    if shared_expert_quant is not None:
+        _quant_config(shared_expert_quant)  # validates the name
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    g = torch.Generator().manual_seed(seed)
+    tensors = _tensors(cfg, family, quant, shared_expert_quant, g)
+
+    names = sorted(tensors, key=lambda n: (_layer_of(n), n))
+    if num_shards > len(names):
+        raise InvalidArgumentError(f"{num_shards} shards for {len(names)} tensors")
+    sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]
+    total = sum(sizes)
+    bounds, acc = [], 0
+    for s in sizes:  # shard k gets the tensors that start in its 1/num_shards of the bytes
+        bounds.append(min(num_shards - 1, acc * num_shards // max(total, 1)))
+        acc += s
+    if len(set(bounds)) < num_shards:  # a huge tensor left a shard empty: split by count
+        bounds = [i * num_shards // len(names) for i in range(len(names))]
+    width = 6 if family == "kimi" else 5  # Kimi-K2.5 names its shards model-00001-of-000064
+    files = [f"model-{k + 1:05d}-of-{num_shards:0{width}d}.safetensors" for k in range(num_shards)]
+
+    os.makedirs(path, exist_ok=True)
+    weight_map: dict[str, str] = {}
+    for k, f in enumerate(files):
+        shard = {n: tensors[n].contiguous() for n, b in zip(names, bounds, strict=True) if b == k}
+        save_file(shard, os.path.join(path, f), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, f))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
+        json.dump(index, fh, indent=2)
+
+    if family == "kimi":
+        config = {
+            "architectures": ["KimiK25ForConditionalGeneration"],
+            "model_type": "kimi_k25",
+            "text_config": cfg,
+            "vision_config": {"model_type": "kimi_k25_vision", "patch_size": 2, "hidden_size": _VISION_HIDDEN,
+                              "num_hidden_layers": 1, "num_attention_heads": 2,
+                              "intermediate_size": 2 * _VISION_HIDDEN, "merge_kernel_size": [2, 2]},
+            "projection_hidden_size": _VISION_HIDDEN,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+        }
+    else:
+        config = cfg
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    return os.fspath(path)

@@ -1,0 +1,386 @@
+//! A whole checkpoint: the shards (opened and validated in parallel), the name table
+//! and the cross-checks between an index and its shards.
+
+use std::path::{Path, PathBuf};
+
+use std::hash::BuildHasher;
+
+use hashbrown::{DefaultHashBuilder, HashTable};
+use rayon::prelude::*;
+
+use crate::error::{Error, IndexProblem, Result};
+use crate::header::TensorEntry;
+use crate::index::{parse_index, INDEX_FILE, SINGLE_FILE};
+use crate::shard::Shard;
+use crate::threads;
+
+/// Where a tensor lives: shard number and position in that shard's (offset-sorted) table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TensorId {
+    pub shard: u32,
+    pub index: u32,
+}
+
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The directory the checkpoint was opened from, if any.
+    pub root: Option<PathBuf>,
+    /// The index file, if the checkpoint has one.
+    pub index_path: Option<PathBuf>,
+    /// `config.json` beside the index or in the directory, as text.
+    pub config_json: Option<String>,
+    pub shards: Vec<Shard>,
+    names: NameTable,
+}
+
+/// Name -> [`TensorId`], hashing the names stored in the shard headers (no copies).
+#[derive(Default)]
+struct NameTable {
+    table: HashTable<TensorId>,
+    hasher: DefaultHashBuilder,
+}
+
+impl std::fmt::Debug for NameTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NameTable({} names)", self.table.len())
+    }
+}
+
+fn entry<'a>(shards: &'a [Shard], id: TensorId) -> &'a TensorEntry {
+    &shards[id.shard as usize].header.tensors[id.index as usize]
+}
+
+impl NameTable {
+    fn find(&self, shards: &[Shard], name: &str) -> Option<TensorId> {
+        let h = self.hasher.hash_one(name);
+        self.table
+            .find(h, |id| &*entry(shards, *id).name == name)
+            .copied()
+    }
+
+    /// Inserts every tensor of every shard; returns the first name found in two shards.
+    fn build(shards: &[Shard]) -> std::result::Result<NameTable, (TensorId, TensorId)> {
+        let total: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
+        let mut t = NameTable {
+            table: HashTable::with_capacity(total),
+            hasher: DefaultHashBuilder::default(),
+        };
+        for (s, shard) in shards.iter().enumerate() {
+            for (i, e) in shard.header.tensors.iter().enumerate() {
+                let id = TensorId {
+                    shard: s as u32,
+                    index: i as u32,
+                };
+                let h = t.hasher.hash_one(&*e.name);
+                if let Some(prev) = t.table.find(h, |o| entry(shards, *o).name == e.name) {
+                    return Err((*prev, id));
+                }
+                let hasher = &t.hasher;
+                t.table
+                    .insert_unique(h, id, |o| hasher.hash_one(&*entry(shards, *o).name));
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// Maps a small text file read-only (an empty file maps to nothing).
+fn map_text_file(path: &Path) -> Result<Option<memmap2::Mmap>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    // SAFETY: a read-only private map of a file we only read during `open`. If another
+    // process truncated the file during that window, reads could fault; index files are
+    // written once by the exporter and are small, which makes this an accepted risk
+    // (documented in README "Guarantees").
+    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
+        .map_err(|e| Error::io(path, e))?;
+    Ok(Some(map))
+}
+
+fn text_of<'a>(path: &Path, map: &'a Option<memmap2::Mmap>) -> Result<&'a str> {
+    let bytes: &[u8] = map.as_deref().unwrap_or(&[]);
+    std::str::from_utf8(bytes).map_err(|e| {
+        Error::index(
+            path,
+            None,
+            IndexProblem::Json,
+            format!("index is not valid UTF-8 (byte {})", e.valid_up_to()),
+        )
+    })
+}
+
+/// What a user path resolves to before anything is parsed.
+struct Layout {
+    root: Option<PathBuf>,
+    index: Option<PathBuf>,
+    shards: Vec<PathBuf>,
+}
+
+fn resolve_layout(paths: &[PathBuf]) -> Result<Layout> {
+    let first = match paths {
+        [] => {
+            return Err(Error::InvalidArgument {
+                reason: "no checkpoint path given".into(),
+            })
+        }
+        [one] => one,
+        many => {
+            for p in many {
+                let m = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
+                if m.is_dir() {
+                    return Err(Error::Unsupported {
+                        file: p.clone(),
+                        reason: "a list of paths must name shard files, not directories".into(),
+                    });
+                }
+            }
+            return Ok(Layout {
+                root: None,
+                index: None,
+                shards: many.to_vec(),
+            });
+        }
+    };
+    let meta = std::fs::metadata(first).map_err(|e| Error::io(first, e))?;
+    if meta.is_dir() {
+        let index = first.join(INDEX_FILE);
+        if index.is_file() {
+            return Ok(Layout {
+                root: Some(first.clone()),
+                index: Some(index),
+                shards: vec![],
+            });
+        }
+        let single = first.join(SINGLE_FILE);
+        if single.is_file() {
+            return Ok(Layout {
+                root: Some(first.clone()),
+                index: None,
+                shards: vec![single],
+            });
+        }
+        // Neither layout is there: report the file a user would expect to find.
+        return Err(Error::NotFound { file: index });
+    }
+    let is_index = first
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.ends_with(".index.json"));
+    if is_index {
+        return Ok(Layout {
+            root: first.parent().map(Path::to_path_buf),
+            index: Some(first.clone()),
+            shards: vec![],
+        });
+    }
+    Ok(Layout {
+        root: None,
+        index: None,
+        shards: vec![first.clone()],
+    })
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint: a directory (with an index or a single `model.safetensors`),
+    /// an index file, a single shard, or a list of shard files. Every shard is mapped and
+    /// its header parsed and validated in parallel on `threads` threads.
+    pub fn open(paths: &[PathBuf], threads: Option<usize>) -> Result<Checkpoint> {
+        let pool = threads::pool(threads)?;
+        let mut layout = resolve_layout(paths)?;
+        // The index is mapped, not read: its pages come from the page cache without
+        // being copied into fresh (zeroed, faulted-in) memory.
+        let index_map = match &layout.index {
+            Some(p) => Some(map_text_file(p)?),
+            None => None,
+        };
+        let index = match (&layout.index, &index_map) {
+            (Some(p), Some(m)) => Some(parse_index(p, text_of(p, m)?)?),
+            _ => None,
+        };
+        if let (Some(ix), Some(ip)) = (&index, &layout.index) {
+            let dir = ip.parent().unwrap_or(Path::new("."));
+            for (i, f) in ix.files.iter().enumerate() {
+                let path = dir.join(f);
+                if !path.is_file() {
+                    return Err(Error::index(
+                        ip,
+                        ix.first_tensor_of(i),
+                        IndexProblem::MissingShard,
+                        format!("the index names shard '{f}', which does not exist"),
+                    ));
+                }
+                layout.shards.push(path);
+            }
+        }
+        let shards: Vec<Shard> = pool.install(|| {
+            layout
+                .shards
+                .par_iter()
+                .map(|p| Shard::open(p))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let names = NameTable::build(&shards).map_err(|(a, b)| {
+            let name = &entry(&shards, a).name;
+            let file = &shards[b.shard as usize].path;
+            Error::index(
+                layout.index.as_deref().unwrap_or(file),
+                Some(name),
+                IndexProblem::DuplicateTensor,
+                format!(
+                    "stored in two shards: {} and {}",
+                    shards[a.shard as usize].path.display(),
+                    file.display()
+                ),
+            )
+        })?;
+        let config_dir = layout.root.clone();
+        let ckpt = Checkpoint {
+            root: layout.root,
+            index_path: layout.index,
+            config_json: None,
+            shards,
+            names,
+        };
+        if let Some(ix) = &index {
+            ckpt.check_index(ix)?;
+        }
+        drop(index);
+        let config_json = match config_dir.map(|d| d.join("config.json")) {
+            Some(c) if c.is_file() => {
+                Some(std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?)
+            }
+            _ => None,
+        };
+        Ok(Checkpoint {
+            config_json,
+            ..ckpt
+        })
+    }
+
+    /// Every index entry must be in the shard it names, and every shard tensor must be
+    /// listed (exactly once) in the index.
+    fn check_index(&self, ix: &crate::index::WeightMap<'_>) -> Result<()> {
+        let index_path = self.index_path.as_deref().expect("index present");
+        let mut listed: Vec<Vec<bool>> = self
+            .shards
+            .iter()
+            .map(|s| vec![false; s.header.tensors.len()])
+            .collect();
+        for (name, file) in &ix.entries {
+            // Shards were opened in the order of the index's sorted file list.
+            let named_shard = *file as usize;
+            let shard_path = &self.shards[named_shard].path;
+            match self.names.find(&self.shards, name) {
+                None => {
+                    return Err(Error::index(
+                        shard_path,
+                        Some(name),
+                        IndexProblem::TensorNotInShard,
+                        "the index maps the tensor to this shard, but the shard does not hold it",
+                    ))
+                }
+                Some(id) if id.shard as usize != named_shard => {
+                    return Err(Error::index(
+                        shard_path,
+                        Some(name),
+                        IndexProblem::TensorNotInShard,
+                        format!(
+                            "the index maps the tensor to this shard, but it is stored in {}",
+                            self.shards[id.shard as usize].path.display()
+                        ),
+                    ))
+                }
+                Some(id) => {
+                    let seen = &mut listed[id.shard as usize][id.index as usize];
+                    if *seen {
+                        return Err(Error::index(
+                            index_path,
+                            Some(name),
+                            IndexProblem::Json,
+                            "the tensor is listed twice in weight_map",
+                        ));
+                    }
+                    *seen = true;
+                }
+            }
+        }
+        for (s, flags) in listed.iter().enumerate() {
+            if let Some(i) = flags.iter().position(|f| !f) {
+                return Err(Error::index(
+                    &self.shards[s].path,
+                    Some(&self.shards[s].header.tensors[i].name),
+                    IndexProblem::TensorNotInIndex,
+                    format!(
+                        "the shard holds the tensor but {} does not list it",
+                        index_path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The path errors about the checkpoint as a whole should name.
+    pub fn display_path(&self) -> PathBuf {
+        self.index_path
+            .clone()
+            .or_else(|| self.root.clone())
+            .or_else(|| self.shards.first().map(|s| s.path.clone()))
+            .unwrap_or_default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.table.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn find(&self, name: &str) -> Option<TensorId> {
+        self.names.find(&self.shards, name)
+    }
+
+    /// Looks a tensor up, or fails with [`Error::MissingTensor`].
+    pub fn get(&self, name: &str) -> Result<(TensorId, &TensorEntry)> {
+        match self.find(name) {
+            Some(id) => Ok((id, self.entry(id))),
+            None => Err(Error::MissingTensor {
+                file: self.display_path(),
+                tensor: name.to_owned(),
+                hint: None,
+            }),
+        }
+    }
+
+    pub fn entry(&self, id: TensorId) -> &TensorEntry {
+        entry(&self.shards, id)
+    }
+
+    pub fn shard(&self, id: TensorId) -> &Shard {
+        &self.shards[id.shard as usize]
+    }
+
+    /// Every tensor, shard by shard, in storage order.
+    pub fn iter(&self) -> impl Iterator<Item = (TensorId, &TensorEntry)> {
+        self.shards.iter().enumerate().flat_map(|(s, sh)| {
+            sh.header.tensors.iter().enumerate().map(move |(i, e)| {
+                (
+                    TensorId {
+                        shard: s as u32,
+                        index: i as u32,
+                    },
+                    e,
+                )
+            })
+        })
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.data_len).sum()
+    }
+}

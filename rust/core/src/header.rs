@@ -1,0 +1,384 @@
+//! Parsing and validation of one safetensors header.
+//!
+//! Layout of a safetensors file: an 8-byte little-endian header length `N`, `N` bytes
+//! of UTF-8 JSON, then the data section. The JSON maps tensor names to
+//! `{"dtype", "shape", "data_offsets": [start, end]}` (offsets relative to the data
+//! section) plus an optional `"__metadata__"` object of strings.
+//!
+//! Validation is at least as strict as the reference implementation: a header length
+//! cap, UTF-8, strict JSON, no duplicate keys, known dtypes, checked arithmetic for
+//! `numel * dtype_size == end - start`, offsets inside the data section, and tensors
+//! that tile the data section exactly (no overlap, no gap, no trailing bytes).
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use crate::dtype::Dtype;
+use crate::error::{Error, HeaderProblem, Result};
+use crate::json::{JsonError, Scanner};
+
+/// Largest header accepted, as in the reference implementation (100 MB).
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// A tensor shape; up to four dims are stored inline (no allocation).
+pub type Shape = smallvec::SmallVec<[u64; 4]>;
+
+/// One tensor of a shard. Offsets are relative to the start of the data section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: Box<str>,
+    pub dtype: Dtype,
+    pub shape: Shape,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl TensorEntry {
+    pub fn nbytes(&self) -> u64 {
+        self.end - self.start
+    }
+
+    pub fn numel(&self) -> u64 {
+        // Cannot overflow: validated at parse time.
+        self.shape.iter().product()
+    }
+}
+
+/// A parsed, validated header.
+#[derive(Debug, Clone, Default)]
+pub struct Header {
+    /// Tensors sorted by their position in the data section.
+    pub tensors: Vec<TensorEntry>,
+    /// The `__metadata__` strings, in file order.
+    pub metadata: Vec<(String, String)>,
+    /// Absolute file offset of the data section (`8 + N`).
+    pub data_start: u64,
+    /// Length of the data section in bytes.
+    pub data_len: u64,
+}
+
+/// Reads the length prefix: returns the header length `N` after checking it against
+/// the cap and the file length.
+pub fn header_len(file: &Path, prefix: &[u8], file_len: u64) -> Result<u64> {
+    if file_len < 8 || prefix.len() < 8 {
+        return Err(Error::header(
+            file,
+            None,
+            HeaderProblem::TooSmall,
+            format!("file is {file_len} bytes, too small for the 8-byte header length"),
+        ));
+    }
+    let n = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+    if n > MAX_HEADER_LEN {
+        return Err(Error::header(
+            file,
+            None,
+            HeaderProblem::TooLarge,
+            format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte cap"),
+        ));
+    }
+    if n.checked_add(8).is_none_or(|end| end > file_len) {
+        return Err(Error::header(
+            file,
+            None,
+            HeaderProblem::PastEnd,
+            format!("header length {n} runs past the end of the {file_len}-byte file"),
+        ));
+    }
+    Ok(n)
+}
+
+/// Parses and validates the JSON header `json` of `file`, whose data section holds
+/// `data_len` bytes starting at file offset `data_start`.
+pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) -> Result<Header> {
+    let text = std::str::from_utf8(json).map_err(|e| {
+        Error::header(
+            file,
+            None,
+            HeaderProblem::NotUtf8,
+            format!("header is not valid UTF-8 (byte {})", e.valid_up_to()),
+        )
+    })?;
+    if !text.starts_with('{') {
+        return Err(Error::header(
+            file,
+            None,
+            HeaderProblem::Json,
+            "header does not start with '{'",
+        ));
+    }
+    let mut header = Header {
+        data_start,
+        data_len,
+        ..Header::default()
+    };
+    let mut problem: Option<Error> = None;
+    let mut p = Scanner::new(text);
+    let mut have_metadata = false;
+    let parsed = p.object(|p, key| {
+        if key == "__metadata__" {
+            if std::mem::replace(&mut have_metadata, true) {
+                problem = Some(Error::header(
+                    file,
+                    None,
+                    HeaderProblem::DuplicateKey,
+                    "'__metadata__' appears twice",
+                ));
+                return Err(JsonError {
+                    pos: p.pos(),
+                    msg: "duplicate key",
+                });
+            }
+            return parse_metadata(p, &mut header.metadata, file, &mut problem);
+        }
+        match parse_entry(p, file, &key) {
+            Ok(entry) => {
+                header.tensors.push(entry);
+                Ok(())
+            }
+            Err(EntryError::Json(e)) => Err(e),
+            Err(EntryError::Invalid(e)) => {
+                problem = Some(e);
+                Err(JsonError {
+                    pos: p.pos(),
+                    msg: "invalid entry",
+                })
+            }
+        }
+    });
+    if let Some(e) = problem {
+        return Err(e);
+    }
+    parsed
+        .and_then(|_| p.finish())
+        .map_err(|e| json_error(file, &e))?;
+    validate_layout(file, &mut header)?;
+    check_unique_names(file, &header)?;
+    Ok(header)
+}
+
+/// Two tensors of one shard must not share a name. Names are compared after sorting
+/// references to them, which costs less than hashing every name of a large shard.
+fn check_unique_names(file: &Path, h: &Header) -> Result<()> {
+    let mut names: Vec<&str> = h.tensors.iter().map(|t| &*t.name).collect();
+    names.sort_unstable();
+    match names.windows(2).find(|w| w[0] == w[1]) {
+        Some(w) => Err(Error::header(
+            file,
+            Some(w[0]),
+            HeaderProblem::DuplicateKey,
+            "key appears twice in the header",
+        )),
+        None => Ok(()),
+    }
+}
+
+fn json_error(file: &Path, e: &JsonError) -> Error {
+    let problem = if e.msg == "integer does not fit in 64 bits" {
+        HeaderProblem::Overflow
+    } else {
+        HeaderProblem::Json
+    };
+    Error::header(file, None, problem, format!("malformed JSON: {e}"))
+}
+
+fn parse_metadata(
+    p: &mut Scanner<'_>,
+    out: &mut Vec<(String, String)>,
+    file: &Path,
+    problem: &mut Option<Error>,
+) -> Result<(), JsonError> {
+    if p.peek() == Some(b'n') {
+        // `"__metadata__": null` is what some writers emit for "no metadata".
+        return p.skip_value();
+    }
+    let mut keys = hashbrown::HashSet::new();
+    p.object(|p, k| {
+        if !keys.insert(k.clone()) {
+            *problem = Some(Error::header(
+                file,
+                None,
+                HeaderProblem::DuplicateKey,
+                format!("metadata key '{k}' appears twice"),
+            ));
+            return Err(JsonError {
+                pos: p.pos(),
+                msg: "duplicate key",
+            });
+        }
+        let v = p.string()?;
+        out.push((k.into_owned(), v.into_owned()));
+        Ok(())
+    })
+}
+
+enum EntryError {
+    Json(JsonError),
+    Invalid(Error),
+}
+
+impl From<JsonError> for EntryError {
+    fn from(e: JsonError) -> Self {
+        EntryError::Json(e)
+    }
+}
+
+fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEntry, EntryError> {
+    let mut dtype: Option<Cow<'_, str>> = None;
+    let mut shape: Option<Shape> = None;
+    let mut offsets: Option<(u64, u64)> = None;
+    let mut dup: Option<String> = None;
+    p.object(|p, field| {
+        let already = match field.as_ref() {
+            "dtype" => dtype.replace(p.string()?).is_some(),
+            "shape" => {
+                let mut dims = Shape::new();
+                p.array(|p| {
+                    dims.push(p.u64()?);
+                    Ok(())
+                })?;
+                shape.replace(dims).is_some()
+            }
+            "data_offsets" => {
+                let mut v = [0u64; 2];
+                let mut n = 0usize;
+                p.array(|p| {
+                    let x = p.u64()?;
+                    if n < 2 {
+                        v[n] = x;
+                    }
+                    n += 1;
+                    Ok(())
+                })?;
+                if n != 2 {
+                    return Err(JsonError {
+                        pos: p.pos(),
+                        msg: "data_offsets must hold exactly two integers",
+                    });
+                }
+                offsets.replace((v[0], v[1])).is_some()
+            }
+            _ => {
+                p.skip_value()?;
+                false
+            }
+        };
+        if already {
+            dup = Some(field.into_owned());
+        }
+        Ok(())
+    })?;
+    let invalid = |problem, reason: String| {
+        EntryError::Invalid(Error::header(file, Some(name), problem, reason))
+    };
+    if let Some(f) = dup {
+        return Err(invalid(
+            HeaderProblem::DuplicateKey,
+            format!("field '{f}' appears twice"),
+        ));
+    }
+    let (Some(dtype), Some(shape), Some((start, end))) = (dtype, shape, offsets) else {
+        return Err(invalid(
+            HeaderProblem::Json,
+            "entry needs 'dtype', 'shape' and 'data_offsets'".into(),
+        ));
+    };
+    let Some(dt) = Dtype::parse(&dtype) else {
+        return Err(invalid(
+            HeaderProblem::UnknownDtype,
+            format!("unknown dtype '{dtype}'"),
+        ));
+    };
+    let nbytes = shape
+        .iter()
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        .and_then(|n| n.checked_mul(dt.size()));
+    let Some(nbytes) = nbytes else {
+        return Err(invalid(
+            HeaderProblem::Overflow,
+            format!("shape {shape:?} of {dt} overflows 64-bit byte count"),
+        ));
+    };
+    if end < start {
+        return Err(invalid(
+            HeaderProblem::OutOfBounds,
+            format!("data_offsets [{start}, {end}] are reversed"),
+        ));
+    }
+    if end - start != nbytes {
+        return Err(invalid(
+            HeaderProblem::ShapeBytesMismatch,
+            format!(
+                "shape {shape:?} of {dt} needs {nbytes} bytes but data_offsets [{start}, {end}] span {}",
+                end - start
+            ),
+        ));
+    }
+    Ok(TensorEntry {
+        name: name.into(),
+        dtype: dt,
+        shape,
+        start,
+        end,
+    })
+}
+
+/// Sorts tensors by offset and checks they tile `[0, data_len)` exactly.
+fn validate_layout(file: &Path, h: &mut Header) -> Result<()> {
+    if let Some(t) = h.tensors.iter().find(|t| t.end > h.data_len) {
+        return Err(Error::header(
+            file,
+            Some(&t.name),
+            HeaderProblem::OutOfBounds,
+            format!(
+                "data_offsets [{}, {}] end past the {}-byte data section",
+                t.start, t.end, h.data_len
+            ),
+        ));
+    }
+    h.tensors.sort_unstable_by_key(|t| (t.start, t.end));
+    let mut covered = 0u64;
+    let mut prev: Option<&TensorEntry> = None;
+    for t in &h.tensors {
+        if t.start < covered {
+            let other = prev.map(|p| &*p.name).unwrap_or("?");
+            return Err(Error::header(
+                file,
+                Some(&t.name),
+                HeaderProblem::Overlap,
+                format!(
+                    "bytes [{}, {}) overlap tensor '{other}' which ends at {covered}",
+                    t.start, t.end
+                ),
+            ));
+        }
+        if t.start > covered {
+            return Err(Error::header(
+                file,
+                Some(&t.name),
+                HeaderProblem::Gap,
+                format!(
+                    "bytes [{covered}, {}) of the data section belong to no tensor",
+                    t.start
+                ),
+            ));
+        }
+        covered = t.end;
+        prev = Some(t);
+    }
+    if covered != h.data_len {
+        return Err(Error::header(
+            file,
+            None,
+            HeaderProblem::Gap,
+            format!(
+                "bytes [{covered}, {}) at the end of the data section belong to no tensor",
+                h.data_len
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

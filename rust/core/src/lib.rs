@@ -1,0 +1,28 @@
+//! kimi_loader core: pure Rust, no Python.
+//!
+//! Table of contents (reader -> plan -> executor):
+//! - [`error`]: the one error type, naming files and tensors.
+//! - [`dtype`]: safetensors dtypes and sizes.
+//! - [`json`]: a strict, allocation-light JSON scanner for headers and indexes.
+//! - [`header`]: parse and validate one safetensors header.
+//! - [`shard`]: one mapped, validated shard file.
+//! - [`index`]: `model.safetensors.index.json`.
+//! - [`checkpoint`]: all shards of a checkpoint, opened in parallel, cross-checked.
+//! - [`exec`]: parallel reads from shards into destination memory.
+//! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+pub mod exec;
+pub mod header;
+pub mod index;
+pub mod json;
+pub mod shard;
+pub mod threads;
+
+pub use checkpoint::{Checkpoint, TensorId};
+pub use dtype::Dtype;
+pub use error::{Error, HeaderProblem, IndexProblem, Result};
+pub use header::{Header, TensorEntry, MAX_HEADER_LEN};
+pub use shard::Shard;

@@ -1,0 +1,26 @@
+//! `kimi_loader._core`: thin pyo3 bindings over `kimi_loader_core`.
+//!
+//! Table of contents:
+//! - [`errors`]: the one bridge from core errors to the `kimi_loader.errors` hierarchy,
+//!   and the one gateway that releases the GIL for slow work.
+//! - [`checkpoint`]: `open()` and the `Checkpoint` class (tensor table, reads).
+//! - [`buffer`]: `ShardBuffer`, a writable copy-on-write buffer over one mapped shard,
+//!   from which zero-copy tensors are viewed.
+
+mod buffer;
+mod checkpoint;
+mod errors;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("MAX_HEADER_LEN", kimi_loader_core::MAX_HEADER_LEN)?;
+    m.add("THREADS_ENV", kimi_loader_core::threads::THREADS_ENV)?;
+    m.add_function(wrap_pyfunction!(checkpoint::open, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::resolve_threads, m)?)?;
+    m.add_class::<checkpoint::Checkpoint>()?;
+    m.add_class::<buffer::ShardBuffer>()?;
+    Ok(())
+}
