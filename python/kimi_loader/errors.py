@@ -9,15 +9,15 @@ The Rust core raises these classes by name (see ``rust/python/src/errors.rs``).
 from __future__ import annotations
 
 __all__ = [
-    "KimiLoaderError",
-    "CheckpointNotFoundError",
     "CheckpointIOError",
+    "CheckpointNotFoundError",
     "HeaderError",
     "IndexMismatchError",
+    "InvalidArgumentError",
+    "KimiLoaderError",
     "MissingTensorError",
     "ShapeMismatchError",
     "UnsupportedFormatError",
-    "InvalidArgumentError",
 ]
 
 

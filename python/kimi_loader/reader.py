@@ -16,7 +16,7 @@ from .formats import TORCH_DTYPES, detect_quant_format
 
 PathLike = str | os.PathLike[str]
 
-__all__ = ["open", "Checkpoint", "TensorInfo"]
+__all__ = ["Checkpoint", "TensorInfo", "open"]
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 from .errors import InvalidArgumentError
 from .formats import E2M1_VALUES, QUANT_FORMATS, pack_mxfp4
 
-__all__ = ["PRESETS", "make_checkpoint", "text_config", "expected_tensor_count"]
+__all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
 
 _KIMI_ROPE = {"type": "yarn", "factor": 64.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
               "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}

@@ -21,7 +21,7 @@ fn main() {
     let shards_1t = t.elapsed();
     let n: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
     let t = Instant::now();
-    let c = Checkpoint::open(&[dir.clone()], None).unwrap();
+    let c = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap();
     let full = t.elapsed();
     println!(
         "index read {read:?} parse {parse:?} ({} entries); {} shards 1 thread {shards_1t:?} ({n} tensors); full open {full:?} ({})",

@@ -46,7 +46,7 @@ impl std::fmt::Debug for NameTable {
     }
 }
 
-fn entry<'a>(shards: &'a [Shard], id: TensorId) -> &'a TensorEntry {
+fn entry(shards: &[Shard], id: TensorId) -> &TensorEntry {
     &shards[id.shard as usize].header.tensors[id.index as usize]
 }
 
@@ -206,10 +206,10 @@ impl Checkpoint {
                 let path = dir.join(f);
                 if !path.is_file() {
                     return Err(Error::index(
-                        ip,
+                        &path,
                         ix.first_tensor_of(i),
                         IndexProblem::MissingShard,
-                        format!("the index names shard '{f}', which does not exist"),
+                        format!("shard named by {} does not exist", ip.display()),
                     ));
                 }
                 layout.shards.push(path);

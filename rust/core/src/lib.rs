@@ -6,7 +6,7 @@
 //! - [`json`]: a strict, allocation-light JSON scanner for headers and indexes.
 //! - [`header`]: parse and validate one safetensors header.
 //! - [`shard`]: one mapped, validated shard file.
-//! - [`index`]: `model.safetensors.index.json`.
+//! - [`index`]: the `model.safetensors.index.json` file.
 //! - [`checkpoint`]: all shards of a checkpoint, opened in parallel, cross-checked.
 //! - [`exec`]: parallel reads from shards into destination memory.
 //! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).

@@ -14,6 +14,9 @@ use crate::errors::{detached, to_pyerr};
 /// `(shard, dtype, shape, absolute offset, nbytes)` of one tensor.
 type Location = (usize, &'static str, Vec<u64>, u64, u64);
 
+/// `(name, dtype, shape, shard, absolute offset, nbytes)` of one tensor.
+type TableRow<'a> = (&'a str, &'static str, Vec<u64>, usize, u64, u64);
+
 #[pyclass(frozen, module = "kimi_loader._core")]
 pub struct Checkpoint {
     inner: Arc<CoreCheckpoint>,
@@ -123,7 +126,7 @@ impl Checkpoint {
 
     /// Every tensor as `(name, dtype, shape, shard, absolute_offset, nbytes)`, in
     /// storage order.
-    fn table(&self) -> Vec<(&str, &'static str, Vec<u64>, usize, u64, u64)> {
+    fn table(&self) -> Vec<TableRow<'_>> {
         self.inner
             .iter()
             .map(|(id, e)| {

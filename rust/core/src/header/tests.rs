@@ -30,7 +30,7 @@ pub(crate) fn build_file(
         off += n;
     }
     let mut text = serde_json::to_string(&serde_json::Value::Object(json)).unwrap();
-    while (text.len() + 8) % 8 != 0 {
+    while !(text.len() + 8).is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = (text.len() as u64).to_le_bytes().to_vec();

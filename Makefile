@@ -1,0 +1,56 @@
+# kimi_loader: `make demo` and `make test` work on a fresh machine. They create (and then
+# reuse) a virtual environment in $(VENV), install the Python dependencies listed in
+# pyproject.toml (torch from PyPI, once), and build the Rust extension into it.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.deps-$(shell sha1sum pyproject.toml | cut -c1-12)
+PYTEST_ARGS ?=
+export VIRTUAL_ENV := $(abspath $(VENV))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: all venv build demo test test-rust test-python bench lint fmt clean
+
+all: build
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(["maturin>=1.5,<2"] + p["dependencies"] + p["optional-dependencies"]["test"]))' > $(VENV)/requirements.txt
+	$(PY) -m pip install -q -r $(VENV)/requirements.txt
+	@rm -f $(VENV)/.deps-* && touch $@
+
+build: venv
+	$(VENV)/bin/maturin develop --release -q 2>&1 | grep -v -e '^Requirement already satisfied' -e '^Ignoring' -e '^📦' -e '^✏️' -e '^🛠' || true
+	@$(PY) -c 'import kimi_loader._core' || { echo "extension build failed" >&2; exit 1; }
+
+demo: build
+	$(PY) -m kimi_loader.demo
+
+test-rust:
+	cargo test -p kimi-loader-core
+
+test-python: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: test-rust test-python
+
+bench: build
+	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py
+
+lint: venv
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check python tests benches
+
+fmt: venv
+	cargo fmt --all
+	$(VENV)/bin/ruff check --fix python tests benches
+
+clean:
+	cargo clean
+	rm -rf .demo .bench

@@ -1,0 +1,119 @@
+"""``kimi-loader inspect``: what a checkpoint holds and what looks wrong with it."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from typing import Any
+
+from .errors import KimiLoaderError
+from .reader import Checkpoint
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_EXPERT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+_SHARED = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+
+
+def text_config_of(config: dict[str, Any] | None) -> dict[str, Any]:
+    """The language-model config: ``text_config`` of a wrapper, else the config itself."""
+    if not config:
+        return {}
+    tc = config.get("text_config")
+    return tc if isinstance(tc, dict) else config
+
+
+def summarize(ck: Checkpoint) -> dict[str, Any]:
+    """A JSON-able summary of an open checkpoint, with a list of problems found."""
+    config = ck.config
+    tc = text_config_of(config)
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        quant = ck.quant_format
+    except KimiLoaderError as e:
+        quant = None
+        problems.append(str(e))
+
+    infos = ck.infos()
+    dtypes = Counter(i.st_dtype for i in infos)
+    prefixes = Counter(i.name.split(".", 1)[0] for i in infos)
+    layers: set[int] = set()
+    experts: dict[int, set[int]] = defaultdict(set)
+    expert_suffixes: set[str] = set()
+    shared_suffixes: set[str] = set()
+    for i in infos:
+        m = _LAYER.search(i.name)
+        if m:
+            layers.add(int(m.group(1)))
+        m = _EXPERT.search(i.name)
+        if m:
+            experts[int(m.group(1))].add(int(m.group(2)))
+            expert_suffixes.add(m.group(4))
+            continue
+        m = _SHARED.search(i.name)
+        if m:
+            shared_suffixes.add(m.group(3))
+
+    n_layers = tc.get("num_hidden_layers")
+    n_experts = tc.get("n_routed_experts")
+    if n_layers is not None:
+        extra = sorted(x for x in layers if x >= n_layers)
+        missing = sorted(set(range(n_layers)) - layers)
+        if extra:
+            notes.append(f"layers {extra} are beyond num_hidden_layers={n_layers} (e.g. MTP); a loader skips them")
+        if missing:
+            problems.append(f"layers {missing[:8]} of num_hidden_layers={n_layers} have no tensors")
+    if n_experts is not None:
+        for layer, ids in sorted(experts.items()):
+            if n_layers is not None and layer >= n_layers:
+                continue
+            if len(ids) != n_experts:
+                problems.append(f"layer {layer} has {len(ids)} routed experts, config says {n_experts}")
+    if expert_suffixes and shared_suffixes and expert_suffixes != shared_suffixes:
+        notes.append(
+            f"shared experts are stored as {sorted(shared_suffixes)} but routed experts as "
+            f"{sorted(expert_suffixes)}: shared-expert fusion is not possible for this checkpoint")
+
+    arch = (config or {}).get("architectures") or []
+    return {
+        "path": ck.index_path or (ck.files[0] if ck.files else None),
+        "architecture": arch[0] if arch else None,
+        "model_type": (config or {}).get("model_type"),
+        "text_model_type": tc.get("model_type"),
+        "quant_format": quant,
+        "shards": len(ck.files),
+        "tensors": len(infos),
+        "bytes": ck.data_bytes,
+        "dtypes": dict(sorted(dtypes.items())),
+        "top_level_prefixes": dict(sorted(prefixes.items())),
+        "layers": {"config": n_layers, "in_checkpoint": len(layers)},
+        "routed_experts": {"config": n_experts,
+                           "per_layer_in_checkpoint": sorted({len(v) for v in experts.values()}),
+                           "moe_layers": len(experts), "suffixes": sorted(expert_suffixes)},
+        "shared_experts": {"config": tc.get("n_shared_experts"), "suffixes": sorted(shared_suffixes)},
+        "problems": problems,
+        "notes": notes,
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    gib = s["bytes"] / 2**30
+    lines = [
+        f"checkpoint    {s['path']}",
+        f"architecture  {s['architecture']} (model_type {s['model_type']}, text {s['text_model_type']})",
+        f"quant format  {s['quant_format']}",
+        f"shards        {s['shards']}",
+        f"tensors       {s['tensors']}  ({s['bytes']:,} bytes, {gib:.3f} GiB)",
+        "dtypes        " + ", ".join(f"{k} {v}" for k, v in s["dtypes"].items()),
+        "prefixes      " + ", ".join(f"{k} {v}" for k, v in s["top_level_prefixes"].items()),
+        f"layers        {s['layers']['in_checkpoint']} in checkpoint, num_hidden_layers={s['layers']['config']}",
+        f"experts       {s['routed_experts']['config']} routed x {s['routed_experts']['moe_layers']} MoE layers "
+        f"(found per layer: {s['routed_experts']['per_layer_in_checkpoint']}), "
+        f"stored as {s['routed_experts']['suffixes']}; shared: {s['shared_experts']['config']} "
+        f"stored as {s['shared_experts']['suffixes']}",
+    ]
+    for n in s["notes"]:
+        lines.append(f"note          {n}")
+    lines.append("problems      " + ("none" if not s["problems"] else ""))
+    lines.extend(f"  - {p}" for p in s["problems"])
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from kimi_loader.synth import make_checkpoint
+
+PRESETS = ("kimi-k2.5-tiny", "deepseek-v3-tiny")
+QUANTS = ("bf16", "ct-int4", "fp8-block", "quark-mxfp4")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory):
+    """Returns a function making (and caching for the session) a synthetic checkpoint."""
+    made: dict[tuple, str] = {}
+
+    def make(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4", **kw) -> str:
+        key = (preset, quant, tuple(sorted(kw.items())))
+        if key not in made:
+            path = tmp_path_factory.mktemp(f"{preset}-{quant}")
+            made[key] = make_checkpoint(os.fspath(path), preset=preset, quant=quant, **kw)
+        return made[key]
+
+    return make

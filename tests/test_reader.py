@@ -1,0 +1,176 @@
+"""kimi_loader.open / Checkpoint against safetensors.safe_open on generated checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import kimi_loader
+import pytest
+import torch
+from conftest import PRESETS, QUANTS
+from kimi_loader import _core
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def _reference(path: str) -> dict[str, torch.Tensor]:
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    out = {}
+    for f in files:
+        with safe_open(os.path.join(path, f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    return out
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("quant", QUANTS)
+def test_every_tensor_matches_safetensors(synth_dir, preset, quant):
+    path = synth_dir(preset, quant)
+    ref = _reference(path)
+    with kimi_loader.open(path) as ck:
+        assert len(ck.files) == 4
+        assert sorted(ref) == ck.keys() and len(ck) == len(ref)
+        copies = ck.read_tensors()
+        for name, want in ref.items():
+            got = ck.get_tensor(name)
+            assert got.dtype == want.dtype and got.shape == want.shape, name
+            assert torch.equal(_bytes(got), _bytes(want)), name
+            assert torch.equal(_bytes(copies[name]), _bytes(want)), name
+            info = ck.tensor_info(name)
+            assert (info.dtype, info.shape, info.nbytes) == (want.dtype, tuple(want.shape),
+                                                             want.numel() * want.element_size())
+        assert ck.quant_format == quant
+
+
+def test_get_tensor_is_a_zero_copy_view_and_writes_stay_private(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    name = "language_model.model.embed_tokens.weight"
+    with kimi_loader.open(path) as ck:
+        info = ck.tensor_info(name)
+        shard = ck.files.index(info.file)
+        buf = ck.core.shard_buffer(shard)
+        t = ck.get_tensor(name)
+        # The view's data pointer is exactly the mapped bytes of the tensor: no copy.
+        assert t.data_ptr() == buf.address + info.offset
+        t2 = ck.get_tensor(name)
+        assert t2.data_ptr() == t.data_ptr()
+        before = t.clone()
+        t.fill_(7.0)  # copy-on-write: the process sees the write ...
+        assert torch.equal(ck.get_tensor(name), t)
+    # ... and the file does not
+    with safe_open(info.file, framework="pt") as h:
+        assert torch.equal(h.get_tensor(name), before)
+    with kimi_loader.open(path) as ck:
+        assert torch.equal(ck.get_tensor(name), before)
+
+
+def test_views_outlive_close(synth_dir):
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    ck = kimi_loader.open(path)
+    t = ck.get_tensor("model.norm.weight")
+    want = t.clone()
+    ck.close()
+    assert ck.closed
+    assert torch.equal(t, want)
+    with pytest.raises(kimi_loader.KimiLoaderError, match="closed"):
+        ck.keys()
+
+
+def test_tensor_info_offsets_point_at_the_bytes(synth_dir):
+    path = synth_dir("deepseek-v3-tiny", "fp8-block")
+    with kimi_loader.open(path) as ck:
+        for info in ck.infos()[:50]:
+            with open(info.file, "rb") as f:
+                f.seek(info.offset)
+                raw = f.read(info.nbytes)
+            assert raw == bytes(_bytes(ck.get_tensor(info.name)).numpy())
+            assert info.st_dtype in kimi_loader.formats.TORCH_DTYPES
+
+
+def test_open_forms_directory_index_single_file_and_list(synth_dir, tmp_path):
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    by_dir = kimi_loader.open(path)
+    by_index = kimi_loader.open(os.path.join(path, "model.safetensors.index.json"))
+    by_list = kimi_loader.open(by_dir.files)
+    assert by_dir.keys() == by_index.keys() == by_list.keys()
+    assert by_dir.config == by_index.config and by_dir.config["model_type"] == "kimi_k25"
+    assert by_list.config is None and by_list.quant_format == "bf16"
+
+    single = tmp_path / "single"
+    single.mkdir()
+    tensors = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(tensors, single / "model.safetensors", metadata={"format": "pt", "k": "v"})
+    shutil.copy(os.path.join(path, "config.json"), single / "config.json")
+    for p in (single, single / "model.safetensors"):
+        with kimi_loader.open(p) as ck:
+            assert ck.keys() == ["a", "b"] and "a" in ck and "zz" not in ck and 7 not in ck
+            assert torch.equal(ck.get_tensor("a"), tensors["a"])
+            assert ck.metadata() == {"format": "pt", "k": "v"}
+    assert kimi_loader.open(single).config is not None
+
+
+def test_read_tensors_into_given_buffers_and_size_checks(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    with kimi_loader.open(path) as ck:
+        name = "language_model.model.layers.1.mlp.experts.3.down_proj.weight_packed"
+        dst = torch.empty(ck.tensor_info(name).shape, dtype=torch.int32)
+        out = ck.read_tensors([name], out={name: dst})
+        assert out[name] is dst and torch.equal(dst, ck.get_tensor(name))
+        with pytest.raises(kimi_loader.ShapeMismatchError, match="down_proj"):
+            ck.read_tensors([name], out={name: torch.empty(3, dtype=torch.int32)})
+        with pytest.raises(kimi_loader.MissingTensorError, match=r"no\.such"):
+            ck.read_tensors(["no.such"])
+
+
+def test_threads_argument_and_environment(synth_dir, monkeypatch):
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    assert _core.resolve_threads(3) == 3
+    monkeypatch.setenv("KIMI_LOADER_THREADS", "5")
+    assert _core.resolve_threads() == 5
+    assert len(kimi_loader.open(path)) == len(kimi_loader.open(path, threads=1))
+    monkeypatch.setenv("KIMI_LOADER_THREADS", "zero")
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="KIMI_LOADER_THREADS"):
+        kimi_loader.open(path)
+    monkeypatch.delenv("KIMI_LOADER_THREADS")
+    with pytest.raises(kimi_loader.InvalidArgumentError):
+        kimi_loader.open(path, threads=0)
+
+
+def test_quant_format_reads_text_config_and_rejects_unknown():
+    detect = kimi_loader.detect_quant_format
+    assert detect(None) == "bf16" and detect({}) == "bf16"
+    assert detect({"text_config": {"quantization_config": {"quant_method": "fp8",
+                                                          "weight_block_size": [128, 128]}}}) == "fp8-block"
+    assert detect({"quantization_config": {"quant_method": "quark",
+                                           "global_quant_config": {"weight": {"dtype": "fp4"}}}}) == "quark-mxfp4"
+    for bad in ({"quant_method": "gptq"}, {"quant_method": "fp8"},
+                {"quant_method": "compressed-tensors", "format": "float-quantized"},
+                {"quant_method": "compressed-tensors", "format": "pack-quantized",
+                 "config_groups": {"g": {"weights": {"num_bits": 8}}}}):
+        with pytest.raises(kimi_loader.UnsupportedFormatError):
+            detect({"quantization_config": bad})
+
+
+def test_stub_matches_extension():
+    """Every name declared in _core.pyi exists on the compiled module and its classes."""
+    import ast
+
+    stub = ast.parse(open(os.path.join(os.path.dirname(_core.__file__), "_core.pyi")).read())
+    for node in stub.body:
+        if isinstance(node, ast.FunctionDef):
+            assert callable(getattr(_core, node.name)), node.name
+        elif isinstance(node, ast.ClassDef):
+            cls = getattr(_core, node.name)
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name != "__buffer__":
+                    assert hasattr(cls, item.name), f"{node.name}.{item.name}"
+        elif isinstance(node, ast.AnnAssign):
+            assert hasattr(_core, node.target.id), node.target.id
