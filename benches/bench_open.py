@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import sys
 
+from safetensors import safe_open
+
 import kimi_loader
 from _common import best_of, checkpoint, row
-from safetensors import safe_open
 
 
 def main() -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from kimi_loader.synth import make_checkpoint
 
 PRESETS = ("kimi-k2.5-tiny", "deepseek-v3-tiny")

@@ -9,9 +9,11 @@ import struct
 import subprocess
 import sys
 
-import kimi_loader
 import pytest
 import torch
+from safetensors.torch import save_file
+
+import kimi_loader
 from kimi_loader import (
     CheckpointNotFoundError,
     HeaderError,
@@ -19,7 +21,6 @@ from kimi_loader import (
     KimiLoaderError,
     MissingTensorError,
 )
-from safetensors.torch import save_file
 
 
 def raw_file(path, header: bytes | str, data: bytes = b"", declared_len: int | None = None) -> str:

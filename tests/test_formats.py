@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import kimi_loader
 import pytest
 import torch
 from compressed_tensors.compressors.mx_utils import decompress_mx_scale
 from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+import kimi_loader
 from kimi_loader.formats import E2M1_VALUES, e2m1_codes, pack_mxfp4
 
 

@@ -6,13 +6,14 @@ import json
 import os
 import shutil
 
-import kimi_loader
 import pytest
 import torch
-from conftest import PRESETS, QUANTS
-from kimi_loader import _core
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+import kimi_loader
+from conftest import PRESETS, QUANTS
+from kimi_loader import _core
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

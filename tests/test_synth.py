@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import kimi_loader
 import pytest
+
+import kimi_loader
 from conftest import QUANTS
 from kimi_loader.synth import PRESETS, expected_tensor_count, make_checkpoint, text_config
 

@@ -3,13 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
-use std::hash::BuildHasher;
-
-use hashbrown::{DefaultHashBuilder, HashTable};
+use hashbrown::HashTable;
 use rayon::prelude::*;
 
 use crate::error::{Error, IndexProblem, Result};
-use crate::header::TensorEntry;
+use crate::header::{name_hash, TensorEntry};
 use crate::index::{parse_index, INDEX_FILE, SINGLE_FILE};
 use crate::shard::Shard;
 use crate::threads;
@@ -21,8 +19,24 @@ pub struct TensorId {
     pub index: u32,
 }
 
+/// Seconds spent in each stage of [`Checkpoint::open`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OpenTimings {
+    /// Mapping and parsing the index.
+    pub index: f64,
+    /// Opening, parsing and validating every shard header (in parallel).
+    pub shards: f64,
+    /// Building the name table (and finding tensors stored twice).
+    pub names: f64,
+    /// Cross-checking the index against the shards.
+    pub cross_check: f64,
+    pub total: f64,
+}
+
 #[derive(Debug)]
 pub struct Checkpoint {
+    /// Per-stage timings of the open that produced this checkpoint.
+    pub timings: OpenTimings,
     /// The directory the checkpoint was opened from, if any.
     pub root: Option<PathBuf>,
     /// The index file, if the checkpoint has one.
@@ -33,11 +47,12 @@ pub struct Checkpoint {
     names: NameTable,
 }
 
-/// Name -> [`TensorId`], hashing the names stored in the shard headers (no copies).
+/// Name -> [`TensorId`] over the names stored in the shard headers (no copies). Each
+/// slot keeps the name's hash, so probing compares integers and touches a name only on
+/// a real match.
 #[derive(Default)]
 struct NameTable {
-    table: HashTable<TensorId>,
-    hasher: DefaultHashBuilder,
+    table: HashTable<(u64, TensorId)>,
 }
 
 impl std::fmt::Debug for NameTable {
@@ -52,10 +67,10 @@ fn entry(shards: &[Shard], id: TensorId) -> &TensorEntry {
 
 impl NameTable {
     fn find(&self, shards: &[Shard], name: &str) -> Option<TensorId> {
-        let h = self.hasher.hash_one(name);
+        let h = name_hash(name);
         self.table
-            .find(h, |id| &*entry(shards, *id).name == name)
-            .copied()
+            .find(h, |&(oh, id)| oh == h && &*entry(shards, id).name == name)
+            .map(|&(_, id)| id)
     }
 
     /// Inserts every tensor of every shard; returns the first name found in two shards.
@@ -63,7 +78,6 @@ impl NameTable {
         let total: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
         let mut t = NameTable {
             table: HashTable::with_capacity(total),
-            hasher: DefaultHashBuilder::default(),
         };
         for (s, shard) in shards.iter().enumerate() {
             for (i, e) in shard.header.tensors.iter().enumerate() {
@@ -71,13 +85,14 @@ impl NameTable {
                     shard: s as u32,
                     index: i as u32,
                 };
-                let h = t.hasher.hash_one(&*e.name);
-                if let Some(prev) = t.table.find(h, |o| entry(shards, *o).name == e.name) {
-                    return Err((*prev, id));
+                let h = e.hash;
+                if let Some(&(_, prev)) = t
+                    .table
+                    .find(h, |&(oh, o)| oh == h && entry(shards, o).name == e.name)
+                {
+                    return Err((prev, id));
                 }
-                let hasher = &t.hasher;
-                t.table
-                    .insert_unique(h, id, |o| hasher.hash_one(&*entry(shards, *o).name));
+                t.table.insert_unique(h, (h, id), |&(oh, _)| oh);
             }
         }
         Ok(t)
@@ -188,6 +203,14 @@ impl Checkpoint {
     /// an index file, a single shard, or a list of shard files. Every shard is mapped and
     /// its header parsed and validated in parallel on `threads` threads.
     pub fn open(paths: &[PathBuf], threads: Option<usize>) -> Result<Checkpoint> {
+        let start = std::time::Instant::now();
+        let mut timings = OpenTimings::default();
+        let mut lap = start;
+        let mut stage = |slot: &mut f64| {
+            let now = std::time::Instant::now();
+            *slot = (now - lap).as_secs_f64();
+            lap = now;
+        };
         let pool = threads::pool(threads)?;
         let mut layout = resolve_layout(paths)?;
         // The index is mapped, not read: its pages come from the page cache without
@@ -197,7 +220,8 @@ impl Checkpoint {
             None => None,
         };
         let index = match (&layout.index, &index_map) {
-            (Some(p), Some(m)) => Some(parse_index(p, text_of(p, m)?)?),
+            (Some(p), Some(m)) => Some(parse_index(p, text_of(p, m)?, Some(&pool))?),
+            (Some(p), None) => Some(parse_index(p, "", None)?),
             _ => None,
         };
         if let (Some(ix), Some(ip)) = (&index, &layout.index) {
@@ -215,6 +239,7 @@ impl Checkpoint {
                 layout.shards.push(path);
             }
         }
+        stage(&mut timings.index);
         let shards: Vec<Shard> = pool.install(|| {
             layout
                 .shards
@@ -222,6 +247,7 @@ impl Checkpoint {
                 .map(|p| Shard::open(p))
                 .collect::<Result<Vec<_>>>()
         })?;
+        stage(&mut timings.shards);
         let names = NameTable::build(&shards).map_err(|(a, b)| {
             let name = &entry(&shards, a).name;
             let file = &shards[b.shard as usize].path;
@@ -236,8 +262,10 @@ impl Checkpoint {
                 ),
             )
         })?;
+        stage(&mut timings.names);
         let config_dir = layout.root.clone();
         let ckpt = Checkpoint {
+            timings,
             root: layout.root,
             index_path: layout.index,
             config_json: None,
@@ -245,57 +273,66 @@ impl Checkpoint {
             names,
         };
         if let Some(ix) = &index {
-            ckpt.check_index(ix)?;
+            ckpt.check_index(ix, &pool)?;
         }
         drop(index);
+        stage(&mut timings.cross_check);
         let config_json = match config_dir.map(|d| d.join("config.json")) {
             Some(c) if c.is_file() => {
                 Some(std::fs::read_to_string(&c).map_err(|e| Error::io(&c, e))?)
             }
             _ => None,
         };
+        timings.total = start.elapsed().as_secs_f64();
         Ok(Checkpoint {
             config_json,
+            timings,
             ..ckpt
         })
     }
 
     /// Every index entry must be in the shard it names, and every shard tensor must be
-    /// listed (exactly once) in the index.
-    fn check_index(&self, ix: &crate::index::WeightMap<'_>) -> Result<()> {
+    /// listed (exactly once) in the index. Runs in parallel over the index entries.
+    fn check_index(
+        &self,
+        ix: &crate::index::WeightMap<'_>,
+        pool: &rayon::ThreadPool,
+    ) -> Result<()> {
+        use std::sync::atomic::{AtomicBool, Ordering};
         let index_path = self.index_path.as_deref().expect("index present");
-        let mut listed: Vec<Vec<bool>> = self
-            .shards
-            .iter()
-            .map(|s| vec![false; s.header.tensors.len()])
-            .collect();
-        for (name, file) in &ix.entries {
-            // Shards were opened in the order of the index's sorted file list.
-            let named_shard = *file as usize;
-            let shard_path = &self.shards[named_shard].path;
-            match self.names.find(&self.shards, name) {
-                None => {
-                    return Err(Error::index(
-                        shard_path,
-                        Some(name),
-                        IndexProblem::TensorNotInShard,
-                        "the index maps the tensor to this shard, but the shard does not hold it",
-                    ))
-                }
-                Some(id) if id.shard as usize != named_shard => {
-                    return Err(Error::index(
-                        shard_path,
-                        Some(name),
-                        IndexProblem::TensorNotInShard,
-                        format!(
-                            "the index maps the tensor to this shard, but it is stored in {}",
-                            self.shards[id.shard as usize].path.display()
-                        ),
-                    ))
-                }
-                Some(id) => {
-                    let seen = &mut listed[id.shard as usize][id.index as usize];
-                    if *seen {
+        let mut base = Vec::with_capacity(self.shards.len());
+        let mut total = 0usize;
+        for s in &self.shards {
+            base.push(total);
+            total += s.header.tensors.len();
+        }
+        let listed: Vec<AtomicBool> = (0..total).map(|_| AtomicBool::new(false)).collect();
+        pool.install(|| {
+            ix.entries.par_chunks(8192).try_for_each(|chunk| {
+                for (name, file) in chunk {
+                    // Shards were opened in the order of the index's sorted file list.
+                    let named_shard = *file as usize;
+                    let shard_path = &self.shards[named_shard].path;
+                    let Some(id) = self.names.find(&self.shards, name) else {
+                        return Err(Error::index(
+                            shard_path,
+                            Some(name),
+                            IndexProblem::TensorNotInShard,
+                            "the index maps the tensor to this shard, but the shard does not hold it",
+                        ));
+                    };
+                    if id.shard as usize != named_shard {
+                        return Err(Error::index(
+                            shard_path,
+                            Some(name),
+                            IndexProblem::TensorNotInShard,
+                            format!(
+                                "the index maps the tensor to this shard, but it is stored in {}",
+                                self.shards[id.shard as usize].path.display()
+                            ),
+                        ));
+                    }
+                    if listed[base[id.shard as usize] + id.index as usize].swap(true, Ordering::Relaxed) {
                         return Err(Error::index(
                             index_path,
                             Some(name),
@@ -303,15 +340,17 @@ impl Checkpoint {
                             "the tensor is listed twice in weight_map",
                         ));
                     }
-                    *seen = true;
                 }
-            }
-        }
-        for (s, flags) in listed.iter().enumerate() {
-            if let Some(i) = flags.iter().position(|f| !f) {
+                Ok(())
+            })
+        })?;
+        if ix.entries.len() != total {
+            let first_unlisted = listed.iter().position(|f| !f.load(Ordering::Relaxed));
+            if let Some(g) = first_unlisted {
+                let s = base.partition_point(|&b| b <= g) - 1;
                 return Err(Error::index(
                     &self.shards[s].path,
-                    Some(&self.shards[s].header.tensors[i].name),
+                    Some(&self.shards[s].header.tensors[g - base[s]].name),
                     IndexProblem::TensorNotInIndex,
                     format!(
                         "the shard holds the tensor but {} does not list it",

@@ -20,6 +20,17 @@ use crate::json::{JsonError, Scanner};
 /// Largest header accepted, as in the reference implementation (100 MB).
 pub const MAX_HEADER_LEN: u64 = 100_000_000;
 
+/// The hash used for tensor names everywhere in this crate: foldhash with a seed drawn
+/// once per process (stable within the process, unpredictable across processes, so a
+/// crafted checkpoint cannot aim for collisions).
+pub fn name_hash(name: &str) -> u64 {
+    use std::hash::BuildHasher;
+    static STATE: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+    STATE
+        .get_or_init(foldhash::fast::RandomState::default)
+        .hash_one(name)
+}
+
 /// A tensor shape; up to four dims are stored inline (no allocation).
 pub type Shape = smallvec::SmallVec<[u64; 4]>;
 
@@ -27,6 +38,8 @@ pub type Shape = smallvec::SmallVec<[u64; 4]>;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
     pub name: Box<str>,
+    /// [`name_hash`] of `name`, computed once while parsing (on the parser's thread).
+    pub hash: u64,
     pub dtype: Dtype,
     pub shape: Shape,
     pub start: u64,
@@ -157,20 +170,26 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
     Ok(header)
 }
 
-/// Two tensors of one shard must not share a name. Names are compared after sorting
-/// references to them, which costs less than hashing every name of a large shard.
+/// Two tensors of one shard must not share a name. Entries are sorted by their name
+/// hashes (cheap integer sort); names are compared only where hashes collide.
 fn check_unique_names(file: &Path, h: &Header) -> Result<()> {
-    let mut names: Vec<&str> = h.tensors.iter().map(|t| &*t.name).collect();
-    names.sort_unstable();
-    match names.windows(2).find(|w| w[0] == w[1]) {
-        Some(w) => Err(Error::header(
-            file,
-            Some(w[0]),
-            HeaderProblem::DuplicateKey,
-            "key appears twice in the header",
-        )),
-        None => Ok(()),
+    let mut by_hash: Vec<(u64, &str)> = h.tensors.iter().map(|t| (t.hash, &*t.name)).collect();
+    by_hash.sort_unstable_by_key(|&(hash, _)| hash);
+    for (i, a) in by_hash.iter().enumerate() {
+        let twin = by_hash[i + 1..]
+            .iter()
+            .take_while(|b| b.0 == a.0)
+            .find(|b| b.1 == a.1);
+        if twin.is_some() {
+            return Err(Error::header(
+                file,
+                Some(a.1),
+                HeaderProblem::DuplicateKey,
+                "key appears twice in the header",
+            ));
+        }
     }
+    Ok(())
 }
 
 fn json_error(file: &Path, e: &JsonError) -> Error {
@@ -223,7 +242,56 @@ impl From<JsonError> for EntryError {
     }
 }
 
+/// The layout every safetensors writer emits: `{"dtype":"X","shape":[..],"data_offsets":[a,b]}`
+/// with no whitespace. Read directly; `None` (with the scanner rewound) on any deviation,
+/// and the general parser takes over.
+fn parse_canonical<'a>(p: &mut Scanner<'a>) -> Option<(&'a str, Shape, u64, u64)> {
+    let start = p.pos();
+    let mut go = || -> Option<(&'a str, Shape, u64, u64)> {
+        p.skip_ws();
+        if !p.eat(b"{\"dtype\":") {
+            return None;
+        }
+        let dtype = p.plain_string()?;
+        if !p.eat(b",\"shape\":[") {
+            return None;
+        }
+        let mut shape = Shape::new();
+        if !p.eat(b"]") {
+            loop {
+                shape.push(p.u64().ok()?);
+                if p.eat(b"]") {
+                    break;
+                }
+                if !p.eat(b",") {
+                    return None;
+                }
+            }
+        }
+        if !p.eat(b",\"data_offsets\":[") {
+            return None;
+        }
+        let a = p.u64().ok()?;
+        if !p.eat(b",") {
+            return None;
+        }
+        let b = p.u64().ok()?;
+        if !p.eat(b"]}") {
+            return None;
+        }
+        Some((dtype, shape, a, b))
+    };
+    let out = go();
+    if out.is_none() {
+        p.rewind(start);
+    }
+    out
+}
+
 fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEntry, EntryError> {
+    if let Some((dtype, shape, start, end)) = parse_canonical(p) {
+        return validate_entry(file, name, dtype, shape, start, end);
+    }
     let mut dtype: Option<Cow<'_, str>> = None;
     let mut shape: Option<Shape> = None;
     let mut offsets: Option<(u64, u64)> = None;
@@ -283,7 +351,21 @@ fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEnt
             "entry needs 'dtype', 'shape' and 'data_offsets'".into(),
         ));
     };
-    let Some(dt) = Dtype::parse(&dtype) else {
+    validate_entry(file, name, &dtype, shape, start, end)
+}
+
+fn validate_entry(
+    file: &Path,
+    name: &str,
+    dtype: &str,
+    shape: Shape,
+    start: u64,
+    end: u64,
+) -> Result<TensorEntry, EntryError> {
+    let invalid = |problem, reason: String| {
+        EntryError::Invalid(Error::header(file, Some(name), problem, reason))
+    };
+    let Some(dt) = Dtype::parse(dtype) else {
         return Err(invalid(
             HeaderProblem::UnknownDtype,
             format!("unknown dtype '{dtype}'"),
@@ -316,6 +398,7 @@ fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEnt
     }
     Ok(TensorEntry {
         name: name.into(),
+        hash: name_hash(name),
         dtype: dt,
         shape,
         start,

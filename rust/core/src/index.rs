@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::path::Path;
 
 use crate::error::{Error, IndexProblem, Result};
-use crate::json::Scanner;
+use crate::json::{JResult, Scanner};
 
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -28,46 +28,199 @@ impl WeightMap<'_> {
     }
 }
 
+/// One parsed stretch of `weight_map` members: entries with chunk-local file numbers.
+#[derive(Default)]
+struct Members<'a> {
+    entries: Vec<(Cow<'a, str>, u32)>,
+    files: Vec<Cow<'a, str>>,
+    last: usize,
+}
+
+impl<'a> Members<'a> {
+    /// Reads one `"name": "file"` member.
+    fn member(&mut self, p: &mut Scanner<'a>) -> JResult<()> {
+        let name = p.string()?;
+        p.expect_byte(b':')?;
+        let file = p.string()?;
+        self.add(name, file);
+        Ok(())
+    }
+
+    fn add(&mut self, name: Cow<'a, str>, file: Cow<'a, str>) {
+        // Entries are grouped by shard in practice: check the previous file first.
+        if self.files.get(self.last) != Some(&file) {
+            self.last = self
+                .files
+                .iter()
+                .position(|f| *f == file)
+                .unwrap_or_else(|| {
+                    self.files.push(file);
+                    self.files.len() - 1
+                });
+        }
+        self.entries.push((name, self.last as u32));
+    }
+
+    /// Reads `member "," member "," ... member ","` up to the end of the scanner's window.
+    fn chunk(mut self, mut p: Scanner<'a>) -> JResult<Self> {
+        loop {
+            self.member(&mut p)?;
+            p.expect_byte(b',')?;
+            p.skip_ws();
+            if p.at_end() {
+                return Ok(self);
+            }
+        }
+    }
+}
+
+/// Positions inside the `weight_map` object (which starts at `open`) where it can be cut
+/// into `parts` stretches: each is just after a newline, preceded by `,` and followed by
+/// `"`. A raw newline cannot occur inside a JSON string, so such a cut is always between
+/// two members; the stretches are then parsed independently.
+fn split_points(text: &str, open: usize, parts: usize) -> Vec<usize> {
+    let b = text.as_bytes();
+    let mut cuts = Vec::new();
+    for k in 1..parts {
+        let target = open + (b.len() - open) * k / parts;
+        let Some(nl) = b[target..]
+            .iter()
+            .position(|&c| c == b'\n')
+            .map(|i| target + i)
+        else {
+            break;
+        };
+        let before = b[..nl].iter().rposition(|c| !c.is_ascii_whitespace());
+        let after = b[nl..]
+            .iter()
+            .position(|c| !c.is_ascii_whitespace())
+            .map(|i| nl + i);
+        let ok = before.is_some_and(|i| b[i] == b',') && after.is_some_and(|i| b[i] == b'"');
+        if ok && cuts.last().is_none_or(|&c| c < nl) {
+            cuts.push(nl + 1);
+        }
+    }
+    cuts
+}
+
+/// Parses the members of `weight_map` (the scanner sits on its `{`), in parallel stretches
+/// when the document allows it; falls back to one sequential pass on any error so the
+/// message is the precise one.
+fn parse_weight_map<'a>(
+    p: &mut Scanner<'a>,
+    text: &'a str,
+    pool: Option<&rayon::ThreadPool>,
+) -> JResult<Members<'a>> {
+    let start = p.pos();
+    let open = start + 1;
+    let threads = pool.map_or(1, |p| p.current_num_threads());
+    let cuts = if threads > 1 && text.len() - open > PARALLEL_MIN {
+        split_points(text, open, threads * 2)
+    } else {
+        vec![]
+    };
+    if let (Some(pool), Some(&tail)) = (pool, cuts.last()) {
+        let mut bounds = vec![open];
+        bounds.extend(&cuts);
+        let chunks: JResult<Vec<Members<'a>>> = pool.install(|| {
+            use rayon::prelude::*;
+            bounds
+                .par_windows(2)
+                .map(|w| Members::default().chunk(Scanner::window(text, w[0], w[1])))
+                .collect()
+        });
+        if let Ok(chunks) = chunks {
+            let mut tail_scan = Scanner::window(text, tail, text.len());
+            let mut rest = Members::default();
+            let closed = (|| loop {
+                rest.member(&mut tail_scan)?;
+                match tail_scan.peek() {
+                    Some(b',') => tail_scan.expect_byte(b',')?,
+                    _ => return tail_scan.expect_byte(b'}'),
+                }
+            })();
+            if closed.is_ok() {
+                p.rewind_to(tail_scan.pos());
+                let mut parts = chunks;
+                parts.push(rest);
+                return Ok(merge(parts));
+            }
+        }
+    }
+    let mut m = Members::default();
+    p.object(|p, name| {
+        let file = p.string()?;
+        m.add(name, file);
+        Ok(())
+    })?;
+    Ok(m)
+}
+
+/// Smallest `weight_map` worth parsing in parallel (bytes).
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// Concatenates stretches in order, renumbering their files into one list.
+fn merge<'a>(parts: Vec<Members<'a>>) -> Members<'a> {
+    let mut out = Members::default();
+    out.entries
+        .reserve_exact(parts.iter().map(|p| p.entries.len()).sum());
+    for part in parts {
+        let remap: Vec<u32> = part
+            .files
+            .into_iter()
+            .map(|f| match out.files.iter().position(|g| *g == f) {
+                Some(i) => i as u32,
+                None => {
+                    out.files.push(f);
+                    (out.files.len() - 1) as u32
+                }
+            })
+            .collect();
+        out.entries.extend(
+            part.entries
+                .into_iter()
+                .map(|(n, f)| (n, remap[f as usize])),
+        );
+    }
+    out
+}
+
 /// Parses an index document. Only `weight_map` is interpreted; `metadata` and any other
-/// member is validated as JSON and otherwise ignored.
-pub fn parse_index<'a>(path: &Path, text: &'a str) -> Result<WeightMap<'a>> {
+/// member is validated as JSON and otherwise ignored. With a `pool`, a large pretty-printed
+/// `weight_map` is parsed in parallel stretches.
+pub fn parse_index<'a>(
+    path: &Path,
+    text: &'a str,
+    pool: Option<&rayon::ThreadPool>,
+) -> Result<WeightMap<'a>> {
     let bad = |reason: String| Error::index(path, None, IndexProblem::Json, reason);
-    let mut map = WeightMap::default();
-    let mut have_map = false;
-    // Distinct file names in order of first appearance; entries are grouped by shard in
-    // practice, so the previous entry's file is checked before searching.
-    let mut files: Vec<Cow<'a, str>> = Vec::new();
-    let mut last = usize::MAX;
+    let mut members: Option<Members<'a>> = None;
     let mut p = Scanner::new(text);
     p.object(|p, key| {
         if key == "weight_map" {
-            if have_map {
+            if members.is_some() {
                 return Err(crate::json::JsonError {
                     pos: p.pos(),
                     msg: "'weight_map' appears twice",
                 });
             }
-            have_map = true;
-            p.object(|p, name| {
-                let file = p.string()?;
-                if files.get(last) != Some(&file) {
-                    last = files.iter().position(|f| *f == file).unwrap_or_else(|| {
-                        files.push(file);
-                        files.len() - 1
-                    });
-                }
-                map.entries.push((name, last as u32));
-                Ok(())
-            })
+            if p.peek() != Some(b'{') {
+                return Err(crate::json::JsonError {
+                    pos: p.pos(),
+                    msg: "'weight_map' must be an object",
+                });
+            }
+            members = Some(parse_weight_map(p, text, pool)?);
+            Ok(())
         } else {
             p.skip_value()
         }
     })
     .and_then(|_| p.finish())
     .map_err(|e| bad(format!("malformed index JSON: {e}")))?;
-    if !have_map {
+    let Some(Members { entries, files, .. }) = members else {
         return Err(bad("index has no 'weight_map'".into()));
-    }
+    };
     // Sort the file list and renumber the entries to match.
     let mut order: Vec<usize> = (0..files.len()).collect();
     order.sort_unstable_by(|&a, &b| files[a].cmp(&files[b]));
@@ -75,11 +228,13 @@ pub fn parse_index<'a>(path: &Path, text: &'a str) -> Result<WeightMap<'a>> {
     for (r, &i) in order.iter().enumerate() {
         rank[i] = r as u32;
     }
+    let mut map = WeightMap {
+        entries,
+        files: order.iter().map(|&i| files[i].to_string()).collect(),
+    };
     for e in &mut map.entries {
         e.1 = rank[e.1 as usize];
     }
-    let files: Vec<String> = order.iter().map(|&i| files[i].to_string()).collect();
-    map.files = files;
     for (i, f) in map.files.iter().enumerate() {
         if !is_plain_file_name(f) {
             return Err(Error::index(
@@ -111,9 +266,57 @@ mod tests {
     fn parses_weight_map_and_ignores_metadata() {
         let t = r#"{"metadata": {"total_size": 12, "x": [1, {"y": null}]},
                     "weight_map": {"a": "s2.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}}"#;
-        let m = parse_index(Path::new("i.json"), t).unwrap();
+        let m = parse_index(Path::new("i.json"), t, None).unwrap();
         assert_eq!(m.entries.len(), 3);
         assert_eq!(m.files, vec!["s1.safetensors", "s2.safetensors"]);
+    }
+
+    /// A pretty-printed index like the ones exporters write, large enough to be split.
+    fn big_index(n: usize, trailer: &str) -> String {
+        let mut t = String::from("{\n  \"metadata\": {\"total_size\": 1},\n  \"weight_map\": {\n");
+        for i in 0..n {
+            let sep = if i + 1 < n { "," } else { "" };
+            t.push_str(&format!(
+                "    \"model.layers.{}.mlp.experts.{i}.w\\u0041\": \"model-{:05}.safetensors\"{sep}\n",
+                i / 100,
+                i * 7 / n
+            ));
+        }
+        t.push_str("  }");
+        t.push_str(trailer);
+        t.push_str("\n}\n");
+        t
+    }
+
+    #[test]
+    fn parallel_and_sequential_parses_agree() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(3)
+            .build()
+            .unwrap();
+        for trailer in [
+            "",
+            ",\n  \"after\": {\n    \"x\": \"y\",\n    \"z\": [1,\n 2]\n  }",
+        ] {
+            let t = big_index(40_000, trailer);
+            assert!(t.len() > PARALLEL_MIN);
+            let seq = parse_index(Path::new("i.json"), &t, None).unwrap();
+            let par = parse_index(Path::new("i.json"), &t, Some(&pool)).unwrap();
+            assert_eq!(seq.entries, par.entries);
+            assert_eq!(seq.files, par.files);
+            assert_eq!(seq.files.len(), 7);
+            assert_eq!(seq.entries[5].0, "model.layers.0.mlp.experts.5.wA");
+        }
+        // an error anywhere is reported exactly as the sequential parse reports it
+        let t = big_index(40_000, "").replacen("\"model-00003.safetensors\",", "3,", 1);
+        let seq = parse_index(Path::new("i.json"), &t, None)
+            .unwrap_err()
+            .to_string();
+        let par = parse_index(Path::new("i.json"), &t, Some(&pool))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(seq, par);
+        assert!(split_points(&t, 0, 6).len() >= 4);
     }
 
     #[test]
@@ -127,7 +330,7 @@ mod tests {
             r#"{"weight_map": {"a": "x"}"#,
             "",
         ] {
-            assert!(parse_index(Path::new("i.json"), t).is_err(), "{t}");
+            assert!(parse_index(Path::new("i.json"), t, None).is_err(), "{t}");
         }
     }
 }

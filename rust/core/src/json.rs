@@ -73,8 +73,25 @@ impl<'a> Scanner<'a> {
         }
     }
 
+    /// A scanner over `s[..end]` starting at byte `pos` (error positions stay relative
+    /// to `s`). `pos` and `end` must lie on character boundaries with `pos <= end`.
+    pub fn window(s: &'a str, pos: usize, end: usize) -> Self {
+        let s = &s[..end];
+        Scanner {
+            s,
+            b: s.as_bytes(),
+            pos,
+        }
+    }
+
     pub fn pos(&self) -> usize {
         self.pos
+    }
+
+    /// Moves back to an earlier position returned by [`Scanner::pos`].
+    pub fn rewind(&mut self, pos: usize) {
+        debug_assert!(pos <= self.pos);
+        self.pos = pos;
     }
 
     fn err<T>(&self, msg: &'static str) -> JResult<T> {
@@ -95,6 +112,21 @@ impl<'a> Scanner<'a> {
     pub fn peek(&mut self) -> Option<u8> {
         self.skip_ws();
         self.b.get(self.pos).copied()
+    }
+
+    /// Consumes `c` (after whitespace) or fails.
+    pub fn expect_byte(&mut self, c: u8) -> JResult<()> {
+        self.expect(c, "unexpected character")
+    }
+
+    /// Whether the scanner has consumed its whole window.
+    pub fn at_end(&self) -> bool {
+        self.pos >= self.b.len()
+    }
+
+    /// Moves to `pos` (a position reached by another scanner over the same text).
+    pub fn rewind_to(&mut self, pos: usize) {
+        self.pos = pos;
     }
 
     fn expect(&mut self, c: u8, msg: &'static str) -> JResult<()> {
@@ -208,6 +240,34 @@ impl<'a> Scanner<'a> {
             self.pos += 1;
         }
         Ok(v)
+    }
+
+    /// Consumes `lit` if the input continues with exactly those bytes (no whitespace
+    /// skipping); returns whether it did.
+    #[inline]
+    pub fn eat(&mut self, lit: &[u8]) -> bool {
+        if self.b[self.pos..].starts_with(lit) {
+            self.pos += lit.len();
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Reads a string with no escapes and no whitespace before it, if that is what comes
+    /// next; otherwise consumes nothing and returns `None`.
+    #[inline]
+    pub fn plain_string(&mut self) -> Option<&'a str> {
+        if self.b.get(self.pos) != Some(&b'"') {
+            return None;
+        }
+        let start = self.pos + 1;
+        let end = start + skip_plain(&self.b[start..]);
+        if self.b.get(end) != Some(&b'"') {
+            return None;
+        }
+        self.pos = end + 1;
+        Some(&self.s[start..end])
     }
 
     /// Reads a non-negative integer that fits in `u64` (no sign, fraction or exponent).

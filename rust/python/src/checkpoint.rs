@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kimi_loader_core::exec::{read_tasks, ReadTask, DEFAULT_CHUNK};
+use kimi_loader_core::exec::{read_tasks, ReadOptions, ReadTask};
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Error};
 use pyo3::prelude::*;
 
@@ -97,6 +97,19 @@ impl Checkpoint {
     #[getter]
     fn config_json(&self) -> Option<&str> {
         self.inner.config_json.as_deref()
+    }
+
+    /// Seconds per stage of the open: index, shards, names, cross_check, total.
+    #[getter]
+    fn open_timings(&self) -> Vec<(&'static str, f64)> {
+        let t = self.inner.timings;
+        vec![
+            ("index", t.index),
+            ("shards", t.shards),
+            ("names", t.names),
+            ("cross_check", t.cross_check),
+            ("total", t.total),
+        ]
     }
 
     #[getter]
@@ -215,7 +228,11 @@ impl Checkpoint {
             // SAFETY: the wrapper passes the data pointers of freshly allocated (or
             // caller-owned, checked contiguous and of matching size) CPU tensors that it
             // keeps alive and does not touch during the call; sizes were checked above.
-            unsafe { read_tasks(&inner, &tasks, &pool, chunk.unwrap_or(DEFAULT_CHUNK)) }
+            let mut opts = ReadOptions::default();
+            if let Some(c) = chunk {
+                opts.chunk = c;
+            }
+            unsafe { read_tasks(&inner, &tasks, &pool, opts) }
         })
     }
 }

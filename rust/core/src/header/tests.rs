@@ -39,6 +39,29 @@ pub(crate) fn build_file(
     out
 }
 
+/// The same file image with entries written the way safetensors writers do (keys in
+/// `dtype, shape, data_offsets` order, no whitespace), which takes the parser's fast path.
+pub(crate) fn build_file_canonical(entries: &[(&str, &str, Vec<u64>)]) -> Vec<u8> {
+    let mut text = String::from("{\"__metadata__\":{\"format\":\"pt\"}");
+    let mut off = 0u64;
+    for (name, dt, shape) in entries {
+        let n: u64 = shape.iter().product::<u64>() * Dtype::parse(dt).map_or(1, Dtype::size);
+        let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+        text.push_str(&format!(
+            ",{}:{{\"dtype\":\"{dt}\",\"shape\":[{}],\"data_offsets\":[{off},{}]}}",
+            serde_json::to_string(name).unwrap(),
+            dims.join(","),
+            off + n
+        ));
+        off += n;
+    }
+    text.push('}');
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out.extend((0..off).map(|i| (i % 251) as u8));
+    out
+}
+
 /// Parses a whole in-memory file image the way `Shard::open` does.
 pub(crate) fn parse_image(buf: &[u8]) -> Result<Header> {
     let f = Path::new("mem.safetensors");
@@ -210,6 +233,47 @@ fn each_header_problem_is_reported() {
 }
 
 #[test]
+fn canonical_layout_errors_match_general_ones() {
+    // Deviations from the canonical layout fall back to the general parser, which
+    // reports the precise problem.
+    for (json, want) in [
+        (
+            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1,2]}}"#,
+            HeaderProblem::Json,
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[1,],"data_offsets":[0,1]}}"#,
+            HeaderProblem::Json,
+        ),
+        (
+            r#"{"a":{"dtype":"Q","shape":[1],"data_offsets":[0,1]}}"#,
+            HeaderProblem::UnknownDtype,
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[2],"data_offsets":[0,1]}}"#,
+            HeaderProblem::ShapeBytesMismatch,
+        ),
+        (
+            r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"dtype":"U8"}}"#,
+            HeaderProblem::DuplicateKey,
+        ),
+        (
+            r#"{"a":{"dtype":"U\u0038","shape":[1],"data_offsets":[0,1]}}"#,
+            HeaderProblem::Gap,
+        ),
+    ] {
+        let img = raw(json, 2);
+        assert_eq!(problem(parse_image(&img)), want, "{json}");
+    }
+    let ok = parse_image(&raw(
+        r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1], "x": [null]}}"#,
+        1,
+    ))
+    .unwrap();
+    assert_eq!(ok.tensors[0].dtype, Dtype::U8);
+}
+
+#[test]
 fn errors_name_file_and_tensor() {
     let img = raw(
         r#"{"bad.t":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}"#,
@@ -251,6 +315,16 @@ proptest! {
             prop_assert_eq!(t.dtype.as_str(), *d);
             prop_assert_eq!(t.shape.as_slice(), s.as_slice());
         }
+    }
+
+    /// The fast path (canonical key order) and the general path agree exactly.
+    #[test]
+    fn canonical_and_general_paths_agree(entries in arb_entries()) {
+        let refs: Vec<(&str, &str, Vec<u64>)> = entries.iter().map(|(n, d, s)| (n.as_str(), *d, s.clone())).collect();
+        let fast = parse_image(&build_file_canonical(&refs)).unwrap();
+        let general = parse_image(&build_file(&refs, Some(&[("format", "pt")]))).unwrap();
+        prop_assert_eq!(fast.tensors, general.tensors);
+        prop_assert_eq!(fast.metadata, general.metadata);
     }
 
     /// Whatever bytes replace the header, parsing returns (never panics), and it only
