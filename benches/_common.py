@@ -33,6 +33,18 @@ def best_of(fn: Callable[[], object], repeat: int = 5) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 15) -> dict[str, tuple[float, float]]:
+    """Runs the contenders in turn, ``repeat`` rounds, so that machine noise that drifts
+    over time hits all of them alike. Returns label -> (best, median) seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for label, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - t)
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
 def row(label: str, seconds: float, baseline: float | None = None, extra: str = "") -> str:
     ratio = f"{baseline / seconds:7.2f}x" if baseline else "        "
     return f"  {label:<44} {seconds * 1e3:9.1f} ms  {ratio}  {extra}"

@@ -11,7 +11,7 @@ import sys
 from safetensors import safe_open
 
 import kimi_loader
-from _common import best_of, checkpoint, row
+from _common import checkpoint, interleaved, row
 
 
 def main() -> None:
@@ -40,15 +40,18 @@ def main() -> None:
 
     ours()
     safetensors_keys()  # warm the page cache for both
-    base, base_med = best_of(safetensors_keys, 7)
+    base_label = "safetensors safe_open + keys(), every shard"
+    results = interleaved({
+        base_label: safetensors_keys,
+        "kimi_loader.open (index cross-checked)": ours,
+        "kimi_loader.open + keys()": ours_keys,
+        "kimi_loader.open, threads=1": ours_1t,
+    })
     print(f"open + parse + validate: {n} tensors in {len(files)} shards "
-          f"(threads={kimi_loader._core.resolve_threads()})")
-    print(row("safetensors safe_open + keys(), every shard", base, base, f"median {base_med * 1e3:.1f} ms"))
-    for label, fn in [("kimi_loader.open (index cross-checked)", ours),
-                      ("kimi_loader.open + keys()", ours_keys),
-                      ("kimi_loader.open, threads=1", ours_1t)]:
-        t, med = best_of(fn, 7)
-        print(row(label, t, base, f"median {med * 1e3:.1f} ms"))
+          f"(threads={kimi_loader._core.resolve_threads()}; best of 15 interleaved rounds)")
+    base = results[base_label][0]
+    for label, (best, med) in results.items():
+        print(row(label, best, base, f"median {med * 1e3:.1f} ms"))
     sys.stdout.flush()
 
 

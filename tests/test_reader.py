@@ -175,3 +175,22 @@ def test_stub_matches_extension():
                     assert hasattr(cls, item.name), f"{node.name}.{item.name}"
         elif isinstance(node, ast.AnnAssign):
             assert hasattr(_core, node.target.id), node.target.id
+
+
+def test_open_timings_cover_every_stage(synth_dir):
+    with kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16")) as ck:
+        t = ck.open_timings
+    assert set(t) == {"index", "shards", "names", "cross_check", "total"}
+    assert all(v >= 0 for v in t.values())
+    assert t["total"] >= t["index"] + t["shards"] + t["names"] + t["cross_check"] - 1e-6
+
+
+def test_reading_a_shard_truncated_while_open_raises(tmp_path):
+    tensors = {"w": torch.arange(1 << 18, dtype=torch.float32)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    with kimi_loader.open(tmp_path) as ck:
+        os.truncate(tmp_path / "model.safetensors", 4096)
+        with pytest.raises(kimi_loader.CheckpointIOError) as ei:
+            ck.read_tensors(["w"])
+        assert isinstance(ei.value, OSError) and "truncated" in str(ei.value)
+        assert ei.value.file.endswith("model.safetensors")

@@ -134,6 +134,12 @@ class Checkpoint:
         """Total bytes of tensor data over all shards."""
         return self.core.data_bytes
 
+    @property
+    def open_timings(self) -> dict[str, float]:
+        """Seconds spent in each stage of :func:`open`: ``index``, ``shards``,
+        ``names``, ``cross_check`` and ``total``."""
+        return dict(self.core.open_timings)
+
     def tensor_info(self, name: str) -> TensorInfo:
         shard, st_dtype, shape, offset, nbytes = self.core.locate(name)
         return TensorInfo(name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self.core.files()[shard],

@@ -1,0 +1,197 @@
+//! Integration tests: open multi-shard checkpoints from disk and read tensors with the
+//! parallel executor, including chunked and huge-page destinations and a shard that is
+//! truncated while open.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use kimi_loader_core::exec::{read_tasks, ReadOptions, ReadTask};
+use kimi_loader_core::{threads, Checkpoint, Error, IndexProblem};
+
+/// Writes one safetensors file holding U8 tensors `(name, bytes)` back to back.
+fn write_shard(path: &Path, tensors: &[(&str, Vec<u8>)]) {
+    let mut header = serde_json::Map::new();
+    let mut off = 0usize;
+    for (name, data) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "U8", "shape": [data.len()], "data_offsets": [off, off + data.len()]}),
+        );
+        off += data.len();
+    }
+    let text = serde_json::to_string(&header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    for (_, data) in tensors {
+        out.extend_from_slice(data);
+    }
+    fs::write(path, out).unwrap();
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("kimi-loader-test-{}-{name}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn write_checkpoint(dir: &Path, shards: &[(&str, Vec<(&str, Vec<u8>)>)]) {
+    let mut map = serde_json::Map::new();
+    for (file, tensors) in shards {
+        write_shard(&dir.join(file), tensors);
+        for (n, _) in tensors {
+            map.insert(n.to_string(), serde_json::json!(file));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+}
+
+#[test]
+fn reads_every_tensor_exactly() {
+    let dir = tmpdir("read");
+    let big = pattern(5 << 20, 7); // spans several 2 MiB pages and read chunks
+    write_checkpoint(
+        &dir,
+        &[
+            (
+                "a.safetensors",
+                vec![("x", pattern(1000, 1)), ("big", big.clone())],
+            ),
+            (
+                "b.safetensors",
+                vec![("y", pattern(3, 2)), ("empty", vec![])],
+            ),
+        ],
+    );
+    let ck = Checkpoint::open(std::slice::from_ref(&dir), Some(2)).unwrap();
+    assert_eq!(ck.len(), 4);
+    let names = ["x", "big", "y", "empty"];
+    let mut bufs: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| vec![0u8; ck.get(n).unwrap().1.nbytes() as usize])
+        .collect();
+    let tasks: Vec<ReadTask> = names
+        .iter()
+        .zip(bufs.iter_mut())
+        .map(|(n, buf)| {
+            let (id, e) = ck.get(n).unwrap();
+            ReadTask {
+                shard: id.shard,
+                offset: ck.shard(id).abs_offset(e),
+                len: e.nbytes(),
+                dst: buf.as_mut_ptr(),
+            }
+        })
+        .collect();
+    let pool = threads::pool(Some(2)).unwrap();
+    let opts = ReadOptions {
+        chunk: 64 << 10,
+        huge_pages: true,
+    };
+    // SAFETY: each destination is a distinct Vec of exactly `len` bytes, alive and
+    // untouched for the duration of the call.
+    unsafe { read_tasks(&ck, &tasks, &pool, opts) }.unwrap();
+    assert_eq!(bufs[0], pattern(1000, 1));
+    assert_eq!(bufs[1], big);
+    assert_eq!(bufs[2], pattern(3, 2));
+    assert!(bufs[3].is_empty());
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_shard_truncated_while_open_is_an_io_error_not_a_crash() {
+    let dir = tmpdir("trunc");
+    write_checkpoint(&dir, &[("a.safetensors", vec![("w", pattern(1 << 20, 3))])]);
+    let ck = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap();
+    let (id, e) = ck.get("w").unwrap();
+    // Another process truncates the shard in place after it was opened.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("a.safetensors"))
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let mut buf = vec![0u8; e.nbytes() as usize];
+    let task = ReadTask {
+        shard: id.shard,
+        offset: ck.shard(id).abs_offset(e),
+        len: e.nbytes(),
+        dst: buf.as_mut_ptr(),
+    };
+    let pool = threads::pool(None).unwrap();
+    // SAFETY: `buf` is a live, exclusively owned destination of `len` bytes.
+    let err = unsafe { read_tasks(&ck, &[task], &pool, ReadOptions::default()) }.unwrap_err();
+    match &err {
+        Error::Io { file, .. } => assert!(file.ends_with("a.safetensors")),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
+    assert!(err.to_string().contains("truncated"), "{err}");
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn index_problems_name_the_shard_and_tensor() {
+    let dir = tmpdir("index");
+    write_checkpoint(&dir, &[("a.safetensors", vec![("w", pattern(4, 0))])]);
+    write_shard(
+        &dir.join("a.safetensors"),
+        &[("w", pattern(4, 0)), ("extra", pattern(2, 0))],
+    );
+    let err = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap_err();
+    match &err {
+        Error::Index {
+            file,
+            tensor,
+            problem,
+            ..
+        } => {
+            assert!(file.ends_with("a.safetensors"));
+            assert_eq!(tensor.as_deref(), Some("extra"));
+            assert_eq!(*problem, IndexProblem::TensorNotInIndex);
+        }
+        other => panic!("expected an index error, got {other:?}"),
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn out_of_range_tasks_are_rejected_before_any_read() {
+    let dir = tmpdir("range");
+    write_checkpoint(&dir, &[("a.safetensors", vec![("w", pattern(16, 0))])]);
+    let ck = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap();
+    let mut buf = vec![0u8; 64];
+    let pool = threads::pool(None).unwrap();
+    for task in [
+        ReadTask {
+            shard: 0,
+            offset: 0,
+            len: 10_000,
+            dst: buf.as_mut_ptr(),
+        },
+        ReadTask {
+            shard: 9,
+            offset: 0,
+            len: 1,
+            dst: buf.as_mut_ptr(),
+        },
+        ReadTask {
+            shard: 0,
+            offset: u64::MAX,
+            len: 2,
+            dst: buf.as_mut_ptr(),
+        },
+    ] {
+        // SAFETY: rejected before any write; `buf` is live either way.
+        let err = unsafe { read_tasks(&ck, &[task], &pool, ReadOptions::default()) }.unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err:?}");
+    }
+    assert!(buf.iter().all(|&b| b == 0));
+    let _ = fs::remove_dir_all(&dir);
+}
