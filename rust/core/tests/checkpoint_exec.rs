@@ -41,7 +41,10 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-fn write_checkpoint(dir: &Path, shards: &[(&str, Vec<(&str, Vec<u8>)>)]) {
+/// `(shard file name, [(tensor name, bytes)])`.
+type ShardSpec<'a> = (&'a str, Vec<(&'a str, Vec<u8>)>);
+
+fn write_checkpoint(dir: &Path, shards: &[ShardSpec<'_>]) {
     let mut map = serde_json::Map::new();
     for (file, tensors) in shards {
         write_shard(&dir.join(file), tensors);
