@@ -28,6 +28,54 @@ def _inspect(args: argparse.Namespace) -> int:
     return 1 if summary["problems"] else 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import time
+
+    from .loader import _format_problems, plan_for
+    from .models import for_config
+    from .reader import open as open_checkpoint
+
+    with open_checkpoint(args.path, threads=args.threads) as ck:
+        if ck.config is None:
+            print(f"{args.path}: no config.json: cannot build the model to plan for", file=sys.stderr)
+            return 1
+        import torch
+
+        model = for_config(ck.config, device="meta", tp_rank=args.tp_rank, tp_size=args.tp_size,
+                           ep_rank=args.ep_rank, ep_size=args.ep_size)
+        target = getattr(model, "language_model", model)
+        t = time.perf_counter()
+        plan, dests = plan_for(model, ck, tp_rank=args.tp_rank, tp_size=args.tp_size, ep_rank=args.ep_rank,
+                               ep_size=args.ep_size, threads=args.threads)
+        seconds = time.perf_counter() - t
+        ignored: dict[str, int] = {}
+        for _, reason in plan.ignored():
+            ignored[reason] = ignored.get(reason, 0) + 1
+        summary = {
+            "checkpoint": ck.index_path or ck.files[0],
+            "model": type(model).__name__,
+            "quant_format": target.quant_format,
+            "tp": [args.tp_rank, args.tp_size], "ep": [args.ep_rank, args.ep_size],
+            "destinations": len(dests),
+            "destination_bytes": sum(t.numel() * t.element_size() for t in dests.values()),
+            "ops": len(plan), "op_counts": plan.op_counts(),
+            "tensors_used": plan.used, "tensors_ignored": ignored, "tensors_on_other_ranks": plan.other_rank,
+            "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written,
+            "unused": len(plan.unused()), "missing": len(plan.missing()),
+            "fused_shared_experts": target.num_fused_shared_experts, "fusion_reason": target.fusion_reason,
+            "plan_seconds": round(seconds, 4),
+        }
+        problems = _format_problems(plan)
+        del torch
+    if args.json:
+        print(json.dumps({**summary, "problems": problems}, indent=2))
+    else:
+        for k, v in summary.items():
+            print(f"{k:<24}{v}")
+        print(f"{'problems':<24}{problems or 'none: every destination byte is written exactly once'}")
+    return 1 if problems else 0
+
+
 def _synth(args: argparse.Namespace) -> int:
     from .synth import make_checkpoint
 
@@ -52,6 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("plan", help="build the copy plan for the serving-layout model; print its summary")
+    p.add_argument("path")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    for opt in ("tp-rank", "ep-rank"):
+        p.add_argument(f"--{opt}", type=int, default=0)
+    for opt in ("tp-size", "ep-size"):
+        p.add_argument(f"--{opt}", type=int, default=1)
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")
     p.add_argument("path")

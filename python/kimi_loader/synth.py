@@ -345,6 +345,10 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
     qc = _quant_config(quant)
     if shared_expert_quant is not None:
         _quant_config(shared_expert_quant)  # validates the name
+        if shared_expert_quant == "bf16" and qc is not None:  # the config must say so too
+            key = "exclude" if quant == "quark-mxfp4" else "ignore"
+            if key in qc and "re:.*shared_experts.*" not in qc[key]:
+                qc[key].append("re:.*shared_experts.*")
     if qc is not None:
         cfg["quantization_config"] = qc
     g = torch.Generator().manual_seed(seed)

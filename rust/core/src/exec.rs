@@ -133,3 +133,335 @@ pub unsafe fn read_tasks(
         })
     })
 }
+
+// ---------------------------------------------------------------------------------------
+// Plan execution
+
+use std::cell::RefCell;
+
+use crate::convert::{convert, dequant_fp8_row, dequant_int4_row, dequant_mxfp4_row};
+use crate::plan::{Op, OpKind, Plan};
+use crate::shard::Shard;
+
+/// A destination buffer: `len` writable bytes at `ptr`.
+#[derive(Debug, Clone, Copy)]
+pub struct DestBuf {
+    pub ptr: *mut u8,
+    pub len: u64,
+}
+
+// SAFETY: see `ReadTask`; `execute_plan`'s contract makes the buffers exclusively ours.
+unsafe impl Send for DestBuf {}
+// SAFETY: as above.
+unsafe impl Sync for DestBuf {}
+
+thread_local! {
+    static BOUNCE: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Where the rows of a row-major tensor lie in its shard, and which bytes of each row
+/// to keep.
+#[derive(Clone, Copy)]
+struct RowSpan {
+    /// Absolute file offset of row 0.
+    base: u64,
+    /// Bytes per stored row.
+    stride: u64,
+    /// First kept byte within a row, and how many bytes are kept.
+    seg: u64,
+    seg_len: u64,
+}
+
+/// Reads rows `[r0, r1)` of `span`, packing the kept bytes of each row back to back into
+/// `out`: one `pread` when whole rows are kept, one per row otherwise.
+fn read_rows(shard: &Shard, span: RowSpan, r0: u64, r1: u64, out: &mut [u8]) -> Result<()> {
+    let RowSpan {
+        base,
+        stride,
+        seg,
+        seg_len,
+    } = span;
+    if seg == 0 && seg_len == stride {
+        return shard.read_at(
+            base + r0 * stride,
+            &mut out[..((r1 - r0) * stride) as usize],
+        );
+    }
+    for (k, r) in (r0..r1).enumerate() {
+        let at = k * seg_len as usize;
+        shard.read_at(base + r * stride + seg, &mut out[at..at + seg_len as usize])?;
+    }
+    Ok(())
+}
+
+fn grow(buf: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if buf.len() < n {
+        buf.resize(n, 0);
+    }
+    &mut buf[..n]
+}
+
+/// Executes rows `[r0, r1)` of `op` into `dst` (the op's destination bytes for those rows).
+fn run_rows(
+    ckpt: &Checkpoint,
+    op: &Op,
+    r0: u64,
+    r1: u64,
+    dst: &mut [u8],
+    out_elem: u64,
+) -> Result<()> {
+    let e = ckpt.entry(op.src);
+    let shard = ckpt.shard(op.src);
+    let base = shard.abs_offset(e);
+    let (c0, c1) = op.cols;
+    let n = (c1 - c0) as usize;
+    match op.kind {
+        OpKind::Copy => {
+            let es = e.dtype.size();
+            read_rows(
+                shard,
+                RowSpan {
+                    base,
+                    stride: op.src_cols * es,
+                    seg: c0 * es,
+                    seg_len: (c1 - c0) * es,
+                },
+                r0,
+                r1,
+                dst,
+            )
+        }
+        OpKind::Convert { from, to } => BOUNCE.with_borrow_mut(|(a, _)| {
+            let es = from.size();
+            let buf = grow(a, ((r1 - r0) * (c1 - c0) * es) as usize);
+            read_rows(
+                shard,
+                RowSpan {
+                    base,
+                    stride: op.src_cols * es,
+                    seg: c0 * es,
+                    seg_len: (c1 - c0) * es,
+                },
+                r0,
+                r1,
+                buf,
+            )?;
+            convert(buf, from, dst, to, ((r1 - r0) * (c1 - c0)) as usize);
+            Ok(())
+        }),
+        OpKind::DequantInt4 {
+            scale, group, to, ..
+        }
+        | OpKind::DequantMxfp4 { scale, group, to } => {
+            let int4 = matches!(op.kind, OpKind::DequantInt4 { .. });
+            let se = ckpt.entry(scale);
+            let ss = ckpt.shard(scale);
+            let (row_bytes, seg, seg_len) = (op.src_cols / 2, c0 / 2, (c1 - c0) / 2);
+            let sb = se.dtype.size();
+            let (srow, sseg, slen) = (
+                op.src_cols / group * sb,
+                c0 / group * sb,
+                (c1 - c0) / group * sb,
+            );
+            BOUNCE.with_borrow_mut(|(a, b)| {
+                let rows = (r1 - r0) as usize;
+                let data = grow(a, rows * seg_len as usize);
+                read_rows(
+                    shard,
+                    RowSpan {
+                        base,
+                        stride: row_bytes,
+                        seg,
+                        seg_len,
+                    },
+                    r0,
+                    r1,
+                    data,
+                )?;
+                let scales = grow(b, rows * slen as usize);
+                read_rows(
+                    ss,
+                    RowSpan {
+                        base: ss.abs_offset(se),
+                        stride: srow,
+                        seg: sseg,
+                        seg_len: slen,
+                    },
+                    r0,
+                    r1,
+                    scales,
+                )?;
+                let ob = n * out_elem as usize;
+                for k in 0..rows {
+                    let d = &data[k * seg_len as usize..(k + 1) * seg_len as usize];
+                    let s = &scales[k * slen as usize..(k + 1) * slen as usize];
+                    let o = &mut dst[k * ob..(k + 1) * ob];
+                    if int4 {
+                        dequant_int4_row(d, s, se.dtype, group as usize, n, o, to);
+                    } else {
+                        dequant_mxfp4_row(d, s, group as usize, n, o, to);
+                    }
+                }
+                Ok(())
+            })
+        }
+        OpKind::DequantFp8 {
+            scale,
+            scale_dtype,
+            block,
+            to,
+        } => {
+            let se = ckpt.entry(scale);
+            let ss = ckpt.shard(scale);
+            let sb = scale_dtype.size();
+            let scale_cols = op.src_cols.div_ceil(block.1);
+            let (sc0, sc1) = (c0 / block.1, c1.div_ceil(block.1));
+            BOUNCE.with_borrow_mut(|(a, b)| {
+                let rows = (r1 - r0) as usize;
+                let data = grow(a, rows * n);
+                read_rows(
+                    shard,
+                    RowSpan {
+                        base,
+                        stride: op.src_cols,
+                        seg: c0,
+                        seg_len: c1 - c0,
+                    },
+                    r0,
+                    r1,
+                    data,
+                )?;
+                let (br0, br1) = (r0 / block.0, (r1 - 1) / block.0 + 1);
+                let slen = (sc1 - sc0) * sb;
+                let scales = grow(b, ((br1 - br0) * slen) as usize);
+                read_rows(
+                    ss,
+                    RowSpan {
+                        base: ss.abs_offset(se),
+                        stride: scale_cols * sb,
+                        seg: sc0 * sb,
+                        seg_len: slen,
+                    },
+                    br0,
+                    br1,
+                    scales,
+                )?;
+                let ob = n * out_elem as usize;
+                for k in 0..rows {
+                    let r = r0 + k as u64;
+                    let srow = ((r / block.0 - br0) * slen) as usize;
+                    let s = &scales[srow..srow + slen as usize];
+                    // columns are relative to the segment start, which is block-aligned
+                    dequant_fp8_row(
+                        &data[k * n..(k + 1) * n],
+                        s,
+                        scale_dtype,
+                        block.1 as usize,
+                        n,
+                        &mut dst[k * ob..(k + 1) * ob],
+                        to,
+                    );
+                }
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Executes `plan.ops[range]` into `dests` (one buffer per `plan.dests` entry), in
+/// parallel on `pool`. Large ops are cut into row blocks of about `chunk` output bytes.
+///
+/// # Safety
+/// Each `dests[i]` must point to `plan.dests[i].nbytes()` writable bytes that stay valid,
+/// are not aliased by another entry, and are not accessed by anyone else until this
+/// returns.
+pub unsafe fn execute_plan(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    range: std::ops::Range<usize>,
+    dests: &[DestBuf],
+    pool: &ThreadPool,
+    opts: ReadOptions,
+) -> Result<()> {
+    if dests.len() != plan.dests.len() {
+        return Err(Error::InvalidArgument {
+            reason: format!(
+                "{} destination buffers for {} destinations",
+                dests.len(),
+                plan.dests.len()
+            ),
+        });
+    }
+    for (d, spec) in dests.iter().zip(&plan.dests) {
+        if d.len != spec.nbytes() || (d.ptr.is_null() && d.len > 0) {
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "buffer for '{}' has {} bytes, expected {}",
+                    spec.name,
+                    d.len,
+                    spec.nbytes()
+                ),
+            });
+        }
+    }
+    let ops = plan
+        .ops
+        .get(range.clone())
+        .ok_or_else(|| Error::InvalidArgument {
+            reason: format!("op range {range:?} outside 0..{}", plan.ops.len()),
+        })?;
+    if opts.huge_pages {
+        for d in dests.iter().filter(|d| d.len as usize >= HUGE_PAGE) {
+            advise_huge_pages(d.ptr as usize, d.len as usize);
+        }
+    }
+    // work items: (op index, first row, end row)
+    let mut items: Vec<(usize, u64, u64)> = Vec::with_capacity(ops.len());
+    for (k, op) in ops.iter().enumerate() {
+        let row_bytes = (op.cols.1 - op.cols.0) * plan.dests[op.dest as usize].dtype.size();
+        let step = (opts.chunk as u64 / row_bytes.max(1)).max(1);
+        let mut r = op.rows.0;
+        while r < op.rows.1 {
+            let end = (r + step).min(op.rows.1);
+            items.push((k, r, end));
+            r = end;
+        }
+    }
+    pool.install(|| {
+        items
+            .par_iter()
+            .with_max_len(1)
+            .try_for_each(|&(k, r0, r1)| {
+                let op = &ops[k];
+                let elem = plan.dests[op.dest as usize].dtype.size();
+                let row_bytes = (op.cols.1 - op.cols.0) * elem;
+                let start = op.dest_offset + (r0 - op.rows.0) * row_bytes;
+                let len = (r1 - r0) * row_bytes;
+                let buf = dests[op.dest as usize];
+                debug_assert!(start + len <= buf.len);
+                // SAFETY: the plan's coverage check proved that ops write disjoint ranges
+                // inside each destination, items of one op cover disjoint row blocks, and the
+                // caller guarantees the buffers are valid and exclusively ours.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(buf.ptr.add(start as usize), len as usize)
+                };
+                run_rows(ckpt, op, r0, r1, dst, elem)
+                    .map_err(|e| with_tensor(e, &ckpt.entry(op.src).name))
+            })
+    })
+}
+
+fn with_tensor(e: Error, name: &str) -> Error {
+    match e {
+        Error::Io {
+            file,
+            tensor: None,
+            source,
+        } => Error::Io {
+            file,
+            tensor: Some(name.to_owned()),
+            source,
+        },
+        other => other,
+    }
+}

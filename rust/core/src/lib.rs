@@ -8,16 +8,22 @@
 //! - [`shard`]: one mapped, validated shard file.
 //! - [`index`]: the `model.safetensors.index.json` file.
 //! - [`checkpoint`]: all shards of a checkpoint, opened in parallel, cross-checked.
-//! - [`exec`]: parallel reads from shards into destination memory.
+//! - [`mapping`]: checkpoint name -> destination name rules (data, linear time).
+//! - [`plan`]: the copy plan, with its proof that every destination byte is written once.
+//! - [`convert`]: dtype conversions and bit-exact dequantizers.
+//! - [`exec`]: parallel reads and plan execution into destination memory.
 //! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).
 
 pub mod checkpoint;
+pub mod convert;
 pub mod dtype;
 pub mod error;
 pub mod exec;
 pub mod header;
 pub mod index;
 pub mod json;
+pub mod mapping;
+pub mod plan;
 pub mod shard;
 pub mod threads;
 

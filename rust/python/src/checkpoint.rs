@@ -42,6 +42,11 @@ pub fn resolve_threads(py: Python<'_>, threads: Option<usize>) -> PyResult<usize
 }
 
 impl Checkpoint {
+    /// The shared core checkpoint (for plans).
+    pub fn core(&self) -> Arc<CoreCheckpoint> {
+        self.inner.clone()
+    }
+
     fn locate_one(&self, name: &str) -> kimi_loader_core::Result<Location> {
         let (id, e) = self.inner.get(name)?;
         let shard = self.inner.shard(id);

@@ -6,10 +6,13 @@
 //! - [`checkpoint`]: `open()` and the `Checkpoint` class (tensor table, reads).
 //! - [`buffer`]: `ShardBuffer`, a writable copy-on-write buffer over one mapped shard,
 //!   from which zero-copy tensors are viewed.
+//! - [`plan`]: `plan()` and the `Plan` class: copy plans built from rules given as data,
+//!   executed into destination tensors.
 
 mod buffer;
 mod checkpoint;
 mod errors;
+mod plan;
 
 use pyo3::prelude::*;
 
@@ -22,5 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::resolve_threads, m)?)?;
     m.add_class::<checkpoint::Checkpoint>()?;
     m.add_class::<buffer::ShardBuffer>()?;
+    m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
+    m.add_class::<plan::Plan>()?;
     Ok(())
 }

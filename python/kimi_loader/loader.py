@@ -1,0 +1,271 @@
+"""``load_weights``: plan in Rust, prove completeness, copy in parallel, post-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import _core
+from .errors import InvalidArgumentError, KimiLoaderError, UnsupportedFormatError
+from .formats import TORCH_DTYPES
+from .hooks import custom_renames, hook_target
+from .reader import Checkpoint
+from .reader import open as open_checkpoint
+
+__all__ = ["IncompleteLoadError", "LoadReport", "destinations", "load_weights", "plan_for"]
+
+_ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+_SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}
+
+
+class IncompleteLoadError(KimiLoaderError):
+    """The plan does not write every destination element or does not use every checkpoint
+    tensor. ``missing``: ``[(destination, start_byte, end_byte, expected tensor)]``;
+    ``unused``: ``[(tensor, why)]``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.missing: list = []
+        self.unused: list = []
+
+
+@dataclass
+class LoadReport:
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    unused: list[tuple[str, str]] = field(default_factory=list)
+    missing: list[tuple[str, int, int, str | None]] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+    other_rank: int = 0
+    op_counts: dict[str, int] = field(default_factory=dict)
+    fused_shared_experts: int = 0
+    fusion_reason: str = ""
+
+    def summary(self) -> str:
+        s = self.seconds
+        gbps = self.bytes_written / s["copy"] / 1e9 if s.get("copy") else 0.0
+        lines = [
+            f"tensors used     {self.tensors} (+{sum(self.ignored.values())} ignored by rule, "
+            f"{self.other_rank} on other expert-parallel ranks)",
+            f"bytes            {self.bytes_read:,} read, {self.bytes_written:,} written ({gbps:.2f} GB/s)",
+            "ops              " + ", ".join(f"{k} {v}" for k, v in sorted(self.op_counts.items())),
+            "seconds          " + ", ".join(f"{k} {v:.4f}" for k, v in s.items()),
+            f"fused shared     {self.fused_shared_experts} ({self.fusion_reason})",
+        ]
+        for reason, n in sorted(self.ignored.items()):
+            lines.append(f"ignored          {n} x {reason}")
+        if self.unused:
+            lines.append(f"UNUSED           {len(self.unused)}: " + ", ".join(n for n, _ in self.unused[:5]))
+        if self.missing:
+            lines.append(f"MISSING          {len(self.missing)}: " + ", ".join(m[3] or m[0] for m in self.missing[:5]))
+        return "\n".join(lines)
+
+
+def destinations(module: torch.nn.Module, aliases: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer of ``module`` by name; ``aliases`` maps a
+    name suffix to an extra suffix the loader should also accept (e.g. transformers'
+    3-D expert parameters, which have no ``.weight``)."""
+    out: dict[str, torch.Tensor] = dict(module.named_parameters())
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+    for name in list(out):
+        for suffix, extra in (aliases or {}).items():
+            if name.endswith(suffix):
+                out[name + extra] = out.pop(name)
+    return out
+
+
+def _order(shard_id: Any, seen: dict[str, list]) -> int:
+    if isinstance(shard_id, int):
+        return shard_id
+    if shard_id in _SHARD_ORDER:
+        return _SHARD_ORDER[shard_id]
+    lst = seen.setdefault("ids", [])
+    if shard_id not in lst:
+        lst.append(shard_id)
+    return lst.index(shard_id)
+
+
+def build_rules(model: Any, ckpt: Checkpoint, *, tp_rank: int, tp_size: int, ep_rank: int,
+                ep_size: int) -> dict[str, Any]:
+    """The rules dict for the Rust planner: the model's ``weight_rules()`` data plus its
+    stacked / expert mappings, custom renames (computed once per name, in Python, only for
+    models with non-identity rename hooks) and the parallel layout."""
+    rules: dict[str, Any] = dict(getattr(model, "weight_rules", dict)() or {})
+    seen: dict[str, list] = {}
+    rules["stacked"] = [(p, c, _order(s, seen)) for p, c, s in (getattr(model, "stacked_params_mapping", None) or [])]
+    rules["experts"] = [(p, frag, int(e), _SHARD_ORDER.get(s, 0), "row" if s == "w2" else "column")
+                        for p, frag, e, s in (getattr(model, "expert_params_mapping", None) or [])]
+    renames = custom_renames(model)
+    if renames:
+        table: dict[str, str | None] = {}
+        for name in ckpt.keys():
+            new: str | None = name
+            for fn in renames:
+                new = fn(new)
+                if new is None:
+                    break
+            if new != name:
+                table[name] = new
+        rules["renames"] = table
+    rules.update(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+    return rules
+
+
+def _check_fusion(rules: dict[str, Any], ckpt: Checkpoint) -> None:
+    """Fusing a shared expert stored in another format than the routed experts is the
+    regression this project exists to prevent: fail loudly, naming the tensors."""
+    if rules.get("fused_shared_slot") is None:
+        return
+    shared = [k for k in ckpt.keys() if ".mlp.shared_experts." in k]
+    routed = [k for k in ckpt.keys() if ".mlp.experts.0." in k]
+    if not shared or not routed:
+        return
+    s_suffixes = {k.rsplit(".", 1)[1] for k in shared}
+    r_suffixes = {k.rsplit(".", 1)[1] for k in routed}
+    s_dtypes = {ckpt.tensor_info(k).st_dtype for k in shared if k.endswith(".weight")}
+    r_dtypes = {ckpt.tensor_info(k).st_dtype for k in routed if k.endswith(".weight")}
+    if s_suffixes != r_suffixes or s_dtypes != r_dtypes:
+        raise UnsupportedFormatError(
+            f"shared-expert fusion needs the shared expert in the routed experts' format, but the shared "
+            f"expert is stored as {sorted(s_suffixes)} {sorted(s_dtypes)} and the routed experts as "
+            f"{sorted(r_suffixes)} {sorted(r_dtypes)}; shared-expert tensors: {', '.join(shared[:6])}"
+            + (f" (+{len(shared) - 6} more)" if len(shared) > 6 else ""),
+            file=ckpt.index_path, tensor=shared[0])
+
+
+def _dest_list(dests: dict[str, torch.Tensor], *, need_memory: bool) -> list[tuple[str, list[int], str]]:
+    out = []
+    for name, t in dests.items():
+        if t.dtype not in _ST_DTYPES:
+            raise UnsupportedFormatError(f"destination '{name}' has unsupported dtype {t.dtype}", tensor=name)
+        if need_memory:
+            if t.device.type == "meta":
+                raise InvalidArgumentError(
+                    f"destination '{name}' is on the meta device: materialize the model first "
+                    "(e.g. model.to_empty(device='cpu'))", tensor=name)
+            if t.device.type != "cpu":
+                raise UnsupportedFormatError(
+                    f"destination '{name}' is on {t.device}: this version loads into CPU tensors only",
+                    tensor=name)
+            if not t.is_contiguous():
+                raise InvalidArgumentError(f"destination '{name}' is not contiguous", tensor=name)
+        out.append((name, list(t.shape), _ST_DTYPES[t.dtype]))
+    return out
+
+
+def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
+             ep_size: int = 1, threads: int | None = None, need_memory: bool = False):
+    """Builds the copy plan for ``model`` (no copying). Returns ``(plan, destinations)``."""
+    if not (0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
+        raise InvalidArgumentError(f"bad ranks: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
+    from .models.hf import wrap_if_transformers
+
+    model = wrap_if_transformers(model)
+    target, _prefix = hook_target(model)
+    rules = build_rules(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+    _check_fusion(rules, ckpt)
+    dests = destinations(target, rules.pop("dest_aliases", None))
+    fp8_block = tuple(rules.pop("fp8_block", (128, 128)))
+    plan = _core.plan(ckpt.core, rules, _dest_list(dests, need_memory=need_memory), fp8_block, threads)
+    return plan, dests
+
+
+def _format_problems(plan) -> str:
+    parts = []
+    missing, unused = plan.missing(), plan.unused()
+    if missing:
+        shown = "; ".join(
+            f"'{exp}' (for {dest} bytes [{s}, {e}))" if exp else f"{dest} bytes [{s}, {e})"
+            for dest, s, e, exp in missing[:5])
+        parts.append(f"{len(missing)} destination range(s) would not be written, missing checkpoint tensors: "
+                     f"{shown}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    if unused:
+        shown = "; ".join(f"'{n}' ({why})" for n, why in unused[:5])
+        parts.append(f"{len(unused)} checkpoint tensor(s) would not be used: {shown}"
+                     + (f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""))
+    return ". ".join(parts)
+
+
+def _progress_bar(done: int, total: int) -> None:
+    width = 40
+    frac = done / total if total else 1.0
+    sys.stderr.write(f"\rloading [{'#' * int(frac * width):<{width}}] {frac * 100:5.1f}% "
+                     f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB")
+    if done >= total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *, tp_rank: int = 0,
+                 tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1, strict: bool = True,
+                 progress: Callable[[int, int], None] | bool | None = None,
+                 threads: int | None = None) -> LoadReport:
+    """Loads a checkpoint into ``model`` (the outermost model; a wrapper forwards its weight
+    hooks to its inner model).
+
+    The plan is built and checked before anything is copied: with ``strict`` (the default)
+    a destination element that no checkpoint tensor writes, or a checkpoint tensor that no
+    rule uses or declares ignored, raises :class:`IncompleteLoadError` naming them and the
+    model is left untouched. ``progress`` is a callback ``(bytes_done, bytes_total)`` or
+    ``True`` for a bar on stderr. Afterwards ``model.post_load_weights()`` runs.
+    """
+    t0 = time.perf_counter()
+    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
+        open_checkpoint(path_or_checkpoint, threads=threads)
+    t_open = time.perf_counter()
+    plan, dests = plan_for(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
+                           threads=threads, need_memory=True)
+    t_plan = time.perf_counter()
+    if strict and (plan.missing() or plan.unused()):
+        err = IncompleteLoadError(f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: "
+                                  f"{_format_problems(plan)}", file=ckpt.index_path)
+        err.missing, err.unused = plan.missing(), plan.unused()
+        first = (plan.missing() and plan.missing()[0][3]) or (plan.unused() and plan.unused()[0][0]) or None
+        err.tensor = first
+        raise err
+
+    names = plan.dest_names()
+    tensors = [dests[n] for n in names]
+    addresses = [t.data_ptr() for t in tensors]
+    total = plan.bytes_written
+    callback = _progress_bar if progress is True else (progress or None)
+    n_ops = len(plan)
+    batches = min(n_ops, 64) if callback else 1
+    done_ops = 0
+    for b in range(batches):
+        end = n_ops * (b + 1) // max(batches, 1)
+        plan.execute(addresses, done_ops, end)
+        done_ops = end
+        if callback:
+            callback(total * end // max(n_ops, 1), total)
+    t_copy = time.perf_counter()
+    from .models.hf import wrap_if_transformers
+
+    post = getattr(wrap_if_transformers(model), "post_load_weights", None)
+    if post is not None:
+        post()
+    t_post = time.perf_counter()
+
+    target, _ = hook_target(wrap_if_transformers(model))
+    fused = getattr(target, "num_fused_shared_experts", 0)
+    return LoadReport(
+        tensors=plan.used, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
+        seconds={"open": t_open - t0, "plan": t_plan - t_open, "copy": t_copy - t_plan,
+                 "post_load": t_post - t_copy, "total": t_post - t0},
+        unused=plan.unused(), missing=plan.missing(),
+        ignored=dict(Counter(reason for _, reason in plan.ignored())), other_rank=plan.other_rank,
+        op_counts=plan.op_counts(), fused_shared_experts=fused,
+        fusion_reason=getattr(target, "fusion_reason", ""),
+    )

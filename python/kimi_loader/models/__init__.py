@@ -1,0 +1,20 @@
+"""Model layouts that :func:`kimi_loader.load_weights` loads into.
+
+- :class:`DeepseekV3ForCausalLM` / :class:`KimiK25ForConditionalGeneration`: serving-engine
+  layouts (fused qkv_a and gate_up, w13/w2 experts, checkpoint-format quantized tensors).
+- :mod:`kimi_loader.models.hf`: rules for transformers' own ``DeepseekV3ForCausalLM``.
+"""
+
+from typing import Any
+
+from .deepseek_v3 import DeepseekV3ForCausalLM, KimiK25ForConditionalGeneration, fusion_decision
+
+__all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "for_config", "fusion_decision"]
+
+
+def for_config(config: dict[str, Any], **kwargs: Any):
+    """The serving-layout model for a ``config.json`` dict (Kimi-K2.5 wrapper or plain
+    DeepSeek-V3)."""
+    if isinstance(config.get("text_config"), dict):
+        return KimiK25ForConditionalGeneration(config, **kwargs)
+    return DeepseekV3ForCausalLM(config, **kwargs)

@@ -1,0 +1,228 @@
+"""Serving-engine parameter layouts for DeepSeek-V3 / Kimi-K2.5 language models.
+
+These are the destinations of :func:`kimi_loader.load_weights`: fused
+``fused_qkv_a_proj_with_mqa`` and ``gate_up_proj``, MoE experts as ``experts.w13_*`` /
+``experts.w2_*`` stacked over (local) experts, quantized tensors kept in their checkpoint
+format, TP/EP-local shapes. The forward pass comes with the runtime (issue #4); for now
+these are parameter skeletons with their weight rules.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..formats import detect_quant_format
+from ..hooks import ForwardsWeightHooks, identity_hook
+from .layout import empty_params, module_format, shard_shapes, stacked_shapes
+
+__all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
+
+
+def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, Any] | None = None,
+                    shared_format: str | None = None, routed_format: str | None = None) -> tuple[int, str]:
+    """Whether to fuse the shared expert into the routed experts (slot ``n_routed``):
+    ``(1, reason)`` or ``(0, reason)``.
+
+    The rule after the Kimi-K2.5 regression: only for ``n_routed_experts`` 256 or 384 with
+    one shared expert, only when the shared expert is stored in the routed experts'
+    format, and for 384 experts only for a Quark (MXFP4) checkpoint.
+    """
+    e, s = text_config.get("n_routed_experts"), text_config.get("n_shared_experts")
+    if e not in (256, 384):
+        return 0, f"n_routed_experts={e} is not 256 or 384"
+    if s != 1:
+        return 0, f"n_shared_experts={s} is not 1"
+    if e == 384 and quant != "quark-mxfp4":
+        return 0, (f"384-expert checkpoints are fused only in Quark MXFP4 format; this one is {quant} "
+                   "(moonshotai's compressed-tensors checkpoint keeps its shared expert in bf16)")
+    cfg = config if config is not None else text_config
+    shared_format = shared_format or module_format(cfg, quant, "model.layers.1.mlp.shared_experts.gate_proj")
+    routed_format = routed_format or module_format(cfg, quant, "model.layers.1.mlp.experts.0.gate_proj")
+    if shared_format != routed_format:
+        return 0, f"the shared expert is stored as {shared_format}, the routed experts as {routed_format}"
+    return 1, f"n_routed_experts={e}, one shared expert stored as {routed_format} like the routed experts"
+
+
+class _Holder(nn.Module):
+    """A module that only holds parameters (the runtime adds behaviour later)."""
+
+
+def _linear(fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype, device: Any) -> nn.Module:
+    m = _Holder()
+    empty_params(m, fmt, shapes, dtype, device=device)
+    m.format = fmt
+    return m
+
+
+def _norm(n: int, dtype: torch.dtype, device: Any) -> nn.Module:
+    m = _Holder()
+    m.weight = nn.Parameter(torch.empty(n, dtype=dtype, device=device), requires_grad=False)
+    return m
+
+
+class DeepseekV3ForCausalLM(nn.Module):
+    """DeepSeek-V3 / Kimi-K2.5 language model in serving layout.
+
+    ``config`` is the language-model config (``text_config`` for Kimi-K2.5);
+    ``quant_config_source`` the dict holding ``quantization_config`` (defaults to
+    ``config``). ``num_fused_shared_experts`` forces (1) or forbids (0) shared-expert
+    fusion; by default :func:`fusion_decision` decides.
+    """
+
+    def __init__(self, config: dict[str, Any], *, dtype: torch.dtype = torch.bfloat16, device: Any = None,
+                 tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                 num_fused_shared_experts: int | None = None,
+                 quant_config_source: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config
+        qsrc = quant_config_source if quant_config_source is not None else config
+        self.quant_format = detect_quant_format(qsrc)
+        self.dtype = dtype
+        self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
+        fused, reason = fusion_decision(config, self.quant_format, qsrc)
+        if num_fused_shared_experts is not None:
+            fused, reason = num_fused_shared_experts, f"forced to {num_fused_shared_experts} by the caller"
+        self.num_fused_shared_experts, self.fusion_reason = fused, reason
+        self.post_load_calls: list[list[int] | None] = []
+
+        c, q, tp = config, self.quant_format, tp_size
+        fp8_block = tuple((qsrc.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+        h, heads = c["hidden_size"], c["num_attention_heads"]
+        nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
+        q_lora, kv_lora = c.get("q_lora_rank"), c["kv_lora_rank"]
+        self.fp8_block = fp8_block
+
+        def fmt(module: str) -> str:
+            return module_format(qsrc, q, module)
+
+        def lin(module: str, out: int, inp: int, split: str = "replicated") -> nn.Module:
+            f = fmt(module)
+            return _linear(f, shard_shapes(f, out, inp, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+
+        def stacked(module: str, shards: list[tuple[int, int]], split: str = "replicated") -> nn.Module:
+            f = fmt(module)
+            return _linear(f, stacked_shapes(f, shards, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+
+        self.model = _Holder()
+        self.model.embed_tokens = _Holder()
+        self.model.embed_tokens.weight = nn.Parameter(
+            torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False)
+        self.model.layers = nn.ModuleList()
+        e_total = c.get("n_routed_experts") or 0
+        e_local = e_total // ep_size if e_total else 0
+        for i in range(c["num_hidden_layers"]):
+            p = f"model.layers.{i}"
+            layer = _Holder()
+            layer.input_layernorm = _norm(h, dtype, device)
+            layer.post_attention_layernorm = _norm(h, dtype, device)
+            attn = layer.self_attn = _Holder()
+            a = f"{p}.self_attn"
+            if q_lora:
+                attn.fused_qkv_a_proj_with_mqa = stacked(f"{a}.q_a_proj", [(q_lora, h), (kv_lora + rope, h)])
+                attn.q_a_layernorm = _norm(q_lora, dtype, device)
+                attn.q_b_proj = lin(f"{a}.q_b_proj", heads * (nope + rope), q_lora, "column")
+            else:
+                attn.kv_a_proj_with_mqa = lin(f"{a}.kv_a_proj_with_mqa", kv_lora + rope, h)
+                attn.q_proj = lin(f"{a}.q_proj", heads * (nope + rope), h, "column")
+            attn.kv_a_layernorm = _norm(kv_lora, dtype, device)
+            attn.kv_b_proj = lin(f"{a}.kv_b_proj", heads * (nope + v), kv_lora, "column")
+            attn.o_proj = lin(f"{a}.o_proj", h, heads * v, "row")
+            mlp = layer.mlp = _Holder()
+            if i < c.get("first_k_dense_replace", 0) or not e_total:
+                inter = c["intermediate_size"]
+                mlp.gate_up_proj = stacked(f"{p}.mlp.gate_proj", [(inter, h), (inter, h)], "column")
+                mlp.down_proj = lin(f"{p}.mlp.down_proj", h, inter, "row")
+            else:
+                inter = c["moe_intermediate_size"]
+                mlp.gate = _Holder()
+                mlp.gate.weight = nn.Parameter(torch.empty(e_total, h, dtype=dtype, device=device),
+                                               requires_grad=False)
+                mlp.gate.register_buffer("e_score_correction_bias",
+                                         torch.empty(e_total, dtype=torch.float32, device=device))
+                ef = fmt(f"{p}.mlp.experts.0.gate_proj")
+                experts = mlp.experts = _Holder()
+                experts.format = ef
+                slots = e_local + self.num_fused_shared_experts
+                w13 = stacked_shapes(ef, [(inter, h), (inter, h)], split="column", tp=tp, fp8_block=fp8_block)
+                w2 = shard_shapes(ef, h, inter, split="row", tp=tp, fp8_block=fp8_block)
+                empty_params(experts, ef, {k: [slots, *s] for k, s in w13.items()}, dtype, "w13_", device)
+                empty_params(experts, ef, {k: [slots, *s] for k, s in w2.items()}, dtype, "w2_", device)
+                if c.get("n_shared_experts") and not self.num_fused_shared_experts:
+                    shared = mlp.shared_experts = _Holder()
+                    si = inter * c["n_shared_experts"]
+                    shared.gate_up_proj = stacked(f"{p}.mlp.shared_experts.gate_proj", [(si, h), (si, h)], "column")
+                    shared.down_proj = lin(f"{p}.mlp.shared_experts.down_proj", h, si, "row")
+            self.model.layers.append(layer)
+        self.model.norm = _norm(h, dtype, device)
+        self.lm_head = _Holder()
+        self.lm_head.weight = nn.Parameter(torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device),
+                                           requires_grad=False)
+
+    # -- the weight-hook protocol ------------------------------------------------------
+    @property
+    def stacked_params_mapping(self) -> list[tuple[str, str, int]]:
+        return [
+            ("fused_qkv_a_proj_with_mqa", "q_a_proj", 0),
+            ("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa", 1),
+            ("gate_up_proj", "gate_proj", 0),
+            ("gate_up_proj", "up_proj", 1),
+        ]
+
+    @property
+    def expert_params_mapping(self) -> list[tuple[str, str, int, str]]:
+        n = (self.config.get("n_routed_experts") or 0) + self.num_fused_shared_experts
+        out = []
+        for e in range(n):
+            for proj, shard in (("gate_proj", "w1"), ("down_proj", "w2"), ("up_proj", "w3")):
+                out.append(("experts.w13_" if shard != "w2" else "experts.w2_", f"experts.{e}.{proj}.", e, shard))
+        return out
+
+    @identity_hook
+    def mutate_weight_preload(self, name: str) -> str | None:
+        return name
+
+    @identity_hook
+    def custom_scale_remap(self, name: str) -> str:
+        return name
+
+    def post_load_weights(self, layers: list[int] | None = None) -> None:
+        """Post-load processing (MLA ``w_kc`` / ``w_vc`` come with the runtime, #4);
+        records which layers it was asked to process."""
+        self.post_load_calls.append(None if layers is None else list(layers))
+
+    def weight_rules(self) -> dict[str, Any]:
+        """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
+        c = self.config
+        return {
+            "rewrites": [("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
+                         ("language_model.", "")],
+            "ignore": [("vision_tower.", None, "vision tower: the language model is loaded text-only"),
+                       ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
+                       (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")],
+            "num_hidden_layers": c["num_hidden_layers"],
+            "scale_remaps": [(".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
+                             (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
+                             (".v_proj.output_scale", ".attn.v_scale")],
+            "tp_rules": [("q_b_proj.", "column"), ("q_proj.", "column"), ("kv_b_proj.", "column"),
+                         ("o_proj.", "row"), ("gate_up_proj.", "column"), ("down_proj.", "row"),
+                         ("embed_tokens.", "column"), ("lm_head.", "column")],
+            "num_experts": c.get("n_routed_experts"),
+            "fused_shared_slot": c.get("n_routed_experts") if self.num_fused_shared_experts else None,
+            "fp8_block": self.fp8_block,
+        }
+
+
+class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
+    """Kimi-K2.5's multimodal wrapper: the language model is ``self.language_model``; the
+    vision tower and projector are not supported yet (their tensors are skipped by a
+    declared rule). The five weight hooks are forwarded to the language model."""
+
+    weight_hooks_inner = "language_model"
+
+    def __init__(self, config: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.language_model = DeepseekV3ForCausalLM(config["text_config"], **kwargs)

@@ -1,0 +1,111 @@
+"""Loading into transformers' own ``DeepseekV3ForCausalLM`` (the "embed in another
+framework" path). Its experts are fused 3-D parameters, ``mlp.experts.gate_up_proj``
+``[E, 2I, H]`` (gate rows first) and ``mlp.experts.down_proj`` ``[E, H, I]``; quantized
+checkpoints are dequantized on load to the model's dtype, bit-exactly as
+compressed-tensors / transformers do.
+
+``kimi_loader.load_weights(hf_model, path)`` wraps a transformers model automatically.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["HFDeepseekV3", "empty_model", "wrap_if_transformers"]
+
+_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+
+class HFDeepseekV3:
+    """The weight hooks and rules for a transformers ``DeepseekV3ForCausalLM``."""
+
+    weight_hooks_inner = "hf_model"
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        self.hf_model = hf_model
+        self.stacked_params_mapping: list = []  # transformers keeps q_a / kv_a and gate / up apart
+        self.config = hf_model.config
+
+    @property
+    def expert_params_mapping(self) -> list[tuple[str, str, int, str]]:
+        out = []
+        for e in range(self.config.n_routed_experts or 0):
+            out += [("experts.gate_up_proj.", f"experts.{e}.gate_proj.", e, "w1"),
+                    ("experts.gate_up_proj.", f"experts.{e}.up_proj.", e, "w3"),
+                    ("experts.down_proj.", f"experts.{e}.down_proj.", e, "w2")]
+        return out
+
+    def weight_rules(self) -> dict[str, Any]:
+        c = self.config
+        qc = getattr(c, "quantization_config", None)
+        block = None
+        if isinstance(qc, dict):
+            block = qc.get("weight_block_size")
+        elif qc is not None:
+            block = getattr(qc, "weight_block_size", None)
+        return {
+            "rewrites": [("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
+                         ("language_model.", "")],
+            "ignore": [("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
+                       ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
+                       (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")],
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_experts": c.n_routed_experts,
+            "dest_aliases": {"mlp.experts.gate_up_proj": ".weight", "mlp.experts.down_proj": ".weight"},
+            "fp8_block": tuple(block or (128, 128)),
+        }
+
+    def post_load_weights(self, layers: list[int] | None = None) -> None:
+        return None
+
+
+def wrap_if_transformers(model: Any) -> Any:
+    """``model`` itself, or an :class:`HFDeepseekV3` around a transformers DeepSeek-V3
+    model that has no weight rules of its own."""
+    if hasattr(model, "weight_rules"):
+        return model
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) in _MODEL_TYPES and hasattr(model, "model") and hasattr(model, "lm_head"):
+        return HFDeepseekV3(model)
+    return model
+
+
+def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu") -> nn.Module:
+    """A transformers ``DeepseekV3ForCausalLM`` built on the meta device and materialized
+    with ``to_empty`` (uninitialized memory: nothing is computed or copied), with the
+    dtypes ``from_pretrained`` would give it (``_keep_in_fp32_modules_strict`` stay
+    float32) and its rotary buffers recomputed. ``path_or_config`` is a checkpoint
+    directory (plain DeepSeek-V3 or a Kimi-K2.5 wrapper, whose ``text_config`` is used)
+    or a ``DeepseekV3Config``."""
+    import torch
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    if isinstance(path_or_config, DeepseekV3Config):
+        cfg = path_or_config
+    else:
+        import json
+        import os
+
+        with open(os.path.join(path_or_config, "config.json")) as f:
+            raw = json.load(f)
+        raw = raw.get("text_config", raw) if isinstance(raw.get("text_config"), dict) else raw
+        raw = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
+        cfg = DeepseekV3Config(**raw)
+    dtype = dtype or torch.bfloat16
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM._from_config(cfg, dtype=dtype)
+    model = model.to_empty(device=device)
+    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or set()
+    for name, mod in model.named_modules():
+        for b_name, buf in list(mod._buffers.items()):
+            if buf is not None and any(k in f"{name}.{b_name}" for k in keep):
+                mod._buffers[b_name] = buf.to(torch.float32)
+    for mod in model.modules():  # non-persistent rope buffers are not in any checkpoint
+        if hasattr(mod, "rope_init_fn") and hasattr(mod, "inv_freq"):
+            inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device(device))
+            mod.inv_freq = inv_freq
+            mod.original_inv_freq = inv_freq
+            mod.attention_scaling = scaling
+    return model

@@ -1,0 +1,76 @@
+"""Parameter layouts of quantized linears, per checkpoint format, as serving engines
+hold them (one tensor per checkpoint suffix; stacked and expert parameters concatenate
+their shards along dim 0)."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+
+from ..formats import quantization_config
+
+#: dtype of each quantized tensor suffix; ``None`` means the model's dtype
+SUFFIX_DTYPES: dict[str, dict[str, torch.dtype | None]] = {
+    "bf16": {"weight": None},
+    "ct-int4": {"weight_packed": torch.int32, "weight_scale": torch.bfloat16, "weight_shape": torch.int32},
+    "quark-mxfp4": {"weight": torch.uint8, "weight_scale": torch.uint8},
+    "fp8-block": {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32},
+}
+
+
+def module_format(config: dict[str, Any] | None, quant: str, module: str) -> str:
+    """The storage format of linear ``module`` (checkpoint naming, any prefix): the
+    checkpoint's format unless the quantization config's ignore / exclude list names it.
+    For compressed-tensors only routed experts are int4 targets in Kimi-K2.5, which the
+    ignore list expresses; FP8 quantizes every linear."""
+    if quant == "bf16":
+        return "bf16"
+    qc = quantization_config(config) or {}
+    patterns = qc.get("ignore") or qc.get("exclude") or qc.get("modules_to_not_convert") or []
+    for pat in patterns:
+        if pat.startswith("re:"):
+            if re.match(pat[3:], module):
+                return "bf16"
+        elif module == pat or module.endswith("." + pat):
+            return "bf16"
+    return quant
+
+
+def shard_shapes(fmt: str, out: int, inp: int, *, split: str = "replicated", tp: int = 1,
+                 fp8_block: tuple[int, int] = (128, 128)) -> dict[str, list[int]]:
+    """Local shapes, per suffix, of one checkpoint linear ``[out, inp]`` on one TP rank."""
+    col, row = split == "column", split == "row"
+    o = out // tp if col else out
+    i = inp // tp if row else inp
+    if fmt == "bf16":
+        return {"weight": [o, i]}
+    if fmt == "ct-int4":
+        return {"weight_packed": [o, i // 8], "weight_scale": [o, i // 32], "weight_shape": [2]}
+    if fmt == "quark-mxfp4":
+        return {"weight": [o, i // 2], "weight_scale": [o, i // 32]}
+    if fmt == "fp8-block":
+        so, si = math.ceil(out / fp8_block[0]), math.ceil(inp / fp8_block[1])
+        return {"weight": [o, i], "weight_scale_inv": [so // tp if col else so, si // tp if row else si]}
+    raise ValueError(f"unknown format {fmt!r}")
+
+
+def stacked_shapes(fmt: str, shards: list[tuple[int, int]], **kw: Any) -> dict[str, list[int]]:
+    """Shapes of a parameter stacking ``shards`` (each ``(out, inp)``) along dim 0."""
+    parts = [shard_shapes(fmt, o, i, **kw) for o, i in shards]
+    out = {}
+    for suffix in parts[0]:
+        shapes = [p[suffix] for p in parts]
+        out[suffix] = [sum(s[0] for s in shapes), *shapes[0][1:]]
+    return out
+
+
+def empty_params(module: torch.nn.Module, fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype,
+                 prefix: str = "", device: Any = None) -> None:
+    """Registers one frozen parameter per suffix (``prefix + suffix``) on ``module``."""
+    for suffix, shape in shapes.items():
+        dt = SUFFIX_DTYPES[fmt][suffix] or dtype
+        module.register_parameter(prefix + suffix, torch.nn.Parameter(
+            torch.empty(shape, dtype=dt, device=device), requires_grad=False))

@@ -1,0 +1,756 @@
+//! The copy plan: every checkpoint tensor resolved to a destination region, proven to
+//! write every destination byte exactly once, computed before anything is copied.
+//!
+//! Each [`Op`] reads a 2-D slice of one checkpoint tensor (rows `[r0, r1)`, columns
+//! `[c0, c1)` of its row-major `[dim0, rest]` view; for dequantizing ops, of the logical
+//! weight) and writes it, converted if needed, to one *contiguous* byte range of one
+//! destination. That holds for every layout here: a stacked or expert shard fills whole
+//! rows of its block, and a TP slice is the rank's whole local block. So completeness is
+//! a tiling check of byte intervals per destination.
+
+use std::collections::HashMap;
+
+use crate::checkpoint::{Checkpoint, TensorId};
+use crate::convert::is_float;
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::mapping::{Resolved, Rules, TpSplit};
+
+/// A destination tensor of the model (a parameter or a persistent buffer).
+#[derive(Debug, Clone)]
+pub struct DestSpec {
+    pub name: String,
+    pub shape: Vec<u64>,
+    pub dtype: Dtype,
+}
+
+impl DestSpec {
+    pub fn nbytes(&self) -> u64 {
+        self.shape.iter().product::<u64>() * self.dtype.size()
+    }
+}
+
+/// What an op does to the bytes it reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OpKind {
+    /// Same dtype: plain bytes.
+    Copy,
+    /// Float to float conversion.
+    Convert { from: Dtype, to: Dtype },
+    /// ct-int4 `weight_packed` + `weight_scale` -> dense.
+    DequantInt4 {
+        scale: TensorId,
+        scale_dtype: Dtype,
+        group: u64,
+        to: Dtype,
+    },
+    /// Quark MXFP4 `weight` + e8m0 `weight_scale` -> dense.
+    DequantMxfp4 {
+        scale: TensorId,
+        group: u64,
+        to: Dtype,
+    },
+    /// FP8 block `weight` + `weight_scale_inv` -> dense.
+    DequantFp8 {
+        scale: TensorId,
+        scale_dtype: Dtype,
+        block: (u64, u64),
+        to: Dtype,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub kind: OpKind,
+    pub src: TensorId,
+    /// Columns of the (logical) source row.
+    pub src_cols: u64,
+    pub rows: (u64, u64),
+    pub cols: (u64, u64),
+    pub dest: u32,
+    /// Byte offset of the first written byte in the destination.
+    pub dest_offset: u64,
+}
+
+impl Op {
+    pub fn out_elems(&self) -> u64 {
+        (self.rows.1 - self.rows.0) * (self.cols.1 - self.cols.0)
+    }
+}
+
+/// A destination byte range that no op writes, with the checkpoint tensor expected there.
+#[derive(Debug, Clone)]
+pub struct Missing {
+    pub dest: String,
+    pub start: u64,
+    pub end: u64,
+    pub expected: Option<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub dests: Vec<DestSpec>,
+    /// Checkpoint tensors consumed by some op (including scales of dequantizing ops and
+    /// ct-int4 `weight_shape` companions).
+    pub used: usize,
+    /// `(tensor, reason)` skipped by a declared rule.
+    pub ignored: Vec<(String, String)>,
+    /// Tensors that belong to experts held by other expert-parallel ranks.
+    pub other_rank: usize,
+    /// `(tensor, what it resolved to)` with no destination: an error when strict.
+    pub unused: Vec<(String, String)>,
+    /// Destination ranges no op writes: an error when strict.
+    pub missing: Vec<Missing>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+}
+
+/// One checkpoint tensor headed for a destination, before offsets are known.
+struct Piece {
+    src: TensorId,
+    kind: PieceKind,
+    /// Logical `[rows, cols]` of the source.
+    rows: u64,
+    cols: u64,
+    /// Trailing dims of the source beyond dim 0 (for shape checks).
+    rest: Vec<u64>,
+    dest: u32,
+    expert: Option<u32>,
+    order: u32,
+    split: TpSplit,
+}
+
+#[derive(Clone, Copy)]
+enum PieceKind {
+    Plain,
+    Dequant(OpKind),
+}
+
+#[derive(Default)]
+struct Group {
+    data: Option<TensorId>,
+    scale: Option<TensorId>,
+    shape: Option<TensorId>,
+    expert: Option<u32>,
+    order: u32,
+    split: Option<TpSplit>,
+}
+
+const QUANT_SUFFIXES: [(&str, Role); 4] = [
+    ("weight_packed", Role::Data),
+    ("weight_scale_inv", Role::Scale),
+    ("weight_scale", Role::Scale),
+    ("weight_shape", Role::Shape),
+];
+
+#[derive(Clone, Copy, PartialEq)]
+enum Role {
+    Data,
+    Scale,
+    Shape,
+}
+
+fn quantized_data_dtype(d: Dtype) -> bool {
+    matches!(d, Dtype::I32 | Dtype::U8 | Dtype::F8E4M3)
+}
+
+/// Options that are not naming rules.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    /// FP8 block size `[rows, cols]` (from `weight_block_size`).
+    pub fp8_block: (u64, u64),
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            fp8_block: (128, 128),
+        }
+    }
+}
+
+fn shape_err(ckpt: &Checkpoint, id: TensorId, expected: &[u64], found: &[u64], why: &str) -> Error {
+    Error::ShapeMismatch {
+        file: ckpt.shard(id).path.clone(),
+        tensor: format!("{} ({why})", ckpt.entry(id).name),
+        expected: expected.to_vec(),
+        found: found.to_vec(),
+    }
+}
+
+fn unsupported(ckpt: &Checkpoint, id: TensorId, reason: String) -> Error {
+    Error::Unsupported {
+        file: ckpt.shard(id).path.clone(),
+        reason: format!("tensor '{}': {reason}", ckpt.entry(id).name),
+    }
+}
+
+/// `[rows, cols]` view of a stored shape.
+fn as_2d(shape: &[u64]) -> (u64, u64) {
+    match shape {
+        [] => (1, 1),
+        [n] => (*n, 1),
+        [r, rest @ ..] => (*r, rest.iter().product()),
+    }
+}
+
+/// Builds the plan. Hard errors (shape mismatches, impossible TP splits, incomplete
+/// dequantization groups, two tensors writing the same bytes) fail here; missing and
+/// unused tensors are reported in the plan for the caller to judge.
+pub fn build_plan(
+    ckpt: &Checkpoint,
+    rules: &Rules,
+    dests: Vec<DestSpec>,
+    opts: PlanOptions,
+) -> Result<Plan> {
+    let index: HashMap<&str, u32> = dests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| (d.name.as_str(), i as u32))
+        .collect();
+    let mut plan = Plan::default();
+    let mut pieces: Vec<Piece> = Vec::new();
+    let mut groups: HashMap<(u32, Option<u32>, u32), Group> = HashMap::new();
+    // prefix rewrites this checkpoint actually uses (to name missing tensors its way)
+    let mut rewrites_used: Vec<(String, String)> = Vec::new();
+
+    for (id, e) in ckpt.iter() {
+        let name = &*e.name;
+        let (param, expert, order, split) = match rules.resolve(name) {
+            Resolved::Ignored(reason) => {
+                plan.ignored.push((name.to_owned(), reason));
+                continue;
+            }
+            Resolved::OtherRank => {
+                plan.other_rank += 1;
+                continue;
+            }
+            Resolved::Param {
+                param,
+                expert,
+                order,
+                split,
+                ..
+            } => (param, expert, order, split),
+        };
+        if let Some(rw) = rules
+            .rewrites
+            .iter()
+            .find(|(f, _)| name.starts_with(f.as_str()))
+        {
+            if !rewrites_used.contains(rw) {
+                rewrites_used.push(rw.clone());
+            }
+        }
+        let direct = index.get(param.as_str()).copied();
+        let dequant_target = |logical: &str| {
+            index
+                .get(logical)
+                .copied()
+                .filter(|&d| is_float(dests[d as usize].dtype))
+        };
+        // A quantized tensor headed for a dense destination joins a dequantization group.
+        let role = if let Some(d) =
+            direct.filter(|&d| is_float(dests[d as usize].dtype) && quantized_data_dtype(e.dtype))
+        {
+            Some((d, Role::Data))
+        } else if direct.is_none() {
+            QUANT_SUFFIXES
+                .iter()
+                .find(|(s, _)| param.ends_with(s))
+                .and_then(|(s, role)| {
+                    let logical = format!("{}weight", &param[..param.len() - s.len()]);
+                    dequant_target(&logical).map(|d| (d, *role))
+                })
+        } else {
+            None
+        };
+        if let Some((d, role)) = role {
+            let g = groups.entry((d, expert, order)).or_default();
+            let slot = match role {
+                Role::Data => &mut g.data,
+                Role::Scale => &mut g.scale,
+                Role::Shape => &mut g.shape,
+            };
+            if let Some(prev) = slot.replace(id) {
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "tensors '{}' and '{name}' both map to {} of '{param}'",
+                        ckpt.entry(prev).name,
+                        match role {
+                            Role::Data => "the data",
+                            Role::Scale => "the scale",
+                            Role::Shape => "the shape",
+                        }
+                    ),
+                });
+            }
+            g.expert = expert;
+            g.order = order;
+            g.split = split;
+            continue;
+        }
+        let Some(d) = direct else {
+            plan.unused
+                .push((name.to_owned(), format!("no destination '{param}'")));
+            continue;
+        };
+        let dest = &dests[d as usize];
+        if e.dtype != dest.dtype && !(is_float(e.dtype) && is_float(dest.dtype)) {
+            return Err(unsupported(
+                ckpt,
+                id,
+                format!(
+                    "dtype {} cannot be loaded into '{}' of dtype {}",
+                    e.dtype, dest.name, dest.dtype
+                ),
+            ));
+        }
+        let (rows, cols) = as_2d(&e.shape);
+        pieces.push(Piece {
+            src: id,
+            kind: PieceKind::Plain,
+            rows,
+            cols,
+            rest: e.shape.iter().skip(1).copied().collect(),
+            dest: d,
+            expert,
+            order,
+            split: split.unwrap_or_else(|| rules.split_of(&dest.name)),
+        });
+    }
+
+    for ((d, expert, order), g) in groups {
+        let dest = &dests[d as usize];
+        let Some(data) = g.data else {
+            let some = g.scale.or(g.shape).expect("a group has a member");
+            plan.unused.push((
+                ckpt.entry(some).name.to_string(),
+                format!(
+                    "quantization companion without its weight (for '{}')",
+                    dest.name
+                ),
+            ));
+            continue;
+        };
+        let de = ckpt.entry(data);
+        let Some(scale) = g.scale else {
+            return Err(unsupported(
+                ckpt,
+                data,
+                "quantized weight without its scale tensor".into(),
+            ));
+        };
+        let se = ckpt.entry(scale);
+        let (r, c) = as_2d(&de.shape);
+        let (sr, sc) = as_2d(&se.shape);
+        let to = dest.dtype;
+        let (kind, cols) = match de.dtype {
+            Dtype::I32 => {
+                let cols = c * 8;
+                if sr != r || sc == 0 || cols % sc != 0 {
+                    return Err(shape_err(
+                        ckpt,
+                        scale,
+                        &[r, cols / 32],
+                        &[sr, sc],
+                        "int4 group scales",
+                    ));
+                }
+                (
+                    OpKind::DequantInt4 {
+                        scale,
+                        scale_dtype: se.dtype,
+                        group: cols / sc,
+                        to,
+                    },
+                    cols,
+                )
+            }
+            Dtype::U8 => {
+                let cols = c * 2;
+                if se.dtype != Dtype::U8 || sr != r || sc == 0 || cols % sc != 0 {
+                    return Err(shape_err(
+                        ckpt,
+                        scale,
+                        &[r, cols / 32],
+                        &[sr, sc],
+                        "MXFP4 e8m0 scales",
+                    ));
+                }
+                (
+                    OpKind::DequantMxfp4 {
+                        scale,
+                        group: cols / sc,
+                        to,
+                    },
+                    c * 2,
+                )
+            }
+            Dtype::F8E4M3 => {
+                let (br, bc) = opts.fp8_block;
+                if sr != r.div_ceil(br) || sc != c.div_ceil(bc) {
+                    return Err(shape_err(
+                        ckpt,
+                        scale,
+                        &[r.div_ceil(br), c.div_ceil(bc)],
+                        &[sr, sc],
+                        "fp8 block scales",
+                    ));
+                }
+                (
+                    OpKind::DequantFp8 {
+                        scale,
+                        scale_dtype: se.dtype,
+                        block: (br, bc),
+                        to,
+                    },
+                    c,
+                )
+            }
+            other => {
+                return Err(unsupported(
+                    ckpt,
+                    data,
+                    format!("dtype {other} is not a quantized weight format"),
+                ))
+            }
+        };
+        if g.shape.is_some() {
+            plan.used += 1; // `weight_shape` is implied by the packed and scale shapes
+        }
+        plan.used += 1; // the scale
+        pieces.push(Piece {
+            src: data,
+            kind: PieceKind::Dequant(kind),
+            rows: r,
+            cols,
+            rest: vec![cols],
+            dest: d,
+            expert,
+            order,
+            split: g.split.unwrap_or_else(|| rules.split_of(&dest.name)),
+        });
+    }
+
+    // Stacked and expert shards: group by (destination, expert block), place in order.
+    pieces.sort_by_key(|p| (p.dest, p.expert, p.order));
+    let tp = rules.tp_size.max(1) as u64;
+    let rank = rules.tp_rank as u64;
+    let mut i = 0;
+    while i < pieces.len() {
+        let mut j = i;
+        while j < pieces.len()
+            && pieces[j].dest == pieces[i].dest
+            && pieces[j].expert == pieces[i].expert
+        {
+            j += 1;
+        }
+        let dest = &dests[pieces[i].dest as usize];
+        let block_shape: Vec<u64> = match pieces[i].expert {
+            Some(_) => dest.shape.iter().skip(1).copied().collect(),
+            None => dest.shape.clone(),
+        };
+        let (block_rows, block_cols) = as_2d(&block_shape);
+        let block_bytes = block_rows * block_cols * dest.dtype.size();
+        let expert_slots = if pieces[i].expert.is_some() {
+            dest.shape.first().copied().unwrap_or(0)
+        } else {
+            1
+        };
+        let stacked = j - i > 1 || pieces[i].order > 0 || pieces[i].expert.is_some();
+        let mut row_at = 0u64;
+        for (k, p) in pieces[i..j].iter().enumerate() {
+            // A lower shard is missing (orders are 0, 1, ...): place this and the later
+            // shards against the end of the block, so that they land where they belong
+            // (exact for the two-shard w13 / gate_up layouts) and the gap is the missing
+            // shard's rows.
+            if k == 0 && p.order > 0 {
+                let tail: u64 = pieces[i..j].iter().map(|q| local_rows_of(q, tp)).sum();
+                row_at = block_rows.saturating_sub(tail);
+            }
+            let e = ckpt.entry(p.src);
+            // vectors (norms, biases, weight_shape) are replicated
+            let split = if tp == 1 || e.shape.len() <= 1 {
+                TpSplit::Replicated
+            } else {
+                p.split
+            };
+            let (rows, cols) = match split {
+                TpSplit::Replicated => ((0, p.rows), (0, p.cols)),
+                TpSplit::Column => {
+                    if p.rows % tp != 0 {
+                        return Err(unsupported(
+                            ckpt,
+                            p.src,
+                            format!("dim 0 ({}) is not divisible by tp_size={tp}", p.rows),
+                        ));
+                    }
+                    let n = p.rows / tp;
+                    ((rank * n, rank * n + n), (0, p.cols))
+                }
+                TpSplit::Row => {
+                    if e.shape.len() != 2 && matches!(p.kind, PieceKind::Plain) {
+                        ((0, p.rows), (0, p.cols)) // vectors and scalars are replicated
+                    } else {
+                        let align = match p.kind {
+                            PieceKind::Dequant(OpKind::DequantInt4 { group, .. })
+                            | PieceKind::Dequant(OpKind::DequantMxfp4 { group, .. }) => group,
+                            PieceKind::Dequant(OpKind::DequantFp8 { block, .. }) => block.1,
+                            _ => 1,
+                        };
+                        if !p.cols.is_multiple_of(tp) || !(p.cols / tp).is_multiple_of(align) {
+                            return Err(unsupported(
+                                ckpt,
+                                p.src,
+                                format!("dim 1 ({}) cannot be split into tp_size={tp} parts aligned to {align}", p.cols),
+                            ));
+                        }
+                        let n = p.cols / tp;
+                        ((0, p.rows), (rank * n, rank * n + n))
+                    }
+                }
+            };
+            let local_rows = rows.1 - rows.0;
+            let local_cols = cols.1 - cols.0;
+            // the slice's trailing shape must match the block's
+            let fits = if stacked || e.shape.len() != block_shape.len() {
+                local_cols == block_cols && row_at + local_rows <= block_rows
+            } else {
+                local_rows == block_rows && local_cols == block_cols
+            };
+            let trailing_ok = block_shape.len() < 2
+                || matches!(p.kind, PieceKind::Dequant(_))
+                || split == TpSplit::Row
+                || p.rest == block_shape[1..];
+            if !fits || !trailing_ok || p.expert.is_some_and(|x| x as u64 >= expert_slots) {
+                let mut local = vec![local_rows];
+                local.extend(if split == TpSplit::Row {
+                    vec![local_cols]
+                } else {
+                    p.rest.clone()
+                });
+                return Err(Error::ShapeMismatch {
+                    file: ckpt.shard(p.src).path.clone(),
+                    tensor: format!("{} -> {}", e.name, dest.name),
+                    expected: block_shape.clone(),
+                    found: local,
+                });
+            }
+            let kind = match p.kind {
+                PieceKind::Dequant(k) => k,
+                PieceKind::Plain if e.dtype == dest.dtype => OpKind::Copy,
+                PieceKind::Plain => OpKind::Convert {
+                    from: e.dtype,
+                    to: dest.dtype,
+                },
+            };
+            let dest_offset = p.expert.unwrap_or(0) as u64 * block_bytes
+                + row_at * block_cols * dest.dtype.size();
+            let op = Op {
+                kind,
+                src: p.src,
+                src_cols: p.cols,
+                rows,
+                cols,
+                dest: p.dest,
+                dest_offset,
+            };
+            plan.bytes_read += bytes_read(ckpt, &op);
+            plan.bytes_written += op.out_elems() * dest.dtype.size();
+            plan.ops.push(op);
+            plan.used += 1;
+            row_at += local_rows;
+        }
+        i = j;
+    }
+    plan.dests = dests;
+    check_coverage(ckpt, rules, &mut plan, &rewrites_used)?;
+    Ok(plan)
+}
+
+/// Rows a piece contributes on one rank.
+fn local_rows_of(p: &Piece, tp: u64) -> u64 {
+    if tp > 1 && p.split == TpSplit::Column && !p.rest.is_empty() && p.rows.is_multiple_of(tp) {
+        p.rows / tp
+    } else {
+        p.rows
+    }
+}
+
+fn bytes_read(ckpt: &Checkpoint, op: &Op) -> u64 {
+    let e = ckpt.entry(op.src);
+    let rows = op.rows.1 - op.rows.0;
+    let cols = op.cols.1 - op.cols.0;
+    match op.kind {
+        OpKind::Copy | OpKind::Convert { .. } => rows * cols * e.dtype.size(),
+        OpKind::DequantInt4 { scale, group, .. } => {
+            rows * cols / 2 + rows * (cols / group) * ckpt.entry(scale).dtype.size()
+        }
+        OpKind::DequantMxfp4 { group, .. } => rows * cols / 2 + rows * (cols / group),
+        OpKind::DequantFp8 { scale, block, .. } => {
+            rows * cols
+                + rows.div_ceil(block.0) * cols.div_ceil(block.1) * ckpt.entry(scale).dtype.size()
+        }
+    }
+}
+
+/// Proves the ops tile every destination exactly once; records gaps as missing.
+fn check_coverage(
+    ckpt: &Checkpoint,
+    rules: &Rules,
+    plan: &mut Plan,
+    rewrites: &[(String, String)],
+) -> Result<()> {
+    let mut by_dest: Vec<Vec<(u64, u64, usize)>> = vec![Vec::new(); plan.dests.len()];
+    for (k, op) in plan.ops.iter().enumerate() {
+        let size = plan.dests[op.dest as usize].dtype.size();
+        by_dest[op.dest as usize].push((op.dest_offset, op.dest_offset + op.out_elems() * size, k));
+    }
+    for (d, ranges) in by_dest.iter_mut().enumerate() {
+        ranges.sort_unstable();
+        let dest = &plan.dests[d];
+        let total = dest.nbytes();
+        let mut at = 0u64;
+        let mut prev: Option<usize> = None;
+        for &(s, e, k) in ranges.iter() {
+            if s < at {
+                let other = prev
+                    .map(|p| ckpt.entry(plan.ops[p].src).name.to_string())
+                    .unwrap_or_default();
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "tensors '{other}' and '{}' both write bytes [{s}, {at}) of '{}'",
+                        ckpt.entry(plan.ops[k].src).name,
+                        dest.name
+                    ),
+                });
+            }
+            if s > at {
+                plan.missing.push(Missing {
+                    dest: dest.name.clone(),
+                    start: at,
+                    end: s,
+                    expected: None,
+                });
+            }
+            at = e;
+            prev = Some(k);
+        }
+        if at > total {
+            return Err(Error::InvalidArgument {
+                reason: format!("writes past the end of '{}'", dest.name),
+            });
+        }
+        if at < total {
+            plan.missing.push(Missing {
+                dest: dest.name.clone(),
+                start: at,
+                end: total,
+                expected: None,
+            });
+        }
+    }
+    // Name the checkpoint tensor each gap is waiting for, where the rules can say.
+    for m in &mut plan.missing {
+        m.expected = expected_name(
+            rules,
+            plan.dests.iter().find(|d| d.name == m.dest),
+            m.start,
+            rewrites,
+        );
+    }
+    Ok(())
+}
+
+/// The checkpoint name that would have filled byte `start` of `dest`: inverts the expert,
+/// stacked and prefix rules.
+fn expected_name(
+    rules: &Rules,
+    dest: Option<&DestSpec>,
+    start: u64,
+    rewrites: &[(String, String)],
+) -> Option<String> {
+    let dest = dest?;
+    // Undo the rewrite whose target is the longest prefix of the name, preferring the
+    // rewrites this checkpoint used; a checkpoint that uses none is not prefixed at all.
+    let un_rewrite = |n: String| {
+        let longest = |set: &'_ [(String, String)]| {
+            set.iter()
+                .filter(|(_, to)| n.starts_with(to.as_str()))
+                .max_by_key(|(_, to)| to.len())
+                .cloned()
+        };
+        let best = longest(rewrites).or_else(|| {
+            if rewrites.is_empty() {
+                None
+            } else {
+                longest(&rules.rewrites)
+            }
+        });
+        match best {
+            Some((from, to)) => format!("{from}{}", &n[to.len()..]),
+            None => n,
+        }
+    };
+    // expert parameters: which expert block, which shard (halves for two shards)
+    for rule in rules.experts.values() {
+        let Some(at) = dest.name.find(rule.param_prefix.as_str()) else {
+            continue;
+        };
+        let block = dest.nbytes() / dest.shape.first().copied().unwrap_or(1).max(1);
+        let slot = (start / block.max(1)) as u32;
+        let shards = rules
+            .experts
+            .values()
+            .filter(|r| r.param_prefix == rule.param_prefix && r.expert == 0)
+            .count() as u64;
+        let order = ((start % block.max(1)) * shards.max(1) / block.max(1)) as u32;
+        let lo = rules.expert_range().map_or(0, |r| r.0);
+        let local_count = rules.expert_range().map_or(u32::MAX, |r| r.1 - r.0);
+        let global = if slot >= local_count {
+            rules.fused_shared_slot?
+        } else {
+            lo + slot
+        };
+        let r = rules.experts.iter().find(|(_, r)| {
+            r.param_prefix == rule.param_prefix && r.expert == global && r.order == order
+        })?;
+        let frag = r.0.as_str();
+        let name = format!(
+            "{}{}{}",
+            &dest.name[..at],
+            frag,
+            &dest.name[at + rule.param_prefix.len()..]
+        );
+        let name = if rules.fused_shared_slot == Some(global) {
+            name.replace(&format!("experts.{global}."), "shared_experts.")
+        } else {
+            name
+        };
+        return Some(un_rewrite(name));
+    }
+    for rule in &rules.stacked {
+        if let Some(at) = dest.name.find(rule.param.as_str()) {
+            let shards = rules
+                .stacked
+                .iter()
+                .filter(|r| r.param == rule.param)
+                .count() as u64;
+            let order = (start * shards / dest.nbytes().max(1)) as u32;
+            let r = rules
+                .stacked
+                .iter()
+                .find(|r| r.param == rule.param && r.order == order)?;
+            let name = format!(
+                "{}{}{}",
+                &dest.name[..at],
+                r.ckpt,
+                &dest.name[at + rule.param.len()..]
+            );
+            return Some(un_rewrite(name));
+        }
+    }
+    Some(un_rewrite(dest.name.clone()))
+}

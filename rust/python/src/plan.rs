@@ -1,0 +1,266 @@
+//! `plan()` and the `Plan` class: build a copy plan from rules given as plain data, then
+//! execute slices of it into destination buffers (GIL released).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use kimi_loader_core::exec::{execute_plan, DestBuf, ReadOptions};
+use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
+use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
+use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype, Error};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::checkpoint::Checkpoint;
+use crate::errors::{detached, to_pyerr};
+
+fn bad(py: Python<'_>, reason: String) -> PyErr {
+    to_pyerr(py, Error::InvalidArgument { reason })
+}
+
+fn split(py: Python<'_>, s: &str) -> PyResult<TpSplit> {
+    match s {
+        "replicated" => Ok(TpSplit::Replicated),
+        "column" => Ok(TpSplit::Column),
+        "row" => Ok(TpSplit::Row),
+        other => Err(bad(
+            py,
+            format!("unknown TP split '{other}' (replicated, column, row)"),
+        )),
+    }
+}
+
+fn get<'py, T: FromPyObjectOwned<'py>>(
+    d: &Bound<'py, PyDict>,
+    key: &str,
+    default: T,
+) -> PyResult<T> {
+    match d.get_item(key)? {
+        Some(v) if !v.is_none() => v.extract().map_err(Into::into),
+        _ => Ok(default),
+    }
+}
+
+type ExpertTuple = (String, String, u32, u32, String);
+type IgnoreTuple = (Option<String>, Option<String>, String);
+
+/// Reads the rules dict built by `kimi_loader.plan.rules_for` (see its docstring).
+fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
+    let experts: Vec<ExpertTuple> = get(d, "experts", vec![])?;
+    let mut expert_map = HashMap::with_capacity(experts.len());
+    for (param_prefix, frag, expert, order, s) in experts {
+        expert_map.insert(
+            frag,
+            ExpertRule {
+                param_prefix,
+                expert,
+                order,
+                split: split(py, &s)?,
+            },
+        );
+    }
+    let tp_rules: Vec<(String, String)> = get(d, "tp_rules", vec![])?;
+    let ignore: Vec<IgnoreTuple> = get(d, "ignore", vec![])?;
+    let stacked: Vec<(String, String, u32)> = get(d, "stacked", vec![])?;
+    Ok(Rules {
+        renames: get(d, "renames", HashMap::new())?,
+        rewrites: get(d, "rewrites", vec![])?,
+        ignore: ignore
+            .into_iter()
+            .map(|(prefix, contains, reason)| IgnoreRule {
+                prefix,
+                contains,
+                reason,
+            })
+            .collect(),
+        num_hidden_layers: get(d, "num_hidden_layers", None)?,
+        scale_remaps: get(d, "scale_remaps", vec![])?,
+        fused_shared_slot: get(d, "fused_shared_slot", None)?,
+        stacked: stacked
+            .into_iter()
+            .map(|(param, ckpt, order)| StackedRule { param, ckpt, order })
+            .collect(),
+        experts: expert_map,
+        tp_rules: tp_rules
+            .into_iter()
+            .map(|(f, s)| Ok((f, split(py, &s)?)))
+            .collect::<PyResult<_>>()?,
+        tp_rank: get(d, "tp_rank", 0)?,
+        tp_size: get(d, "tp_size", 1)?,
+        ep_rank: get(d, "ep_rank", 0)?,
+        ep_size: get(d, "ep_size", 1)?,
+        num_experts: get(d, "num_experts", None)?,
+    })
+}
+
+#[pyclass(frozen, module = "kimi_loader._core")]
+pub struct Plan {
+    ckpt: Arc<CoreCheckpoint>,
+    inner: Arc<CorePlan>,
+    threads: Option<usize>,
+}
+
+/// Builds a copy plan for `ckpt` into destinations `[(name, shape, dtype)]` (GIL released).
+#[pyfunction]
+#[pyo3(signature = (ckpt, rules, dests, fp8_block=(128, 128), threads=None))]
+pub fn plan(
+    py: Python<'_>,
+    ckpt: &Checkpoint,
+    rules: &Bound<'_, PyDict>,
+    dests: Vec<(String, Vec<u64>, String)>,
+    fp8_block: (u64, u64),
+    threads: Option<usize>,
+) -> PyResult<Plan> {
+    let rules = rules_from(py, rules)?;
+    let mut specs = Vec::with_capacity(dests.len());
+    for (name, shape, dtype) in dests {
+        let Some(dtype) = Dtype::parse(&dtype) else {
+            return Err(bad(py, format!("unknown dtype '{dtype}' for '{name}'")));
+        };
+        specs.push(DestSpec { name, shape, dtype });
+    }
+    let core = ckpt.core();
+    let c = core.clone();
+    let inner = detached(py, move || {
+        build_plan(&c, &rules, specs, PlanOptions { fp8_block })
+    })?;
+    Ok(Plan {
+        ckpt: core,
+        inner: Arc::new(inner),
+        threads,
+    })
+}
+
+#[pymethods]
+impl Plan {
+    fn __len__(&self) -> usize {
+        self.inner.ops.len()
+    }
+
+    #[getter]
+    fn used(&self) -> usize {
+        self.inner.used
+    }
+
+    #[getter]
+    fn other_rank(&self) -> usize {
+        self.inner.other_rank
+    }
+
+    #[getter]
+    fn bytes_read(&self) -> u64 {
+        self.inner.bytes_read
+    }
+
+    #[getter]
+    fn bytes_written(&self) -> u64 {
+        self.inner.bytes_written
+    }
+
+    /// `[(tensor, reason)]` skipped by declared rules.
+    fn ignored(&self) -> Vec<(String, String)> {
+        self.inner.ignored.clone()
+    }
+
+    /// `[(tensor, why)]` with no destination.
+    fn unused(&self) -> Vec<(String, String)> {
+        self.inner.unused.clone()
+    }
+
+    /// `[(destination, start_byte, end_byte, expected checkpoint tensor or None)]`.
+    fn missing(&self) -> Vec<(String, u64, u64, Option<String>)> {
+        self.inner
+            .missing
+            .iter()
+            .map(|m| (m.dest.clone(), m.start, m.end, m.expected.clone()))
+            .collect()
+    }
+
+    /// Destination names in plan order (the order `execute` expects buffers in).
+    fn dest_names(&self) -> Vec<String> {
+        self.inner.dests.iter().map(|d| d.name.clone()).collect()
+    }
+
+    /// Op counts by kind: copy, convert, dequant_int4, dequant_mxfp4, dequant_fp8.
+    fn op_counts(&self) -> HashMap<&'static str, usize> {
+        let mut m = HashMap::new();
+        for op in &self.inner.ops {
+            let k = match op.kind {
+                OpKind::Copy => "copy",
+                OpKind::Convert { .. } => "convert",
+                OpKind::DequantInt4 { .. } => "dequant_int4",
+                OpKind::DequantMxfp4 { .. } => "dequant_mxfp4",
+                OpKind::DequantFp8 { .. } => "dequant_fp8",
+            };
+            *m.entry(k).or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// `[(tensor, destination, byte offset, bytes written)]` of every op (for inspection).
+    fn ops(&self) -> Vec<(String, String, u64, u64)> {
+        self.inner
+            .ops
+            .iter()
+            .map(|op| {
+                let d = &self.inner.dests[op.dest as usize];
+                (
+                    self.ckpt.entry(op.src).name.to_string(),
+                    d.name.clone(),
+                    op.dest_offset,
+                    op.out_elems() * d.dtype.size(),
+                )
+            })
+            .collect()
+    }
+
+    /// Executes ops `[start, end)` into `addresses` (one per destination, in
+    /// `dest_names()` order), GIL released.
+    ///
+    /// The caller (the Python loader) guarantees each address is the start of a live,
+    /// contiguous CPU tensor of exactly that destination's size, not aliased by another
+    /// destination and not touched until this returns.
+    #[pyo3(signature = (addresses, start=0, end=None))]
+    fn execute(
+        &self,
+        py: Python<'_>,
+        addresses: Vec<usize>,
+        start: usize,
+        end: Option<usize>,
+    ) -> PyResult<()> {
+        let end = end.unwrap_or(self.inner.ops.len());
+        let bufs: Vec<DestBuf> = addresses
+            .iter()
+            .zip(&self.inner.dests)
+            .map(|(&a, d)| DestBuf {
+                ptr: a as *mut u8,
+                len: d.nbytes(),
+            })
+            .collect();
+        if bufs.len() != self.inner.dests.len() {
+            return Err(bad(
+                py,
+                format!(
+                    "{} addresses for {} destinations",
+                    addresses.len(),
+                    self.inner.dests.len()
+                ),
+            ));
+        }
+        let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
+        detached(py, move || {
+            let pool = threads::pool(threads)?;
+            // SAFETY: see the method's contract above; sizes are re-checked by execute_plan.
+            unsafe {
+                execute_plan(
+                    &ckpt,
+                    &plan,
+                    start..end,
+                    &bufs,
+                    &pool,
+                    ReadOptions::default(),
+                )
+            }
+        })
+    }
+}

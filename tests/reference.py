@@ -1,0 +1,73 @@
+"""An independent, deliberately plain Python reference for what each serving-layout
+parameter must hold: checkpoint tensors gathered by name, sliced per TP rank, stacked,
+in a few explicit lines per layout. The Rust planner is tested against it."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _slice(t: torch.Tensor, split: str, rank: int, tp: int) -> torch.Tensor:
+    if tp == 1 or t.dim() <= 1 or split == "replicated":
+        return t
+    dim = 0 if split == "column" else 1
+    n = t.shape[dim] // tp
+    return t.narrow(dim, rank * n, n)
+
+
+def _split_of(name: str) -> str:
+    for frag, split in (("q_b_proj.", "column"), ("q_proj.", "column"), ("kv_b_proj.", "column"),
+                        ("o_proj.", "row"), ("gate_up_proj.", "column"), ("down_proj.", "row"),
+                        ("embed_tokens.", "column"), ("lm_head.", "column")):
+        if frag in name:
+            return split
+    return "replicated"
+
+
+def expected_params(ck, model, *, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1) -> dict[str, torch.Tensor]:
+    """What every parameter / buffer of the serving-layout ``model`` must equal."""
+    target = getattr(model, "language_model", model)
+    pre = "language_model." if any(k.startswith("language_model.") for k in ck.keys()) else ""
+    cfg = target.config
+    e_total = cfg.get("n_routed_experts") or 0
+    lo, hi = ep_rank * e_total // ep_size, (ep_rank + 1) * e_total // ep_size
+    fused = target.num_fused_shared_experts
+
+    def get(name: str, split: str) -> torch.Tensor:
+        return _slice(ck.get_tensor(pre + name), split, tp_rank, tp_size)
+
+    out = {}
+    dests = dict(target.named_parameters())
+    for mod_name, mod in target.named_modules():
+        for b, buf in mod._buffers.items():
+            dests[f"{mod_name}.{b}"] = buf
+    for name, param in dests.items():
+        head, _, suffix = name.rpartition(".")
+        if ".experts.w13_" in name or ".experts.w2_" in name:
+            base, kind = name.split(".experts.")
+            w13 = kind.startswith("w13_")
+            suffix = kind[4:] if w13 else kind[3:]
+            blocks = []
+            for e in [*range(lo, hi), *(["shared"] if fused else [])]:
+                src = f"{base}.shared_experts." if e == "shared" else f"{base}.experts.{e}."
+                if w13:
+                    blocks.append(torch.cat([get(src + f"gate_proj.{suffix}", "column"),
+                                             get(src + f"up_proj.{suffix}", "column")]))
+                else:
+                    blocks.append(get(src + f"down_proj.{suffix}", "row"))
+            want = torch.stack(blocks)
+        elif ".fused_qkv_a_proj_with_mqa." in name:
+            base = head.replace("fused_qkv_a_proj_with_mqa", "")
+            want = torch.cat([get(base + f"q_a_proj.{suffix}", "replicated"),
+                              get(base + f"kv_a_proj_with_mqa.{suffix}", "replicated")])
+        elif ".gate_up_proj." in name:
+            base = head.replace("gate_up_proj", "")
+            want = torch.cat([get(base + f"gate_proj.{suffix}", "column"), get(base + f"up_proj.{suffix}", "column")])
+        else:
+            want = get(name, _split_of(name))
+        out[name] = want.to(param.dtype) if want.dtype != param.dtype else want
+    return out
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)

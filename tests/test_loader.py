@@ -1,0 +1,332 @@
+"""load_weights into the serving layouts: every rule, every format, TP/EP, fusion,
+wrappers, strict completeness."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from reference import as_bytes, expected_params
+from safetensors.torch import load_file, save_file
+
+import kimi_loader
+from conftest import QUANTS
+from kimi_loader import IncompleteLoadError, ShapeMismatchError, UnsupportedFormatError
+from kimi_loader.models import DeepseekV3ForCausalLM, KimiK25ForConditionalGeneration, for_config
+
+
+def _load(path, **kw):
+    ck = kimi_loader.open(path)
+    model = for_config(ck.config, **{k: v for k, v in kw.items() if k in ("tp_rank", "tp_size", "ep_rank",
+                                                                         "ep_size", "num_fused_shared_experts",
+                                                                         "dtype")})
+    report = kimi_loader.load_weights(model, ck, **{k: v for k, v in kw.items()
+                                                   if k in ("tp_rank", "tp_size", "ep_rank", "ep_size")})
+    return ck, model, report
+
+
+def _assert_matches_reference(ck, model, **ranks):
+    target = getattr(model, "language_model", model)
+    want = expected_params(ck, model, **ranks)
+    got = dict(target.named_parameters())
+    for mod_name, mod in target.named_modules():
+        for b, buf in mod._buffers.items():
+            got[f"{mod_name}.{b}"] = buf
+    assert set(want) == set(got)
+    for name, w in want.items():
+        assert got[name].shape == w.shape, name
+        assert torch.equal(as_bytes(got[name]), as_bytes(w)), name
+
+
+@pytest.mark.parametrize("preset", ["kimi-k2.5-tiny", "deepseek-v3-tiny"])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_serving_layout_every_format(synth_dir, preset, quant):
+    ck, model, report = _load(synth_dir(preset, quant))
+    _assert_matches_reference(ck, model)
+    assert report.unused == [] and report.missing == []
+    assert report.bytes_written == sum(p.numel() * p.element_size() for p in model.parameters()) + \
+        sum(b.numel() * b.element_size() for b in model.buffers())
+    if preset == "kimi-k2.5-tiny":
+        assert report.ignored == {"vision tower: the language model is loaded text-only": 4,
+                                  "multimodal projector: the language model is loaded text-only": 3}
+    else:
+        assert list(report.ignored) == ["layer 4 is beyond num_hidden_layers=4"]  # the MTP layer
+
+
+def test_float32_destination_converts_bf16(synth_dir):
+    ck, model, report = _load(synth_dir("deepseek-v3-tiny", "bf16"), dtype=torch.float32)
+    assert model.model.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
+    _assert_matches_reference(ck, model)
+    assert report.op_counts["convert"] > 0
+
+
+@pytest.mark.parametrize("quant", ["bf16", "ct-int4", "quark-mxfp4"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tensor_parallel_ranks_reassemble_to_the_full_load(synth_dir, quant, tp):
+    # int4 / MXFP4 groups of 32 must not straddle ranks: w2's input dim is 128 here
+    path = synth_dir("kimi-k2.5-tiny", quant, moe_intermediate_size=128)
+    ck, full, _ = _load(path)
+    ranks = [_load(path, tp_rank=r, tp_size=tp)[1] for r in range(tp)]
+    for r, m in enumerate(ranks):
+        _assert_matches_reference(ck, m, tp_rank=r, tp_size=tp)
+    fl, rl = full.language_model.model, [m.language_model.model for m in ranks]
+    cat = torch.cat
+    # column-parallel: q_b_proj, kv_b_proj, embed rows; row-parallel: o_proj columns
+    assert torch.equal(cat([m.layers[1].self_attn.q_b_proj.weight for m in rl]), fl.layers[1].self_attn.q_b_proj.weight)
+    assert torch.equal(cat([m.layers[0].self_attn.o_proj.weight for m in rl], 1), fl.layers[0].self_attn.o_proj.weight)
+    assert torch.equal(cat([m.embed_tokens.weight for m in rl]), fl.embed_tokens.weight)
+    # replicated: the fused qkv_a projection and norms
+    assert all(torch.equal(m.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight,
+                           fl.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight) for m in rl)
+    # MoE: w1/w3 split on the output dim (each half separately), w2 on the input dim
+    suffix = {"bf16": "weight", "ct-int4": "weight_packed", "quark-mxfp4": "weight"}[quant]
+    w13 = [getattr(m.layers[2].mlp.experts, f"w13_{suffix}") for m in rl]
+    half = w13[0].shape[1] // 2
+    full_w13 = getattr(fl.layers[2].mlp.experts, f"w13_{suffix}")
+    assert torch.equal(cat([cat([w[:, :half] for w in w13], 1), cat([w[:, half:] for w in w13], 1)], 1), full_w13)
+    w2 = [getattr(m.layers[2].mlp.experts, f"w2_{suffix}") for m in rl]
+    assert torch.equal(cat(w2, 2), getattr(fl.layers[2].mlp.experts, f"w2_{suffix}"))
+
+
+def test_a_split_that_would_cut_quantization_groups_is_refused(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")  # w2 input dim 32: one int4 group per row
+    ck = kimi_loader.open(path)
+    with pytest.raises(UnsupportedFormatError, match=r"down_proj\.weight_(packed|scale)'.*tp_size=2"):
+        kimi_loader.load_weights(for_config(ck.config, tp_rank=0, tp_size=2), ck, tp_rank=0, tp_size=2)
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_expert_parallel_ranks_hold_their_experts(synth_dir, ep):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    _, full, _ = _load(path)
+    ranks = []
+    for r in range(ep):
+        ck_r, m, report = _load(path, ep_rank=r, ep_size=ep)
+        _assert_matches_reference(ck_r, m, ep_rank=r, ep_size=ep)
+        # a rank reads only its experts: 2 MoE layers x 3 projections x 3 tensors per foreign expert
+        assert report.other_rank == 2 * 9 * (8 - 8 // ep)
+        ranks.append(m.language_model.model)
+    for name in ("w13_weight_packed", "w13_weight_scale", "w2_weight_packed", "w2_weight_scale"):
+        got = torch.cat([getattr(m.layers[1].mlp.experts, name) for m in ranks])
+        assert torch.equal(got, getattr(full.language_model.model.layers[1].mlp.experts, name)), name
+
+
+def test_tp_and_ep_together(synth_dir):
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    for tp_rank in range(2):
+        for ep_rank in range(2):
+            ck, m, _ = _load(path, tp_rank=tp_rank, tp_size=2, ep_rank=ep_rank, ep_size=2)
+            _assert_matches_reference(ck, m, tp_rank=tp_rank, tp_size=2, ep_rank=ep_rank, ep_size=2)
+
+
+def test_rank_reads_only_the_bytes_it_keeps(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    *_, full = _load(path)
+    *_, half = _load(path, ep_rank=0, ep_size=2)
+    assert half.bytes_read < full.bytes_read and half.bytes_read == half.bytes_written
+
+
+# -- shared-expert fusion: the regression that motivated the project --------------------
+def test_384_expert_compressed_tensors_checkpoint_is_not_fused_and_loads(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4", n_routed_experts=384, num_hidden_layers=2)
+    ck = kimi_loader.open(path)
+    count, reason = kimi_loader.determine_num_fused_shared_experts(ck.config, ck)
+    assert count == 0 and "compressed" in reason
+    ck, model, report = _load(path)
+    assert report.fused_shared_experts == 0 and report.fusion_reason == reason
+    _assert_matches_reference(ck, model)
+
+
+def test_forcing_fusion_on_a_bf16_shared_expert_fails_loudly(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4", n_routed_experts=384, num_hidden_layers=2)
+    ck = kimi_loader.open(path)
+    model = for_config(ck.config, num_fused_shared_experts=1)
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(UnsupportedFormatError) as ei:
+        kimi_loader.load_weights(model, ck)
+    msg = str(ei.value)
+    assert "language_model.model.layers.1.mlp.shared_experts.down_proj.weight" in msg
+    assert "weight_packed" in msg and ei.value.tensor.startswith("language_model.model.layers.1.mlp.shared_experts.")
+    assert all(torch.equal(as_bytes(a), as_bytes(b)) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_384_expert_quark_checkpoint_is_fused_into_slot_384(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "quark-mxfp4", n_routed_experts=384, num_hidden_layers=2)
+    ck = kimi_loader.open(path)
+    assert kimi_loader.determine_num_fused_shared_experts(ck.config, ck)[0] == 1
+    ck, model, report = _load(path)
+    assert report.fused_shared_experts == 1
+    experts = model.language_model.model.layers[1].mlp.experts
+    assert experts.w13_weight.shape[0] == 385 and not hasattr(model.language_model.model.layers[1].mlp,
+                                                              "shared_experts")
+    p = "language_model.model.layers.1.mlp.shared_experts."
+    for suffix in ("weight", "weight_scale"):
+        want13 = torch.cat([ck.get_tensor(p + f"gate_proj.{suffix}"), ck.get_tensor(p + f"up_proj.{suffix}")])
+        assert torch.equal(getattr(experts, f"w13_{suffix}")[384], want13)
+        assert torch.equal(getattr(experts, f"w2_{suffix}")[384], ck.get_tensor(p + f"down_proj.{suffix}"))
+    _assert_matches_reference(ck, model)
+    # under expert parallelism the fused shared expert is kept on every rank, after its experts
+    for r in range(2):
+        ck_r, m, _ = _load(path, ep_rank=r, ep_size=2)
+        e = m.language_model.model.layers[1].mlp.experts
+        assert e.w13_weight.shape[0] == 193 and torch.equal(e.w13_weight[192], experts.w13_weight[384])
+        _assert_matches_reference(ck_r, m, ep_rank=r, ep_size=2)
+
+
+def test_quark_checkpoint_with_bf16_shared_expert_is_not_fused(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "quark-mxfp4", n_routed_experts=384, num_hidden_layers=2,
+                     shared_expert_quant="bf16")
+    ck = kimi_loader.open(path)
+    count, reason = kimi_loader.determine_num_fused_shared_experts(ck.config, ck)
+    assert count == 0 and "shared expert is stored as" in reason
+    ck, model, _ = _load(path)
+    _assert_matches_reference(ck, model)
+
+
+def test_fusion_rule_table():
+    decide = kimi_loader.determine_num_fused_shared_experts
+    base = {"n_shared_experts": 1}
+    assert decide({**base, "n_routed_experts": 8})[0] == 0
+    assert decide({**base, "n_routed_experts": 256})[0] == 1
+    assert decide({"n_shared_experts": 2, "n_routed_experts": 256})[0] == 0
+    assert decide({**base, "n_routed_experts": 384})[0] == 0
+    quark = {"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp4"}}, "exclude": []}
+    assert decide({"text_config": {**base, "n_routed_experts": 384, "quantization_config": quark}})[0] == 1
+    quark_bf16_shared = {**quark, "exclude": ["re:.*shared_experts.*"]}
+    assert decide({"text_config": {**base, "n_routed_experts": 384,
+                                   "quantization_config": quark_bf16_shared}})[0] == 0
+
+
+# -- wrappers ----------------------------------------------------------------------------
+def test_wrapper_forwards_hooks_and_post_load(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    model = KimiK25ForConditionalGeneration(ck.config)
+    inner = model.language_model
+    assert model.stacked_params_mapping == inner.stacked_params_mapping
+    assert model.expert_params_mapping == inner.expert_params_mapping and len(inner.expert_params_mapping) == 24
+    kimi_loader.load_weights(model, ck)
+    assert inner.post_load_calls == [None]
+    _assert_matches_reference(ck, model)
+
+
+def test_a_wrapper_that_does_not_forward_its_hooks_fails_loudly(synth_dir):
+    """The public bug: a wrapper without forwarding lost the fused and expert mappings and
+    the load silently skipped them. Here it cannot be silent."""
+    class BrokenWrapper(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.language_model = DeepseekV3ForCausalLM(config["text_config"])
+
+        def weight_rules(self):
+            return self.language_model.weight_rules()
+
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    with pytest.raises(IncompleteLoadError) as ei:
+        kimi_loader.load_weights(BrokenWrapper(ck.config), ck)
+    assert ei.value.unused and ei.value.missing
+    assert "would not be written" in str(ei.value) and "would not be used" in str(ei.value)
+
+
+def test_mapping_defaults_when_the_inner_model_lacks_them():
+    class Inner(torch.nn.Module):
+        pass
+
+    class Wrapper(kimi_loader.hooks.ForwardsWeightHooks, torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.language_model = Inner()
+
+    w = Wrapper()
+    assert w.stacked_params_mapping == [] and w.expert_params_mapping == []
+    assert w.mutate_weight_preload("x") == "x" and w.custom_scale_remap("y") == "y"
+    w.post_load_weights()
+
+
+# -- strict completeness -----------------------------------------------------------------
+def _copy_without(src: str, dst, drop: str | None = None, add: dict | None = None,
+                  replace: dict | None = None) -> str:
+    shutil.copytree(src, dst)
+    index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
+    wm = index["weight_map"]
+    touched = {wm[n] for n in [drop, *(replace or {})] if n}
+    if add:
+        touched.add(next(iter(wm.values())))
+    for f in touched:
+        tensors = load_file(os.path.join(dst, f))
+        if drop in tensors:
+            del tensors[drop]
+            del wm[drop]
+        for k, v in (replace or {}).items():
+            if k in tensors:
+                tensors[k] = v
+        if add and f == next(iter(sorted(touched))):
+            tensors.update(add)
+            wm.update(dict.fromkeys(add, f))
+        save_file(tensors, os.path.join(dst, f), metadata={"format": "pt"})
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+    return os.fspath(dst)
+
+
+@pytest.mark.parametrize("drop", [
+    "language_model.model.layers.1.mlp.experts.3.up_proj.weight_packed",
+    "language_model.model.layers.2.mlp.experts.0.gate_proj.weight_scale",
+    "language_model.model.layers.0.mlp.gate_proj.weight",
+    "language_model.model.layers.1.self_attn.kv_b_proj.weight",
+    "language_model.model.layers.2.mlp.gate.e_score_correction_bias",
+    "language_model.lm_head.weight",
+])
+def test_removing_any_tensor_fails_naming_it(synth_dir, tmp_path, drop):
+    path = _copy_without(synth_dir("kimi-k2.5-tiny", "ct-int4"), tmp_path / "ck", drop=drop)
+    ck = kimi_loader.open(path)
+    model = for_config(ck.config)
+    sentinel = [p.data.fill_(0) if p.is_floating_point() else p.data.zero_() for p in model.parameters()]
+    with pytest.raises(IncompleteLoadError) as ei:
+        kimi_loader.load_weights(model, ck)
+    assert f"'{drop}'" in str(ei.value), str(ei.value)
+    assert all(not p.any() for p in sentinel)  # untouched: nothing was copied
+    report = kimi_loader.load_weights(model, ck, strict=False)
+    assert report.missing and report.missing[0][3] == drop
+
+
+def test_an_extra_unknown_tensor_fails_naming_it(synth_dir, tmp_path):
+    extra = "language_model.model.layers.1.mlp.mystery.weight"
+    path = _copy_without(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck", add={extra: torch.zeros(2)})
+    with pytest.raises(IncompleteLoadError, match=extra.replace(".", r"\.")) as ei:
+        _load(path)
+    assert ei.value.unused[0][0] == extra
+
+
+def test_a_shape_mismatch_names_both_shapes(synth_dir, tmp_path):
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    path = _copy_without(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck",
+                         replace={name: torch.zeros(64, 60, dtype=torch.bfloat16)})
+    ck = kimi_loader.open(path)
+    model = for_config(ck.config)
+    with pytest.raises(ShapeMismatchError) as ei:
+        kimi_loader.load_weights(model, ck)
+    msg = str(ei.value)
+    assert name in msg and "[64, 60]" in msg and "[64, 64]" in msg
+
+
+def test_progress_callback_and_bar(synth_dir, capsys):
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    seen = []
+    ck = kimi_loader.open(path)
+    report = kimi_loader.load_weights(for_config(ck.config), ck, progress=lambda d, t: seen.append((d, t)))
+    assert seen and seen[-1] == (report.bytes_written, report.bytes_written)
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
+    kimi_loader.load_weights(for_config(ck.config), ck, progress=True)
+    assert "loading [" in capsys.readouterr().err
+    assert set(report.seconds) == {"open", "plan", "copy", "post_load", "total"}
+
+
+def test_meta_destinations_are_rejected(synth_dir):
+    ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="meta"):
+        kimi_loader.load_weights(for_config(ck.config, device="meta"), ck)
