@@ -57,3 +57,15 @@ def test_synth_command(tmp_path, capsys):
     assert main(["inspect", os.fspath(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["quant_format"], s["shards"], s["layers"]["config"]) == ("fp8-block", 3, 3)
+
+
+def test_plan_command(synth_dir, capsys):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4", n_routed_experts=384, num_hidden_layers=2)
+    assert main(["plan", path, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["missing"] == 0 and s["unused"] == 0 and s["problems"] == ""
+    assert s["fused_shared_experts"] == 0 and "compressed-tensors" in s["fusion_reason"]
+    assert s["tensors_used"] + sum(s["tensors_ignored"].values()) == len(__import__("kimi_loader").open(path))
+    assert main(["plan", path, "--ep-rank", "1", "--ep-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "tensors_on_other_ranks  " in out and "every destination byte is written exactly once" in out
