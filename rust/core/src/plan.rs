@@ -8,7 +8,8 @@
 //! rows of its block, and a TP slice is the rank's whole local block. So completeness is
 //! a tiling check of byte intervals per destination.
 
-use std::collections::HashMap;
+/// Hash maps keyed by names and small tuples, hashed with foldhash.
+type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::checkpoint::{Checkpoint, TensorId};
 use crate::convert::is_float;
@@ -203,21 +204,33 @@ pub fn build_plan(
     rules: &Rules,
     dests: Vec<DestSpec>,
     opts: PlanOptions,
+    pool: &rayon::ThreadPool,
 ) -> Result<Plan> {
-    let index: HashMap<&str, u32> = dests
+    use rayon::prelude::*;
+    let index: FastMap<&str, u32> = dests
         .iter()
         .enumerate()
         .map(|(i, d)| (d.name.as_str(), i as u32))
         .collect();
     let mut plan = Plan::default();
-    let mut pieces: Vec<Piece> = Vec::new();
-    let mut groups: HashMap<(u32, Option<u32>, u32), Group> = HashMap::new();
+    let mut pieces: Vec<Piece> = Vec::with_capacity(ckpt.len());
+    let mut groups: FastMap<(u32, Option<u32>, u32), Group> = FastMap::default();
     // prefix rewrites this checkpoint actually uses (to name missing tensors its way)
-    let mut rewrites_used: Vec<(String, String)> = Vec::new();
+    let mut rewrite_used = vec![false; rules.rewrites.len()];
+    // each destination's TP split, looked up once
+    let dest_split: Vec<TpSplit> = dests.iter().map(|d| rules.split_of(&d.name)).collect();
 
-    for (id, e) in ckpt.iter() {
+    // Resolving names is independent per tensor: do it in parallel, then assemble.
+    let tensors: Vec<_> = ckpt.iter().collect();
+    let resolved: Vec<Resolved> = pool.install(|| {
+        tensors
+            .par_iter()
+            .map(|(_, e)| rules.resolve(&e.name))
+            .collect()
+    });
+    for ((id, e), resolved) in tensors.into_iter().zip(resolved) {
         let name = &*e.name;
-        let (param, expert, order, split) = match rules.resolve(name) {
+        let (param, expert, order, split) = match resolved {
             Resolved::Ignored(reason) => {
                 plan.ignored.push((name.to_owned(), reason));
                 continue;
@@ -234,14 +247,12 @@ pub fn build_plan(
                 ..
             } => (param, expert, order, split),
         };
-        if let Some(rw) = rules
+        if let Some(k) = rules
             .rewrites
             .iter()
-            .find(|(f, _)| name.starts_with(f.as_str()))
+            .position(|(f, _)| name.starts_with(f.as_str()))
         {
-            if !rewrites_used.contains(rw) {
-                rewrites_used.push(rw.clone());
-            }
+            rewrite_used[k] = true;
         }
         let direct = index.get(param.as_str()).copied();
         let dequant_target = |logical: &str| {
@@ -317,7 +328,7 @@ pub fn build_plan(
             dest: d,
             expert,
             order,
-            split: split.unwrap_or_else(|| rules.split_of(&dest.name)),
+            split: split.unwrap_or(dest_split[d as usize]),
         });
     }
 
@@ -430,12 +441,12 @@ pub fn build_plan(
             dest: d,
             expert,
             order,
-            split: g.split.unwrap_or_else(|| rules.split_of(&dest.name)),
+            split: g.split.unwrap_or(dest_split[d as usize]),
         });
     }
 
     // Stacked and expert shards: group by (destination, expert block), place in order.
-    pieces.sort_by_key(|p| (p.dest, p.expert, p.order));
+    pieces.sort_unstable_by_key(|p| (p.dest, p.expert, p.order, p.src.shard, p.src.index));
     let tp = rules.tp_size.max(1) as u64;
     let rank = rules.tp_rank as u64;
     let mut i = 0;
@@ -566,6 +577,13 @@ pub fn build_plan(
         i = j;
     }
     plan.dests = dests;
+    let rewrites_used: Vec<(String, String)> = rules
+        .rewrites
+        .iter()
+        .zip(&rewrite_used)
+        .filter(|(_, used)| **used)
+        .map(|(rw, _)| rw.clone())
+        .collect();
     check_coverage(ckpt, rules, &mut plan, &rewrites_used)?;
     Ok(plan)
 }

@@ -122,7 +122,8 @@ pub fn plan(
     let core = ckpt.core();
     let c = core.clone();
     let inner = detached(py, move || {
-        build_plan(&c, &rules, specs, PlanOptions { fp8_block })
+        let pool = threads::pool(threads)?;
+        build_plan(&c, &rules, specs, PlanOptions { fp8_block }, &pool)
     })?;
     Ok(Plan {
         ckpt: core,
