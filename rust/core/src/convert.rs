@@ -48,20 +48,80 @@ fn write_f32(dst: &mut [u8], i: usize, d: Dtype, v: f32) {
 #[inline]
 fn round_to(v: f32, d: Dtype) -> f32 {
     match d {
-        Dtype::BF16 => bf16::from_f32(v).to_f32(),
+        Dtype::BF16 => f32::from_bits((bf16_bits(v) as u32) << 16),
         Dtype::F16 => f16::from_f32(v).to_f32(),
         _ => v,
     }
 }
 
+/// Writes `vals` (already rounded as the reference rounds them) into `out` as `to`.
+#[inline]
+fn store(out: &mut [u8], to: Dtype, vals: impl Iterator<Item = f32>) {
+    match to {
+        Dtype::BF16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(vals) {
+                o.copy_from_slice(&bf16_bits(v).to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (o, v) in out.chunks_exact_mut(2).zip(vals) {
+                o.copy_from_slice(&f16::from_f32(v).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::F32 => {
+            for (o, v) in out.chunks_exact_mut(4).zip(vals) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Dtype::F64 => {
+            for (o, v) in out.chunks_exact_mut(8).zip(vals) {
+                o.copy_from_slice(&(v as f64).to_le_bytes());
+            }
+        }
+        _ => unreachable!("not a float destination: {to}"),
+    }
+}
+
 /// Converts `n` floats from `src` (dtype `from`) into `dst` (dtype `to`).
 pub fn convert(src: &[u8], from: Dtype, dst: &mut [u8], to: Dtype, n: usize) {
-    if from == Dtype::F64 && to == Dtype::F64 {
-        dst[..8 * n].copy_from_slice(&src[..8 * n]);
-        return;
-    }
-    for i in 0..n {
-        write_f32(dst, i, to, read_f32(src, i, from));
+    match (from, to) {
+        (a, b) if a == b => {
+            dst[..n * a.size() as usize].copy_from_slice(&src[..n * a.size() as usize])
+        }
+        (Dtype::BF16, Dtype::F32) => {
+            // exact: bf16 is the top half of an f32
+            for (o, i) in dst.chunks_exact_mut(4).zip(src.chunks_exact(2)).take(n) {
+                o.copy_from_slice(
+                    &(((u16::from_le_bytes([i[0], i[1]]) as u32) << 16).to_le_bytes()),
+                );
+            }
+        }
+        (Dtype::F32, _) => store(
+            dst,
+            to,
+            src.chunks_exact(4)
+                .take(n)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        ),
+        (Dtype::BF16, _) => store(
+            dst,
+            to,
+            src.chunks_exact(2)
+                .take(n)
+                .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+        ),
+        (Dtype::F16, _) => store(
+            dst,
+            to,
+            src.chunks_exact(2)
+                .take(n)
+                .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()),
+        ),
+        _ => {
+            for i in 0..n {
+                write_f32(dst, i, to, read_f32(src, i, from));
+            }
+        }
     }
 }
 
@@ -80,12 +140,85 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     }
 }
 
+/// All 256 float8_e4m3fn values as f32.
+fn e4m3_table() -> &'static [f32; 256] {
+    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| std::array::from_fn(|b| e4m3_to_f32(b as u8)))
+}
+
 const E2M1: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
 ];
 
-/// `n` logical columns of ct-int4: `packed` holds their nibbles (little-endian i32 words,
-/// starting at a group boundary), `scale` their group scales.
+/// f32 -> bf16 bits, round to nearest even; NaN becomes the canonical 0x7FC0 (as torch).
+#[inline(always)]
+pub fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if b & 0x7fff_ffff > 0x7f80_0000 {
+        return 0x7fc0;
+    }
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// Rounds `v` to `d`'s precision and back (identity for f32).
+#[inline(always)]
+fn round_to_fast(v: f32, d: Dtype) -> f32 {
+    match d {
+        Dtype::BF16 => f32::from_bits((bf16_bits(v) as u32) << 16),
+        _ => round_to(v, d),
+    }
+}
+
+/// Expands 4-bit codes (two per byte, the even element in the low nibble) through a
+/// 16-entry table of already-rounded outputs, one group of `group` codes at a time;
+/// `fill(g, &mut table)` writes group `g`'s table.
+#[inline(always)]
+fn expand_nibbles(
+    codes: &[u8],
+    group: usize,
+    n: usize,
+    out: &mut [u8],
+    to: Dtype,
+    fill: impl Fn(usize, &mut [f32; 16]),
+) {
+    let es = to.size() as usize;
+    let mut lut = [0f32; 16];
+    let mut bits = [0u32; 16];
+    for (g, (src, dst)) in codes[..n / 2]
+        .chunks(group / 2)
+        .zip(out.chunks_mut(group * es))
+        .enumerate()
+    {
+        fill(g, &mut lut);
+        match to {
+            Dtype::BF16 => {
+                for k in 0..16 {
+                    bits[k] = bf16_bits(lut[k]) as u32;
+                }
+                for (o, &b) in dst.chunks_exact_mut(4).zip(src) {
+                    let pair = bits[(b & 0xF) as usize] | (bits[(b >> 4) as usize] << 16);
+                    o.copy_from_slice(&pair.to_le_bytes());
+                }
+            }
+            Dtype::F32 => {
+                for (o, &b) in dst.chunks_exact_mut(8).zip(src) {
+                    o[..4].copy_from_slice(&lut[(b & 0xF) as usize].to_le_bytes());
+                    o[4..].copy_from_slice(&lut[(b >> 4) as usize].to_le_bytes());
+                }
+            }
+            _ => store(
+                dst,
+                to,
+                src.iter()
+                    .flat_map(|&b| [lut[(b & 0xF) as usize], lut[(b >> 4) as usize]]),
+            ),
+        }
+    }
+}
+
+/// `n` logical columns of ct-int4 (`n` a multiple of `group`): `packed` holds their
+/// nibbles (little-endian i32 words, starting at a group boundary), `scale` their group
+/// scales. Each output is `(nibble - 8) * scale` rounded in the scale's dtype, then cast.
 pub fn dequant_int4_row(
     packed: &[u8],
     scale: &[u8],
@@ -95,17 +228,17 @@ pub fn dequant_int4_row(
     out: &mut [u8],
     to: Dtype,
 ) {
-    for c in 0..n {
-        let byte = packed[c / 2];
-        let nib = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
-        let q = nib as f32 - 8.0;
-        let s = read_f32(scale, c / group, scale_dtype);
-        write_f32(out, c, to, round_to(q * s, scale_dtype));
-    }
+    expand_nibbles(packed, group, n, out, to, |g, lut| {
+        let s = read_f32(scale, g, scale_dtype);
+        for (k, slot) in lut.iter_mut().enumerate() {
+            *slot = round_to_fast((k as f32 - 8.0) * s, scale_dtype);
+        }
+    });
 }
 
-/// `n` columns of Quark MXFP4: `codes` holds two E2M1 codes per byte (the even element in
-/// the low nibble), starting at a group boundary; `scale` their e8m0 exponents.
+/// `n` columns of Quark MXFP4 (`n` a multiple of `group`): `codes` holds two E2M1 codes
+/// per byte (the even element in the low nibble), starting at a group boundary; `scale`
+/// their e8m0 exponents (255 is NaN).
 pub fn dequant_mxfp4_row(
     codes: &[u8],
     scale: &[u8],
@@ -114,17 +247,17 @@ pub fn dequant_mxfp4_row(
     out: &mut [u8],
     to: Dtype,
 ) {
-    for c in 0..n {
-        let byte = codes[c / 2];
-        let code = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
-        let e = scale[c / group];
+    expand_nibbles(codes, group, n, out, to, |g, lut| {
+        let e = scale[g];
         let s = if e == 255 {
             f32::NAN
         } else {
             2f32.powi(e as i32 - 127)
         };
-        write_f32(out, c, to, E2M1[code as usize] * s);
-    }
+        for (slot, v) in lut.iter_mut().zip(E2M1) {
+            *slot = v * s;
+        }
+    });
 }
 
 /// `n` columns of FP8 block: `w` holds the fp8 values (starting at a block boundary),
@@ -138,9 +271,15 @@ pub fn dequant_fp8_row(
     out: &mut [u8],
     to: Dtype,
 ) {
-    for (c, &byte) in w[..n].iter().enumerate() {
-        let s = read_f32(scale, c / block_cols, scale_dtype);
-        write_f32(out, c, to, e4m3_to_f32(byte) * s);
+    let table = e4m3_table();
+    let es = to.size() as usize;
+    for (b, (src, dst)) in w[..n]
+        .chunks(block_cols)
+        .zip(out.chunks_mut(block_cols * es))
+        .enumerate()
+    {
+        let s = read_f32(scale, b, scale_dtype);
+        store(dst, to, src.iter().map(|&x| table[x as usize] * s));
     }
 }
 
@@ -166,6 +305,78 @@ mod tests {
         assert_eq!(u16::from_le_bytes(out), 0x3F80);
         write_f32(&mut out, 0, Dtype::BF16, 1.0 + 3.0 * 2f32.powi(-8));
         assert_eq!(u16::from_le_bytes(out), 0x3F82);
+    }
+
+    #[test]
+    fn fast_paths_match_the_element_formulas() {
+        // every nibble, several scales and destinations, against the one-element formula
+        let packed: Vec<u8> = (0..=255u8).collect();
+        let scales: Vec<u8> = [0.0123f32, -3.5, 1e-3, 7.0e3, 0.5, 2.0, 1.1, 9.9]
+            .iter()
+            .flat_map(|&s| bf16::from_f32(s).to_bits().to_le_bytes())
+            .collect();
+        for to in [Dtype::BF16, Dtype::F32, Dtype::F16] {
+            let n = 512;
+            let mut out = vec![0u8; n * to.size() as usize];
+            dequant_int4_row(&packed, &scales, Dtype::BF16, 64, n, &mut out, to);
+            for c in 0..n {
+                let byte = packed[c / 2];
+                let nib = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                let want = round_to(
+                    (nib as f32 - 8.0) * read_f32(&scales, c / 64, Dtype::BF16),
+                    Dtype::BF16,
+                );
+                let mut one = vec![0u8; to.size() as usize];
+                write_f32(&mut one, 0, to, want);
+                assert_eq!(
+                    &out[c * one.len()..(c + 1) * one.len()],
+                    &one[..],
+                    "int4 {to} col {c}"
+                );
+            }
+            let e8: Vec<u8> = vec![127, 120, 130, 255, 0, 1, 200, 126];
+            dequant_mxfp4_row(&packed, &e8, 64, n, &mut out, to);
+            for c in 0..n {
+                let byte = packed[c / 2];
+                let code = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                let e = e8[c / 64];
+                let s = if e == 255 {
+                    f32::NAN
+                } else {
+                    2f32.powi(e as i32 - 127)
+                };
+                let mut one = vec![0u8; to.size() as usize];
+                write_f32(&mut one, 0, to, E2M1[code as usize] * s);
+                let got = &out[c * one.len()..(c + 1) * one.len()];
+                let nan = e == 255;
+                assert!(nan || got == &one[..], "mxfp4 {to} col {c}");
+            }
+            let f32s: Vec<u8> = [0.5f32, 3.0].iter().flat_map(|s| s.to_le_bytes()).collect();
+            dequant_fp8_row(&packed, &f32s, Dtype::F32, 128, 256, &mut out, to);
+            for c in 0..256 {
+                let mut one = vec![0u8; to.size() as usize];
+                write_f32(
+                    &mut one,
+                    0,
+                    to,
+                    e4m3_to_f32(c as u8) * [0.5f32, 3.0][c / 128],
+                );
+                let got = &out[c * one.len()..(c + 1) * one.len()];
+                assert!(
+                    e4m3_to_f32(c as u8).is_nan() || got == &one[..],
+                    "fp8 {to} col {c}"
+                );
+            }
+        }
+        // conversions
+        let src: Vec<u8> = (0..=255u8).flat_map(|b| [b, b ^ 0x5A]).collect();
+        let mut a = vec![0u8; 256 * 4];
+        convert(&src, Dtype::BF16, &mut a, Dtype::F32, 256);
+        for i in 0..256 {
+            let mut one = [0u8; 4];
+            write_f32(&mut one, 0, Dtype::F32, read_f32(&src, i, Dtype::BF16));
+            assert!(a[i * 4..i * 4 + 4] == one || read_f32(&src, i, Dtype::BF16).is_nan());
+        }
     }
 
     #[test]

@@ -207,6 +207,11 @@ pub fn build_plan(
     pool: &rayon::ThreadPool,
 ) -> Result<Plan> {
     use rayon::prelude::*;
+    if opts.fp8_block.0 == 0 || opts.fp8_block.1 == 0 {
+        return Err(Error::InvalidArgument {
+            reason: format!("fp8 block size {:?} must be positive", opts.fp8_block),
+        });
+    }
     let index: FastMap<&str, u32> = dests
         .iter()
         .enumerate()
@@ -360,7 +365,7 @@ pub fn build_plan(
         let (kind, cols) = match de.dtype {
             Dtype::I32 => {
                 let cols = c * 8;
-                if sr != r || sc == 0 || cols % sc != 0 {
+                if sr != r || sc == 0 || cols % sc != 0 || (cols / sc) % 2 != 0 {
                     return Err(shape_err(
                         ckpt,
                         scale,
@@ -381,7 +386,12 @@ pub fn build_plan(
             }
             Dtype::U8 => {
                 let cols = c * 2;
-                if se.dtype != Dtype::U8 || sr != r || sc == 0 || cols % sc != 0 {
+                if se.dtype != Dtype::U8
+                    || sr != r
+                    || sc == 0
+                    || cols % sc != 0
+                    || (cols / sc) % 2 != 0
+                {
                     return Err(shape_err(
                         ckpt,
                         scale,
