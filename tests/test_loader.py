@@ -330,3 +330,41 @@ def test_meta_destinations_are_rejected(synth_dir):
     ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
     with pytest.raises(kimi_loader.InvalidArgumentError, match="meta"):
         kimi_loader.load_weights(for_config(ck.config, device="meta"), ck)
+
+
+@pytest.mark.parametrize("staging_bytes", [4096, 64 << 10, 1 << 30])
+def test_staged_path_gives_the_same_weights(synth_dir, staging_bytes):
+    """The pipeline used for CUDA destinations (batches of destinations through two staging
+    arenas; destinations larger than an arena get their own buffer), exercised on CPU."""
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    direct, staged = for_config(ck.config), for_config(ck.config)
+    kimi_loader.load_weights(direct, ck)
+    seen = []
+    kimi_loader.load_weights(staged, ck, staging_bytes=staging_bytes, progress=lambda d, t: seen.append(d))
+    for (n, a), (_, b) in zip(direct.named_parameters(), staged.named_parameters(), strict=True):
+        assert torch.equal(as_bytes(a), as_bytes(b)), n
+    assert seen[-1] == sum(p.numel() * p.element_size() for p in staged.parameters()) + \
+        sum(b.numel() * b.element_size() for b in staged.buffers())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_destinations(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    cpu, gpu = for_config(ck.config), for_config(ck.config, device="cuda")
+    kimi_loader.load_weights(cpu, ck)
+    kimi_loader.load_weights(gpu, ck, staging_bytes=64 << 10)
+    for (n, a), (_, b) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        assert torch.equal(as_bytes(a), as_bytes(b.cpu())), n
+
+
+def test_execute_refuses_ops_without_a_buffer(synth_dir):
+    from kimi_loader.loader import plan_for
+
+    ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
+    plan, _ = plan_for(for_config(ck.config), ck)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="no buffer given"):
+        plan.execute({}, 0, 1)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="addresses for"):
+        plan.execute([0], 0, 1)

@@ -155,10 +155,6 @@ def _dest_list(dests: dict[str, torch.Tensor], *, need_memory: bool) -> list[tup
                 raise InvalidArgumentError(
                     f"destination '{name}' is on the meta device: materialize the model first "
                     "(e.g. model.to_empty(device='cpu'))", tensor=name)
-            if t.device.type != "cpu":
-                raise UnsupportedFormatError(
-                    f"destination '{name}' is on {t.device}: this version loads into CPU tensors only",
-                    tensor=name)
             if not t.is_contiguous():
                 raise InvalidArgumentError(f"destination '{name}' is not contiguous", tensor=name)
         out.append((name, list(t.shape), _ST_DTYPES[t.dtype]))
@@ -198,6 +194,81 @@ def _format_problems(plan) -> str:
     return ". ".join(parts)
 
 
+DEFAULT_STAGING_BYTES = 256 << 20
+
+
+def _execute_direct(plan, tensors: list[torch.Tensor], callback) -> None:
+    """CPU destinations: the plan writes straight into them."""
+    addresses = [t.data_ptr() for t in tensors]
+    total, n_ops = plan.bytes_written, len(plan)
+    batches = min(n_ops, 64) if callback else 1
+    done = 0
+    for b in range(batches):
+        end = n_ops * (b + 1) // max(batches, 1)
+        plan.execute(addresses, done, end)
+        done = end
+        if callback:
+            callback(total * end // max(n_ops, 1), total)
+
+
+def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) -> None:
+    """Destinations that are not plain CPU memory (CUDA): the plan writes a batch of
+    destinations into one of two staging arenas (pinned when CUDA is available) while the
+    previous arena's host-to-device copies run on a side stream. A destination larger
+    than the arena gets a staging buffer of its own."""
+    op_dests = plan.op_dests()
+    nbytes = [t.numel() * t.element_size() for t in tensors]
+    # runs of destinations in op order, each run within the budget
+    batches: list[tuple[list[int], int, int]] = []
+    k = 0
+    while k < len(op_dests):
+        start, dests, size = k, [], 0
+        while k < len(op_dests):
+            d = op_dests[k]
+            if d not in dests:
+                if dests and size + nbytes[d] > budget:
+                    break
+                dests.append(d)
+                size += nbytes[d]
+            k += 1
+        batches.append((dests, start, k))
+    cuda = any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_available()
+    stream = torch.cuda.Stream(device=next(t.device for t in tensors if t.device.type == "cuda")) if cuda else None
+    arenas = [torch.empty(budget, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+    in_flight: list[Any] = [None, None]  # (event, buffer kept alive) per arena
+    total, written = plan.bytes_written, 0
+    for i, (dests, start, end) in enumerate(batches):
+        slot = i % 2
+        if in_flight[slot] is not None:
+            in_flight[slot][0].synchronize()  # the arena's previous copies are done
+            in_flight[slot] = None
+        size = sum(nbytes[d] for d in dests)
+        arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+        views, addresses, off = [], {}, 0
+        for d in dests:
+            v = arena[off:off + nbytes[d]]
+            views.append((d, v))
+            addresses[d] = v.data_ptr()
+            off += nbytes[d]
+        plan.execute(addresses, start, end)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(stream.device))
+            with torch.cuda.stream(stream):
+                for d, v in views:
+                    tensors[d].view(-1).view(torch.uint8).copy_(v, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(stream)
+            in_flight[slot] = (event, arena)
+        else:
+            for d, v in views:
+                tensors[d].view(-1).view(torch.uint8).copy_(v)
+        written += size
+        if callback:
+            callback(min(written, total), total)
+    if stream is not None:
+        stream.synchronize()
+
+
 def _progress_bar(done: int, total: int) -> None:
     width = 40
     frac = done / total if total else 1.0
@@ -211,7 +282,7 @@ def _progress_bar(done: int, total: int) -> None:
 def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *, tp_rank: int = 0,
                  tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1, strict: bool = True,
                  progress: Callable[[int, int], None] | bool | None = None,
-                 threads: int | None = None) -> LoadReport:
+                 threads: int | None = None, staging_bytes: int | None = None) -> LoadReport:
     """Loads a checkpoint into ``model`` (the outermost model; a wrapper forwards its weight
     hooks to its inner model).
 
@@ -220,6 +291,11 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     rule uses or declares ignored, raises :class:`IncompleteLoadError` naming them and the
     model is left untouched. ``progress`` is a callback ``(bytes_done, bytes_total)`` or
     ``True`` for a bar on stderr. Afterwards ``model.post_load_weights()`` runs.
+
+    CPU destinations are written directly. Others (CUDA) are staged through two pinned
+    buffers of ``staging_bytes`` (default 256 MiB) with asynchronous host-to-device copies
+    overlapping the next batch; passing ``staging_bytes`` for CPU destinations forces the
+    staged path.
     """
     t0 = time.perf_counter()
     ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
@@ -236,20 +312,12 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
         err.tensor = first
         raise err
 
-    names = plan.dest_names()
-    tensors = [dests[n] for n in names]
-    addresses = [t.data_ptr() for t in tensors]
-    total = plan.bytes_written
+    tensors = [dests[n] for n in plan.dest_names()]
     callback = _progress_bar if progress is True else (progress or None)
-    n_ops = len(plan)
-    batches = min(n_ops, 64) if callback else 1
-    done_ops = 0
-    for b in range(batches):
-        end = n_ops * (b + 1) // max(batches, 1)
-        plan.execute(addresses, done_ops, end)
-        done_ops = end
-        if callback:
-            callback(total * end // max(n_ops, 1), total)
+    if staging_bytes is None and all(t.device.type == "cpu" for t in tensors):
+        _execute_direct(plan, tensors, callback)
+    else:
+        _execute_staged(plan, tensors, callback, staging_bytes or DEFAULT_STAGING_BYTES)
     t_copy = time.perf_counter()
     from .models.hf import wrap_if_transformers
 

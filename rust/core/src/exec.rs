@@ -368,40 +368,43 @@ fn run_rows(
     }
 }
 
-/// Executes `plan.ops[range]` into `dests` (one buffer per `plan.dests` entry), in
-/// parallel on `pool`. Large ops are cut into row blocks of about `chunk` output bytes.
+/// Executes `plan.ops[range]` into `dests` (indexed like `plan.dests`; only the
+/// destinations the ops in `range` write need a buffer), in parallel on `pool`. Large ops
+/// are cut into row blocks of about `chunk` output bytes.
 ///
 /// # Safety
-/// Each `dests[i]` must point to `plan.dests[i].nbytes()` writable bytes that stay valid,
-/// are not aliased by another entry, and are not accessed by anyone else until this
+/// Each given `dests[i]` must point to `plan.dests[i].nbytes()` writable bytes that stay
+/// valid, are not aliased by another entry, and are not accessed by anyone else until this
 /// returns.
 pub unsafe fn execute_plan(
     ckpt: &Checkpoint,
     plan: &Plan,
     range: std::ops::Range<usize>,
-    dests: &[DestBuf],
+    dests: &[Option<DestBuf>],
     pool: &ThreadPool,
     opts: ReadOptions,
 ) -> Result<()> {
     if dests.len() != plan.dests.len() {
         return Err(Error::InvalidArgument {
             reason: format!(
-                "{} destination buffers for {} destinations",
+                "{} destination slots for {} destinations",
                 dests.len(),
                 plan.dests.len()
             ),
         });
     }
     for (d, spec) in dests.iter().zip(&plan.dests) {
-        if d.len != spec.nbytes() || (d.ptr.is_null() && d.len > 0) {
-            return Err(Error::InvalidArgument {
-                reason: format!(
-                    "buffer for '{}' has {} bytes, expected {}",
-                    spec.name,
-                    d.len,
-                    spec.nbytes()
-                ),
-            });
+        if let Some(d) = d {
+            if d.len != spec.nbytes() || (d.ptr.is_null() && d.len > 0) {
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "buffer for '{}' has {} bytes, expected {}",
+                        spec.name,
+                        d.len,
+                        spec.nbytes()
+                    ),
+                });
+            }
         }
     }
     let ops = plan
@@ -410,8 +413,20 @@ pub unsafe fn execute_plan(
         .ok_or_else(|| Error::InvalidArgument {
             reason: format!("op range {range:?} outside 0..{}", plan.ops.len()),
         })?;
+    if let Some(op) = ops.iter().find(|op| dests[op.dest as usize].is_none()) {
+        return Err(Error::InvalidArgument {
+            reason: format!(
+                "no buffer given for '{}'",
+                plan.dests[op.dest as usize].name
+            ),
+        });
+    }
     if opts.huge_pages {
-        for d in dests.iter().filter(|d| d.len as usize >= HUGE_PAGE) {
+        for d in dests
+            .iter()
+            .flatten()
+            .filter(|d| d.len as usize >= HUGE_PAGE)
+        {
             advise_huge_pages(d.ptr as usize, d.len as usize);
         }
     }
@@ -437,7 +452,7 @@ pub unsafe fn execute_plan(
                 let row_bytes = (op.cols.1 - op.cols.0) * elem;
                 let start = op.dest_offset + (r0 - op.rows.0) * row_bytes;
                 let len = (r1 - r0) * row_bytes;
-                let buf = dests[op.dest as usize];
+                let buf = dests[op.dest as usize].expect("checked above");
                 debug_assert!(start + len <= buf.len);
                 // SAFETY: the plan's coverage check proved that ops write disjoint ranges
                 // inside each destination, items of one op cover disjoint row blocks, and the

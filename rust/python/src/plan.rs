@@ -215,38 +215,47 @@ impl Plan {
             .collect()
     }
 
-    /// Executes ops `[start, end)` into `addresses` (one per destination, in
-    /// `dest_names()` order), GIL released.
+    /// Executes ops `[start, end)` into `addresses`: a list with one address per
+    /// destination (in `dest_names()` order), or a dict `{destination index: address}`
+    /// holding at least the destinations those ops write. GIL released.
     ///
     /// The caller (the Python loader) guarantees each address is the start of a live,
-    /// contiguous CPU tensor of exactly that destination's size, not aliased by another
+    /// contiguous CPU buffer of exactly that destination's size, not aliased by another
     /// destination and not touched until this returns.
     #[pyo3(signature = (addresses, start=0, end=None))]
     fn execute(
         &self,
         py: Python<'_>,
-        addresses: Vec<usize>,
+        addresses: &Bound<'_, PyAny>,
         start: usize,
         end: Option<usize>,
     ) -> PyResult<()> {
         let end = end.unwrap_or(self.inner.ops.len());
-        let bufs: Vec<DestBuf> = addresses
-            .iter()
-            .zip(&self.inner.dests)
-            .map(|(&a, d)| DestBuf {
-                ptr: a as *mut u8,
-                len: d.nbytes(),
-            })
-            .collect();
-        if bufs.len() != self.inner.dests.len() {
-            return Err(bad(
-                py,
-                format!(
-                    "{} addresses for {} destinations",
-                    addresses.len(),
-                    self.inner.dests.len()
-                ),
-            ));
+        let n = self.inner.dests.len();
+        let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
+        let slot = |i: usize, a: usize| DestBuf {
+            ptr: a as *mut u8,
+            len: self.inner.dests[i].nbytes(),
+        };
+        if let Ok(map) = addresses.cast::<PyDict>() {
+            for (k, v) in map.iter() {
+                let (i, a): (usize, usize) = (k.extract()?, v.extract()?);
+                if i >= n {
+                    return Err(bad(py, format!("destination index {i} out of range ({n})")));
+                }
+                bufs[i] = Some(slot(i, a));
+            }
+        } else {
+            let list: Vec<usize> = addresses.extract()?;
+            if list.len() != n {
+                return Err(bad(
+                    py,
+                    format!("{} addresses for {n} destinations", list.len()),
+                ));
+            }
+            for (i, a) in list.into_iter().enumerate() {
+                bufs[i] = Some(slot(i, a));
+            }
         }
         let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
         detached(py, move || {
@@ -263,5 +272,11 @@ impl Plan {
                 )
             }
         })
+    }
+
+    /// The destination index of every op, in op order (ops of one destination are
+    /// contiguous, so a run of destinations is a run of ops).
+    fn op_dests(&self) -> Vec<u32> {
+        self.inner.ops.iter().map(|op| op.dest).collect()
     }
 }
