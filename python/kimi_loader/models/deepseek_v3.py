@@ -16,7 +16,7 @@ from torch import nn
 
 from ..formats import detect_quant_format
 from ..hooks import ForwardsWeightHooks, identity_hook
-from .layout import empty_params, module_format, shard_shapes, stacked_shapes
+from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, empty_params, module_format, shard_shapes, stacked_shapes
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
 
@@ -197,11 +197,10 @@ class DeepseekV3ForCausalLM(nn.Module):
         """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
         c = self.config
         return {
-            "rewrites": [("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
-                         ("language_model.", "")],
+            "rewrites": KIMI_PREFIX_REWRITES,
             "ignore": [("vision_tower.", None, "vision tower: the language model is loaded text-only"),
                        ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
-                       (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")],
+                       ROPE_IGNORE],
             "num_hidden_layers": c["num_hidden_layers"],
             "scale_remaps": [(".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
                              (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),

@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE
+
 __all__ = ["HFDeepseekV3", "empty_model", "wrap_if_transformers"]
 
 _MODEL_TYPES = ("deepseek_v3", "kimi_k2")
@@ -46,11 +48,10 @@ class HFDeepseekV3:
         elif qc is not None:
             block = getattr(qc, "weight_block_size", None)
         return {
-            "rewrites": [("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
-                         ("language_model.", "")],
+            "rewrites": KIMI_PREFIX_REWRITES,
             "ignore": [("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
                        ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
-                       (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")],
+                       ROPE_IGNORE],
             "num_hidden_layers": c.num_hidden_layers,
             "num_experts": c.n_routed_experts,
             "dest_aliases": {"mlp.experts.gate_up_proj": ".weight", "mlp.experts.down_proj": ".weight"},

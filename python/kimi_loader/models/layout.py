@@ -12,6 +12,15 @@ import torch
 
 from ..formats import quantization_config
 
+#: Kimi-K2.5 names its language model ``language_model.model.*`` (some exports
+#: ``language_model.layers.*``) and its head ``language_model.lm_head``: rewrite to the
+#: plain DeepSeek-V3 names (first match wins).
+KIMI_PREFIX_REWRITES = (("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
+                        ("language_model.", ""))
+
+#: A declared skip shared by every model: rope frequencies are recomputed, never loaded.
+ROPE_IGNORE = (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")
+
 #: dtype of each quantized tensor suffix; ``None`` means the model's dtype
 SUFFIX_DTYPES: dict[str, dict[str, torch.dtype | None]] = {
     "bf16": {"weight": None},

@@ -215,37 +215,18 @@ fn run_rows(
     let base = shard.abs_offset(e);
     let (c0, c1) = op.cols;
     let n = (c1 - c0) as usize;
+    // the kept columns of each source row, for ops that read elements as stored
+    let plain = |es: u64| RowSpan {
+        base,
+        stride: op.src_cols * es,
+        seg: c0 * es,
+        seg_len: (c1 - c0) * es,
+    };
     match op.kind {
-        OpKind::Copy => {
-            let es = e.dtype.size();
-            read_rows(
-                shard,
-                RowSpan {
-                    base,
-                    stride: op.src_cols * es,
-                    seg: c0 * es,
-                    seg_len: (c1 - c0) * es,
-                },
-                r0,
-                r1,
-                dst,
-            )
-        }
+        OpKind::Copy => read_rows(shard, plain(e.dtype.size()), r0, r1, dst),
         OpKind::Convert { from, to } => BOUNCE.with_borrow_mut(|(a, _)| {
-            let es = from.size();
-            let buf = grow(a, ((r1 - r0) * (c1 - c0) * es) as usize);
-            read_rows(
-                shard,
-                RowSpan {
-                    base,
-                    stride: op.src_cols * es,
-                    seg: c0 * es,
-                    seg_len: (c1 - c0) * es,
-                },
-                r0,
-                r1,
-                buf,
-            )?;
+            let buf = grow(a, ((r1 - r0) * (c1 - c0) * from.size()) as usize);
+            read_rows(shard, plain(from.size()), r0, r1, buf)?;
             convert(buf, from, dst, to, ((r1 - r0) * (c1 - c0)) as usize);
             Ok(())
         }),
