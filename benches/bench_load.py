@@ -109,8 +109,7 @@ def plan_time() -> tuple[float, float, int]:
     n = [0]
 
     def go() -> None:
-        plan, _ = plan_for(model, ck)
-        n[0] = plan.used
+        n[0] = plan_for(model, ck).plan.used
 
     res = interleaved({"plan": go}, repeat=9)["plan"]
     return res[0], res[1], n[0]

@@ -363,7 +363,7 @@ def test_execute_refuses_ops_without_a_buffer(synth_dir):
     from kimi_loader.loader import plan_for
 
     ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
-    plan, _ = plan_for(for_config(ck.config), ck)
+    plan = plan_for(for_config(ck.config), ck).plan
     with pytest.raises(kimi_loader.InvalidArgumentError, match="no buffer given"):
         plan.execute({}, 0, 1)
     with pytest.raises(kimi_loader.InvalidArgumentError, match="addresses for"):

@@ -45,8 +45,9 @@ def _plan(args: argparse.Namespace) -> int:
                            ep_rank=args.ep_rank, ep_size=args.ep_size)
         target = getattr(model, "language_model", model)
         t = time.perf_counter()
-        plan, dests = plan_for(model, ck, tp_rank=args.tp_rank, tp_size=args.tp_size, ep_rank=args.ep_rank,
-                               ep_size=args.ep_size, threads=args.threads)
+        planned = plan_for(model, ck, tp_rank=args.tp_rank, tp_size=args.tp_size, ep_rank=args.ep_rank,
+                           ep_size=args.ep_size, threads=args.threads)
+        plan, dests = planned.plan, planned.dests
         seconds = time.perf_counter() - t
         ignored: dict[str, int] = {}
         for _, reason in plan.ignored():

@@ -47,6 +47,8 @@ class LoadReport:
     ignored: dict[str, int] = field(default_factory=dict)
     other_rank: int = 0
     op_counts: dict[str, int] = field(default_factory=dict)
+    #: destinations a declared rule leaves untouched, by reason (e.g. a vision tower)
+    skipped_destinations: dict[str, int] = field(default_factory=dict)
     fused_shared_experts: int = 0
     fusion_reason: str = ""
 
@@ -63,6 +65,8 @@ class LoadReport:
         ]
         for reason, n in sorted(self.ignored.items()):
             lines.append(f"ignored          {n} x {reason}")
+        for reason, n in sorted(self.skipped_destinations.items()):
+            lines.append(f"not loaded       {n} destination(s): {reason}")
         if self.unused:
             lines.append(f"UNUSED           {len(self.unused)}: " + ", ".join(n for n, _ in self.unused[:5]))
         if self.missing:
@@ -161,9 +165,19 @@ def _dest_list(dests: dict[str, torch.Tensor], *, need_memory: bool) -> list[tup
     return out
 
 
+@dataclass
+class PlannedLoad:
+    """A plan with the destination tensors it writes (by name) and the destinations that
+    declared rules leave untouched (count by reason)."""
+
+    plan: Any
+    dests: dict[str, torch.Tensor]
+    skipped: dict[str, int]
+
+
 def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
-             ep_size: int = 1, threads: int | None = None, need_memory: bool = False):
-    """Builds the copy plan for ``model`` (no copying). Returns ``(plan, destinations)``."""
+             ep_size: int = 1, threads: int | None = None, need_memory: bool = False) -> PlannedLoad:
+    """Builds the copy plan for ``model`` (no copying)."""
     if not (0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
         raise InvalidArgumentError(f"bad ranks: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
     from .models.hf import wrap_if_transformers
@@ -173,9 +187,15 @@ def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1
     rules = build_rules(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
     _check_fusion(rules, ckpt)
     dests = destinations(target, rules.pop("dest_aliases", None))
+    skipped: dict[str, int] = {}
+    for prefix, reason in rules.pop("skip_destinations", None) or []:
+        for name in [n for n in dests if n.startswith(prefix)]:
+            del dests[name]
+            skipped[reason] = skipped.get(reason, 0) + 1
+
     fp8_block = tuple(rules.pop("fp8_block", (128, 128)))
     plan = _core.plan(ckpt.core, rules, _dest_list(dests, need_memory=need_memory), fp8_block, threads)
-    return plan, dests
+    return PlannedLoad(plan, dests, skipped)
 
 
 def _format_problems(plan) -> str:
@@ -301,8 +321,9 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
         open_checkpoint(path_or_checkpoint, threads=threads)
     t_open = time.perf_counter()
-    plan, dests = plan_for(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
-                           threads=threads, need_memory=True)
+    planned = plan_for(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
+                       threads=threads, need_memory=True)
+    plan, dests = planned.plan, planned.dests
     t_plan = time.perf_counter()
     if strict and (plan.missing() or plan.unused()):
         err = IncompleteLoadError(f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: "
@@ -334,6 +355,6 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
                  "post_load": t_post - t_copy, "total": t_post - t0},
         unused=plan.unused(), missing=plan.missing(),
         ignored=dict(Counter(reason for _, reason in plan.ignored())), other_rank=plan.other_rank,
-        op_counts=plan.op_counts(), fused_shared_experts=fused,
+        op_counts=plan.op_counts(), skipped_destinations=planned.skipped, fused_shared_experts=fused,
         fusion_reason=getattr(target, "fusion_reason", ""),
     )

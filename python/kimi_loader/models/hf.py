@@ -28,7 +28,9 @@ class HFDeepseekV3:
     def __init__(self, hf_model: nn.Module) -> None:
         self.hf_model = hf_model
         self.stacked_params_mapping: list = []  # transformers keeps q_a / kv_a and gate / up apart
-        self.config = hf_model.config
+        # the language model's config (a wrapper's text_config)
+        self.config = getattr(hf_model.config, "text_config", None) or hf_model.config
+        self.outer_config = hf_model.config
 
     @property
     def expert_params_mapping(self) -> list[tuple[str, str, int, str]]:
@@ -41,7 +43,7 @@ class HFDeepseekV3:
 
     def weight_rules(self) -> dict[str, Any]:
         c = self.config
-        qc = getattr(c, "quantization_config", None)
+        qc = getattr(c, "quantization_config", None) or getattr(self.outer_config, "quantization_config", None)
         block = None
         if isinstance(qc, dict):
             block = qc.get("weight_block_size")
@@ -62,29 +64,60 @@ class HFDeepseekV3:
         return None
 
 
+class HFKimiK25(HFDeepseekV3):
+    """The weight hooks and rules for transformers' ``Kimi_K25ForConditionalGeneration``:
+    its language model lives at ``model.language_model`` (head: ``lm_head``). The vision
+    tower and projector are not supported yet (transformers converts them with its own
+    qkv unfusing and rope permutation): their checkpoint tensors are skipped and their
+    destinations left as they are, both by declared rules that the load report lists."""
+
+    def weight_rules(self) -> dict[str, Any]:
+        rules = super().weight_rules()
+        why = "not supported yet: transformers converts it with its own qkv unfusing"
+        rules.update(
+            rewrites=(("language_model.model.", "model.language_model."),
+                      ("language_model.layers.", "model.language_model.layers."),
+                      ("language_model.lm_head.", "lm_head.")),
+            ignore=[("vision_tower.", None, f"vision tower: {why}"),
+                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE],
+            skip_destinations=[("model.vision_tower.", f"vision tower: {why}"),
+                               ("model.mm_projector.", f"multimodal projector: {why}")],
+        )
+        return rules
+
+
 def wrap_if_transformers(model: Any) -> Any:
-    """``model`` itself, or an :class:`HFDeepseekV3` around a transformers DeepSeek-V3
-    model that has no weight rules of its own."""
+    """``model`` itself, or an adapter around a transformers DeepSeek-V3 / Kimi-K2.5 model
+    that has no weight rules of its own."""
     if hasattr(model, "weight_rules"):
         return model
     cfg = getattr(model, "config", None)
-    if getattr(cfg, "model_type", None) in _MODEL_TYPES and hasattr(model, "model") and hasattr(model, "lm_head"):
+    kind = getattr(cfg, "model_type", None)
+    if kind == "kimi_k25" and hasattr(model, "lm_head"):
+        return HFKimiK25(model)
+    if kind in _MODEL_TYPES and hasattr(model, "model") and hasattr(model, "lm_head"):
         return HFDeepseekV3(model)
     return model
 
 
-def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu") -> nn.Module:
+def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", wrapper: bool = False) -> nn.Module:
     """A transformers ``DeepseekV3ForCausalLM`` built on the meta device and materialized
     with ``to_empty`` (uninitialized memory: nothing is computed or copied), with the
     dtypes ``from_pretrained`` would give it (``_keep_in_fp32_modules_strict`` stay
     float32) and its rotary buffers recomputed. ``path_or_config`` is a checkpoint
     directory (plain DeepSeek-V3 or a Kimi-K2.5 wrapper, whose ``text_config`` is used)
-    or a ``DeepseekV3Config``."""
+    or a ``DeepseekV3Config``. With ``wrapper=True`` a Kimi-K2.5 checkpoint gives
+    transformers' ``Kimi_K25ForConditionalGeneration`` instead."""
     import torch
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    model_class: Any = DeepseekV3ForCausalLM
     if isinstance(path_or_config, DeepseekV3Config):
         cfg = path_or_config
+    elif wrapper:
+        from transformers import AutoConfig, Kimi_K25ForConditionalGeneration
+
+        cfg, model_class = AutoConfig.from_pretrained(path_or_config), Kimi_K25ForConditionalGeneration
     else:
         import json
         import os
@@ -96,9 +129,9 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu") 
         cfg = DeepseekV3Config(**raw)
     dtype = dtype or torch.bfloat16
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM._from_config(cfg, dtype=dtype)
+        model = model_class._from_config(cfg, dtype=dtype)
     model = model.to_empty(device=device)
-    keep = getattr(model, "_keep_in_fp32_modules_strict", None) or set()
+    keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) | {"e_score_correction_bias"}
     for name, mod in model.named_modules():
         for b_name, buf in list(mod._buffers.items()):
             if buf is not None and any(k in f"{name}.{b_name}" for k in keep):
