@@ -47,6 +47,28 @@ def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | No
     return fusion_decision(tc, quant, tc, shared_format=stored(".mlp.shared_experts.") or "none",
                            routed_format=stored(".mlp.experts.0.") or "none")
 
+
+def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,
+                    ep_rank: int = 0, ep_size: int = 1, threads: int | None = None, progress=None):
+    """Builds the serving-layout model from ``config.json`` on the meta device,
+    materializes it on ``device``, loads it with :func:`load_weights` and runs
+    ``post_load_weights``. ``dtype`` (default float32) is the compute dtype of dense
+    weights; quantized weights stay in their checkpoint format."""
+    import torch
+
+    from .models import for_config
+
+    ckpt = open(path, threads=threads)
+    if ckpt.config is None:
+        raise UnsupportedFormatError(f"{path}: no config.json", file=str(path))
+    model = for_config(ckpt.config, dtype=dtype or torch.float32, device="meta", tp_rank=tp_rank,
+                       tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+    model.to_empty(device=device)
+    load_weights(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
+                 threads=threads, progress=progress)
+    return model
+
+
 __all__ = [
     "QUANT_FORMATS",
     "Checkpoint",
@@ -64,5 +86,6 @@ __all__ = [
     "detect_quant_format",
     "errors",
     "formats",
+    "from_pretrained",
     "open",
 ]

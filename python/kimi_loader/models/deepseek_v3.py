@@ -104,7 +104,10 @@ class DeepseekV3ForCausalLM(nn.Module):
 
         def stacked(module: str, shards: list[tuple[int, int]], split: str = "replicated") -> nn.Module:
             f = fmt(module)
-            return _linear(f, stacked_shapes(f, shards, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+            m = _linear(f, stacked_shapes(f, shards, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+            # local rows of each shard: block-scaled formats dequantize shard by shard
+            m.shard_rows = [o // tp if split == "column" else o for o, _ in shards]
+            return m
 
         self.model = _Holder()
         self.model.embed_tokens = _Holder()
@@ -150,6 +153,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 w2 = shard_shapes(ef, h, inter, split="row", tp=tp, fp8_block=fp8_block)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w13.items()}, dtype, "w13_", device)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w2.items()}, dtype, "w2_", device)
+                experts.w13_shard_rows = [inter // tp, inter // tp]
                 if c.get("n_shared_experts") and not self.num_fused_shared_experts:
                     shared = mlp.shared_experts = _Holder()
                     si = inter * c["n_shared_experts"]
@@ -189,9 +193,44 @@ class DeepseekV3ForCausalLM(nn.Module):
         return name
 
     def post_load_weights(self, layers: list[int] | None = None) -> None:
-        """Post-load processing (MLA ``w_kc`` / ``w_vc`` come with the runtime, #4);
-        records which layers it was asked to process."""
+        """Post-load processing: builds MLA ``w_kc`` / ``w_vc`` from ``kv_b_proj`` (any
+        format) for ``layers`` (all by default). Records each call in ``post_load_calls``."""
+        from .runtime import build_w_kc_w_vc
+
         self.post_load_calls.append(None if layers is None else list(layers))
+        if self.model.embed_tokens.weight.device.type != "meta":
+            build_w_kc_w_vc(self, layers)
+
+    # -- running ----------------------------------------------------------------------
+    def runtime(self):
+        from .runtime import Runtime
+
+        rt = getattr(self, "_runtime", None)
+        if rt is None:
+            rt = self._runtime = Runtime(self)
+        return rt
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """Float32 logits ``[batch, seq, vocab]`` for ``input_ids`` ``[batch, seq]``; with a
+        ``cache`` (from :meth:`new_cache`) the tokens continue the cached sequence."""
+        return self.runtime().forward(input_ids, cache)
+
+    def new_cache(self):
+        return self.runtime().new_cache()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding with the latent KV cache: one prefill, then one token per step.
+        Returns ``input_ids`` followed by the new tokens."""
+        cache = self.new_cache()
+        logits = self.forward(input_ids, cache)
+        out = [input_ids]
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out.append(nxt)
+            logits = self.forward(nxt, cache)
+        return torch.cat(out, dim=1)
 
     def weight_rules(self) -> dict[str, Any]:
         """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
@@ -225,3 +264,12 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
         super().__init__()
         self.config = config
         self.language_model = DeepseekV3ForCausalLM(config["text_config"], **kwargs)
+
+    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        return self.language_model(input_ids, cache)
+
+    def new_cache(self):
+        return self.language_model.new_cache()
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        return self.language_model.generate(input_ids, max_new_tokens)

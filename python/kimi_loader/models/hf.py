@@ -136,10 +136,14 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
         for b_name, buf in list(mod._buffers.items()):
             if buf is not None and any(k in f"{name}.{b_name}" for k in keep):
                 mod._buffers[b_name] = buf.to(torch.float32)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     for mod in model.modules():  # non-persistent rope buffers are not in any checkpoint
-        if hasattr(mod, "rope_init_fn") and hasattr(mod, "inv_freq"):
-            inv_freq, scaling = mod.rope_init_fn(mod.config, torch.device(device))
-            mod.inv_freq = inv_freq
+        if hasattr(mod, "inv_freq") and hasattr(mod, "rope_type") and hasattr(mod, "config"):
+            init = (mod.compute_default_rope_parameters if mod.rope_type == "default"
+                    else ROPE_INIT_FUNCTIONS[mod.rope_type])
+            inv_freq, scaling = init(mod.config, torch.device(device))
+            mod.register_buffer("inv_freq", inv_freq, persistent=False)
             mod.original_inv_freq = inv_freq
             mod.attention_scaling = scaling
     return model

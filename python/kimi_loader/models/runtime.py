@@ -1,0 +1,240 @@
+"""The CPU reference runtime for the serving-layout DeepSeek-V3 / Kimi-K2.5 model.
+
+- MLA in the absorbed form: ``q_nope`` is absorbed through ``w_kc``, attention runs over a
+  latent cache of ``kv_lora_rank + qk_rope_head_dim`` values per token, and the latent
+  output goes back through ``w_vc``; YaRN rope (interleaved pairs) with its mscale.
+- MoE: noaux_tc routing (fp32 sigmoid scores, correction bias, group-limited top-k,
+  ``norm_topk_prob``, ``routed_scaling_factor``), the shared expert or the fused shared
+  slot; dense MLP for the first ``first_k_dense_replace`` layers.
+- Quantized weights stay in checkpoint format and are dequantized per use (per expert for
+  MoE) with :mod:`kimi_loader.quant`.
+
+Tensor parallelism is not supported by this runtime (the loader shards; a TP runtime
+needs collectives): models with ``tp_size > 1`` refuse to run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..quant import dequantize
+from .layout import SUFFIX_DTYPES
+
+
+def dense(module: torch.nn.Module, dtype: torch.dtype, index: int | None = None, prefix: str = "",
+          fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """The dense weight of a linear held in checkpoint format (``prefix`` selects e.g. the
+    ``w13_`` tensors of an experts module, ``index`` one expert)."""
+    fmt = module.format
+    tensors = {}
+    for suffix in SUFFIX_DTYPES[fmt]:
+        t = getattr(module, prefix + suffix, None)
+        if t is not None:
+            tensors[suffix] = t if index is None else t[index]
+    rows = getattr(module, prefix + "shard_rows", None)
+    if fmt == "fp8-block" and rows and len(rows) > 1:
+        # a stacked FP8 parameter concatenates each shard's own block-scale grid
+        w_parts = tensors["weight"].split(rows)
+        s_parts = tensors["weight_scale_inv"].split([-(-r // fp8_block[0]) for r in rows])
+        return torch.cat([dequantize(fmt, {"weight": w, "weight_scale_inv": sc}, dtype, fp8_block)
+                          for w, sc in zip(w_parts, s_parts, strict=True)])
+    return dequantize(fmt, tensors, dtype, fp8_block)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def yarn(config: dict[str, Any]) -> tuple[torch.Tensor, float, float]:
+    """``(inv_freq, cos_sin_factor, softmax_mscale)`` for the rope head dim."""
+    dim = config["qk_rope_head_dim"]
+    base = config.get("rope_theta", 10000.0)
+    rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if (rs.get("type") or rs.get("rope_type")) != "yarn":
+        return 1.0 / pos, 1.0, 1.0
+    factor = rs["factor"]
+    orig = rs["original_max_position_embeddings"]
+    beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+    def get_mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    mscale, mscale_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    attn = get_mscale(factor, mscale) / get_mscale(factor, mscale_all) if mscale and mscale_all else get_mscale(factor)
+
+    def corr(rot: float) -> float:
+        return dim * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(corr(beta_fast)), 0), min(math.ceil(corr(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrap = 1 - ramp
+    inv_freq = (1.0 / (factor * pos)) * (1 - extrap) + (1.0 / pos) * extrap
+    softmax_mscale = get_mscale(factor, mscale_all) ** 2 if mscale_all else 1.0
+    return inv_freq, attn, softmax_mscale
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved-pair rope: pairs ``(x0, x1), (x2, x3), ...``, output de-interleaved."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@dataclass
+class KVCache:
+    """The latent cache: per layer, normalized ``c_kv`` ``[B, S, kv_lora]`` and the roped
+    shared key ``[B, S, rope]``."""
+
+    latent: list[torch.Tensor | None] = field(default_factory=list)
+    k_rope: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.latent or self.latent[0] is None else self.latent[0].shape[1]
+
+
+class Runtime:
+    """Forward pass over a :class:`~kimi_loader.models.DeepseekV3ForCausalLM`'s parameters."""
+
+    def __init__(self, model: Any) -> None:
+        if model.tp_size != 1:
+            raise NotImplementedError("the CPU runtime runs unsharded models only (tp_size=1)")
+        self.m = model
+        c = model.config
+        self.c = c
+        self.dtype = model.dtype
+        self.eps = c.get("rms_norm_eps", 1e-6)
+        inv_freq, self.rope_factor, mscale = yarn(c)
+        self.inv_freq = inv_freq
+        self.scale = (c["qk_nope_head_dim"] + c["qk_rope_head_dim"]) ** -0.5 * mscale
+
+    # -- pieces ----------------------------------------------------------------------
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq
+        return ((freqs.cos() * self.rope_factor).to(self.dtype), (freqs.sin() * self.rope_factor).to(self.dtype))
+
+    def _linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        return F.linear(x, dense(module, self.dtype, fp8_block=self.m.fp8_block))
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        c, attn = self.c, self.m.model.layers[i].self_attn
+        b, t, _ = x.shape
+        heads, nope, rdim = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"]
+        kv_lora = c["kv_lora_rank"]
+        if c.get("q_lora_rank"):
+            fused = self._linear(x, attn.fused_qkv_a_proj_with_mqa)
+            q_a, ckv = fused.split([c["q_lora_rank"], kv_lora + rdim], dim=-1)
+            q = self._linear(rms_norm(q_a, attn.q_a_layernorm.weight, self.eps), attn.q_b_proj)
+        else:
+            q = self._linear(x, attn.q_proj)
+            ckv = self._linear(x, attn.kv_a_proj_with_mqa)
+        q = q.view(b, t, heads, nope + rdim)
+        q_nope, q_rope = q.split([nope, rdim], dim=-1)
+        latent, k_rope = ckv.split([kv_lora, rdim], dim=-1)
+        latent = rms_norm(latent, attn.kv_a_layernorm.weight, self.eps)
+        cos, sin = self._cos_sin(positions)
+        q_rope = rope(q_rope, cos[:, :, None, :], sin[:, :, None, :])
+        k_rope = rope(k_rope, cos, sin)
+        if cache.latent[i] is not None:
+            latent = torch.cat([cache.latent[i], latent], dim=1)
+            k_rope = torch.cat([cache.k_rope[i], k_rope], dim=1)
+        cache.latent[i], cache.k_rope[i] = latent, k_rope
+        # absorbed attention over the latent cache
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, attn.w_kc)
+        scores = torch.einsum("bthc,bsc->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = scores * self.scale
+        s = latent.shape[1]
+        key_pos = torch.arange(s, device=x.device)
+        mask = key_pos[None, None, None, :] > positions[:, None, :, None]
+        scores = scores.masked_fill(mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
+        out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
+        out = torch.einsum("bthc,hcv->bthv", out_latent, attn.w_vc).reshape(b, t, -1)
+        return self._linear(out, attn.o_proj)
+
+    def _mlp(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2)
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        c, mlp = self.c, self.m.model.layers[i].mlp
+        if not hasattr(mlp, "experts"):
+            return self._mlp(x, dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
+                             dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block))
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        e_total = c["n_routed_experts"]
+        scores = F.linear(h.float(), mlp.gate.weight.float()).sigmoid()
+        choice = scores + mlp.gate.e_score_correction_bias
+        n_group, topk_group = c.get("n_group") or 1, c.get("topk_group") or 1
+        group_scores = choice.view(-1, n_group, e_total // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e_total // n_group).reshape(-1, e_total)
+        choice = choice.masked_fill(~score_mask.bool(), 0.0)
+        top_idx = torch.topk(choice, k=c["num_experts_per_tok"], dim=-1, sorted=False)[1]
+        top_w = scores.gather(1, top_idx)
+        if c.get("norm_topk_prob", True):
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+        top_w = top_w * c["routed_scaling_factor"]
+        lo = self.m.ep_rank * e_total // self.m.ep_size
+        out = torch.zeros_like(h)
+        experts = mlp.experts
+        for e in top_idx.unique().tolist():
+            tok, slot = torch.where(top_idx == e)
+            w13 = dense(experts, self.dtype, e - lo, "w13_", self.m.fp8_block)
+            w2 = dense(experts, self.dtype, e - lo, "w2_", self.m.fp8_block)
+            y = self._mlp(h[tok], w13, w2) * top_w[tok, slot, None].to(self.dtype)
+            out.index_add_(0, tok, y)
+        if self.m.num_fused_shared_experts:  # the fused slot (the last), always selected with weight 1
+            slot = next(t for n, t in experts.named_parameters() if n.startswith("w13_")).shape[0] - 1
+            out = out + self._mlp(h, dense(experts, self.dtype, slot, "w13_", self.m.fp8_block),
+                                  dense(experts, self.dtype, slot, "w2_", self.m.fp8_block))
+        elif hasattr(mlp, "shared_experts"):
+            se = mlp.shared_experts
+            out = out + self._mlp(h, dense(se.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
+                                  dense(se.down_proj, self.dtype, fp8_block=self.m.fp8_block))
+        return out.view(shape)
+
+    # -- the model ---------------------------------------------------------------------
+    def new_cache(self) -> KVCache:
+        n = self.c["num_hidden_layers"]
+        return KVCache([None] * n, [None] * n)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if self.m.ep_size != 1:
+            raise NotImplementedError("the CPU runtime runs unsharded models only (ep_size=1)")
+        cache = cache if cache is not None else self.new_cache()
+        b, t = input_ids.shape
+        positions = (torch.arange(t) + cache.length).expand(b, t)
+        x = F.embedding(input_ids, self.m.model.embed_tokens.weight)
+        for i, layer in enumerate(self.m.model.layers):
+            x = x + self.attention(i, rms_norm(x, layer.input_layernorm.weight, self.eps), positions, cache)
+            x = x + self.moe(i, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
+        x = rms_norm(x, self.m.model.norm.weight, self.eps)
+        return F.linear(x, self.m.lm_head.weight).float()
+
+
+def build_w_kc_w_vc(model: Any, layers: list[int] | None = None) -> list[int]:
+    """MLA post-load processing: dequantize ``kv_b_proj`` (any format) to the compute dtype
+    and split it per head into ``w_kc`` ``[heads, nope, kv_lora]`` and ``w_vc``
+    ``[heads, kv_lora, v]`` (non-persistent buffers). Returns the layers processed."""
+    c = model.config
+    nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
+    todo = range(len(model.model.layers)) if layers is None else layers
+    for i in todo:
+        attn = model.model.layers[i].self_attn
+        w = dense(attn.kv_b_proj, model.dtype, fp8_block=model.fp8_block)
+        w = w.view(-1, nope + v, c["kv_lora_rank"])
+        attn.register_buffer("w_kc", w[:, :nope, :].contiguous(), persistent=False)
+        attn.register_buffer("w_vc", w[:, nope:, :].transpose(1, 2).contiguous(), persistent=False)
+    return list(todo)
