@@ -37,10 +37,9 @@ def expected_params(ck, model, *, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1) ->
         return _slice(ck.get_tensor(pre + name), split, tp_rank, tp_size)
 
     out = {}
-    dests = dict(target.named_parameters())
-    for mod_name, mod in target.named_modules():
-        for b, buf in mod._buffers.items():
-            dests[f"{mod_name}.{b}"] = buf
+    from kimi_loader.loader import destinations
+
+    dests = destinations(target)  # parameters and persistent buffers
     for name, param in dests.items():
         head, _, suffix = name.rpartition(".")
         if ".experts.w13_" in name or ".experts.w2_" in name:

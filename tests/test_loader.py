@@ -32,10 +32,7 @@ def _load(path, **kw):
 def _assert_matches_reference(ck, model, **ranks):
     target = getattr(model, "language_model", model)
     want = expected_params(ck, model, **ranks)
-    got = dict(target.named_parameters())
-    for mod_name, mod in target.named_modules():
-        for b, buf in mod._buffers.items():
-            got[f"{mod_name}.{b}"] = buf
+    got = kimi_loader.loader.destinations(target)
     assert set(want) == set(got)
     for name, w in want.items():
         assert got[name].shape == w.shape, name
@@ -48,8 +45,8 @@ def test_serving_layout_every_format(synth_dir, preset, quant):
     ck, model, report = _load(synth_dir(preset, quant))
     _assert_matches_reference(ck, model)
     assert report.unused == [] and report.missing == []
-    assert report.bytes_written == sum(p.numel() * p.element_size() for p in model.parameters()) + \
-        sum(b.numel() * b.element_size() for b in model.buffers())
+    assert report.bytes_written == sum(t.numel() * t.element_size()
+                                       for t in kimi_loader.loader.destinations(model).values())
     if preset == "kimi-k2.5-tiny":
         assert report.ignored == {"vision tower: the language model is loaded text-only": 4,
                                   "multimodal projector: the language model is loaded text-only": 3}
@@ -344,8 +341,8 @@ def test_staged_path_gives_the_same_weights(synth_dir, staging_bytes):
     kimi_loader.load_weights(staged, ck, staging_bytes=staging_bytes, progress=lambda d, t: seen.append(d))
     for (n, a), (_, b) in zip(direct.named_parameters(), staged.named_parameters(), strict=True):
         assert torch.equal(as_bytes(a), as_bytes(b)), n
-    assert seen[-1] == sum(p.numel() * p.element_size() for p in staged.parameters()) + \
-        sum(b.numel() * b.element_size() for b in staged.buffers())
+    assert seen[-1] == sum(t.numel() * t.element_size()
+                           for t in kimi_loader.loader.destinations(staged).values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

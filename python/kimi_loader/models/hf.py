@@ -139,7 +139,8 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     for mod in model.modules():  # non-persistent rope buffers are not in any checkpoint
-        if hasattr(mod, "inv_freq") and hasattr(mod, "rope_type") and hasattr(mod, "config"):
+        known = getattr(mod, "rope_type", None) in ("default", *ROPE_INIT_FUNCTIONS)
+        if hasattr(mod, "inv_freq") and known and hasattr(mod, "config"):
             init = (mod.compute_default_rope_parameters if mod.rope_type == "default"
                     else ROPE_INIT_FUNCTIONS[mod.rope_type])
             inv_freq, scaling = init(mod.config, torch.device(device))
