@@ -1,0 +1,108 @@
+"""The runtime against transformers' DeepseekV3ForCausalLM (float32 logits, greedy
+generation), shared-expert fusion equivalence, and per-layer post-load processing."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import kimi_loader
+from kimi_loader.models.hf import empty_model
+
+logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def _reference(path: str):
+    """transformers' model holding the checkpoint's weights densely in float32 (quantized
+    formats dequantized on load, bit-exactly as transformers / compressed-tensors do;
+    tests/test_hf.py proves that equality)."""
+    ref = empty_model(path, dtype=torch.float32)
+    kimi_loader.load_weights(ref, path)
+    return ref.eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = [("deepseek-v3-tiny", "bf16"), ("kimi-k2.5-tiny", "bf16"), ("kimi-k2.5-tiny", "ct-int4"),
+         ("deepseek-v3-tiny", "fp8-block"), ("kimi-k2.5-tiny", "quark-mxfp4")]
+
+
+@pytest.mark.parametrize(("preset", "quant"), CASES)
+def test_logits_match_transformers(synth_dir, preset, quant):
+    path = synth_dir(preset, quant)
+    ours = kimi_loader.from_pretrained(path)
+    ids = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = _reference(path)(ids).logits
+    assert _rel(ours(ids), want) < 1e-4
+
+
+def test_bf16_logits_match_transformers_own_from_pretrained(synth_dir):
+    from transformers import DeepseekV3ForCausalLM
+
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 11), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert _rel(kimi_loader.from_pretrained(path)(ids), ref(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize(("preset", "quant"), [("deepseek-v3-tiny", "bf16"), ("kimi-k2.5-tiny", "ct-int4")])
+def test_greedy_generation_matches_transformers(synth_dir, preset, quant):
+    path = synth_dir(preset, quant)
+    ours = kimi_loader.from_pretrained(path)
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(11))
+    ref = _reference(path)
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, eos_token_id=None,
+                        pad_token_id=0)
+    got = ours.generate(ids, max_new_tokens=16)
+    assert torch.equal(got, want)
+    # the cache is what makes one-token steps right: step logits equal a full recompute
+    cache = ours.new_cache()
+    ours(got[:, :12], cache)
+    step = ours(got[:, 12:13], cache)[:, -1]
+    assert _rel(step, ours(got[:, :13])[:, -1]) < 1e-5
+
+
+def test_fused_shared_expert_gives_the_same_logits(synth_dir):
+    path = synth_dir("kimi-k2.5-tiny", "bf16", n_routed_experts=256, num_experts_per_tok=4, num_hidden_layers=2)
+    ck = kimi_loader.open(path)
+    assert kimi_loader.determine_num_fused_shared_experts(ck.config, ck)[0] == 1
+    fused = kimi_loader.from_pretrained(path)
+    assert fused.language_model.num_fused_shared_experts == 1
+    unfused = kimi_loader.models.for_config(ck.config, dtype=torch.float32, num_fused_shared_experts=0)
+    kimi_loader.load_weights(unfused, ck)
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(5))
+    assert _rel(fused(ids), unfused(ids)) < 1e-5
+    with torch.no_grad():
+        assert _rel(fused(ids), _reference(path)(ids).logits) < 1e-4
+
+
+def test_post_load_weights_rebuilds_exactly_the_given_layers(synth_dir):
+    model = kimi_loader.from_pretrained(synth_dir("deepseek-v3-tiny", "bf16"))
+    layers = model.model.layers
+    before = [(lay.self_attn.w_kc.clone(), lay.self_attn.w_vc.clone()) for lay in layers]
+    for lay in layers:
+        lay.self_attn.kv_b_proj.weight.mul_(2)
+    model.post_load_calls.clear()
+    model.post_load_weights(layers=[1])
+    assert model.post_load_calls == [[1]]
+    for i, lay in enumerate(layers):
+        factor = 2 if i == 1 else 1  # only layer 1 was rebuilt from the doubled kv_b_proj
+        assert torch.equal(lay.self_attn.w_kc, factor * before[i][0])
+        assert torch.equal(lay.self_attn.w_vc, factor * before[i][1])
+    c = model.config
+    kv_b = layers[1].self_attn.kv_b_proj.weight.view(c["num_attention_heads"], -1, c["kv_lora_rank"])
+    assert torch.equal(layers[1].self_attn.w_kc, kv_b[:, : c["qk_nope_head_dim"]])
+    assert torch.equal(layers[1].self_attn.w_vc, kv_b[:, c["qk_nope_head_dim"]:].transpose(1, 2))
+
+
+def test_sharded_models_refuse_to_run(synth_dir):
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    model = kimi_loader.from_pretrained(path, tp_rank=0, tp_size=2)
+    with pytest.raises(NotImplementedError, match="tp_size=1"):
+        model(torch.zeros(1, 2, dtype=torch.long))
