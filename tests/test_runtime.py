@@ -106,3 +106,15 @@ def test_sharded_models_refuse_to_run(synth_dir):
     model = kimi_loader.from_pretrained(path, tp_rank=0, tp_size=2)
     with pytest.raises(NotImplementedError, match="tp_size=1"):
         model(torch.zeros(1, 2, dtype=torch.long))
+
+
+def test_logits_match_transformers_kimi_k25_class(synth_dir):
+    """transformers' Kimi-K2.5 class as the reference (text-only input: its language model
+    and head; the vision tower is declared not loaded)."""
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ref = empty_model(path, dtype=torch.float32, wrapper=True)
+    kimi_loader.load_weights(ref, path)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = ref.eval()(input_ids=ids).logits
+    assert _rel(kimi_loader.from_pretrained(path)(ids), want) < 1e-4
