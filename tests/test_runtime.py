@@ -118,3 +118,56 @@ def test_logits_match_transformers_kimi_k25_class(synth_dir):
     with torch.no_grad():
         want = ref.eval()(input_ids=ids).logits
     assert _rel(kimi_loader.from_pretrained(path)(ids), want) < 1e-4
+
+
+def test_int4_logits_against_transformers_own_dequantization(synth_dir):
+    """transformers loads and dequantizes the int4 checkpoint itself (in bf16, which is what
+    `q * scale` produces anyway), then runs in float32."""
+    from transformers import CompressedTensorsConfig, Kimi_K25ForConditionalGeneration
+
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ref = Kimi_K25ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)).float().eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(input_ids=ids).logits
+    assert _rel(kimi_loader.from_pretrained(path)(ids), want) < 1e-4
+
+
+def test_mxfp4_logits_against_a_bf16_checkpoint_of_the_dequantized_weights(synth_dir, tmp_path):
+    import json
+    import os
+
+    from compressed_tensors.compressors.mx_utils import decompress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV3ForCausalLM
+
+    path = synth_dir("deepseek-v3-tiny", "quark-mxfp4")
+    out = tmp_path / "bf16"
+    out.mkdir()
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    tensors = {}
+    for f in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(os.path.join(path, f)))  # a weight and its scale may sit in two shards
+    dense = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight_scale"):
+            continue
+        scale = tensors.get(name + "_scale")
+        if scale is not None:  # an MXFP4 weight: dequantize with compressed-tensors' helpers
+            rows, cols = t.shape[0], t.shape[1] * 2
+            t = unpack_fp4_from_uint8(t, rows, cols, dtype=torch.bfloat16) * \
+                decompress_mx_scale(scale).repeat_interleave(32, dim=1)
+        dense[name] = t
+    save_file(dense, out / "model.safetensors")
+    config = json.load(open(os.path.join(path, "config.json")))
+    config.pop("quantization_config")
+    json.dump(config, open(out / "config.json", "w"))
+    assert dense["model.layers.3.mlp.shared_experts.down_proj.weight"].shape == (64, 32)
+
+    ref = DeepseekV3ForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = ref(ids).logits
+    assert _rel(kimi_loader.from_pretrained(path)(ids), want) < 1e-4
