@@ -235,6 +235,12 @@ def build_w_kc_w_vc(model: Any, layers: list[int] | None = None) -> list[int]:
         attn = model.model.layers[i].self_attn
         w = dense(attn.kv_b_proj, model.dtype, fp8_block=model.fp8_block)
         w = w.view(-1, nope + v, c["kv_lora_rank"])
-        attn.register_buffer("w_kc", w[:, :nope, :].contiguous(), persistent=False)
-        attn.register_buffer("w_vc", w[:, nope:, :].transpose(1, 2).contiguous(), persistent=False)
+        kc, vc = w[:, :nope, :], w[:, nope:, :].transpose(1, 2)
+        old = getattr(attn, "w_kc", None)
+        if old is not None and old.shape == kc.shape and old.dtype == kc.dtype:
+            attn.w_kc.copy_(kc)  # in place: addresses stay valid for captured graphs
+            attn.w_vc.copy_(vc)
+        else:
+            attn.register_buffer("w_kc", kc.contiguous(), persistent=False)
+            attn.register_buffer("w_vc", vc.contiguous(), persistent=False)
     return list(todo)

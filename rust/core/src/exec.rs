@@ -461,3 +461,129 @@ fn with_tensor(e: Error, name: &str) -> Error {
         other => other,
     }
 }
+
+/// xxh3-64 of every tensor in `ids`, read with `pread` in parallel (no mapping is
+/// touched, so a shard truncated meanwhile is an error, not a fault).
+pub fn hash_tensors(
+    ckpt: &Checkpoint,
+    ids: &[crate::checkpoint::TensorId],
+    pool: &ThreadPool,
+) -> Result<Vec<u64>> {
+    const STEP: usize = 4 << 20;
+    pool.install(|| {
+        ids.par_iter()
+            .map(|&id| {
+                let e = ckpt.entry(id);
+                let shard = ckpt.shard(id);
+                let mut h = xxhash_rust::xxh3::Xxh3::new();
+                BOUNCE.with_borrow_mut(|(a, _)| {
+                    let mut done = 0u64;
+                    while done < e.nbytes() {
+                        let n = (e.nbytes() - done).min(STEP as u64) as usize;
+                        let buf = grow(a, n);
+                        shard
+                            .read_at(shard.abs_offset(e) + done, buf)
+                            .map_err(|err| with_tensor(err, &e.name))?;
+                        h.update(buf);
+                        done += n as u64;
+                    }
+                    Ok(h.digest())
+                })
+            })
+            .collect()
+    })
+}
+
+/// Executes the ops `which` of `plan` all-or-nothing: every op first writes into its own
+/// staging buffer; only when all of them succeeded are the staged bytes copied into the
+/// destinations. A read error (a corrupt or truncated shard) leaves every destination
+/// untouched. Peak extra memory is the bytes of the executed ops.
+///
+/// # Safety
+/// As [`execute_plan`] for the destinations the ops in `which` write.
+pub unsafe fn execute_atomic(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    which: &[usize],
+    dests: &[Option<DestBuf>],
+    pool: &ThreadPool,
+) -> Result<()> {
+    let mut staged_plan = Plan {
+        dests: Vec::with_capacity(which.len()),
+        ..Plan::default()
+    };
+    let mut targets = Vec::with_capacity(which.len());
+    for &k in which {
+        let op = plan.ops.get(k).ok_or_else(|| Error::InvalidArgument {
+            reason: format!("op {k} out of range"),
+        })?;
+        let spec = &plan.dests[op.dest as usize];
+        let Some(buf) = dests[op.dest as usize] else {
+            return Err(Error::InvalidArgument {
+                reason: format!("no buffer given for '{}'", spec.name),
+            });
+        };
+        if buf.len != spec.nbytes() {
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "buffer for '{}' has {} bytes, expected {}",
+                    spec.name,
+                    buf.len,
+                    spec.nbytes()
+                ),
+            });
+        }
+        let n = op.out_elems();
+        // each op becomes the whole of a private one-op destination
+        staged_plan.dests.push(crate::plan::DestSpec {
+            name: spec.name.clone(),
+            shape: vec![n],
+            dtype: spec.dtype,
+        });
+        staged_plan.ops.push(Op {
+            dest: (staged_plan.dests.len() - 1) as u32,
+            dest_offset: 0,
+            ..op.clone()
+        });
+        targets.push((buf, op.dest_offset, n * spec.dtype.size()));
+    }
+    let mut staging: Vec<Vec<u8>> = targets.iter().map(|t| vec![0u8; t.2 as usize]).collect();
+    let bufs: Vec<Option<DestBuf>> = staging
+        .iter_mut()
+        .map(|s| {
+            Some(DestBuf {
+                ptr: s.as_mut_ptr(),
+                len: s.len() as u64,
+            })
+        })
+        .collect();
+    let opts = ReadOptions {
+        huge_pages: false,
+        ..ReadOptions::default()
+    };
+    // SAFETY: the staging buffers are ours, distinct and alive until the end of this call.
+    unsafe {
+        execute_plan(
+            ckpt,
+            &staged_plan,
+            0..staged_plan.ops.len(),
+            &bufs,
+            pool,
+            opts,
+        )?
+    };
+    pool.install(|| {
+        staging
+            .par_iter()
+            .zip(targets.par_iter())
+            .for_each(|(src, &(buf, off, len))| {
+                // SAFETY: the coverage proof of the plan makes op ranges disjoint; the range
+                // lies inside the destination (checked above) which the caller guarantees valid.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(buf.ptr.add(off as usize), len as usize)
+                };
+                dst.copy_from_slice(src);
+            })
+    });
+    Ok(())
+}

@@ -782,3 +782,110 @@ fn expected_name(
     }
     Some(un_rewrite(dest.name.clone()))
 }
+
+impl Plan {
+    /// The same plan against `new`, a later version of the checkpoint (an RL trainer's new
+    /// shards): every op's sources are looked up by name in `new` and must keep their
+    /// dtype and shape. Ops whose sources are all absent are dropped (a partial update);
+    /// an op with only some of its sources present (a weight without its scale) is an
+    /// error. Returns the rebound plan and the names in `new` that no op reads (for the
+    /// caller to re-plan or reject).
+    pub fn rebind(&self, old: &Checkpoint, new: &Checkpoint) -> Result<(Plan, Vec<String>)> {
+        let look = |id: TensorId| -> Result<Option<TensorId>> {
+            let e = old.entry(id);
+            match new.find(&e.name) {
+                None => Ok(None),
+                Some(nid) => {
+                    let ne = new.entry(nid);
+                    if ne.dtype != e.dtype || ne.shape != e.shape {
+                        return Err(Error::ShapeMismatch {
+                            file: new.shard(nid).path.clone(),
+                            tensor: format!(
+                                "{} ({} in the loaded checkpoint, {} here)",
+                                e.name, e.dtype, ne.dtype
+                            ),
+                            expected: e.shape.to_vec(),
+                            found: ne.shape.to_vec(),
+                        });
+                    }
+                    Ok(Some(nid))
+                }
+            }
+        };
+        let mut read = vec![vec![false; 0]; new.shards.len()];
+        for (s, sh) in new.shards.iter().enumerate() {
+            read[s] = vec![false; sh.header.tensors.len()];
+        }
+        let mut ops = Vec::with_capacity(self.ops.len());
+        for op in &self.ops {
+            let src = look(op.src)?;
+            let scale_old = match op.kind {
+                OpKind::DequantInt4 { scale, .. }
+                | OpKind::DequantMxfp4 { scale, .. }
+                | OpKind::DequantFp8 { scale, .. } => Some(scale),
+                _ => None,
+            };
+            let scale_new = match scale_old {
+                Some(s) => look(s)?,
+                None => None,
+            };
+            match (src, scale_old, scale_new) {
+                (None, _, None) => continue,
+                (Some(_), Some(_), None) | (None, Some(_), Some(_)) => {
+                    let (present, absent) = if src.is_some() {
+                        (op.src, scale_old.expect("scale"))
+                    } else {
+                        (scale_old.expect("scale"), op.src)
+                    };
+                    return Err(Error::MissingTensor {
+                        file: new.display_path(),
+                        tensor: old.entry(absent).name.to_string(),
+                        hint: Some(format!(
+                            "'{}' is updated, and it is dequantized together with this tensor",
+                            old.entry(present).name
+                        )),
+                    });
+                }
+                _ => {}
+            }
+            let src = src.expect("present");
+            read[src.shard as usize][src.index as usize] = true;
+            let mut kind = op.kind;
+            if let Some(s) = scale_new {
+                read[s.shard as usize][s.index as usize] = true;
+                match &mut kind {
+                    OpKind::DequantInt4 { scale, .. }
+                    | OpKind::DequantMxfp4 { scale, .. }
+                    | OpKind::DequantFp8 { scale, .. } => *scale = s,
+                    _ => {}
+                }
+            }
+            ops.push(Op {
+                kind,
+                src,
+                ..op.clone()
+            });
+        }
+        let unread: Vec<String> = new
+            .iter()
+            .filter(|(id, _)| !read[id.shard as usize][id.index as usize])
+            .map(|(_, e)| e.name.to_string())
+            .collect();
+        let bytes_written = ops
+            .iter()
+            .map(|o| o.out_elems() * self.dests[o.dest as usize].dtype.size())
+            .sum();
+        let bytes_read = ops.iter().map(|o| bytes_read(new, o)).sum();
+        Ok((
+            Plan {
+                ops,
+                dests: self.dests.clone(),
+                used: 0,
+                bytes_read,
+                bytes_written,
+                ..Plan::default()
+            },
+            unread,
+        ))
+    }
+}

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use kimi_loader_core::exec::{read_tasks, ReadOptions, ReadTask};
+use kimi_loader_core::exec::{hash_tensors, read_tasks, ReadOptions, ReadTask};
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Error};
 use pyo3::prelude::*;
 
@@ -238,6 +238,19 @@ impl Checkpoint {
                 opts.chunk = c;
             }
             unsafe { read_tasks(&inner, &tasks, &pool, opts) }
+        })
+    }
+
+    /// xxh3-64 of each named tensor's bytes, in parallel (GIL released).
+    fn hash_tensors(&self, py: Python<'_>, names: Vec<String>) -> PyResult<Vec<u64>> {
+        let (inner, threads) = (self.inner.clone(), self.threads);
+        detached(py, move || {
+            let ids = names
+                .iter()
+                .map(|n| inner.get(n).map(|(id, _)| id))
+                .collect::<kimi_loader_core::Result<Vec<_>>>()?;
+            let pool = threads::pool(threads)?;
+            hash_tensors(&inner, &ids, &pool)
         })
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kimi_loader_core::exec::{execute_plan, DestBuf, ReadOptions};
+use kimi_loader_core::exec::{execute_atomic, execute_plan, DestBuf, ReadOptions};
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype, Error};
@@ -278,5 +278,68 @@ impl Plan {
     /// contiguous, so a run of destinations is a run of ops).
     fn op_dests(&self) -> Vec<u32> {
         self.inner.ops.iter().map(|op| op.dest).collect()
+    }
+
+    /// This plan replayed against `ckpt`, a later version of the checkpoint it was built
+    /// for: returns `(plan, names no op reads)`. Ops whose sources `ckpt` lacks are dropped.
+    fn rebind(&self, py: Python<'_>, ckpt: &Checkpoint) -> PyResult<(Plan, Vec<String>)> {
+        let (old, new, plan) = (self.ckpt.clone(), ckpt.core(), self.inner.clone());
+        let n2 = new.clone();
+        let (rebound, unread) = detached(py, move || plan.rebind(&old, &n2))?;
+        Ok((
+            Plan {
+                ckpt: new,
+                inner: Arc::new(rebound),
+                threads: self.threads,
+            },
+            unread,
+        ))
+    }
+
+    /// `(source tensor, scale tensor or None)` of every op.
+    fn op_sources(&self) -> Vec<(String, Option<String>)> {
+        self.inner
+            .ops
+            .iter()
+            .map(|op| {
+                let scale = match op.kind {
+                    OpKind::DequantInt4 { scale, .. }
+                    | OpKind::DequantMxfp4 { scale, .. }
+                    | OpKind::DequantFp8 { scale, .. } => {
+                        Some(self.ckpt.entry(scale).name.to_string())
+                    }
+                    _ => None,
+                };
+                (self.ckpt.entry(op.src).name.to_string(), scale)
+            })
+            .collect()
+    }
+
+    /// Executes the ops `which` all-or-nothing (staged, then committed) into `addresses`
+    /// (a dict `{destination index: address}`), GIL released. Same contract as `execute`.
+    fn execute_atomic(
+        &self,
+        py: Python<'_>,
+        which: Vec<usize>,
+        addresses: &Bound<'_, PyDict>,
+    ) -> PyResult<()> {
+        let n = self.inner.dests.len();
+        let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
+        for (k, v) in addresses.iter() {
+            let (i, a): (usize, usize) = (k.extract()?, v.extract()?);
+            if i >= n {
+                return Err(bad(py, format!("destination index {i} out of range ({n})")));
+            }
+            bufs[i] = Some(DestBuf {
+                ptr: a as *mut u8,
+                len: self.inner.dests[i].nbytes(),
+            });
+        }
+        let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
+        detached(py, move || {
+            let pool = threads::pool(threads)?;
+            // SAFETY: as `execute`: the loader passes live, contiguous, exclusively used buffers.
+            unsafe { execute_atomic(&ckpt, &plan, &which, &bufs, &pool) }
+        })
     }
 }

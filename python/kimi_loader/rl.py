@@ -1,0 +1,247 @@
+"""RL hot-reload: replace the weights of a live model in place, all-or-nothing.
+
+:class:`WeightUpdater` compiles the copy plan once (against the first checkpoint it sees)
+and replays it for every later version with :meth:`Plan.rebind` (sources re-resolved by
+name; a new plan only when names it has not seen appear). Every update:
+
+1. validates names, shapes, dtypes and quantization groups (a weight and its scale) before
+   anything is read into the model;
+2. hashes the source tensors (xxh3, in parallel) and keeps only the ops whose sources
+   changed since the last update (delta updates copy only changed bytes);
+3. executes those ops into staging buffers, and only when every read succeeded copies
+   them into the parameters (so a corrupt or truncated shard leaves the model bitwise
+   unchanged);
+4. writes in place (parameter storage addresses never change), bumps the version and runs
+   ``post_load_weights(layers=...)`` for the layers whose tensors changed.
+
+What is guaranteed about files changing underneath an update: shards are read with
+``pread`` through file descriptors opened when the update starts. A shard replaced by
+rename (the usual way trainers publish files) keeps serving the old file's bytes to this
+update: no crash, a consistent old version. A shard truncated in place makes a read come up
+short: the update fails with :class:`~kimi_loader.CheckpointIOError` and the model is
+untouched. A shard rewritten in place while an update reads it can yield a mix of old and
+new bytes for that update (the next update, whose hashes differ, repairs it).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import InvalidArgumentError, MissingTensorError
+from .loader import IncompleteLoadError, PlannedLoad, plan_for
+from .reader import Checkpoint
+from .reader import open as open_checkpoint
+
+__all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
+
+
+@dataclass
+class UpdateReport:
+    version: int
+    tensors: int = 0
+    changed_tensors: int = 0
+    bytes_changed: int = 0
+    bytes_hashed: int = 0
+    layers_post_processed: list[int] = field(default_factory=list)
+    replanned: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+#: the tensors that make up one quantized weight, by the suffix that identifies them
+_UNITS = (("weight_packed", "weight_scale", "weight_shape"), ("weight", "weight_scale"), ("weight", "weight_scale_inv"))
+
+
+def _check_units(present: set[str], known: set[str]) -> None:
+    """A quantized weight is one unit: its data, scale (and ct-int4 shape) are updated
+    together or not at all. Raises :class:`MissingTensorError` naming the absent part."""
+    for name in present:
+        base, _, suffix = name.rpartition(".")
+        for unit in _UNITS:
+            if suffix not in unit:
+                continue
+            siblings = [f"{base}.{s}" for s in unit]
+            if sum(sib in known for sib in siblings) < 2:  # not this unit in this checkpoint
+                continue
+            for sib in siblings:
+                if sib in known and sib not in present:
+                    raise MissingTensorError(
+                        f"'{name}' is updated but '{sib}', which belongs to the same quantized weight, is not: "
+                        "the parts of a quantized weight are updated together", tensor=sib)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+class WeightUpdater:
+    """Updates ``model`` in place from new checkpoints, named tensors or a broadcast.
+
+    ``baseline``: the checkpoint the model currently holds (path or open checkpoint);
+    with it the first update is already a delta. Without it the first update writes every
+    tensor it is given.
+    """
+
+    def __init__(self, model: Any, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+                 threads: int | None = None, baseline: Any = None) -> None:
+        self.model = model
+        self.ranks = dict(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+        self.threads = threads
+        self.version = 0
+        self._plan = None  # the compiled plan (built for a complete checkpoint)
+        self._known: set[str] = set()  # every name of the checkpoint the plan was built for
+        self._dests: dict[str, torch.Tensor] = {}
+        self._hashes: dict[str, int] = {}
+        if baseline is not None:
+            ck = baseline if isinstance(baseline, Checkpoint) else open_checkpoint(baseline, threads=threads)
+            plan = self._compile(ck).plan
+            names = sorted({n for pair in plan.op_sources() for n in pair if n})
+            self._hashes = dict(zip(names, ck.core.hash_tensors(names), strict=True))
+
+    # -- planning --------------------------------------------------------------------
+    def _compile(self, ck: Checkpoint) -> PlannedLoad:
+        planned = plan_for(self.model, ck, threads=self.threads, need_memory=True, **self.ranks)
+        if planned.plan.unused():
+            raise IncompleteLoadError(
+                f"{ck.index_path or ck.files[0]}: tensors the model has no place for: "
+                + ", ".join(n for n, _ in planned.plan.unused()[:5]), tensor=planned.plan.unused()[0][0])
+        if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
+            self._plan, self._known, self._dests = planned.plan, set(ck.keys()), planned.dests
+        return planned
+
+    def _plan_for(self, ck: Checkpoint) -> tuple[Any, dict[str, torch.Tensor], bool]:
+        """``(plan, destinations, replanned)`` for checkpoint ``ck``."""
+        if self._plan is not None:
+            plan, unread = self._plan.rebind(ck.core)
+            if all(n in self._known for n in unread):
+                return plan, self._dests, False
+        planned = self._compile(ck)
+        return planned.plan, planned.dests, True
+
+    # -- updates -----------------------------------------------------------------------
+    def update_from_disk(self, path: Any, *, names: Iterable[str] | None = None) -> UpdateReport:
+        """Updates from a checkpoint on disk (checkpoint naming, any subset of tensors).
+        ``names`` restricts the update to those checkpoint tensors."""
+        ck = path if isinstance(path, Checkpoint) else open_checkpoint(path, threads=self.threads)
+        return self._update(ck, None if names is None else set(names))
+
+    def update_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> UpdateReport:
+        """Updates from ``(checkpoint_name, tensor)`` pairs, through the same mappings (fused,
+        expert, scale, TP/EP slicing). The tensors go through a temporary safetensors file
+        (in ``/dev/shm`` when available)."""
+        from safetensors.torch import save_file
+
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors}
+        if not tensors:
+            raise InvalidArgumentError("no tensors to update from")
+        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.TemporaryDirectory(dir=where, prefix="kimi-loader-") as d:
+            f = os.path.join(d, "update.safetensors")
+            save_file(tensors, f)
+            return self._update(open_checkpoint(f, threads=self.threads), None)
+
+    def update_from_distributed(self, group: Any = None, *, src: int = 0) -> UpdateReport:
+        """Receives a :func:`broadcast_weights` from rank ``src`` and applies it (this
+        rank keeps only its TP/EP part, through the plan)."""
+        return self.update_from_tensors(_receive(group, src))
+
+    def _update(self, ck: Checkpoint, only: set[str] | None) -> UpdateReport:
+        t0 = time.perf_counter()
+        if only is not None:
+            absent = sorted(n for n in only if n not in ck)
+            if absent:
+                raise IncompleteLoadError(f"names not in the update checkpoint: {', '.join(absent[:5])}",
+                                          tensor=absent[0])
+        plan, dests, replanned = self._plan_for(ck)
+        _check_units(set(ck.keys()) if only is None else only, self._known or set(ck.keys()))
+        t_plan = time.perf_counter()
+        sources = plan.op_sources()
+        if only is not None:
+            keep = [k for k, (a, b) in enumerate(sources) if a in only or (b is not None and b in only)]
+        else:
+            keep = list(range(len(sources)))
+        names = sorted({n for k in keep for n in sources[k] if n})
+        hashes = dict(zip(names, ck.core.hash_tensors(names), strict=True))
+        changed = {n for n, h in hashes.items() if self._hashes.get(n) != h}
+        which = [k for k in keep if sources[k][0] in changed or sources[k][1] in changed]
+        t_hash = time.perf_counter()
+        index = {name: i for i, name in enumerate(plan.dest_names())}
+        ops = plan.ops()
+        addresses = {index[ops[k][1]]: dests[ops[k][1]].data_ptr() for k in which}
+        plan.execute_atomic(which, addresses)  # all-or-nothing
+        t_copy = time.perf_counter()
+        self._hashes.update({n: hashes[n] for n in changed})
+        self.version += 1
+        self.model.weights_version = self.version
+        layers = sorted({x for k in which if (x := _layer_of(ops[k][1])) is not None})
+        post = getattr(self.model, "post_load_weights", None)
+        if post is not None and which:
+            post(layers=layers)
+        t_post = time.perf_counter()
+        return UpdateReport(
+            version=self.version, tensors=len(names), changed_tensors=len(changed),
+            bytes_changed=sum(ops[k][3] for k in which), bytes_hashed=sum(ck.tensor_info(n).nbytes for n in names),
+            layers_post_processed=layers if which else [], replanned=replanned,
+            seconds={"plan": t_plan - t0, "hash": t_hash - t_plan, "copy": t_copy - t_hash,
+                     "post_load": t_post - t_copy, "total": t_post - t0})
+
+
+# -- torch.distributed -----------------------------------------------------------------
+def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int = 0,
+                      bucket_bytes: int = 64 << 20) -> int:
+    """Trainer side: broadcasts ``(name, tensor)`` pairs (or every tensor of a checkpoint
+    path) from rank ``src`` to the group in buckets of about ``bucket_bytes``. Receivers
+    call :meth:`WeightUpdater.update_from_distributed`. Returns the bytes sent."""
+    import torch.distributed as dist
+
+    if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
+        ck = named_tensors_or_path if isinstance(named_tensors_or_path, Checkpoint) else \
+            open_checkpoint(named_tensors_or_path)
+        items = [(n, ck.get_tensor(n)) for n in ck.keys()]
+    else:
+        items = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
+    meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()) for n, t in items]
+    buckets, cur, size = [], [], 0
+    for (_, t), m in zip(items, meta, strict=True):
+        if cur and size + m[3] > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += m[3]
+    if cur:
+        buckets.append(cur)
+    sizes = [sum(t.numel() * t.element_size() for t in b) for b in buckets]
+    dist.broadcast_object_list([(meta, sizes)], src=src, group=group)
+    for b in buckets:
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in b]) if b else torch.empty(0, dtype=torch.uint8)
+        dist.broadcast(flat, src=src, group=group)
+    return sum(sizes)
+
+
+def _receive(group: Any, src: int) -> list[tuple[str, torch.Tensor]]:
+    import torch.distributed as dist
+
+    box: list[Any] = [None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    meta, sizes = box[0]
+    out, k = [], 0
+    for size in sizes:
+        flat = torch.empty(size, dtype=torch.uint8)
+        dist.broadcast(flat, src=src, group=group)
+        off = 0
+        while k < len(meta) and off + meta[k][3] <= size:
+            name, dtype, shape, nbytes = meta[k]
+            out.append((name, flat[off:off + nbytes].view(getattr(torch, dtype)).view(shape)))
+            off += nbytes
+            k += 1
+    return out

@@ -1,0 +1,227 @@
+"""RL hot-reload: in place, incremental, all-or-nothing, over torch.distributed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from reference import as_bytes
+from safetensors.torch import load_file, save_file
+
+import kimi_loader
+from conftest import QUANTS
+from kimi_loader.errors import CheckpointIOError, HeaderError, MissingTensorError, ShapeMismatchError
+from kimi_loader.loader import IncompleteLoadError
+from kimi_loader.rl import WeightUpdater
+from kimi_loader.synth import make_checkpoint
+
+IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    out = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out.update({n: b.detach().clone() for n, b in model.named_buffers()})
+    return out
+
+
+def _addresses(model) -> dict[str, int]:
+    out = {n: p.data_ptr() for n, p in model.named_parameters()}
+    out.update({n: b.data_ptr() for n, b in model.named_buffers()})
+    return out
+
+
+def _assert_unchanged(model, snap) -> None:
+    for n, t in list(model.named_parameters()) + list(model.named_buffers()):
+        assert torch.equal(as_bytes(t), as_bytes(snap[n])), n
+
+
+def _rewrite(src: str, dst, change: dict[str, torch.Tensor] | None = None, drop: set[str] | None = None) -> str:
+    """A copy of checkpoint `src` with some tensors replaced or dropped."""
+    shutil.copytree(src, dst)
+    index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
+    for f in sorted(set(index["weight_map"].values())):
+        t = load_file(os.path.join(dst, f))
+        hit = {k for k in t if k in (change or {}) or k in (drop or set())}
+        if hit:
+            t = {k: (change or {}).get(k, v) for k, v in t.items() if k not in (drop or set())}
+            save_file(t, os.path.join(dst, f), metadata={"format": "pt"})
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in (drop or set())}
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
+    return os.fspath(dst)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_update_from_disk_equals_a_fresh_load_in_place(tmp_path, quant):
+    a = make_checkpoint(tmp_path / "a", quant=quant, seed=0)
+    b = make_checkpoint(tmp_path / "b", quant=quant, seed=1)
+    model = kimi_loader.from_pretrained(a)
+    addresses = _addresses(model)
+    updater = WeightUpdater(model, baseline=a)
+    report = updater.update_from_disk(b)
+    assert report.version == 1 and model.weights_version == 1 and not report.replanned
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+    assert _addresses(model) == addresses  # every parameter and w_kc / w_vc in place
+    again = updater.update_from_disk(b)
+    assert again.version == 2 and again.changed_tensors == 0 and again.bytes_changed == 0
+
+
+def test_delta_update_copies_only_the_changed_experts(tmp_path):
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    p = "language_model.model.layers.1.mlp.experts"
+    ck = kimi_loader.open(a)
+    change = {}
+    for e in (1, 3):
+        name = f"{p}.{e}.down_proj.weight_packed"
+        change[name] = ck.get_tensor(name) ^ 0x11111111
+    b = _rewrite(a, tmp_path / "b", change=change)
+    model = kimi_loader.from_pretrained(a)
+    report = WeightUpdater(model, baseline=a).update_from_disk(b)
+    assert report.changed_tensors == 2
+    assert report.bytes_changed == sum(t.numel() * t.element_size() for t in change.values())
+    assert report.layers_post_processed == [1]
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+
+
+def test_post_load_runs_only_for_the_changed_layer(tmp_path):
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    name = "language_model.model.layers.2.self_attn.kv_b_proj.weight"
+    b = _rewrite(a, tmp_path / "b", change={name: kimi_loader.open(a).get_tensor(name) * 2})
+    model = kimi_loader.from_pretrained(a)
+    model.language_model.post_load_calls.clear()
+    report = WeightUpdater(model, baseline=a).update_from_disk(b)
+    assert report.layers_post_processed == [2] and model.language_model.post_load_calls == [[2]]
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+
+
+def test_update_from_tensors_and_names_subsets(tmp_path):
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    model = kimi_loader.from_pretrained(a)
+    updater = WeightUpdater(model, baseline=a)
+    ckb = kimi_loader.open(b)
+    gate = "language_model.model.layers.1.mlp.experts.2.gate_proj.weight"
+    report = updater.update_from_tensors([(gate, ckb.get_tensor(gate))])
+    assert report.changed_tensors == 1
+    w13 = model.language_model.model.layers[1].mlp.experts.w13_weight
+    assert torch.equal(w13[2, :32], ckb.get_tensor(gate).float())
+    assert not report.replanned  # a subset replays the compiled plan (ops of absent tensors drop out)
+    # `names` picks a subset of a full new checkpoint
+    norm = "language_model.model.norm.weight"
+    report = updater.update_from_disk(b, names=[norm])
+    assert report.changed_tensors == 1 and torch.equal(model.language_model.model.norm.weight,
+                                                       ckb.get_tensor(norm).float())
+    report = updater.update_from_disk(b)
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+
+
+# -- all-or-nothing ----------------------------------------------------------------------
+@pytest.fixture
+def loaded(tmp_path):
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="ct-int4", seed=1)
+    model = kimi_loader.from_pretrained(a)
+    return a, b, model, WeightUpdater(model, baseline=a), _snapshot(model)
+
+
+def test_failed_updates_leave_the_model_bitwise_unchanged(loaded, tmp_path):
+    _a, b, model, updater, snap = loaded
+    ck = kimi_loader.open(b)
+    name = "language_model.model.layers.1.self_attn.o_proj.weight"
+    cases = [
+        (_rewrite(b, tmp_path / "shape", change={name: torch.zeros(64, 32, dtype=torch.bfloat16)}), ShapeMismatchError),
+        (_rewrite(b, tmp_path / "half", drop={"language_model.model.layers.2.mlp.experts.5.up_proj.weight_scale"}),
+         MissingTensorError),
+    ]
+    # an unknown name
+    extra = tmp_path / "extra.safetensors"
+    save_file({"language_model.model.layers.1.mlp.mystery.weight": torch.zeros(2)}, extra)
+    with pytest.raises(IncompleteLoadError, match="mystery"):
+        updater.update_from_disk(extra)
+    _assert_unchanged(model, snap)
+    for path, err in cases:
+        with pytest.raises(err):
+            updater.update_from_disk(path)
+        _assert_unchanged(model, snap)
+    # a corrupt shard
+    corrupt = shutil.copytree(b, tmp_path / "corrupt")
+    shard = os.path.join(corrupt, ck.files[0].rsplit("/", 1)[1])
+    with open(shard, "r+b") as f:
+        f.seek(8)
+        f.write(b"]]]]")
+    with pytest.raises(HeaderError):
+        updater.update_from_disk(corrupt)
+    _assert_unchanged(model, snap)
+    assert updater.version == 0
+
+
+def test_a_shard_truncated_during_an_update_is_an_error_not_a_crash(loaded, tmp_path):
+    _a, b, model, updater, snap = loaded
+    path = shutil.copytree(b, tmp_path / "t")
+    ck = kimi_loader.open(path)  # validated, then the trainer's file shrinks underneath
+    for f in ck.files:
+        os.truncate(f, 4096)
+    with pytest.raises(CheckpointIOError, match="truncated"):
+        updater.update_from_disk(ck)
+    _assert_unchanged(model, snap)
+
+
+def test_a_shard_replaced_by_rename_during_an_update_serves_the_old_bytes(loaded, tmp_path):
+    _a, b, model, updater, _snap = loaded
+    path = shutil.copytree(b, tmp_path / "r")
+    ck = kimi_loader.open(path)
+    want = kimi_loader.from_pretrained(b)(IDS)
+    for f in ck.files:  # the trainer publishes new files by rename
+        os.rename(f, f + ".old")
+        shutil.copy(f + ".old", f)
+        with open(f, "r+b") as fh:
+            fh.seek(-4, 2)
+            fh.write(b"\xff\xff\xff\xff")
+    updater.update_from_disk(ck)
+    assert torch.equal(model(IDS), want)
+
+
+# -- torch.distributed -------------------------------------------------------------------
+def _worker(rank: int, world: int, port: int, a: str, b: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        if rank == 0:
+            broadcast_weights(b, bucket_bytes=64 << 10)
+        else:
+            tp_size = world - 1
+            ck = kimi_loader.open(a)
+            model = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=tp_size)
+            kimi_loader.load_weights(model, ck, tp_rank=rank - 1, tp_size=tp_size)
+            WeightUpdater(model, tp_rank=rank - 1, tp_size=tp_size, baseline=ck).update_from_distributed()
+            torch.save({n: p for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_broadcast_from_a_trainer_rank(tmp_path, world):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0, moe_intermediate_size=64)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1, moe_intermediate_size=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_worker, args=(world, port, a, b, os.fspath(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    tp_size = world - 1
+    ck = kimi_loader.open(b)
+    for rank in range(1, world):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        want = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=tp_size)
+        kimi_loader.load_weights(want, ck, tp_rank=rank - 1, tp_size=tp_size)
+        for n, p in want.named_parameters():
+            assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
