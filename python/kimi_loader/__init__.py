@@ -29,6 +29,8 @@ from .loader import LoadReport as LoadReport
 from .loader import load_weights as load_weights
 from .models.deepseek_v3 import fusion_decision
 from .reader import Checkpoint, TensorInfo, open  # noqa: A004
+from .rl import UpdateReport as UpdateReport
+from .rl import WeightUpdater as WeightUpdater
 
 
 def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | None = None) -> tuple[int, str]:

@@ -90,7 +90,46 @@ def _load_and_generate(path: str) -> int:
     out = model.generate(prompt, max_new_tokens=12)
     dt = time.perf_counter() - t
     print(f"  prompt {prompt[0].tolist()} -> {out[0, prompt.shape[1]:].tolist()}  ({12 / dt:.0f} tokens/s)")
-    return 0
+    return _hot_reload(path, model, prompt, out)
+
+
+def _hot_reload(path: str, model, prompt, before) -> int:
+    """An RL step: perturb some experts, publish a new checkpoint, update in place."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from . import WeightUpdater
+
+    print("\n== RL hot-reload: perturb experts 0-3 of every MoE layer, write a new checkpoint, update in place")
+    new = path.rstrip("/") + "-step1"
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.copytree(path, new)
+    index = json.load(open(os.path.join(new, "model.safetensors.index.json")))
+    g = torch.Generator().manual_seed(1)
+    for f in sorted(set(index["weight_map"].values())):
+        tensors = load_file(os.path.join(new, f))
+        touched = False
+        for name, t in tensors.items():
+            expert = name.split(".experts.")[1].split(".")[0] if ".mlp.experts." in name else None
+            if expert is not None and name.endswith("weight_packed") and int(expert) < 4:
+                tensors[name] = t ^ torch.randint(0, 1 << 30, t.shape, generator=g, dtype=torch.int32)
+                touched = True
+        if touched:
+            save_file(tensors, os.path.join(new, f), metadata={"format": "pt"})
+    updater = WeightUpdater(model, baseline=path)
+    addresses = [p.data_ptr() for p in model.parameters()]
+    report = updater.update_from_disk(new)
+    after = model.generate(prompt, max_new_tokens=12)
+    same_place = addresses == [p.data_ptr() for p in model.parameters()]
+    print(f"  update v{report.version}: {report.changed_tensors} of {report.tensors} tensors changed, "
+          f"{report.bytes_changed:,} bytes written, {report.seconds['total'] * 1e3:.1f} ms; "
+          f"parameters in place: {same_place}; post-load for layers {report.layers_post_processed}")
+    print(f"  generation before: {before[0, prompt.shape[1]:].tolist()}")
+    print(f"  generation after:  {after[0, prompt.shape[1]:].tolist()}")
+    return 0 if same_place else 1
 
 
 if __name__ == "__main__":
