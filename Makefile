@@ -40,7 +40,7 @@ test-python: build
 test: test-rust test-python
 
 bench: build
-	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py
+	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py
 
 lint: venv
 	cargo fmt --all -- --check

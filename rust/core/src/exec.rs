@@ -557,11 +557,8 @@ pub unsafe fn execute_atomic(
             })
         })
         .collect();
-    let opts = ReadOptions {
-        huge_pages: false,
-        ..ReadOptions::default()
-    };
-    // SAFETY: the staging buffers are ours, distinct and alive until the end of this call.
+    let opts = ReadOptions::default(); // huge pages for the fresh staging buffers too
+                                       // SAFETY: the staging buffers are ours, distinct and alive until the end of this call.
     unsafe {
         execute_plan(
             ckpt,
