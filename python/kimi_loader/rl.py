@@ -221,23 +221,36 @@ def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int
     if cur:
         buckets.append(cur)
     sizes = [sum(t.numel() * t.element_size() for t in b) for b in buckets]
-    dist.broadcast_object_list([(meta, sizes)], src=src, group=group)
+    device = _comm_device(group)
+    dist.broadcast_object_list([(meta, sizes)], src=src, group=group, device=device)
     for b in buckets:
         flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in b]) if b else torch.empty(0, dtype=torch.uint8)
-        dist.broadcast(flat, src=src, group=group)
+        dist.broadcast(flat.to(device), src=src, group=group)
     return sum(sizes)
+
+
+def _comm_device(group: Any) -> torch.device:
+    """CPU for gloo; the current CUDA device for NCCL (its collectives need CUDA tensors).
+    Only the gloo path is tested here (no GPU on the development machines)."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _receive(group: Any, src: int) -> list[tuple[str, torch.Tensor]]:
     import torch.distributed as dist
 
     box: list[Any] = [None]
-    dist.broadcast_object_list(box, src=src, group=group)
+    device = _comm_device(group)
+    dist.broadcast_object_list(box, src=src, group=group, device=device)
     meta, sizes = box[0]
     out, k = [], 0
     for size in sizes:
-        flat = torch.empty(size, dtype=torch.uint8)
+        flat = torch.empty(size, dtype=torch.uint8, device=device)
         dist.broadcast(flat, src=src, group=group)
+        flat = flat.cpu()
         off = 0
         while k < len(meta) and off + meta[k][3] <= size:
             name, dtype, shape, nbytes = meta[k]
