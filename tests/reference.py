@@ -70,3 +70,48 @@ def expected_params(ck, model, *, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1) ->
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def load_all(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a sharded checkpoint directory, read with safetensors (a weight and
+    its scale may sit in different shards)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out.update(load_file(os.path.join(path, f)))
+    return out
+
+
+def rewrite(src: str, dst, *, change: dict[str, torch.Tensor] | None = None, drop: set[str] | None = None,
+            add: dict[str, torch.Tensor] | None = None, rename=None) -> str:
+    """A copy of checkpoint directory ``src`` at ``dst`` with tensors replaced (``change``),
+    removed (``drop``), added to the first shard (``add``) or renamed (``rename(name)``);
+    the index follows."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    index_path = os.path.join(dst, "model.safetensors.index.json")
+    index = json.load(open(index_path))
+    change, drop, add = change or {}, drop or set(), add or {}
+    new_map: dict[str, str] = {}
+    for k, f in enumerate(sorted(set(index["weight_map"].values()))):
+        tensors = load_file(os.path.join(dst, f))
+        tensors = {n: change.get(n, t) for n, t in tensors.items() if n not in drop}
+        if rename is not None:
+            tensors = {rename(n): t for n, t in tensors.items()}
+        if k == 0:
+            tensors.update(add)
+        save_file(tensors, os.path.join(dst, f), metadata={"format": "pt"})
+        new_map.update(dict.fromkeys(tensors, f))
+    index["weight_map"] = new_map
+    json.dump(index, open(index_path, "w"))
+    return os.fspath(dst)

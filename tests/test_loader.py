@@ -4,14 +4,10 @@ wrappers, strict completeness."""
 from __future__ import annotations
 
 import itertools
-import json
-import os
-import shutil
 
 import pytest
 import torch
-from reference import as_bytes, expected_params
-from safetensors.torch import load_file, save_file
+from reference import as_bytes, expected_params, rewrite
 
 import kimi_loader
 from conftest import QUANTS
@@ -246,30 +242,6 @@ def test_mapping_defaults_when_the_inner_model_lacks_them():
 
 
 # -- strict completeness -----------------------------------------------------------------
-def _copy_without(src: str, dst, drop: str | None = None, add: dict | None = None,
-                  replace: dict | None = None) -> str:
-    shutil.copytree(src, dst)
-    index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
-    wm = index["weight_map"]
-    touched = {wm[n] for n in [drop, *(replace or {})] if n}
-    if add:
-        touched.add(next(iter(wm.values())))
-    for f in touched:
-        tensors = load_file(os.path.join(dst, f))
-        if drop in tensors:
-            del tensors[drop]
-            del wm[drop]
-        for k, v in (replace or {}).items():
-            if k in tensors:
-                tensors[k] = v
-        if add and f == next(iter(sorted(touched))):
-            tensors.update(add)
-            wm.update(dict.fromkeys(add, f))
-        save_file(tensors, os.path.join(dst, f), metadata={"format": "pt"})
-    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
-    return os.fspath(dst)
-
-
 @pytest.mark.parametrize("drop", [
     "language_model.model.layers.1.mlp.experts.3.up_proj.weight_packed",
     "language_model.model.layers.2.mlp.experts.0.gate_proj.weight_scale",
@@ -279,7 +251,7 @@ def _copy_without(src: str, dst, drop: str | None = None, add: dict | None = Non
     "language_model.lm_head.weight",
 ])
 def test_removing_any_tensor_fails_naming_it(synth_dir, tmp_path, drop):
-    path = _copy_without(synth_dir("kimi-k2.5-tiny", "ct-int4"), tmp_path / "ck", drop=drop)
+    path = rewrite(synth_dir("kimi-k2.5-tiny", "ct-int4"), tmp_path / "ck", drop={drop})
     ck = kimi_loader.open(path)
     model = for_config(ck.config)
     sentinel = [p.data.fill_(0) if p.is_floating_point() else p.data.zero_() for p in model.parameters()]
@@ -293,7 +265,7 @@ def test_removing_any_tensor_fails_naming_it(synth_dir, tmp_path, drop):
 
 def test_an_extra_unknown_tensor_fails_naming_it(synth_dir, tmp_path):
     extra = "language_model.model.layers.1.mlp.mystery.weight"
-    path = _copy_without(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck", add={extra: torch.zeros(2)})
+    path = rewrite(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck", add={extra: torch.zeros(2)})
     with pytest.raises(IncompleteLoadError, match=extra.replace(".", r"\.")) as ei:
         _load(path)
     assert ei.value.unused[0][0] == extra
@@ -301,8 +273,8 @@ def test_an_extra_unknown_tensor_fails_naming_it(synth_dir, tmp_path):
 
 def test_a_shape_mismatch_names_both_shapes(synth_dir, tmp_path):
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
-    path = _copy_without(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck",
-                         replace={name: torch.zeros(64, 60, dtype=torch.bfloat16)})
+    path = rewrite(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck",
+                   change={name: torch.zeros(64, 60, dtype=torch.bfloat16)})
     ck = kimi_loader.open(path)
     model = for_config(ck.config)
     with pytest.raises(ShapeMismatchError) as ei:

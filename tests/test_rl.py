@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
 import torch
-from reference import as_bytes
-from safetensors.torch import load_file, save_file
+from reference import as_bytes, rewrite
+from safetensors.torch import save_file
 
 import kimi_loader
 from conftest import QUANTS
@@ -38,21 +37,6 @@ def _assert_unchanged(model, snap) -> None:
         assert torch.equal(as_bytes(t), as_bytes(snap[n])), n
 
 
-def _rewrite(src: str, dst, change: dict[str, torch.Tensor] | None = None, drop: set[str] | None = None) -> str:
-    """A copy of checkpoint `src` with some tensors replaced or dropped."""
-    shutil.copytree(src, dst)
-    index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
-    for f in sorted(set(index["weight_map"].values())):
-        t = load_file(os.path.join(dst, f))
-        hit = {k for k in t if k in (change or {}) or k in (drop or set())}
-        if hit:
-            t = {k: (change or {}).get(k, v) for k, v in t.items() if k not in (drop or set())}
-            save_file(t, os.path.join(dst, f), metadata={"format": "pt"})
-    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in (drop or set())}
-    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
-    return os.fspath(dst)
-
-
 @pytest.mark.parametrize("quant", QUANTS)
 def test_update_from_disk_equals_a_fresh_load_in_place(tmp_path, quant):
     a = make_checkpoint(tmp_path / "a", quant=quant, seed=0)
@@ -76,7 +60,7 @@ def test_delta_update_copies_only_the_changed_experts(tmp_path):
     for e in (1, 3):
         name = f"{p}.{e}.down_proj.weight_packed"
         change[name] = ck.get_tensor(name) ^ 0x11111111
-    b = _rewrite(a, tmp_path / "b", change=change)
+    b = rewrite(a, tmp_path / "b", change=change)
     model = kimi_loader.from_pretrained(a)
     report = WeightUpdater(model, baseline=a).update_from_disk(b)
     assert report.changed_tensors == 2
@@ -88,7 +72,7 @@ def test_delta_update_copies_only_the_changed_experts(tmp_path):
 def test_post_load_runs_only_for_the_changed_layer(tmp_path):
     a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
     name = "language_model.model.layers.2.self_attn.kv_b_proj.weight"
-    b = _rewrite(a, tmp_path / "b", change={name: kimi_loader.open(a).get_tensor(name) * 2})
+    b = rewrite(a, tmp_path / "b", change={name: kimi_loader.open(a).get_tensor(name) * 2})
     model = kimi_loader.from_pretrained(a)
     model.language_model.post_load_calls.clear()
     report = WeightUpdater(model, baseline=a).update_from_disk(b)
@@ -131,8 +115,8 @@ def test_failed_updates_leave_the_model_bitwise_unchanged(loaded, tmp_path):
     ck = kimi_loader.open(b)
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
     cases = [
-        (_rewrite(b, tmp_path / "shape", change={name: torch.zeros(64, 32, dtype=torch.bfloat16)}), ShapeMismatchError),
-        (_rewrite(b, tmp_path / "half", drop={"language_model.model.layers.2.mlp.experts.5.up_proj.weight_scale"}),
+        (rewrite(b, tmp_path / "shape", change={name: torch.zeros(64, 32, dtype=torch.bfloat16)}), ShapeMismatchError),
+        (rewrite(b, tmp_path / "half", drop={"language_model.model.layers.2.mlp.experts.5.up_proj.weight_scale"}),
          MissingTensorError),
     ]
     # an unknown name

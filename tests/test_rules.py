@@ -5,6 +5,7 @@ skips."""
 from __future__ import annotations
 
 import torch
+from reference import rewrite
 from safetensors.torch import save_file
 from torch import nn
 
@@ -89,23 +90,12 @@ def test_scale_remaps_python_hooks_variant_prefix_and_skips(tmp_path):
 def test_language_model_layers_variant_into_the_serving_model(synth_dir, tmp_path):
     """A Kimi export that writes `language_model.layers.*` (no `.model.`) loads the same."""
     import json
-    import os
-
-    from safetensors.torch import load_file
 
     src = synth_dir("kimi-k2.5-tiny", "bf16")
-    dst = tmp_path / "variant"
-    dst.mkdir()
-    index = json.load(open(os.path.join(src, "model.safetensors.index.json")))
-    new_map = {}
-    for f in sorted(set(index["weight_map"].values())):
-        t = {k.replace("language_model.model.layers.", "language_model.layers."): v
-             for k, v in load_file(os.path.join(src, f)).items()}
-        save_file(t, dst / f)
-        new_map.update(dict.fromkeys(t, f))
-    json.dump({"weight_map": new_map}, open(dst / "model.safetensors.index.json", "w"))
-    json.dump(json.load(open(os.path.join(src, "config.json"))), open(dst / "config.json", "w"))
-    cfg = json.load(open(dst / "config.json"))["text_config"]
+    dst = rewrite(src, tmp_path / "variant",
+                  rename=lambda n: n.replace("language_model.model.layers.", "language_model.layers."))
+    assert "language_model.layers.1.mlp.gate.weight" in kimi_loader.open(dst)
+    cfg = json.load(open(f"{dst}/config.json"))["text_config"]
     a, b = DeepseekV3ForCausalLM(cfg), DeepseekV3ForCausalLM(cfg)
     kimi_loader.load_weights(a, src)
     kimi_loader.load_weights(b, dst)

@@ -140,16 +140,14 @@ def test_mxfp4_logits_against_a_bf16_checkpoint_of_the_dequantized_weights(synth
 
     from compressed_tensors.compressors.mx_utils import decompress_mx_scale
     from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
-    from safetensors.torch import load_file, save_file
+    from reference import load_all
+    from safetensors.torch import save_file
     from transformers import DeepseekV3ForCausalLM
 
     path = synth_dir("deepseek-v3-tiny", "quark-mxfp4")
     out = tmp_path / "bf16"
     out.mkdir()
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
-    tensors = {}
-    for f in sorted(set(index["weight_map"].values())):
-        tensors.update(load_file(os.path.join(path, f)))  # a weight and its scale may sit in two shards
+    tensors = load_all(path)
     dense = {}
     for name, t in tensors.items():
         if name.endswith(".weight_scale"):

@@ -60,6 +60,28 @@ pub enum OpKind {
     },
 }
 
+impl OpKind {
+    /// The scale tensor a dequantizing op reads besides its source.
+    pub fn scale(&self) -> Option<TensorId> {
+        match *self {
+            OpKind::DequantInt4 { scale, .. }
+            | OpKind::DequantMxfp4 { scale, .. }
+            | OpKind::DequantFp8 { scale, .. } => Some(scale),
+            OpKind::Copy | OpKind::Convert { .. } => None,
+        }
+    }
+
+    /// Points a dequantizing op at another scale tensor (no-op for the others).
+    pub fn set_scale(&mut self, to: TensorId) {
+        match self {
+            OpKind::DequantInt4 { scale, .. }
+            | OpKind::DequantMxfp4 { scale, .. }
+            | OpKind::DequantFp8 { scale, .. } => *scale = to,
+            OpKind::Copy | OpKind::Convert { .. } => {}
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Op {
     pub kind: OpKind,
@@ -819,12 +841,7 @@ impl Plan {
         let mut ops = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
             let src = look(op.src)?;
-            let scale_old = match op.kind {
-                OpKind::DequantInt4 { scale, .. }
-                | OpKind::DequantMxfp4 { scale, .. }
-                | OpKind::DequantFp8 { scale, .. } => Some(scale),
-                _ => None,
-            };
+            let scale_old = op.kind.scale();
             let scale_new = match scale_old {
                 Some(s) => look(s)?,
                 None => None,
@@ -853,12 +870,7 @@ impl Plan {
             let mut kind = op.kind;
             if let Some(s) = scale_new {
                 read[s.shard as usize][s.index as usize] = true;
-                match &mut kind {
-                    OpKind::DequantInt4 { scale, .. }
-                    | OpKind::DequantMxfp4 { scale, .. }
-                    | OpKind::DequantFp8 { scale, .. } => *scale = s,
-                    _ => {}
-                }
+                kind.set_scale(s);
             }
             ops.push(Op {
                 kind,

@@ -302,14 +302,7 @@ impl Plan {
             .ops
             .iter()
             .map(|op| {
-                let scale = match op.kind {
-                    OpKind::DequantInt4 { scale, .. }
-                    | OpKind::DequantMxfp4 { scale, .. }
-                    | OpKind::DequantFp8 { scale, .. } => {
-                        Some(self.ckpt.entry(scale).name.to_string())
-                    }
-                    _ => None,
-                };
+                let scale = op.kind.scale().map(|s| self.ckpt.entry(s).name.to_string());
                 (self.ckpt.entry(op.src).name.to_string(), scale)
             })
             .collect()
