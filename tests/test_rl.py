@@ -209,3 +209,19 @@ def test_broadcast_from_a_trainer_rank(tmp_path, world):
         kimi_loader.load_weights(want, ck, tp_rank=rank - 1, tp_size=tp_size)
         for n, p in want.named_parameters():
             assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
+@pytest.mark.parametrize("keep_staging", [True, False])
+def test_kept_staging_is_reused_and_releasable(tmp_path, keep_staging):
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    model = kimi_loader.from_pretrained(a)
+    updater = WeightUpdater(model, baseline=a, keep_staging=keep_staging)
+    updater.update_from_disk(b)
+    arena = updater._arena
+    assert (arena is not None) == keep_staging
+    updater.update_from_disk(a)  # same size: the same buffer
+    assert updater._arena is arena
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(a)(IDS))
+    updater.release_staging()
+    assert updater._arena is None

@@ -89,11 +89,13 @@ class WeightUpdater:
 
     ``baseline``: the checkpoint the model currently holds (path or open checkpoint);
     with it the first update is already a delta. Without it the first update writes every
-    tensor it is given.
+    tensor it is given. ``keep_staging``: keep the staging buffer of all-or-nothing updates
+    between updates (it grows to the largest update's changed bytes; steady-state updates
+    then write into memory that is already faulted in). :meth:`release_staging` frees it.
     """
 
     def __init__(self, model: Any, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
-                 threads: int | None = None, baseline: Any = None) -> None:
+                 threads: int | None = None, baseline: Any = None, keep_staging: bool = True) -> None:
         self.model = model
         self.ranks = dict(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
         self.threads = threads
@@ -102,6 +104,8 @@ class WeightUpdater:
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
         self._dests: dict[str, torch.Tensor] = {}
         self._hashes: dict[str, int] = {}
+        self.keep_staging = keep_staging
+        self._arena: torch.Tensor | None = None
         if baseline is not None:
             ck = baseline if isinstance(baseline, Checkpoint) else open_checkpoint(baseline, threads=threads)
             plan = self._compile(ck).plan
@@ -127,6 +131,17 @@ class WeightUpdater:
                 return plan, self._dests, False
         planned = self._compile(ck)
         return planned.plan, planned.dests, True
+
+    def release_staging(self) -> None:
+        """Frees the kept staging buffer (the next update allocates what it needs)."""
+        self._arena = None
+
+    def _staging(self, nbytes: int) -> tuple[int, int] | None:
+        if not self.keep_staging or nbytes == 0:
+            return None
+        if self._arena is None or self._arena.numel() < nbytes:
+            self._arena = torch.empty(nbytes, dtype=torch.uint8)
+        return self._arena.data_ptr(), self._arena.numel()
 
     # -- updates -----------------------------------------------------------------------
     def update_from_disk(self, path: Any, *, names: Iterable[str] | None = None) -> UpdateReport:
@@ -178,7 +193,8 @@ class WeightUpdater:
         index = {name: i for i, name in enumerate(plan.dest_names())}
         ops = plan.ops()
         addresses = {index[ops[k][1]]: dests[ops[k][1]].data_ptr() for k in which}
-        plan.execute_atomic(which, addresses)  # all-or-nothing
+        arena = self._staging(sum(ops[k][3] for k in which))
+        plan.execute_atomic(which, addresses, arena)  # all-or-nothing
         t_copy = time.perf_counter()
         self._hashes.update({n: hashes[n] for n in changed})
         self.version += 1

@@ -497,15 +497,19 @@ pub fn hash_tensors(
 /// Executes the ops `which` of `plan` all-or-nothing: every op first writes into its own
 /// staging buffer; only when all of them succeeded are the staged bytes copied into the
 /// destinations. A read error (a corrupt or truncated shard) leaves every destination
-/// untouched. Peak extra memory is the bytes of the executed ops.
+/// untouched. Staging is carved from `arena` when it is large enough (so a caller that
+/// keeps one avoids faulting in fresh memory on every update), else allocated here; peak
+/// extra memory is the bytes of the executed ops.
 ///
 /// # Safety
-/// As [`execute_plan`] for the destinations the ops in `which` write.
+/// As [`execute_plan`] for the destinations the ops in `which` write; `arena`, if given,
+/// must be writable, alive for the call and disjoint from every destination.
 pub unsafe fn execute_atomic(
     ckpt: &Checkpoint,
     plan: &Plan,
     which: &[usize],
     dests: &[Option<DestBuf>],
+    arena: Option<DestBuf>,
     pool: &ThreadPool,
 ) -> Result<()> {
     let mut staged_plan = Plan {
@@ -547,18 +551,27 @@ pub unsafe fn execute_atomic(
         });
         targets.push((buf, op.dest_offset, n * spec.dtype.size()));
     }
-    let mut staging: Vec<Vec<u8>> = targets.iter().map(|t| vec![0u8; t.2 as usize]).collect();
-    let bufs: Vec<Option<DestBuf>> = staging
-        .iter_mut()
-        .map(|s| {
-            Some(DestBuf {
-                ptr: s.as_mut_ptr(),
-                len: s.len() as u64,
-            })
+    let total: u64 = targets.iter().map(|t| t.2).sum();
+    let mut owned: Vec<u8> = Vec::new();
+    let base = match arena {
+        Some(a) if a.len >= total => a.ptr,
+        _ => {
+            owned.resize(total as usize, 0);
+            owned.as_mut_ptr()
+        }
+    };
+    let mut off = 0u64;
+    let bufs: Vec<Option<DestBuf>> = targets
+        .iter()
+        .map(|t| {
+            // SAFETY: `off + t.2 <= total`, inside the arena or the owned buffer.
+            let ptr = unsafe { base.add(off as usize) };
+            off += t.2;
+            Some(DestBuf { ptr, len: t.2 })
         })
         .collect();
-    let opts = ReadOptions::default(); // huge pages for the fresh staging buffers too
-                                       // SAFETY: the staging buffers are ours, distinct and alive until the end of this call.
+    // SAFETY: the staging ranges are disjoint slices of one live buffer that no destination
+    // overlaps (caller's contract for `arena`; `owned` is ours).
     unsafe {
         execute_plan(
             ckpt,
@@ -566,20 +579,20 @@ pub unsafe fn execute_atomic(
             0..staged_plan.ops.len(),
             &bufs,
             pool,
-            opts,
+            ReadOptions::default(),
         )?
     };
     pool.install(|| {
-        staging
-            .par_iter()
+        bufs.par_iter()
             .zip(targets.par_iter())
             .for_each(|(src, &(buf, off, len))| {
-                // SAFETY: the coverage proof of the plan makes op ranges disjoint; the range
-                // lies inside the destination (checked above) which the caller guarantees valid.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(buf.ptr.add(off as usize), len as usize)
+                let src = src.expect("every op has a staging range");
+                // SAFETY: the staged bytes were fully written above; the destination range lies
+                // inside a destination the caller guarantees valid, and the plan's coverage proof
+                // makes the ranges of different ops disjoint.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(src.ptr, buf.ptr.add(off as usize), len as usize)
                 };
-                dst.copy_from_slice(src);
             })
     });
     Ok(())

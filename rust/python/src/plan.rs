@@ -309,12 +309,16 @@ impl Plan {
     }
 
     /// Executes the ops `which` all-or-nothing (staged, then committed) into `addresses`
-    /// (a dict `{destination index: address}`), GIL released. Same contract as `execute`.
+    /// (a dict `{destination index: address}`), GIL released. Same contract as `execute`;
+    /// `arena` is an optional `(address, nbytes)` staging buffer, disjoint from every
+    /// destination, reused when large enough.
+    #[pyo3(signature = (which, addresses, arena=None))]
     fn execute_atomic(
         &self,
         py: Python<'_>,
         which: Vec<usize>,
         addresses: &Bound<'_, PyDict>,
+        arena: Option<(usize, u64)>,
     ) -> PyResult<()> {
         let n = self.inner.dests.len();
         let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
@@ -332,7 +336,11 @@ impl Plan {
         detached(py, move || {
             let pool = threads::pool(threads)?;
             // SAFETY: as `execute`: the loader passes live, contiguous, exclusively used buffers.
-            unsafe { execute_atomic(&ckpt, &plan, &which, &bufs, &pool) }
+            let arena = arena.map(|(a, len)| DestBuf {
+                ptr: a as *mut u8,
+                len,
+            });
+            unsafe { execute_atomic(&ckpt, &plan, &which, &bufs, arena, &pool) }
         })
     }
 }
