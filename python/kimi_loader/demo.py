@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
             for k in h.keys():
                 theirs[k] = h.get_tensor(k).clone()
     t_theirs = time.perf_counter() - t
-    same = all(ours[k].view(-1).view(dtype=__import__("torch").uint8).equal(
-        theirs[k].view(-1).view(dtype=__import__("torch").uint8)) for k in theirs) and len(ours) == len(theirs)
+    import torch
+
+    same = len(ours) == len(theirs) and all(
+        ours[k].view(-1).view(torch.uint8).equal(theirs[k].view(-1).view(torch.uint8)) for k in theirs)
     print(f"  kimi_loader  {len(ours)} tensors, {nbytes / 1e6:.2f} MB in {t_ours * 1e3:7.1f} ms "
           f"({nbytes / t_ours / 1e9:.2f} GB/s)")
     print(f"  safetensors  {len(theirs)} tensors, {nbytes / 1e6:.2f} MB in {t_theirs * 1e3:7.1f} ms "

@@ -40,6 +40,15 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+def layer_index(name: str) -> int | None:
+    """``i`` of the first ``layers.{i}.`` in a tensor or parameter name, else ``None``."""
+    parts = name.split(".")
+    for k, p in enumerate(parts[:-1]):
+        if p == "layers" and parts[k + 1].isdigit():
+            return int(parts[k + 1])
+    return None
+
+
 def quantization_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     """The ``quantization_config`` of a config, looking inside ``text_config`` too."""
     if not config:

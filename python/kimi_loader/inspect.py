@@ -7,9 +7,9 @@ from collections import Counter, defaultdict
 from typing import Any
 
 from .errors import KimiLoaderError
+from .formats import layer_index
 from .reader import Checkpoint
 
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _EXPERT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 _SHARED = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 
@@ -42,9 +42,9 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
     expert_suffixes: set[str] = set()
     shared_suffixes: set[str] = set()
     for i in infos:
-        m = _LAYER.search(i.name)
-        if m:
-            layers.add(int(m.group(1)))
+        layer = layer_index(i.name)
+        if layer is not None:
+            layers.add(layer)
         m = _EXPERT.search(i.name)
         if m:
             experts[int(m.group(1))].add(int(m.group(2)))

@@ -191,10 +191,8 @@ class Checkpoint:
         dtype = TORCH_DTYPES[st_dtype]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(self._buffer(shard), dtype=torch.uint8, count=nbytes, offset=offset)
-        return t.view(dtype).view(shape) if offset % dtype.itemsize == 0 else \
-            torch.frombuffer(self._buffer(shard), dtype=dtype, count=nbytes // dtype.itemsize,
-                             offset=offset).view(shape)
+        count = nbytes // dtype.itemsize
+        return torch.frombuffer(self._buffer(shard), dtype=dtype, count=count, offset=offset).view(shape)
 
     def read_tensors(self, names: Iterable[str] | None = None, *,
                      out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

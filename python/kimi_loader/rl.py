@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError, MissingTensorError
+from .formats import layer_index
 from .loader import IncompleteLoadError, PlannedLoad, plan_for
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
@@ -74,14 +75,6 @@ def _check_units(present: set[str], known: set[str]) -> None:
                     raise MissingTensorError(
                         f"'{name}' is updated but '{sib}', which belongs to the same quantized weight, is not: "
                         "the parts of a quantized weight are updated together", tensor=sib)
-
-
-def _layer_of(name: str) -> int | None:
-    parts = name.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
 
 
 class WeightUpdater:
@@ -199,7 +192,7 @@ class WeightUpdater:
         self._hashes.update({n: hashes[n] for n in changed})
         self.version += 1
         self.model.weights_version = self.version
-        layers = sorted({x for k in which if (x := _layer_of(ops[k][1])) is not None})
+        layers = sorted({x for k in which if (x := layer_index(ops[k][1])) is not None})
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and which:
             post(layers=layers)

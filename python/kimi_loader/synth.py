@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError
-from .formats import E2M1_VALUES, QUANT_FORMATS, pack_mxfp4
+from .formats import E2M1_VALUES, QUANT_FORMATS, layer_index, pack_mxfp4
 
 __all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
 
@@ -230,12 +230,11 @@ def _linear_format(role: str, quant: str, shared_expert_quant: str | None) -> st
     return quant  # bf16, or fp8-block for every linear
 
 
-def _layer_of(name: str) -> int:
-    parts = name.split(".")
-    if "layers" in parts:
-        i = parts.index("layers")
-        if i + 1 < len(parts) and parts[i + 1].isdigit():
-            return int(parts[i + 1])
+def _shard_order(name: str) -> int:
+    """Sort key placing tensors in shards as exporters do: embeddings, layers, the rest."""
+    i = layer_index(name)
+    if i is not None:
+        return i
     return -1 if "embed_tokens" in name else 1 << 30
 
 
@@ -354,7 +353,7 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
     g = torch.Generator().manual_seed(seed)
     tensors = _tensors(cfg, family, quant, shared_expert_quant, g)
 
-    names = sorted(tensors, key=lambda n: (_layer_of(n), n))
+    names = sorted(tensors, key=lambda n: (_shard_order(n), n))
     if num_shards > len(names):
         raise InvalidArgumentError(f"{num_shards} shards for {len(names)} tensors")
     sizes = [tensors[n].numel() * tensors[n].element_size() for n in names]

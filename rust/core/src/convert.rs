@@ -160,15 +160,6 @@ pub fn bf16_bits(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
-/// Rounds `v` to `d`'s precision and back (identity for f32).
-#[inline(always)]
-fn round_to_fast(v: f32, d: Dtype) -> f32 {
-    match d {
-        Dtype::BF16 => f32::from_bits((bf16_bits(v) as u32) << 16),
-        _ => round_to(v, d),
-    }
-}
-
 /// Expands 4-bit codes (two per byte, the even element in the low nibble) through a
 /// 16-entry table of already-rounded outputs, one group of `group` codes at a time;
 /// `fill(g, &mut table)` writes group `g`'s table.
@@ -231,7 +222,7 @@ pub fn dequant_int4_row(
     expand_nibbles(packed, group, n, out, to, |g, lut| {
         let s = read_f32(scale, g, scale_dtype);
         for (k, slot) in lut.iter_mut().enumerate() {
-            *slot = round_to_fast((k as f32 - 8.0) * s, scale_dtype);
+            *slot = round_to((k as f32 - 8.0) * s, scale_dtype);
         }
     });
 }

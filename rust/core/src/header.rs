@@ -283,7 +283,7 @@ fn parse_canonical<'a>(p: &mut Scanner<'a>) -> Option<(&'a str, Shape, u64, u64)
     };
     let out = go();
     if out.is_none() {
-        p.rewind(start);
+        p.seek(start);
     }
     out
 }

@@ -140,7 +140,7 @@ fn parse_weight_map<'a>(
                 }
             })();
             if closed.is_ok() {
-                p.rewind_to(tail_scan.pos());
+                p.seek(tail_scan.pos());
                 let mut parts = chunks;
                 parts.push(rest);
                 return Ok(merge(parts));

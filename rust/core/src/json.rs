@@ -88,12 +88,6 @@ impl<'a> Scanner<'a> {
         self.pos
     }
 
-    /// Moves back to an earlier position returned by [`Scanner::pos`].
-    pub fn rewind(&mut self, pos: usize) {
-        debug_assert!(pos <= self.pos);
-        self.pos = pos;
-    }
-
     fn err<T>(&self, msg: &'static str) -> JResult<T> {
         Err(JsonError { pos: self.pos, msg })
     }
@@ -124,8 +118,9 @@ impl<'a> Scanner<'a> {
         self.pos >= self.b.len()
     }
 
-    /// Moves to `pos` (a position reached by another scanner over the same text).
-    pub fn rewind_to(&mut self, pos: usize) {
+    /// Moves to `pos`: back to a position from [`Scanner::pos`], or on to one reached by
+    /// another scanner over the same text.
+    pub fn seek(&mut self, pos: usize) {
         self.pos = pos;
     }
 
