@@ -47,7 +47,7 @@ def test_serving_layout_every_format(synth_dir, preset, quant):
         assert report.ignored == {"vision tower: the language model is loaded text-only": 4,
                                   "multimodal projector: the language model is loaded text-only": 3}
     else:
-        assert list(report.ignored) == ["layer 4 is beyond num_hidden_layers=4"]  # the MTP layer
+        assert list(report.ignored) == ["MTP layer (num_nextn_predict_layers=1 after num_hidden_layers=4): not loaded"]
 
 
 def test_float32_destination_converts_bf16(synth_dir):

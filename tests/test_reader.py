@@ -152,7 +152,9 @@ def test_quant_format_reads_text_config_and_rejects_unknown():
                                                           "weight_block_size": [128, 128]}}}) == "fp8-block"
     assert detect({"quantization_config": {"quant_method": "quark",
                                            "global_quant_config": {"weight": {"dtype": "fp4"}}}}) == "quark-mxfp4"
-    for bad in ({"quant_method": "gptq"}, {"quant_method": "fp8"},
+    with pytest.raises(kimi_loader.ConfigError, match="weight_block_size"):
+        detect({"quantization_config": {"quant_method": "fp8"}})
+    for bad in ({"quant_method": "gptq"},
                 {"quant_method": "compressed-tensors", "format": "float-quantized"},
                 {"quant_method": "compressed-tensors", "format": "pack-quantized",
                  "config_groups": {"g": {"weights": {"num_bits": 8}}}}):

@@ -4,6 +4,7 @@ skips."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from reference import rewrite
 from safetensors.torch import save_file
@@ -72,7 +73,6 @@ def test_scale_remaps_python_hooks_variant_prefix_and_skips(tmp_path):
         "language_model.model.legacy_name": torch.ones(3),
         "language_model.model.drop_me": torch.zeros(1),
         "language_model.model.rotary_emb.inv_freq": torch.ones(4),
-        "language_model.layers.1.self_attn.attn.weight": torch.ones(2, 2),  # beyond num_hidden_layers
     }
     save_file(tensors, tmp_path / "model.safetensors")
     model = TinyModel()
@@ -83,8 +83,19 @@ def test_scale_remaps_python_hooks_variant_prefix_and_skips(tmp_path):
     assert torch.equal(model.model.renamed, torch.ones(3))
     assert model.post_loaded
     assert report.ignored == {"skipped by the model's mutate_weight_preload": 1,
-                              "rope frequencies are recomputed": 1,
-                              "layer 1 is beyond num_hidden_layers=1": 1}
+                              "rope frequencies are recomputed": 1}
+
+
+def test_a_layer_beyond_the_config_is_an_error_not_dropped(tmp_path):
+    """A layer at or beyond num_hidden_layers (with no declared MTP layer there) has no
+    place in the model: strict loads refuse it, naming it and the rule."""
+    tensors = {"language_model.layers.0.self_attn.attn.weight": torch.ones(2, 2),
+               "language_model.layers.1.self_attn.attn.weight": torch.ones(2, 2)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    model = TinyModel()
+    with pytest.raises(kimi_loader.IncompleteLoadError, match="layer 1 is beyond") as e:
+        kimi_loader.load_weights(model, tmp_path)
+    assert [n for n, _ in e.value.unused] == ["language_model.layers.1.self_attn.attn.weight"]
 
 
 def test_language_model_layers_variant_into_the_serving_model(synth_dir, tmp_path):

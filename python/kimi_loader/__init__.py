@@ -14,6 +14,9 @@ from . import errors, formats
 from ._core import __version__
 from .errors import (
     CheckpointIOError,
+    ConfigError,
+    IncompleteLoadError,
+    InternalError,
     CheckpointNotFoundError,
     HeaderError,
     IndexMismatchError,
@@ -24,7 +27,6 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .formats import QUANT_FORMATS, detect_quant_format
-from .loader import IncompleteLoadError as IncompleteLoadError
 from .loader import LoadReport as LoadReport
 from .loader import load_weights as load_weights
 from .models.deepseek_v3 import fusion_decision
@@ -37,17 +39,18 @@ def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | No
     """``(count, reason)``: whether the shared expert is fused into the routed experts.
     ``config`` is a ``config.json`` dict (Kimi-K2.5 wrapper or DeepSeek-V3). With a
     ``checkpoint``, the shared and routed experts' storage is read from its tensors."""
-    from .inspect import text_config_of
+    from .config import parse_config
+    from .formats import ModuleFormats, quant_spec
 
-    tc = text_config_of(config)
-    quant = detect_quant_format(config)
-    if checkpoint is None:
-        return fusion_decision(tc, quant, tc)
-    def stored(fragment: str) -> str:
-        names = [k for k in checkpoint.keys() if fragment in k and "gate_proj" in k]
-        return ",".join(sorted(f"{n.rsplit('.', 1)[1]}:{checkpoint.tensor_info(n).st_dtype}" for n in names))
-    return fusion_decision(tc, quant, tc, shared_format=stored(".mlp.shared_experts.") or "none",
-                           routed_format=stored(".mlp.experts.0.") or "none")
+    if checkpoint is None:  # the config alone decides (it may be partial)
+        tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        return fusion_decision(tc, quant_spec(config).method, config)
+    mc = parse_config(config)
+    tc = mc.text
+    formats = ModuleFormats(mc.quant, checkpoint)
+    moe0 = f"model.layers.{tc['first_k_dense_replace']}.mlp"
+    return fusion_decision(tc, mc.quant.method, config, shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
+                           routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
 
 
 def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,
@@ -64,7 +67,7 @@ def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, 
     if ckpt.config is None:
         raise UnsupportedFormatError(f"{path}: no config.json", file=str(path))
     model = for_config(ckpt.config, dtype=dtype or torch.float32, device="meta", tp_rank=tp_rank,
-                       tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+                       tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size, checkpoint=ckpt)
     model.to_empty(device=device)
     load_weights(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
                  threads=threads, progress=progress)
@@ -76,18 +79,25 @@ __all__ = [
     "Checkpoint",
     "CheckpointIOError",
     "CheckpointNotFoundError",
+    "ConfigError",
     "HeaderError",
+    "IncompleteLoadError",
     "IndexMismatchError",
+    "InternalError",
     "InvalidArgumentError",
     "KimiLoaderError",
+    "LoadReport",
     "MissingTensorError",
     "ShapeMismatchError",
     "TensorInfo",
     "UnsupportedFormatError",
+    "WeightUpdater",
     "__version__",
     "detect_quant_format",
+    "determine_num_fused_shared_experts",
     "errors",
     "formats",
     "from_pretrained",
+    "load_weights",
     "open",
 ]

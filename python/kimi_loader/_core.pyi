@@ -52,6 +52,8 @@ def plan(
     dests: Sequence[tuple[str, Sequence[int], str]],
     fp8_block: tuple[int, int] = (128, 128),
     threads: int | None = None,
+    int4_group: int | None = None,
+    mxfp4_group: int | None = None,
 ) -> Plan: ...
 
 class Plan:

@@ -13,6 +13,9 @@ __all__ = [
     "CheckpointNotFoundError",
     "HeaderError",
     "IndexMismatchError",
+    "ConfigError",
+    "IncompleteLoadError",
+    "InternalError",
     "InvalidArgumentError",
     "KimiLoaderError",
     "MissingTensorError",
@@ -69,3 +72,31 @@ class UnsupportedFormatError(KimiLoaderError, ValueError):
 
 class InvalidArgumentError(KimiLoaderError, ValueError):
     """An argument cannot be honoured (e.g. ``threads=0``)."""
+
+
+class ConfigError(KimiLoaderError, ValueError):
+    """``config.json`` (or its ``quantization_config``) is malformed: ``key`` names the
+    offending entry (dotted, e.g. ``text_config.hidden_size``)."""
+
+    key: str | None = None
+
+    def __init__(self, message: str = "", *, key: str | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.key = key
+
+
+class IncompleteLoadError(KimiLoaderError):
+    """The plan does not write every destination element or does not use every checkpoint
+    tensor. ``missing``: ``[(destination, start_byte, end_byte, expected tensor)]``;
+    ``unused``: ``[(tensor, why)]``."""
+
+    def __init__(self, message: str = "", *, missing: list | None = None, unused: list | None = None,
+                 **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.missing: list = list(missing or [])
+        self.unused: list = list(unused or [])
+
+
+class InternalError(KimiLoaderError, RuntimeError):
+    """A bug in kimi_loader (a Rust panic caught at the boundary): the operation did not
+    complete. Please report it with the message."""

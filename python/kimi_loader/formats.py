@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from .errors import UnsupportedFormatError
+from .config import QuantSpec, parse_quant
+from .errors import ConfigError, UnsupportedFormatError
 
 QUANT_FORMATS = ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
 
@@ -50,8 +51,9 @@ def layer_index(name: str) -> int | None:
 
 
 def quantization_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The ``quantization_config`` of a config, looking inside ``text_config`` too."""
-    if not config:
+    """The ``quantization_config`` of a config: at the top level (where the exporters
+    write it for the Kimi-K2.5 wrapper) or inside ``text_config``."""
+    if not isinstance(config, dict):
         return None
     qc = config.get("quantization_config")
     if qc is None and isinstance(config.get("text_config"), dict):
@@ -59,40 +61,85 @@ def quantization_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return qc
 
 
+def quant_spec(config: dict[str, Any] | None, *, file: str | None = None) -> QuantSpec:
+    """The validated :class:`~kimi_loader.config.QuantSpec` of a ``config.json`` dict."""
+    if config is not None and not isinstance(config, dict):
+        raise ConfigError(f"{file or 'config.json'}: must be a JSON object", file=file)
+    if config and "text_config" in config and not isinstance(config["text_config"], dict):
+        raise ConfigError(f"{file or 'config.json'}: 'text_config' must be an object", key="text_config", file=file)
+    top = (config or {}).get("quantization_config")
+    where = "quantization_config" if top is not None else "text_config.quantization_config"
+    return parse_quant(quantization_config(config), file=file, where=where)
+
+
 def detect_quant_format(config: dict[str, Any] | None, *, file: str | None = None) -> str:
     """Returns one of :data:`QUANT_FORMATS` for a ``config.json`` dict.
 
     Raises :class:`UnsupportedFormatError` for a quantization method or variant this
-    library cannot load (naming what it found).
+    library cannot load (naming what it found), :class:`ConfigError` for a malformed one.
     """
-    qc = quantization_config(config)
-    if not qc:
-        return "bf16"
+    return quant_spec(config, file=file).method
 
-    def unsupported(why: str) -> UnsupportedFormatError:
-        return UnsupportedFormatError(f"{file or 'config.json'}: unsupported quantization: {why}",
-                                      file=file)
 
-    method = qc.get("quant_method")
-    if method == "fp8":
-        block = qc.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2):
-            raise unsupported(f"fp8 without a 2-D weight_block_size (got {block!r})")
-        return "fp8-block"
-    if method == "compressed-tensors":
-        if qc.get("format") != "pack-quantized":
-            raise unsupported(f"compressed-tensors format {qc.get('format')!r} (only pack-quantized)")
-        for name, group in (qc.get("config_groups") or {}).items():
-            w = group.get("weights") or {}
-            if w.get("num_bits") != 4 or w.get("type", "int") != "int":
-                raise unsupported(f"compressed-tensors group {name!r} is not int4 ({w.get('num_bits')} bits)")
-        return "ct-int4"
-    if method == "quark":
-        weight = (qc.get("global_quant_config") or {}).get("weight") or {}
-        if weight.get("dtype") != "fp4":
-            raise unsupported(f"quark weight dtype {weight.get('dtype')!r} (only fp4 / MXFP4)")
-        return "quark-mxfp4"
-    raise unsupported(f"quant_method {method!r}")
+#: checkpoint suffixes that mark a linear's storage format
+_FORMAT_SUFFIXES = ("weight_packed", "weight_scale_inv", "weight_scale", "weight")
+
+
+class ModuleFormats:
+    """The storage format of every linear, decided in one place.
+
+    With a checkpoint, a module's format comes from its own tensors (``weight_packed``
+    I32 -> ct-int4; ``weight`` F8_E4M3 + ``weight_scale_inv`` -> fp8-block; ``weight`` U8 +
+    ``weight_scale`` -> quark-mxfp4; a float ``weight`` -> bf16), cross-checked with the
+    config: a quantized tensor of another method than the config's is refused. So a
+    linear that an exporter left in BF16 without listing it anywhere loads as BF16.
+    Without a checkpoint, the config decides (``ignore`` / ``exclude`` /
+    ``modules_to_not_convert`` lists, with or without the wrapper prefix).
+
+    ``module`` names are canonical (``model.layers.3.mlp.experts.0.gate_proj``,
+    ``lm_head``); the checkpoint may prefix them with ``language_model.``.
+    """
+
+    def __init__(self, spec: QuantSpec, checkpoint: Any = None) -> None:
+        self.spec = spec
+        self.checkpoint = checkpoint
+
+    def _stored(self, module: str) -> dict[str, str] | None:
+        ck = self.checkpoint
+        names = [module, "language_model." + module]
+        if module.startswith("model."):
+            names.append("language_model." + module[len("model."):])
+        for name in names:
+            found = {s: ck.tensor_info(f"{name}.{s}").st_dtype for s in _FORMAT_SUFFIXES if f"{name}.{s}" in ck}
+            if found:
+                return found
+        return None
+
+    def of(self, module: str) -> str:
+        """The format of linear ``module``."""
+        configured = self.spec.module_format(module)
+        if self.checkpoint is None:
+            return configured
+        stored = self._stored(module)
+        if stored is None:
+            return configured  # absent: the planner reports it missing
+        if stored.get("weight_packed") == "I32":
+            fmt = "ct-int4"
+        elif stored.get("weight") == "F8_E4M3":
+            fmt = "fp8-block"
+        elif stored.get("weight") == "U8" and "weight_scale" in stored:
+            fmt = "quark-mxfp4"
+        elif stored.get("weight") in ("BF16", "F16", "F32"):
+            fmt = "bf16"
+        else:
+            raise UnsupportedFormatError(
+                f"linear '{module}' is stored as {sorted(stored.items())}, which is no format this library knows",
+                file=getattr(self.checkpoint, "index_path", None), tensor=f"{module}.weight")
+        if fmt != "bf16" and fmt != self.spec.method:
+            raise UnsupportedFormatError(
+                f"linear '{module}' is stored as {fmt} but the config's quantization is {self.spec.method}",
+                file=getattr(self.checkpoint, "index_path", None), tensor=f"{module}.weight")
+        return fmt
 
 
 #: The 16 E2M1 (fp4) values by code; codes 8..15 are the negatives of 0..7.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -13,7 +14,8 @@ from typing import Any
 import torch
 
 from . import _core
-from .errors import InvalidArgumentError, KimiLoaderError, UnsupportedFormatError
+from .errors import IncompleteLoadError, InvalidArgumentError, UnsupportedFormatError
+from .formats import quant_spec
 from .formats import TORCH_DTYPES
 from .hooks import custom_renames, hook_target
 from .reader import Checkpoint
@@ -21,19 +23,10 @@ from .reader import open as open_checkpoint
 
 __all__ = ["IncompleteLoadError", "LoadReport", "destinations", "load_weights", "plan_for"]
 
+log = logging.getLogger("kimi_loader")
+
 _ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 _SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}
-
-
-class IncompleteLoadError(KimiLoaderError):
-    """The plan does not write every destination element or does not use every checkpoint
-    tensor. ``missing``: ``[(destination, start_byte, end_byte, expected tensor)]``;
-    ``unused``: ``[(tensor, why)]``."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.missing: list = []
-        self.unused: list = []
 
 
 @dataclass
@@ -123,6 +116,14 @@ def build_rules(model: Any, ckpt: Checkpoint, *, tp_rank: int, tp_size: int, ep_
             if new != name:
                 table[name] = new
         rules["renames"] = table
+    target, _prefix = hook_target(model)
+    shard_rows: dict[str, list[int]] = {}
+    if isinstance(target, torch.nn.Module):
+        for mod_name, mod in target.named_modules():
+            for param, rows in (getattr(mod, "stacked_rows", None) or {}).items():
+                shard_rows[f"{mod_name}.{param}" if mod_name else param] = list(rows)
+    if shard_rows:
+        rules["shard_rows"] = shard_rows
     rules.update(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
     return rules
 
@@ -193,8 +194,16 @@ def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1
             del dests[name]
             skipped[reason] = skipped.get(reason, 0) + 1
 
+    # the checkpoint's own config says how its quantized tensors are laid out
     fp8_block = tuple(rules.pop("fp8_block", (128, 128)))
-    plan = _core.plan(ckpt.core, rules, _dest_list(dests, need_memory=need_memory), fp8_block, threads)
+    groups: dict[str, int | None] = {}
+    if ckpt.config is not None:
+        spec = quant_spec(ckpt.config, file=ckpt.config_path)
+        if spec.method == "fp8-block":
+            fp8_block = spec.fp8_block
+        groups = {"ct-int4": {"int4_group": spec.group_size},
+                  "quark-mxfp4": {"mxfp4_group": spec.group_size}}.get(spec.method, {})
+    plan = _core.plan(ckpt.core, rules, _dest_list(dests, need_memory=need_memory), fp8_block, threads, **groups)
     return PlannedLoad(plan, dests, skipped)
 
 
@@ -326,12 +335,12 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     plan, dests = planned.plan, planned.dests
     t_plan = time.perf_counter()
     if strict and (plan.missing() or plan.unused()):
-        err = IncompleteLoadError(f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: "
-                                  f"{_format_problems(plan)}", file=ckpt.index_path)
-        err.missing, err.unused = plan.missing(), plan.unused()
         first = (plan.missing() and plan.missing()[0][3]) or (plan.unused() and plan.unused()[0][0]) or None
-        err.tensor = first
-        raise err
+        raise IncompleteLoadError(f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: "
+                                  f"{_format_problems(plan)}", file=ckpt.index_path, tensor=first,
+                                  missing=plan.missing(), unused=plan.unused())
+    if plan.missing() or plan.unused():
+        log.warning("strict=False: loading with gaps: %s", _format_problems(plan))
 
     tensors = [dests[n] for n in plan.dest_names()]
     callback = _progress_bar if progress is True else (progress or None)

@@ -12,6 +12,7 @@ import torch
 
 from . import _core
 from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError, UnsupportedFormatError
+from .errors import ConfigError
 from .formats import TORCH_DTYPES, detect_quant_format
 
 PathLike = str | os.PathLike[str]
@@ -156,23 +157,39 @@ class Checkpoint:
         return dict(self.core.metadata())
 
     @property
+    def config_path(self) -> str:
+        """Where ``config.json`` is (or would be)."""
+        return os.path.join(self.core.root or "", "config.json")
+
+    @property
     def config(self) -> dict[str, Any] | None:
         """``config.json`` beside the index (or in the directory), or ``None``."""
         if not self._config_loaded:
             text = self.core.config_json
             if text is not None:
                 try:
-                    self._config = json.loads(text)
+                    config = json.loads(text)
                 except json.JSONDecodeError as e:
-                    where = os.path.join(self.core.root or "", "config.json")
-                    raise UnsupportedFormatError(f"{where}: invalid JSON: {e}", file=where) from e
+                    raise ConfigError(f"{self.config_path}: invalid JSON: {e}", file=self.config_path) from e
+                if not isinstance(config, dict):
+                    raise ConfigError(f"{self.config_path}: must be a JSON object", file=self.config_path)
+                self._config = config
             self._config_loaded = True
         return self._config
+
+    def model_config(self):
+        """The validated :class:`~kimi_loader.config.ModelConfig` (``ConfigError`` naming
+        the key when ``config.json`` is malformed or absent)."""
+        from .config import parse_config
+
+        if self.config is None:
+            raise ConfigError(f"{self.config_path}: no config.json", file=self.config_path)
+        return parse_config(self.config, file=self.config_path)
 
     @property
     def quant_format(self) -> str:
         """``"bf16"``, ``"fp8-block"``, ``"ct-int4"`` or ``"quark-mxfp4"``."""
-        return detect_quant_format(self.config, file=os.path.join(self.core.root or "", "config.json"))
+        return detect_quant_format(self.config, file=self.config_path)
 
     # -- reading ---------------------------------------------------------------------
     def _buffer(self, shard: int) -> _core.ShardBuffer:

@@ -14,7 +14,11 @@ __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "for_conf
 
 def for_config(config: dict[str, Any], **kwargs: Any):
     """The serving-layout model for a ``config.json`` dict (Kimi-K2.5 wrapper or plain
-    DeepSeek-V3)."""
-    if isinstance(config.get("text_config"), dict):
-        return KimiK25ForConditionalGeneration(config, **kwargs)
-    return DeepseekV3ForCausalLM(config, **kwargs)
+    DeepSeek-V3). Pass ``checkpoint=`` (an open checkpoint) to let its own tensors decide
+    each linear's format."""
+    from ..config import parse_config
+
+    mc = parse_config(config)
+    if mc.is_wrapper:
+        return KimiK25ForConditionalGeneration(mc, **kwargs)
+    return DeepseekV3ForCausalLM(mc, **kwargs)

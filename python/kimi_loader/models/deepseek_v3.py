@@ -3,8 +3,7 @@
 These are the destinations of :func:`kimi_loader.load_weights`: fused
 ``fused_qkv_a_proj_with_mqa`` and ``gate_up_proj``, MoE experts as ``experts.w13_*`` /
 ``experts.w2_*`` stacked over (local) experts, quantized tensors kept in their checkpoint
-format, TP/EP-local shapes. The forward pass comes with the runtime (issue #4); for now
-these are parameter skeletons with their weight rules.
+format, TP/EP-local shapes. The forward pass is :mod:`kimi_loader.models.runtime`.
 """
 
 from __future__ import annotations
@@ -14,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..formats import detect_quant_format
+from ..config import ModelConfig, parse_config
+from ..errors import ConfigError
+from ..formats import ModuleFormats, quant_spec, quantization_config
 from ..hooks import ForwardsWeightHooks, identity_hook
-from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, empty_params, module_format, shard_shapes, stacked_shapes
+from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, empty_params, shard_shapes, stacked_shapes
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
 
@@ -28,7 +29,8 @@ def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, A
 
     The rule after the Kimi-K2.5 regression: only for ``n_routed_experts`` 256 or 384 with
     one shared expert, only when the shared expert is stored in the routed experts'
-    format, and for 384 experts only for a Quark (MXFP4) checkpoint.
+    format, and for 384 experts only for a Quark (MXFP4) checkpoint. Without explicit
+    formats, the config's quantization lists decide them.
     """
     e, s = text_config.get("n_routed_experts"), text_config.get("n_shared_experts")
     if e not in (256, 384):
@@ -38,9 +40,10 @@ def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, A
     if e == 384 and quant != "quark-mxfp4":
         return 0, (f"384-expert checkpoints are fused only in Quark MXFP4 format; this one is {quant} "
                    "(moonshotai's compressed-tensors checkpoint keeps its shared expert in bf16)")
-    cfg = config if config is not None else text_config
-    shared_format = shared_format or module_format(cfg, quant, "model.layers.1.mlp.shared_experts.gate_proj")
-    routed_format = routed_format or module_format(cfg, quant, "model.layers.1.mlp.experts.0.gate_proj")
+    spec = quant_spec(config if config is not None else text_config)
+    first = text_config.get("first_k_dense_replace") or 0
+    shared_format = shared_format or spec.module_format(f"model.layers.{first}.mlp.shared_experts.gate_proj")
+    routed_format = routed_format or spec.module_format(f"model.layers.{first}.mlp.experts.0.gate_proj")
     if shared_format != routed_format:
         return 0, f"the shared expert is stored as {shared_format}, the routed experts as {routed_format}"
     return 1, f"n_routed_experts={e}, one shared expert stored as {routed_format} like the routed experts"
@@ -63,48 +66,82 @@ def _norm(n: int, dtype: torch.dtype, device: Any) -> nn.Module:
     return m
 
 
+def _model_config(config: Any, quant_config_source: dict[str, Any] | None) -> ModelConfig:
+    if isinstance(config, ModelConfig):
+        return config
+    if not isinstance(config, dict):
+        raise ConfigError(f"a model config must be a dict or a ModelConfig, not {type(config).__name__}")
+    if quant_config_source is not None and quant_config_source is not config:
+        qc = quantization_config(quant_config_source)
+        config = {**config, "quantization_config": qc} if qc is not None else config
+    return parse_config(config)
+
+
 class DeepseekV3ForCausalLM(nn.Module):
     """DeepSeek-V3 / Kimi-K2.5 language model in serving layout.
 
-    ``config`` is the language-model config (``text_config`` for Kimi-K2.5);
-    ``quant_config_source`` the dict holding ``quantization_config`` (defaults to
-    ``config``). ``num_fused_shared_experts`` forces (1) or forbids (0) shared-expert
-    fusion; by default :func:`fusion_decision` decides.
+    ``config``: the language-model config dict (``text_config`` for Kimi-K2.5) or a
+    :class:`~kimi_loader.config.ModelConfig`; ``quant_config_source`` the dict holding
+    ``quantization_config`` when it is not ``config``. ``checkpoint``: an open checkpoint
+    whose own tensors decide each linear's format (see
+    :class:`~kimi_loader.formats.ModuleFormats`); without it the config decides.
+    ``num_fused_shared_experts`` forces (1) or forbids (0) shared-expert fusion; by
+    default :func:`fusion_decision` decides. Modules fused from linears stored in
+    different formats (an FP8 ``q_a_proj`` with a BF16 ``kv_a_proj_with_mqa``) are held
+    dequantized in ``dtype``, a decision listed in ``format_decisions``.
     """
 
-    def __init__(self, config: dict[str, Any], *, dtype: torch.dtype = torch.bfloat16, device: Any = None,
+    def __init__(self, config: Any, *, dtype: torch.dtype = torch.bfloat16, device: Any = None,
                  tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
                  num_fused_shared_experts: int | None = None,
-                 quant_config_source: dict[str, Any] | None = None) -> None:
+                 quant_config_source: dict[str, Any] | None = None, checkpoint: Any = None) -> None:
         super().__init__()
-        self.config = config
-        qsrc = quant_config_source if quant_config_source is not None else config
-        self.quant_format = detect_quant_format(qsrc)
+        mc = _model_config(config, quant_config_source)
+        self.model_config = mc
+        self.config = c = mc.text
+        spec = mc.quant
+        self.quant_format = spec.method
+        formats = ModuleFormats(spec, checkpoint)
         self.dtype = dtype
         self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
-        fused, reason = fusion_decision(config, self.quant_format, qsrc)
+        first_moe = c["first_k_dense_replace"]
+        e_total = c.get("n_routed_experts") or 0
+        if e_total and first_moe < c["num_hidden_layers"]:
+            moe0 = f"model.layers.{first_moe}.mlp"
+            fused, reason = fusion_decision(c, spec.method, mc.raw,
+                                            shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
+                                            routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
+        else:
+            fused, reason = 0, "no MoE layer"
         if num_fused_shared_experts is not None:
             fused, reason = num_fused_shared_experts, f"forced to {num_fused_shared_experts} by the caller"
         self.num_fused_shared_experts, self.fusion_reason = fused, reason
         self.post_load_calls: list[list[int] | None] = []
+        self.format_decisions: list[str] = []
 
-        c, q, tp = config, self.quant_format, tp_size
-        fp8_block = tuple((qsrc.get("quantization_config") or {}).get("weight_block_size") or (128, 128))
+        tp = tp_size
+        fp8_block = spec.fp8_block
+        group = spec.group_size
         h, heads = c["hidden_size"], c["num_attention_heads"]
         nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
         q_lora, kv_lora = c.get("q_lora_rank"), c["kv_lora_rank"]
         self.fp8_block = fp8_block
-
-        def fmt(module: str) -> str:
-            return module_format(qsrc, q, module)
+        shape_kw = dict(tp=tp, fp8_block=fp8_block, group=group)
 
         def lin(module: str, out: int, inp: int, split: str = "replicated") -> nn.Module:
-            f = fmt(module)
-            return _linear(f, shard_shapes(f, out, inp, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+            f = formats.of(module)
+            return _linear(f, shard_shapes(f, out, inp, split=split, **shape_kw), dtype, device)
 
-        def stacked(module: str, shards: list[tuple[int, int]], split: str = "replicated") -> nn.Module:
-            f = fmt(module)
-            m = _linear(f, stacked_shapes(f, shards, split=split, tp=tp, fp8_block=fp8_block), dtype, device)
+        def stacked(modules: list[str], shards: list[tuple[int, int]], split: str = "replicated") -> nn.Module:
+            fmts = [formats.of(m) for m in modules]
+            f = fmts[0]
+            if len(set(fmts)) > 1:  # no common quantized format: hold the fused module dense
+                f = "bf16"
+                self.format_decisions.append(
+                    f"{' + '.join(modules)} stored as {' + '.join(fmts)}: fused dequantized to {dtype}")
+            shapes, rows = stacked_shapes(f, shards, split=split, **shape_kw)
+            m = _linear(f, shapes, dtype, device)
+            m.stacked_rows = rows
             # local rows of each shard: block-scaled formats dequantize shard by shard
             m.shard_rows = [o // tp if split == "column" else o for o, _ in shards]
             return m
@@ -114,7 +151,6 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.model.embed_tokens.weight = nn.Parameter(
             torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False)
         self.model.layers = nn.ModuleList()
-        e_total = c.get("n_routed_experts") or 0
         e_local = e_total // ep_size if e_total else 0
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}"
@@ -124,7 +160,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             attn = layer.self_attn = _Holder()
             a = f"{p}.self_attn"
             if q_lora:
-                attn.fused_qkv_a_proj_with_mqa = stacked(f"{a}.q_a_proj", [(q_lora, h), (kv_lora + rope, h)])
+                attn.fused_qkv_a_proj_with_mqa = stacked([f"{a}.q_a_proj", f"{a}.kv_a_proj_with_mqa"],
+                                                         [(q_lora, h), (kv_lora + rope, h)])
                 attn.q_a_layernorm = _norm(q_lora, dtype, device)
                 attn.q_b_proj = lin(f"{a}.q_b_proj", heads * (nope + rope), q_lora, "column")
             else:
@@ -134,9 +171,10 @@ class DeepseekV3ForCausalLM(nn.Module):
             attn.kv_b_proj = lin(f"{a}.kv_b_proj", heads * (nope + v), kv_lora, "column")
             attn.o_proj = lin(f"{a}.o_proj", h, heads * v, "row")
             mlp = layer.mlp = _Holder()
-            if i < c.get("first_k_dense_replace", 0) or not e_total:
+            if i < first_moe or not e_total:
                 inter = c["intermediate_size"]
-                mlp.gate_up_proj = stacked(f"{p}.mlp.gate_proj", [(inter, h), (inter, h)], "column")
+                mlp.gate_up_proj = stacked([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(inter, h), (inter, h)],
+                                           "column")
                 mlp.down_proj = lin(f"{p}.mlp.down_proj", h, inter, "row")
             else:
                 inter = c["moe_intermediate_size"]
@@ -145,25 +183,30 @@ class DeepseekV3ForCausalLM(nn.Module):
                                                requires_grad=False)
                 mlp.gate.register_buffer("e_score_correction_bias",
                                          torch.empty(e_total, dtype=torch.float32, device=device))
-                ef = fmt(f"{p}.mlp.experts.0.gate_proj")
+                ef = formats.of(f"{p}.mlp.experts.0.gate_proj")
                 experts = mlp.experts = _Holder()
                 experts.format = ef
                 slots = e_local + self.num_fused_shared_experts
-                w13 = stacked_shapes(ef, [(inter, h), (inter, h)], split="column", tp=tp, fp8_block=fp8_block)
-                w2 = shard_shapes(ef, h, inter, split="row", tp=tp, fp8_block=fp8_block)
+                w13, w13_rows = stacked_shapes(ef, [(inter, h), (inter, h)], split="column", **shape_kw)
+                w2 = shard_shapes(ef, h, inter, split="row", **shape_kw)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w13.items()}, dtype, "w13_", device)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w2.items()}, dtype, "w2_", device)
+                experts.stacked_rows = {f"w13_{k}": r for k, r in w13_rows.items()}
                 experts.w13_shard_rows = [inter // tp, inter // tp]
                 if c.get("n_shared_experts") and not self.num_fused_shared_experts:
                     shared = mlp.shared_experts = _Holder()
                     si = inter * c["n_shared_experts"]
-                    shared.gate_up_proj = stacked(f"{p}.mlp.shared_experts.gate_proj", [(si, h), (si, h)], "column")
-                    shared.down_proj = lin(f"{p}.mlp.shared_experts.down_proj", h, si, "row")
+                    se = f"{p}.mlp.shared_experts"
+                    shared.gate_up_proj = stacked([f"{se}.gate_proj", f"{se}.up_proj"], [(si, h), (si, h)], "column")
+                    shared.down_proj = lin(f"{se}.down_proj", h, si, "row")
             self.model.layers.append(layer)
         self.model.norm = _norm(h, dtype, device)
         self.lm_head = _Holder()
-        self.lm_head.weight = nn.Parameter(torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device),
-                                           requires_grad=False)
+        if c["tie_word_embeddings"]:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head.weight = nn.Parameter(torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device),
+                                               requires_grad=False)
 
     # -- the weight-hook protocol ------------------------------------------------------
     @property
@@ -235,12 +278,15 @@ class DeepseekV3ForCausalLM(nn.Module):
     def weight_rules(self) -> dict[str, Any]:
         """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
         c = self.config
+        tied = [("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")] \
+            if c["tie_word_embeddings"] else []
         return {
             "rewrites": KIMI_PREFIX_REWRITES,
             "ignore": [("vision_tower.", None, "vision tower: the language model is loaded text-only"),
                        ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
-                       ROPE_IGNORE],
+                       ROPE_IGNORE, *tied],
             "num_hidden_layers": c["num_hidden_layers"],
+            "num_nextn_predict_layers": c["num_nextn_predict_layers"],
             "scale_remaps": [(".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
                              (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
                              (".v_proj.output_scale", ".attn.v_scale")],
@@ -260,10 +306,12 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
 
     weight_hooks_inner = "language_model"
 
-    def __init__(self, config: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, config: dict[str, Any] | ModelConfig, **kwargs: Any) -> None:
         super().__init__()
-        self.config = config
-        self.language_model = DeepseekV3ForCausalLM(config["text_config"], **kwargs)
+        mc = config if isinstance(config, ModelConfig) else parse_config(config)
+        self.config = mc.raw
+        kwargs.pop("quant_config_source", None)  # the wrapper's config holds it, at either level
+        self.language_model = DeepseekV3ForCausalLM(mc, **kwargs)
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
         return self.language_model(input_ids, cache)

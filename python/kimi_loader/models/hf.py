@@ -53,12 +53,18 @@ class HFDeepseekV3:
             "rewrites": KIMI_PREFIX_REWRITES,
             "ignore": [("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
                        ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
-                       ROPE_IGNORE],
+                       ROPE_IGNORE, *self._tied()],
             "num_hidden_layers": c.num_hidden_layers,
+            "num_nextn_predict_layers": getattr(c, "num_nextn_predict_layers", 0) or 0,
             "num_experts": c.n_routed_experts,
             "dest_aliases": {"mlp.experts.gate_up_proj": ".weight", "mlp.experts.down_proj": ".weight"},
             "fp8_block": tuple(block or (128, 128)),
         }
+
+    def _tied(self) -> list[tuple[str | None, str | None, str]]:
+        tied = getattr(self.outer_config, "tie_word_embeddings", False) or \
+            getattr(self.config, "tie_word_embeddings", False)
+        return [("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")] if tied else []
 
     def post_load_weights(self, layers: list[int] | None = None) -> None:
         return None
@@ -79,7 +85,7 @@ class HFKimiK25(HFDeepseekV3):
                       ("language_model.layers.", "model.language_model.layers."),
                       ("language_model.lm_head.", "lm_head.")),
             ignore=[("vision_tower.", None, f"vision tower: {why}"),
-                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE],
+                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE, *self._tied()],
             skip_destinations=[("model.vision_tower.", f"vision tower: {why}"),
                                ("model.mm_projector.", f"multimodal projector: {why}")],
         )
@@ -143,7 +149,7 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
         if hasattr(mod, "inv_freq") and known and hasattr(mod, "config"):
             init = (mod.compute_default_rope_parameters if mod.rope_type == "default"
                     else ROPE_INIT_FUNCTIONS[mod.rope_type])
-            inv_freq, scaling = init(mod.config, torch.device(device))
+            inv_freq, scaling = init(mod.config, device=torch.device(device))
             mod.register_buffer("inv_freq", inv_freq, persistent=False)
             mod.original_inv_freq = inv_freq
             mod.attention_scaling = scaling

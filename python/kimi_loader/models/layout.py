@@ -5,12 +5,9 @@ their shards along dim 0)."""
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import torch
-
-from ..formats import quantization_config
 
 #: Kimi-K2.5 names its language model ``language_model.model.*`` (some exports
 #: ``language_model.layers.*``) and its head ``language_model.lm_head``: rewrite to the
@@ -30,50 +27,38 @@ SUFFIX_DTYPES: dict[str, dict[str, torch.dtype | None]] = {
 }
 
 
-def module_format(config: dict[str, Any] | None, quant: str, module: str) -> str:
-    """The storage format of linear ``module`` (checkpoint naming, any prefix): the
-    checkpoint's format unless the quantization config's ignore / exclude list names it.
-    For compressed-tensors only routed experts are int4 targets in Kimi-K2.5, which the
-    ignore list expresses; FP8 quantizes every linear."""
-    if quant == "bf16":
-        return "bf16"
-    qc = quantization_config(config) or {}
-    patterns = qc.get("ignore") or qc.get("exclude") or qc.get("modules_to_not_convert") or []
-    for pat in patterns:
-        if pat.startswith("re:"):
-            if re.match(pat[3:], module):
-                return "bf16"
-        elif module == pat or module.endswith("." + pat):
-            return "bf16"
-    return quant
-
-
 def shard_shapes(fmt: str, out: int, inp: int, *, split: str = "replicated", tp: int = 1,
-                 fp8_block: tuple[int, int] = (128, 128)) -> dict[str, list[int]]:
-    """Local shapes, per suffix, of one checkpoint linear ``[out, inp]`` on one TP rank."""
+                 fp8_block: tuple[int, int] = (128, 128), group: int | None = None) -> dict[str, list[int]]:
+    """Local shapes, per suffix, of one checkpoint linear ``[out, inp]`` on one TP rank
+    (``group``: the int4 / MXFP4 group size, 32 by default). A compressed-tensors
+    ``weight_shape`` has no destination: the planner checks it against the packed weight."""
+    g = group or 32
     col, row = split == "column", split == "row"
     o = out // tp if col else out
     i = inp // tp if row else inp
     if fmt == "bf16":
         return {"weight": [o, i]}
     if fmt == "ct-int4":
-        return {"weight_packed": [o, i // 8], "weight_scale": [o, i // 32], "weight_shape": [2]}
+        return {"weight_packed": [o, i // 8], "weight_scale": [o, i // g]}
     if fmt == "quark-mxfp4":
-        return {"weight": [o, i // 2], "weight_scale": [o, i // 32]}
+        return {"weight": [o, i // 2], "weight_scale": [o, i // g]}
     if fmt == "fp8-block":
         so, si = math.ceil(out / fp8_block[0]), math.ceil(inp / fp8_block[1])
         return {"weight": [o, i], "weight_scale_inv": [so // tp if col else so, si // tp if row else si]}
     raise ValueError(f"unknown format {fmt!r}")
 
 
-def stacked_shapes(fmt: str, shards: list[tuple[int, int]], **kw: Any) -> dict[str, list[int]]:
-    """Shapes of a parameter stacking ``shards`` (each ``(out, inp)``) along dim 0."""
+def stacked_shapes(fmt: str, shards: list[tuple[int, int]], **kw: Any) -> tuple[dict[str, list[int]],
+                                                                                  dict[str, list[int]]]:
+    """Shapes of a parameter stacking ``shards`` (each ``(out, inp)``) along dim 0, and the
+    rows each shard takes in each of them (what the planner checks every piece against)."""
     parts = [shard_shapes(fmt, o, i, **kw) for o, i in shards]
-    out = {}
+    out, rows = {}, {}
     for suffix in parts[0]:
         shapes = [p[suffix] for p in parts]
         out[suffix] = [sum(s[0] for s in shapes), *shapes[0][1:]]
-    return out
+        rows[suffix] = [s[0] for s in shapes]
+    return out, rows
 
 
 def empty_params(module: torch.nn.Module, fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype,

@@ -55,8 +55,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def yarn(config: dict[str, Any]) -> tuple[torch.Tensor, float, float]:
     """``(inv_freq, cos_sin_factor, softmax_mscale)`` for the rope head dim."""
     dim = config["qk_rope_head_dim"]
-    base = config.get("rope_theta", 10000.0)
-    rs = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    base = config["rope_theta"]  # normalized by kimi_loader.config (also from rope_parameters)
+    rs = config.get("rope_scaling") or {}
     pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
     if (rs.get("type") or rs.get("rope_type")) != "yarn":
         return 1.0 / pos, 1.0, 1.0
@@ -180,7 +180,7 @@ class Runtime:
         group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
         score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e_total // n_group).reshape(-1, e_total)
-        choice = choice.masked_fill(~score_mask.bool(), 0.0)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))  # as transformers
         top_idx = torch.topk(choice, k=c["num_experts_per_tok"], dim=-1, sorted=False)[1]
         top_w = scores.gather(1, top_idx)
         if c.get("norm_topk_prob", True):

@@ -25,6 +25,7 @@ fn read_f32(src: &[u8], i: usize, d: Dtype) -> f32 {
         Dtype::F16 => f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
         Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes")) as f32,
         Dtype::F8E4M3 => e4m3_to_f32(src[i]),
+        Dtype::F8E8M0 | Dtype::U8 => e8m0_to_f32(src[i]),
         _ => unreachable!("not a float dtype: {d}"),
     }
 }
@@ -140,6 +141,16 @@ pub fn e4m3_to_f32(b: u8) -> f32 {
     }
 }
 
+/// An E8M0 scale (a biased power of two; 255 is NaN, as in the OCP MX spec) as f32.
+#[inline]
+pub fn e8m0_to_f32(e: u8) -> f32 {
+    if e == 255 {
+        f32::NAN
+    } else {
+        f32::from_bits(if e == 0 { 1 << 22 } else { (e as u32) << 23 })
+    }
+}
+
 /// All 256 float8_e4m3fn values as f32.
 fn e4m3_table() -> &'static [f32; 256] {
     static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
@@ -239,12 +250,7 @@ pub fn dequant_mxfp4_row(
     to: Dtype,
 ) {
     expand_nibbles(codes, group, n, out, to, |g, lut| {
-        let e = scale[g];
-        let s = if e == 255 {
-            f32::NAN
-        } else {
-            2f32.powi(e as i32 - 127)
-        };
+        let s = e8m0_to_f32(scale[g]);
         for (slot, v) in lut.iter_mut().zip(E2M1) {
             *slot = v * s;
         }
@@ -286,6 +292,14 @@ mod tests {
         assert_eq!(e4m3_to_f32(0xFE), -448.0);
         assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9));
         assert!(e4m3_to_f32(0x7F).is_nan());
+    }
+
+    #[test]
+    fn e8m0_is_a_power_of_two() {
+        for e in 0..255u8 {
+            assert_eq!(e8m0_to_f32(e), 2f32.powi(e as i32 - 127), "{e}");
+        }
+        assert!(e8m0_to_f32(255).is_nan());
     }
 
     #[test]

@@ -144,6 +144,11 @@ pub enum Error {
     /// A caller passed an argument that cannot be honoured.
     #[error("invalid argument: {reason}")]
     InvalidArgument { reason: String },
+
+    /// A bug in this library (a panic caught at the boundary); the operation did not
+    /// complete. Please report it.
+    #[error("internal error (a bug in kimi_loader, please report it): {reason}")]
+    Internal { reason: String },
 }
 
 fn fmt_tensor(t: &Option<String>) -> String {
@@ -214,7 +219,7 @@ impl Error {
             | Error::MissingTensor { file, .. }
             | Error::ShapeMismatch { file, .. }
             | Error::Unsupported { file, .. } => Some(file),
-            Error::InvalidArgument { .. } => None,
+            Error::InvalidArgument { .. } | Error::Internal { .. } => None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! - [`checkpoint`]: all shards of a checkpoint, opened in parallel, cross-checked.
 //! - [`mapping`]: checkpoint name -> destination name rules (data, linear time).
 //! - [`plan`]: the copy plan, with its proof that every destination byte is written once.
+//! - [`quant`]: the quantized formats (one registry: tensors, scales, dequant op).
 //! - [`convert`]: dtype conversions and bit-exact dequantizers.
 //! - [`exec`]: parallel reads and plan execution into destination memory.
 //! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).
@@ -24,6 +25,7 @@ pub mod index;
 pub mod json;
 pub mod mapping;
 pub mod plan;
+pub mod quant;
 pub mod shard;
 pub mod threads;
 

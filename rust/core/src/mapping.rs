@@ -4,8 +4,10 @@
 //! constant-time steps, so planning is linear in the number of tensors:
 //! 1. explicit renames (from a model's Python hooks, if it has custom ones);
 //! 2. prefix rewrites (`language_model.model.` -> `model.`, ...), first match wins;
-//! 3. declared ignores (vision tower, projector, `rotary_emb.inv_freq`, ...) and layers at
-//!    or beyond `num_hidden_layers`;
+//! 3. declared ignores (vision tower, projector, `rotary_emb.inv_freq`, ...), the declared
+//!    MTP layers (`num_hidden_layers <= i < num_hidden_layers + num_nextn_predict_layers`);
+//!    a layer beyond those has no place in the model and is reported unused (an error
+//!    when strict), never dropped silently;
 //! 4. scale remaps (`k_proj.k_scale` -> `attn.k_scale`, ...);
 //! 5. shared-expert fusion (`mlp.shared_experts.` -> `mlp.experts.{n_routed}.`);
 //! 6. expert params: the `experts.{e}.{proj}.` fragment is cut out of the name and looked
@@ -70,6 +72,8 @@ pub struct Rules {
     pub rewrites: Vec<(String, String)>,
     pub ignore: Vec<IgnoreRule>,
     pub num_hidden_layers: Option<u32>,
+    /// DeepSeek MTP layers stored after the last decoder layer; skipped by a named rule.
+    pub num_nextn_predict_layers: u32,
     /// Suffix replacements, e.g. `(".k_proj.k_scale", ".attn.k_scale")`.
     pub scale_remaps: Vec<(String, String)>,
     /// When set, `mlp.shared_experts.` becomes `mlp.experts.{slot}.` (the fused slot).
@@ -85,6 +89,10 @@ pub struct Rules {
     pub ep_size: u32,
     /// Routed experts in the checkpoint (global count, without a fused shared slot).
     pub num_experts: Option<u32>,
+    /// Destination name -> local rows of each shard of a stacked destination (per expert
+    /// block for expert parameters), in shard order. Undeclared stacked destinations are
+    /// split in equal parts.
+    pub shard_rows: HashMap<String, Vec<u64>>,
 }
 
 /// What a checkpoint name resolves to.
@@ -94,6 +102,9 @@ pub enum Resolved {
     Ignored(String),
     /// Belongs to an expert this expert-parallel rank does not hold.
     OtherRank,
+    /// Has no place in the model by any rule (e.g. a layer beyond the config's layers):
+    /// reported as unused, with the reason.
+    Unplaced(String),
     /// Goes to `param` (maybe as one shard of a stacked or expert parameter).
     Param {
         param: String,
@@ -105,6 +116,9 @@ pub enum Resolved {
         stacked: bool,
         /// Split forced by an expert rule (otherwise looked up by parameter name).
         split: Option<TpSplit>,
+        /// The stacked rule's parameter fragment (`gate_up_proj`, `experts.w13_`), which
+        /// tells how many shards the destination stacks.
+        stack_key: Option<String>,
     },
 }
 
@@ -173,8 +187,16 @@ impl Rules {
             return Resolved::Ignored(r.reason.clone());
         }
         if let (Some(n), Some(i)) = (self.num_hidden_layers, layer_index(&name)) {
+            let mtp = self.num_nextn_predict_layers;
+            if i >= n && i - n < mtp {
+                return Resolved::Ignored(format!(
+                    "MTP layer (num_nextn_predict_layers={mtp} after num_hidden_layers={n}): not loaded"
+                ));
+            }
             if i >= n {
-                return Resolved::Ignored(format!("layer {i} is beyond num_hidden_layers={n}"));
+                return Resolved::Unplaced(format!(
+                    "layer {i} is beyond the model's layers (num_hidden_layers={n}, num_nextn_predict_layers={mtp})"
+                ));
             }
         }
         if let Some((from, to)) = self
@@ -209,6 +231,7 @@ impl Rules {
                     order: rule.order,
                     stacked: true,
                     split: Some(rule.split),
+                    stack_key: Some(rule.param_prefix.clone()),
                 };
             }
         }
@@ -226,6 +249,7 @@ impl Rules {
                     order: rule.order,
                     stacked: true,
                     split: None,
+                    stack_key: Some(rule.param.clone()),
                 };
             }
         }
@@ -235,7 +259,23 @@ impl Rules {
             order: 0,
             stacked: false,
             split: None,
+            stack_key: None,
         }
+    }
+
+    /// How many shards each stacked parameter fragment has (`gate_up_proj` -> 2,
+    /// `experts.w13_` -> 2, `experts.w2_` -> 1): counted once per plan.
+    pub fn shard_counts(&self) -> HashMap<String, u32> {
+        let mut out: HashMap<String, u32> = HashMap::new();
+        for r in &self.stacked {
+            let n = out.entry(r.param.clone()).or_insert(0);
+            *n = (*n).max(r.order + 1);
+        }
+        for r in self.experts.values() {
+            let n = out.entry(r.param_prefix.clone()).or_insert(0);
+            *n = (*n).max(r.order + 1);
+        }
+        out
     }
 }
 
@@ -315,7 +355,7 @@ mod tests {
         ));
         assert!(matches!(
             r.resolve("language_model.model.layers.3.mlp.gate.weight"),
-            Resolved::Ignored(_)
+            Resolved::Unplaced(_)
         ));
         assert_eq!(
             r.resolve("language_model.model.layers.1.mlp.experts.2.up_proj.weight"),
@@ -375,6 +415,24 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn only_declared_mtp_layers_are_skipped() {
+        let mut r = kimi_rules();
+        r.num_nextn_predict_layers = 1;
+        assert!(matches!(
+            r.resolve("model.layers.3.enorm.weight"),
+            Resolved::Ignored(reason) if reason.contains("MTP")
+        ));
+        assert!(matches!(
+            r.resolve("model.layers.4.enorm.weight"),
+            Resolved::Unplaced(reason) if reason.contains("layer 4")
+        ));
+        let counts = r.shard_counts();
+        assert_eq!(counts["experts.w13_"], 2);
+        assert_eq!(counts["experts.w2_"], 1);
+        assert_eq!(counts["gate_up_proj"], 2);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::convert::is_float;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::mapping::{Resolved, Rules, TpSplit};
+use crate::quant::{check_weight_shape, QuantFormat, QuantParams};
 
 /// A destination tensor of the model (a parameter or a persistent buffer).
 #[derive(Debug, Clone)]
@@ -141,6 +142,8 @@ struct Piece {
     dest: u32,
     expert: Option<u32>,
     order: u32,
+    /// Shards of the stacked destination (1 when not stacked).
+    shards: u32,
     split: TpSplit,
 }
 
@@ -157,6 +160,7 @@ struct Group {
     shape: Option<TensorId>,
     expert: Option<u32>,
     order: u32,
+    shards: u32,
     split: Option<TpSplit>,
 }
 
@@ -175,31 +179,14 @@ enum Role {
 }
 
 fn quantized_data_dtype(d: Dtype) -> bool {
-    matches!(d, Dtype::I32 | Dtype::U8 | Dtype::F8E4M3)
+    QuantFormat::of_data(d).is_some()
 }
 
 /// Options that are not naming rules.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct PlanOptions {
-    /// FP8 block size `[rows, cols]` (from `weight_block_size`).
-    pub fp8_block: (u64, u64),
-}
-
-impl Default for PlanOptions {
-    fn default() -> Self {
-        PlanOptions {
-            fp8_block: (128, 128),
-        }
-    }
-}
-
-fn shape_err(ckpt: &Checkpoint, id: TensorId, expected: &[u64], found: &[u64], why: &str) -> Error {
-    Error::ShapeMismatch {
-        file: ckpt.shard(id).path.clone(),
-        tensor: format!("{} ({why})", ckpt.entry(id).name),
-        expected: expected.to_vec(),
-        found: found.to_vec(),
-    }
+    /// The quantized formats' parameters from the config (FP8 block, group sizes).
+    pub quant: QuantParams,
 }
 
 fn unsupported(ckpt: &Checkpoint, id: TensorId, reason: String) -> Error {
@@ -229,9 +216,15 @@ pub fn build_plan(
     pool: &rayon::ThreadPool,
 ) -> Result<Plan> {
     use rayon::prelude::*;
-    if opts.fp8_block.0 == 0 || opts.fp8_block.1 == 0 {
+    let q = &opts.quant;
+    if q.fp8_block.0 == 0 || q.fp8_block.1 == 0 {
         return Err(Error::InvalidArgument {
-            reason: format!("fp8 block size {:?} must be positive", opts.fp8_block),
+            reason: format!("fp8 block size {:?} must be positive", q.fp8_block),
+        });
+    }
+    if q.int4_group == Some(0) || q.mxfp4_group == Some(0) {
+        return Err(Error::InvalidArgument {
+            reason: "quantization group sizes must be positive".into(),
         });
     }
     let index: FastMap<&str, u32> = dests
@@ -245,6 +238,7 @@ pub fn build_plan(
     // prefix rewrites this checkpoint actually uses (to name missing tensors its way)
     let mut rewrite_used = vec![false; rules.rewrites.len()];
     // each destination's TP split, looked up once
+    let shard_counts = rules.shard_counts();
     let dest_split: Vec<TpSplit> = dests.iter().map(|d| rules.split_of(&d.name)).collect();
 
     // Resolving names is independent per tensor: do it in parallel, then assemble.
@@ -257,7 +251,7 @@ pub fn build_plan(
     });
     for ((id, e), resolved) in tensors.into_iter().zip(resolved) {
         let name = &*e.name;
-        let (param, expert, order, split) = match resolved {
+        let (param, expert, order, split, stack_key) = match resolved {
             Resolved::Ignored(reason) => {
                 plan.ignored.push((name.to_owned(), reason));
                 continue;
@@ -266,14 +260,23 @@ pub fn build_plan(
                 plan.other_rank += 1;
                 continue;
             }
+            Resolved::Unplaced(reason) => {
+                plan.unused.push((name.to_owned(), reason));
+                continue;
+            }
             Resolved::Param {
                 param,
                 expert,
                 order,
                 split,
+                stack_key,
                 ..
-            } => (param, expert, order, split),
+            } => (param, expert, order, split, stack_key),
         };
+        let shards = stack_key
+            .as_deref()
+            .and_then(|k| shard_counts.get(k).copied())
+            .unwrap_or(1);
         if let Some(k) = rules
             .rewrites
             .iter()
@@ -327,7 +330,21 @@ pub fn build_plan(
             g.expert = expert;
             g.order = order;
             g.split = split;
+            g.shards = shards;
             continue;
+        }
+        // A compressed-tensors `weight_shape` whose packed weight is copied as it is:
+        // checked against the packed shape, then consumed (the layout needs no copy).
+        if direct.is_none() && param.ends_with("weight_shape") {
+            let base = &name[..name.len() - "weight_shape".len()];
+            if let Some(packed) = ckpt.find(&format!("{base}weight_packed")) {
+                let pe = ckpt.entry(packed);
+                if pe.shape.len() == 2 && pe.dtype == Dtype::I32 {
+                    check_weight_shape(ckpt, id, pe.shape[0], pe.shape[1] * 8)?;
+                    plan.used += 1;
+                    continue;
+                }
+            }
         }
         let Some(d) = direct else {
             plan.unused
@@ -355,6 +372,7 @@ pub fn build_plan(
             dest: d,
             expert,
             order,
+            shards,
             split: split.unwrap_or(dest_split[d as usize]),
         });
     }
@@ -380,88 +398,20 @@ pub fn build_plan(
                 "quantized weight without its scale tensor".into(),
             ));
         };
-        let se = ckpt.entry(scale);
-        let (r, c) = as_2d(&de.shape);
-        let (sr, sc) = as_2d(&se.shape);
-        let to = dest.dtype;
-        let (kind, cols) = match de.dtype {
-            Dtype::I32 => {
-                let cols = c * 8;
-                if sr != r || sc == 0 || cols % sc != 0 || (cols / sc) % 2 != 0 {
-                    return Err(shape_err(
-                        ckpt,
-                        scale,
-                        &[r, cols / 32],
-                        &[sr, sc],
-                        "int4 group scales",
-                    ));
-                }
-                (
-                    OpKind::DequantInt4 {
-                        scale,
-                        scale_dtype: se.dtype,
-                        group: cols / sc,
-                        to,
-                    },
-                    cols,
-                )
-            }
-            Dtype::U8 => {
-                let cols = c * 2;
-                if se.dtype != Dtype::U8
-                    || sr != r
-                    || sc == 0
-                    || cols % sc != 0
-                    || (cols / sc) % 2 != 0
-                {
-                    return Err(shape_err(
-                        ckpt,
-                        scale,
-                        &[r, cols / 32],
-                        &[sr, sc],
-                        "MXFP4 e8m0 scales",
-                    ));
-                }
-                (
-                    OpKind::DequantMxfp4 {
-                        scale,
-                        group: cols / sc,
-                        to,
-                    },
-                    c * 2,
-                )
-            }
-            Dtype::F8E4M3 => {
-                let (br, bc) = opts.fp8_block;
-                if sr != r.div_ceil(br) || sc != c.div_ceil(bc) {
-                    return Err(shape_err(
-                        ckpt,
-                        scale,
-                        &[r.div_ceil(br), c.div_ceil(bc)],
-                        &[sr, sc],
-                        "fp8 block scales",
-                    ));
-                }
-                (
-                    OpKind::DequantFp8 {
-                        scale,
-                        scale_dtype: se.dtype,
-                        block: (br, bc),
-                        to,
-                    },
-                    c,
-                )
-            }
-            other => {
-                return Err(unsupported(
-                    ckpt,
-                    data,
-                    format!("dtype {other} is not a quantized weight format"),
-                ))
-            }
+        let Some(format) = QuantFormat::of_data(de.dtype) else {
+            return Err(unsupported(
+                ckpt,
+                data,
+                format!("dtype {} is not a quantized weight format", de.dtype),
+            ));
         };
+        let (kind, cols) = format.op_kind(ckpt, data, scale, &opts.quant, dest.dtype)?;
+        let r = de.shape[0];
+        if let Some(shape) = g.shape {
+            check_weight_shape(ckpt, shape, r, cols)?;
+        }
         if g.shape.is_some() {
-            plan.used += 1; // `weight_shape` is implied by the packed and scale shapes
+            plan.used += 1; // `weight_shape`, checked against the packed shape above
         }
         plan.used += 1; // the scale
         pieces.push(Piece {
@@ -473,6 +423,7 @@ pub fn build_plan(
             dest: d,
             expert,
             order,
+            shards: g.shards,
             split: g.split.unwrap_or(dest_split[d as usize]),
         });
     }
@@ -502,17 +453,24 @@ pub fn build_plan(
         } else {
             1
         };
-        let stacked = j - i > 1 || pieces[i].order > 0 || pieces[i].expert.is_some();
-        let mut row_at = 0u64;
-        for (k, p) in pieces[i..j].iter().enumerate() {
-            // A lower shard is missing (orders are 0, 1, ...): place this and the later
-            // shards against the end of the block, so that they land where they belong
-            // (exact for the two-shard w13 / gate_up layouts) and the gap is the missing
-            // shard's rows.
-            if k == 0 && p.order > 0 {
-                let tail: u64 = pieces[i..j].iter().map(|q| local_rows_of(q, tp)).sum();
-                row_at = block_rows.saturating_sub(tail);
-            }
+        let shards = pieces[i].shards.max(1) as u64;
+        let stacked = shards > 1 || j - i > 1 || pieces[i].order > 0 || pieces[i].expert.is_some();
+        let shard_rows = shard_rows_of(rules, dest, block_rows, shards, stacked)?;
+        for p in &pieces[i..j] {
+            let Some(&expected_rows) = shard_rows.get(p.order as usize) else {
+                return Err(unsupported(
+                    ckpt,
+                    p.src,
+                    format!(
+                        "shard {} of '{}', which stacks {} shard(s)",
+                        p.order,
+                        dest.name,
+                        shard_rows.len()
+                    ),
+                ));
+            };
+            // every shard has its own place, whether or not the others are present
+            let row_at: u64 = shard_rows[..p.order as usize].iter().sum();
             let e = ckpt.entry(p.src);
             // vectors (norms, biases, weight_shape) are replicated
             let split = if tp == 1 || e.shape.len() <= 1 {
@@ -557,28 +515,35 @@ pub fn build_plan(
             };
             let local_rows = rows.1 - rows.0;
             let local_cols = cols.1 - cols.0;
-            // the slice's trailing shape must match the block's
-            let fits = if stacked || e.shape.len() != block_shape.len() {
-                local_cols == block_cols && row_at + local_rows <= block_rows
-            } else {
-                local_rows == block_rows && local_cols == block_cols
+            // the local slice must have exactly the shape its shard implies
+            let found: Vec<u64> = match (p.kind, split) {
+                (PieceKind::Dequant(_), _) | (_, TpSplit::Row) => vec![local_rows, local_cols],
+                _ if e.shape.is_empty() => vec![],
+                _ => std::iter::once(local_rows)
+                    .chain(p.rest.iter().copied())
+                    .collect(),
             };
-            let trailing_ok = block_shape.len() < 2
-                || matches!(p.kind, PieceKind::Dequant(_))
-                || split == TpSplit::Row
-                || p.rest == block_shape[1..];
-            if !fits || !trailing_ok || p.expert.is_some_and(|x| x as u64 >= expert_slots) {
-                let mut local = vec![local_rows];
-                local.extend(if split == TpSplit::Row {
-                    vec![local_cols]
+            let mut expected: Vec<u64> = block_shape.clone();
+            if let Some(first) = expected.first_mut() {
+                *first = expected_rows;
+            }
+            let scalar = !stacked
+                && found.iter().product::<u64>() == 1
+                && expected.iter().product::<u64>() == 1;
+            let slot_ok = p.expert.is_none_or(|x| (x as u64) < expert_slots);
+            if (found != expected && !scalar) || !slot_ok {
+                let why = if !slot_ok {
+                    format!("expert slot {} of {expert_slots}", p.expert.unwrap_or(0))
+                } else if stacked {
+                    format!("shard {} of {} stacked in '{}'", p.order, shard_rows.len(), dest.name)
                 } else {
-                    p.rest.clone()
-                });
+                    format!("for '{}'", dest.name)
+                };
                 return Err(Error::ShapeMismatch {
                     file: ckpt.shard(p.src).path.clone(),
-                    tensor: format!("{} -> {}", e.name, dest.name),
-                    expected: block_shape.clone(),
-                    found: local,
+                    tensor: format!("{} ({why})", e.name),
+                    expected,
+                    found,
                 });
             }
             let kind = match p.kind {
@@ -604,7 +569,6 @@ pub fn build_plan(
             plan.bytes_written += op.out_elems() * dest.dtype.size();
             plan.ops.push(op);
             plan.used += 1;
-            row_at += local_rows;
         }
         i = j;
     }
@@ -620,13 +584,39 @@ pub fn build_plan(
     Ok(plan)
 }
 
-/// Rows a piece contributes on one rank.
-fn local_rows_of(p: &Piece, tp: u64) -> u64 {
-    if tp > 1 && p.split == TpSplit::Column && !p.rest.is_empty() && p.rows.is_multiple_of(tp) {
-        p.rows / tp
-    } else {
-        p.rows
+/// The local rows of each shard of a destination block: declared by the model, or equal
+/// parts for an undeclared stacked destination, or the whole block.
+fn shard_rows_of(
+    rules: &Rules,
+    dest: &DestSpec,
+    block_rows: u64,
+    shards: u64,
+    stacked: bool,
+) -> Result<Vec<u64>> {
+    if let Some(rows) = rules.shard_rows.get(&dest.name) {
+        if rows.iter().sum::<u64>() != block_rows {
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "the declared shard rows {rows:?} of '{}' do not add up to its {block_rows} rows",
+                    dest.name
+                ),
+            });
+        }
+        return Ok(rows.clone());
     }
+    if !stacked || shards <= 1 {
+        return Ok(vec![block_rows]);
+    }
+    if !block_rows.is_multiple_of(shards) {
+        return Err(Error::InvalidArgument {
+            reason: format!(
+                "'{}' stacks {shards} shards but its {block_rows} rows do not split evenly: \
+                 the model must declare the rows of each shard (shard_rows)",
+                dest.name
+            ),
+        });
+    }
+    Ok(vec![block_rows / shards; shards as usize])
 }
 
 fn bytes_read(ckpt: &Checkpoint, op: &Op) -> u64 {
@@ -714,6 +704,23 @@ fn check_coverage(
     Ok(())
 }
 
+/// Which shard of a stacked block holds byte `at` of the block (`block` bytes).
+fn order_at(rules: &Rules, dest: &DestSpec, at: u64, block: u64, shards: u64) -> u32 {
+    let Some(rows) = rules.shard_rows.get(&dest.name) else {
+        return (at * shards.max(1) / block.max(1)) as u32;
+    };
+    let total: u64 = rows.iter().sum();
+    let row = at * total / block.max(1);
+    let mut acc = 0;
+    for (k, r) in rows.iter().enumerate() {
+        acc += r;
+        if row < acc {
+            return k as u32;
+        }
+    }
+    rows.len().saturating_sub(1) as u32
+}
+
 /// The checkpoint name that would have filled byte `start` of `dest`: inverts the expert,
 /// stacked and prefix rules.
 fn expected_name(
@@ -756,7 +763,7 @@ fn expected_name(
             .values()
             .filter(|r| r.param_prefix == rule.param_prefix && r.expert == 0)
             .count() as u64;
-        let order = ((start % block.max(1)) * shards.max(1) / block.max(1)) as u32;
+        let order = order_at(rules, dest, start % block.max(1), block, shards);
         let lo = rules.expert_range().map_or(0, |r| r.0);
         let local_count = rules.expert_range().map_or(u32::MAX, |r| r.1 - r.0);
         let global = if slot >= local_count {
@@ -788,7 +795,7 @@ fn expected_name(
                 .iter()
                 .filter(|r| r.param == rule.param)
                 .count() as u64;
-            let order = (start * shards / dest.nbytes().max(1)) as u32;
+            let order = order_at(rules, dest, start, dest.nbytes(), shards);
             let r = rules
                 .stacked
                 .iter()

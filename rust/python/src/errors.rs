@@ -20,6 +20,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::ShapeMismatch { .. } => "ShapeMismatchError",
         Error::Unsupported { .. } => "UnsupportedFormatError",
         Error::InvalidArgument { .. } => "InvalidArgumentError",
+        Error::Internal { .. } => "InternalError",
     }
 }
 
@@ -45,11 +46,25 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     build().unwrap_or_else(|import_failure| import_failure)
 }
 
-/// The gateway for slow work: releases the GIL, runs `f`, converts its error.
+/// Runs `f`, turning a panic (a bug) into [`Error::Internal`]: no panic ever crosses
+/// into Python as a `PanicException`.
+pub fn no_panic<T>(f: impl FnOnce() -> kimi_loader_core::Result<T>) -> kimi_loader_core::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let reason = payload
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panic".into());
+        Err(Error::Internal { reason })
+    })
+}
+
+/// The gateway for slow work: releases the GIL, runs `f` (panics caught), converts its
+/// error.
 pub fn detached<T, F>(py: Python<'_>, f: F) -> PyResult<T>
 where
     T: Send,
     F: FnOnce() -> kimi_loader_core::Result<T> + Send,
 {
-    py.detach(f).map_err(|e| to_pyerr(py, e))
+    py.detach(|| no_panic(f)).map_err(|e| to_pyerr(py, e))
 }

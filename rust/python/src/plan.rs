@@ -7,6 +7,7 @@ use std::sync::Arc;
 use kimi_loader_core::exec::{execute_atomic, execute_plan, DestBuf, ReadOptions};
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
+use kimi_loader_core::quant::QuantParams;
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype, Error};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -44,8 +45,40 @@ fn get<'py, T: FromPyObjectOwned<'py>>(
 type ExpertTuple = (String, String, u32, u32, String);
 type IgnoreTuple = (Option<String>, Option<String>, String);
 
-/// Reads the rules dict built by `kimi_loader.plan.rules_for` (see its docstring).
+/// Every key a rules dict may have; any other key is a mistake and is rejected.
+const RULE_KEYS: [&str; 16] = [
+    "renames",
+    "rewrites",
+    "ignore",
+    "num_hidden_layers",
+    "num_nextn_predict_layers",
+    "scale_remaps",
+    "fused_shared_slot",
+    "stacked",
+    "experts",
+    "tp_rules",
+    "tp_rank",
+    "tp_size",
+    "ep_rank",
+    "ep_size",
+    "num_experts",
+    "shard_rows",
+];
+
+/// Reads the rules dict built by `kimi_loader.loader.build_rules` (see its docstring).
 fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
+    for key in d.keys() {
+        let key: String = key.extract()?;
+        if !RULE_KEYS.contains(&key.as_str()) {
+            return Err(bad(
+                py,
+                format!(
+                    "unknown rule key '{key}' (known: {})",
+                    RULE_KEYS.join(", ")
+                ),
+            ));
+        }
+    }
     let experts: Vec<ExpertTuple> = get(d, "experts", vec![])?;
     let mut expert_map = HashMap::with_capacity(experts.len());
     for (param_prefix, frag, expert, order, s) in experts {
@@ -74,6 +107,8 @@ fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
             })
             .collect(),
         num_hidden_layers: get(d, "num_hidden_layers", None)?,
+        num_nextn_predict_layers: get(d, "num_nextn_predict_layers", 0)?,
+        shard_rows: get(d, "shard_rows", HashMap::new())?,
         scale_remaps: get(d, "scale_remaps", vec![])?,
         fused_shared_slot: get(d, "fused_shared_slot", None)?,
         stacked: stacked
@@ -102,7 +137,7 @@ pub struct Plan {
 
 /// Builds a copy plan for `ckpt` into destinations `[(name, shape, dtype)]` (GIL released).
 #[pyfunction]
-#[pyo3(signature = (ckpt, rules, dests, fp8_block=(128, 128), threads=None))]
+#[pyo3(signature = (ckpt, rules, dests, fp8_block=(128, 128), threads=None, int4_group=None, mxfp4_group=None))]
 pub fn plan(
     py: Python<'_>,
     ckpt: &Checkpoint,
@@ -110,6 +145,8 @@ pub fn plan(
     dests: Vec<(String, Vec<u64>, String)>,
     fp8_block: (u64, u64),
     threads: Option<usize>,
+    int4_group: Option<u64>,
+    mxfp4_group: Option<u64>,
 ) -> PyResult<Plan> {
     let rules = rules_from(py, rules)?;
     let mut specs = Vec::with_capacity(dests.len());
@@ -123,7 +160,12 @@ pub fn plan(
     let c = core.clone();
     let inner = detached(py, move || {
         let pool = threads::pool(threads)?;
-        build_plan(&c, &rules, specs, PlanOptions { fp8_block }, &pool)
+        let quant = QuantParams {
+            fp8_block,
+            int4_group,
+            mxfp4_group,
+        };
+        build_plan(&c, &rules, specs, PlanOptions { quant }, &pool)
     })?;
     Ok(Plan {
         ckpt: core,

@@ -1,0 +1,273 @@
+//! The quantized weight formats, one entry each: what their stored tensors look like,
+//! which scale dtypes they accept, how their scale grid must be shaped, and which
+//! executor op dequantizes them. The planner asks this module and nothing else, so a
+//! new format is one more [`QuantFormat`] variant here (plus its row dequantizer in
+//! [`crate::convert`]).
+
+use crate::checkpoint::{Checkpoint, TensorId};
+use crate::dtype::Dtype;
+use crate::error::{Error, Result};
+use crate::plan::OpKind;
+
+/// A quantized linear weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantFormat {
+    /// compressed-tensors `pack-quantized` int4: `weight_packed` I32 `[out, in/8]`,
+    /// `weight_scale` float `[out, in/group]`, optional `weight_shape` `[2]`.
+    Int4,
+    /// Quark / OCP MXFP4: `weight` U8 `[out, in/2]`, e8m0 `weight_scale` `[out, in/group]`.
+    Mxfp4,
+    /// FP8 block: `weight` F8_E4M3 `[out, in]`, `weight_scale_inv` `[ceil(out/br), ceil(in/bc)]`
+    /// as f32 / bf16 / f16 multipliers or E8M0 powers of two (`scale_fmt: ue8m0`).
+    Fp8Block,
+}
+
+/// Options of the quantized formats that come from the checkpoint's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantParams {
+    /// FP8 block size `[rows, cols]` (`weight_block_size`).
+    pub fp8_block: (u64, u64),
+    /// The int4 group size the config declares (`group_size`), if it declares one.
+    pub int4_group: Option<u64>,
+    /// The MXFP4 group size the config declares, if it declares one.
+    pub mxfp4_group: Option<u64>,
+}
+
+impl Default for QuantParams {
+    fn default() -> Self {
+        QuantParams {
+            fp8_block: (128, 128),
+            int4_group: None,
+            mxfp4_group: None,
+        }
+    }
+}
+
+impl QuantFormat {
+    /// The format whose stored weight has dtype `d`, if any.
+    pub fn of_data(d: Dtype) -> Option<QuantFormat> {
+        match d {
+            Dtype::I32 => Some(QuantFormat::Int4),
+            Dtype::U8 => Some(QuantFormat::Mxfp4),
+            Dtype::F8E4M3 => Some(QuantFormat::Fp8Block),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantFormat::Int4 => "ct-int4",
+            QuantFormat::Mxfp4 => "MXFP4",
+            QuantFormat::Fp8Block => "FP8 block",
+        }
+    }
+
+    /// Logical weight columns per stored element.
+    pub fn values_per_element(self) -> u64 {
+        match self {
+            QuantFormat::Int4 => 8,
+            QuantFormat::Mxfp4 => 2,
+            QuantFormat::Fp8Block => 1,
+        }
+    }
+
+    /// The scale dtypes the format's dequantizer reads.
+    pub fn scale_dtypes(self) -> &'static [Dtype] {
+        match self {
+            QuantFormat::Int4 => &[Dtype::BF16, Dtype::F16, Dtype::F32],
+            QuantFormat::Mxfp4 => &[Dtype::U8, Dtype::F8E8M0],
+            QuantFormat::Fp8Block => &[Dtype::F32, Dtype::BF16, Dtype::F16, Dtype::F8E8M0],
+        }
+    }
+
+    /// Checks the scale tensor against the weight and returns the op that dequantizes
+    /// them into `to`, with the logical column count of the weight.
+    pub fn op_kind(
+        self,
+        ckpt: &Checkpoint,
+        data: TensorId,
+        scale: TensorId,
+        params: &QuantParams,
+        to: Dtype,
+    ) -> Result<(OpKind, u64)> {
+        let de = ckpt.entry(data);
+        let se = ckpt.entry(scale);
+        if de.shape.len() != 2 {
+            return Err(Error::ShapeMismatch {
+                file: ckpt.shard(data).path.clone(),
+                tensor: format!("{} (a {} weight is 2-D)", de.name, self.name()),
+                expected: vec![],
+                found: de.shape.to_vec(),
+            });
+        }
+        if !self.scale_dtypes().contains(&se.dtype) {
+            return Err(Error::Unsupported {
+                file: ckpt.shard(scale).path.clone(),
+                reason: format!(
+                    "tensor '{}': a {} scale must be one of {}, not {}",
+                    se.name,
+                    self.name(),
+                    self.scale_dtypes()
+                        .iter()
+                        .map(|d| d.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    se.dtype
+                ),
+            });
+        }
+        let (r, c) = (de.shape[0], de.shape[1]);
+        let cols = c * self.values_per_element();
+        let grid = |expected: [u64; 2], why: &str| -> Result<()> {
+            if se.shape.len() == 2 && se.shape[0] == expected[0] && se.shape[1] == expected[1] {
+                Ok(())
+            } else {
+                Err(Error::ShapeMismatch {
+                    file: ckpt.shard(scale).path.clone(),
+                    tensor: format!("{} ({why})", se.name),
+                    expected: expected.to_vec(),
+                    found: se.shape.to_vec(),
+                })
+            }
+        };
+        match self {
+            QuantFormat::Int4 | QuantFormat::Mxfp4 => {
+                let declared = match self {
+                    QuantFormat::Int4 => params.int4_group,
+                    _ => params.mxfp4_group,
+                };
+                let sc = if se.shape.len() == 2 { se.shape[1] } else { 0 };
+                // without a declared group size, the grid must still be a whole number of
+                // even-sized groups
+                let group = declared.unwrap_or(if sc > 0 && cols % sc == 0 {
+                    cols / sc
+                } else {
+                    32
+                });
+                if group == 0 || group % 2 != 0 || cols % group != 0 {
+                    return Err(Error::Unsupported {
+                        file: ckpt.shard(data).path.clone(),
+                        reason: format!(
+                            "tensor '{}': {cols} columns cannot be split into {} groups of {group}",
+                            de.name,
+                            self.name()
+                        ),
+                    });
+                }
+                let why = match declared {
+                    Some(g) => format!("{} scales for group_size {g} from the config", self.name()),
+                    None => format!("{} group scales", self.name()),
+                };
+                grid([r, cols / group], &why)?;
+                let kind = match self {
+                    QuantFormat::Int4 => OpKind::DequantInt4 {
+                        scale,
+                        scale_dtype: se.dtype,
+                        group,
+                        to,
+                    },
+                    _ => OpKind::DequantMxfp4 { scale, group, to },
+                };
+                Ok((kind, cols))
+            }
+            QuantFormat::Fp8Block => {
+                let (br, bc) = params.fp8_block;
+                grid(
+                    [r.div_ceil(br), c.div_ceil(bc)],
+                    &format!("FP8 block scales for weight_block_size [{br}, {bc}]"),
+                )?;
+                Ok((
+                    OpKind::DequantFp8 {
+                        scale,
+                        scale_dtype: se.dtype,
+                        block: (br, bc),
+                        to,
+                    },
+                    cols,
+                ))
+            }
+        }
+    }
+}
+
+/// Reads a small integer tensor (a compressed-tensors `weight_shape`, any integer dtype)
+/// with `pread`, as `i128` values.
+pub fn read_ints(ckpt: &Checkpoint, id: TensorId) -> Result<Vec<i128>> {
+    let e = ckpt.entry(id);
+    let size = e.dtype.size() as usize;
+    let n: u64 = e.shape.iter().product();
+    if n > 16 {
+        return Err(Error::ShapeMismatch {
+            file: ckpt.shard(id).path.clone(),
+            tensor: format!("{} (weight_shape holds [rows, cols])", e.name),
+            expected: vec![2],
+            found: e.shape.to_vec(),
+        });
+    }
+    let mut buf = vec![0u8; n as usize * size];
+    let shard = ckpt.shard(id);
+    shard
+        .read_at(shard.abs_offset(e), &mut buf)
+        .map_err(|err| match err {
+            Error::Io { file, source, .. } => Error::Io {
+                file,
+                tensor: Some(e.name.to_string()),
+                source,
+            },
+            other => other,
+        })?;
+    let signed = matches!(e.dtype, Dtype::I8 | Dtype::I16 | Dtype::I32 | Dtype::I64);
+    Ok(buf
+        .chunks_exact(size)
+        .map(|c| {
+            let mut b = [0u8; 16];
+            b[..size].copy_from_slice(c);
+            if signed && c[size - 1] & 0x80 != 0 {
+                b[size..].fill(0xff);
+            }
+            i128::from_le_bytes(b)
+        })
+        .collect())
+}
+
+/// Checks a compressed-tensors `weight_shape` companion: an integer vector `[2]` equal to
+/// the logical `[rows, cols]` of its packed weight.
+pub fn check_weight_shape(ckpt: &Checkpoint, shape: TensorId, rows: u64, cols: u64) -> Result<()> {
+    let e = ckpt.entry(shape);
+    let integer = matches!(
+        e.dtype,
+        Dtype::I8
+            | Dtype::I16
+            | Dtype::I32
+            | Dtype::I64
+            | Dtype::U8
+            | Dtype::U16
+            | Dtype::U32
+            | Dtype::U64
+    );
+    if !integer {
+        return Err(Error::Unsupported {
+            file: ckpt.shard(shape).path.clone(),
+            reason: format!(
+                "tensor '{}': weight_shape must hold integers, not {}",
+                e.name, e.dtype
+            ),
+        });
+    }
+    let values = read_ints(ckpt, shape)?;
+    if e.shape.as_slice() != [2] || values != [rows as i128, cols as i128] {
+        return Err(Error::ShapeMismatch {
+            file: ckpt.shard(shape).path.clone(),
+            tensor: format!(
+                "{} (weight_shape holds {:?}; the packed weight is [{rows}, {cols}])",
+                e.name, values
+            ),
+            expected: vec![rows, cols],
+            found: values
+                .iter()
+                .map(|&v| u64::try_from(v).unwrap_or(u64::MAX))
+                .collect(),
+        });
+    }
+    Ok(())
+}
