@@ -208,15 +208,19 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = nn.Parameter(torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device),
                                                requires_grad=False)
 
+    def _apply(self, fn, recurse=True):
+        """Keeps ``lm_head`` tied to ``embed_tokens`` through ``to`` / ``to_empty``."""
+        out = super()._apply(fn, recurse)
+        if self.config["tie_word_embeddings"]:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return out
+
     # -- the weight-hook protocol ------------------------------------------------------
     @property
     def stacked_params_mapping(self) -> list[tuple[str, str, int]]:
-        return [
-            ("fused_qkv_a_proj_with_mqa", "q_a_proj", 0),
-            ("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa", 1),
-            ("gate_up_proj", "gate_proj", 0),
-            ("gate_up_proj", "up_proj", 1),
-        ]
+        qkv = [("fused_qkv_a_proj_with_mqa", "q_a_proj", 0),
+               ("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa", 1)] if self.config.get("q_lora_rank") else []
+        return [*qkv, ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
     @property
     def expert_params_mapping(self) -> list[tuple[str, str, int, str]]:

@@ -137,6 +137,8 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
     with torch.device("meta"):
         model = model_class._from_config(cfg, dtype=dtype)
     model = model.to_empty(device=device)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()  # to_empty replaced the shared tensor by two
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) | {"e_score_correction_bias"}
     for name, mod in model.named_modules():
         for b_name, buf in list(mod._buffers.items()):

@@ -12,6 +12,45 @@ use crate::index::{parse_index, INDEX_FILE, SINGLE_FILE};
 use crate::shard::Shard;
 use crate::threads;
 
+/// `(prefix up to "experts.", "gate_up_proj" | "down_proj", per-expert suffix)` for a
+/// tensor in transformers' fused expert layout.
+fn fused_expert_name(name: &str) -> Option<(&str, &'static str, &'static str)> {
+    let at = name.rfind("experts.")?;
+    let (base, rest) = (&name[..at], &name[at + 8..]);
+    if !(base.is_empty() || base.ends_with('.')) {
+        return None; // `shared_experts.` is not `experts.`
+    }
+    let (proj, tail) = if let Some(t) = rest.strip_prefix("gate_up_proj") {
+        ("gate_up_proj", t)
+    } else if let Some(t) = rest.strip_prefix("down_proj") {
+        ("down_proj", t)
+    } else {
+        return None;
+    };
+    let suffix = match tail {
+        "" | ".weight" => "weight",
+        "_scale_inv" | ".weight_scale_inv" => "weight_scale_inv",
+        "_scale" | ".weight_scale" => "weight_scale",
+        _ => return None,
+    };
+    Some((base, proj, suffix))
+}
+
+#[cfg(test)]
+#[test]
+fn fused_expert_names() {
+    assert_eq!(
+        fused_expert_name("model.layers.1.mlp.experts.gate_up_proj"),
+        Some(("model.layers.1.mlp.", "gate_up_proj", "weight"))
+    );
+    assert_eq!(
+        fused_expert_name("model.layers.1.mlp.experts.down_proj_scale_inv"),
+        Some(("model.layers.1.mlp.", "down_proj", "weight_scale_inv"))
+    );
+    assert_eq!(fused_expert_name("model.layers.1.mlp.shared_experts.down_proj.weight"), None);
+    assert_eq!(fused_expert_name("model.layers.1.mlp.experts.0.down_proj.weight"), None);
+}
+
 /// Where a tensor lives: shard number and position in that shard's (offset-sorted) table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct TensorId {
@@ -283,12 +322,86 @@ impl Checkpoint {
             }
             _ => None,
         };
-        timings.total = start.elapsed().as_secs_f64();
-        Ok(Checkpoint {
+        let mut ckpt = Checkpoint {
             config_json,
             timings,
             ..ckpt
-        })
+        };
+        ckpt.split_fused_experts()?;
+        ckpt.timings.total = start.elapsed().as_secs_f64();
+        Ok(ckpt)
+    }
+
+    /// transformers' fused expert layout (`save_original_format=False`) holds all experts
+    /// of a layer in one 3-D tensor: `mlp.experts.gate_up_proj` `[E, 2I, H]` (each
+    /// expert's gate rows, then its up rows), `mlp.experts.down_proj` `[E, H, I]`, and
+    /// for FP8 `..._scale_inv` `[E, rows/br, cols/bc]`. Each such tensor is presented as
+    /// the per-expert tensors of the original layout (`experts.{e}.gate_proj.weight`, ...),
+    /// views of the same bytes, so every rule, the planner, hashing and updates see one
+    /// naming. Returns how many fused tensors were split.
+    pub fn split_fused_experts(&mut self) -> Result<usize> {
+        let mut split = 0;
+        for shard in &mut self.shards {
+            let path = shard.path.clone();
+            let tensors = &mut shard.header.tensors;
+            if !tensors.iter().any(|e| fused_expert_name(&e.name).is_some()) {
+                continue;
+            }
+            let mut out = Vec::with_capacity(tensors.len());
+            for e in tensors.drain(..) {
+                let Some((base, proj, suffix)) = fused_expert_name(&e.name) else {
+                    out.push(e);
+                    continue;
+                };
+                let bad = |why: String| Error::Unsupported {
+                    file: path.clone(),
+                    reason: format!("tensor '{}' (transformers' fused expert layout): {why}", e.name),
+                };
+                if e.shape.len() != 3 || e.shape[0] == 0 {
+                    return Err(bad(format!("expected [experts, rows, cols], found {:?}", e.shape.as_slice())));
+                }
+                let (n, rows, cols) = (e.shape[0], e.shape[1], e.shape[2]);
+                let parts: &[&str] = if proj == "gate_up_proj" {
+                    &["gate_proj", "up_proj"]
+                } else {
+                    &["down_proj"]
+                };
+                let k = parts.len() as u64;
+                if rows % k != 0 {
+                    return Err(bad(format!(
+                        "{rows} rows cannot be split into gate and up halves (a block straddles them)"
+                    )));
+                }
+                let part_rows = rows / k;
+                let part_bytes = part_rows * cols * e.dtype.size();
+                for x in 0..n {
+                    for (j, part) in parts.iter().enumerate() {
+                        let name = format!("{base}experts.{x}.{part}.{suffix}");
+                        let start = e.start + (x * k + j as u64) * part_bytes;
+                        out.push(TensorEntry {
+                            hash: name_hash(&name),
+                            name: name.into_boxed_str(),
+                            dtype: e.dtype,
+                            shape: [part_rows, cols].into_iter().collect(),
+                            start,
+                            end: start + part_bytes,
+                        });
+                    }
+                }
+                split += 1;
+            }
+            *tensors = out;
+        }
+        if split > 0 {
+            self.names = NameTable::build(&self.shards).map_err(|(a, _)| Error::Unsupported {
+                file: self.display_path(),
+                reason: format!(
+                    "tensor '{}' is stored both per expert and in transformers' fused expert layout",
+                    entry(&self.shards, a).name
+                ),
+            })?;
+        }
+        Ok(split)
     }
 
     /// Every index entry must be in the shard it names, and every shard tensor must be
