@@ -138,7 +138,7 @@ def parse_quant(qc: Any, *, file: str | None = None, where: str = "quantization_
                 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
             raise _fail(f"{where}.weight_block_size", f"must be two positive integers, got {block!r}", file)
         fmt = qc.get("scale_fmt")
-        if fmt is not None and fmt not in ("ue8m0", "float32", "fp32"):
+        if fmt is not None and fmt not in ("ue8m0", "float", "float32", "fp32"):
             raise unsupported(f"fp8 scale_fmt {fmt!r}")
         return QuantSpec("fp8-block", (block[0], block[1]), fmt, None, skip + patterns("ignore"), qc)
     if method == "compressed-tensors":

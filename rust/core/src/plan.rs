@@ -352,7 +352,9 @@ pub fn build_plan(
             continue;
         };
         let dest = &dests[d as usize];
-        if e.dtype != dest.dtype && !(is_float(e.dtype) && is_float(dest.dtype)) {
+        if e.dtype != dest.dtype
+            && !(is_float(dest.dtype) && (is_float(e.dtype) || e.dtype == Dtype::F8E8M0))
+        {
             return Err(unsupported(
                 ckpt,
                 id,

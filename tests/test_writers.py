@@ -1,0 +1,187 @@
+"""Checkpoints written by tools no one here wrote: transformers' ``save_pretrained`` (both
+expert layouts) and transformers' own FP8 block quantizer (both scale formats, with the
+linears it leaves in BF16). Oracles: transformers' ``from_pretrained``, forward and
+``generate``, and its ``Fp8Dequantize``."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+import kimi_loader
+from kimi_loader.models.hf import empty_model
+
+_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+             qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+             routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256)
+_YARN = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+#: name -> config overrides (each a case of issue #9's list)
+CONFIGS = {
+    # q_lora, one dense layer, YaRN rope written as transformers 5 writes it (rope_parameters)
+    "qlora-dense-yarn": dict(q_lora_rank=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+                             rope_parameters=_YARN),
+    # DeepSeek-V2-Lite style attention, group-limited routing, tied embeddings
+    "no-qlora-groups-tied": dict(q_lora_rank=None, first_k_dense_replace=1, n_group=4, topk_group=2,
+                                 tie_word_embeddings=True),
+    # default rope with a large theta stored only inside rope_parameters, no dense prefix
+    "theta-1e6-all-moe": dict(q_lora_rank=32, first_k_dense_replace=0, n_group=2, topk_group=1,
+                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+}
+
+
+def _write(path, name: str, seed: int, original_format: bool) -> str:
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**_BASE, **CONFIGS[name])).eval()
+    with torch.no_grad():
+        for n, buf in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # negative biases: masking must be -inf
+                buf.copy_(torch.randn_like(buf) - 3.0)
+    model.save_pretrained(path, save_original_format=original_format, max_shard_size="150KB")
+    return os.fspath(path)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    made: dict = {}
+
+    def get(name: str, seed: int = 0, original_format: bool = True) -> str:
+        key = (name, seed, original_format)
+        if key not in made:
+            made[key] = _write(tmp_path_factory.mktemp(f"hf-{name}"), name, seed, original_format)
+        return made[key]
+
+    return get
+
+
+CASES = [(n, s, f) for n in CONFIGS for s, f in ((0, True), (1, False))] + [("no-qlora-groups-tied", 2, False)]
+
+
+@pytest.mark.parametrize(("name", "seed", "original_format"), CASES)
+def test_load_into_transformers_equals_its_own_load(written, name, seed, original_format):
+    path = written(name, seed, original_format)
+    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    model = empty_model(path, dtype=torch.float32)
+    report = kimi_loader.load_weights(model, path)
+    assert report.unused == [] and report.missing == []
+    got = model.state_dict()
+    assert set(got) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(got[k], v), k
+
+
+@pytest.mark.parametrize(("name", "seed", "original_format"), CASES)
+def test_runtime_logits_and_greedy_tokens_equal_transformers(written, name, seed, original_format):
+    path = written(name, seed, original_format)
+    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours = kimi_loader.from_pretrained(path)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = ours(ids)
+    assert (got - want).abs().max() / want.abs().max() < 1e-4
+    with torch.no_grad():
+        want_tokens = ref.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids[:1], 6), want_tokens)
+
+
+# -- transformers' FP8 block quantizer -----------------------------------------------------
+class _Quantizer:
+    """What transformers' FP8 conversion ops read from their quantizer."""
+
+    def __init__(self, block, scale_fmt):
+        self.quantization_config = type("C", (), {"weight_block_size": block, "scale_fmt": scale_fmt,
+                                                  "dequantize": True})()
+
+
+def _fp8_export(src: str, dst, scale_fmt: str, block=(32, 32)) -> str:
+    """Quantizes a bf16 transformers checkpoint with transformers' own ``Fp8Quantize`` op:
+    linears whose dims are not multiples of the block stay BF16 (as transformers leaves
+    them), embeddings, norms, the router and the head stay unquantized."""
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    op = Fp8Quantize(_Quantizer(block, scale_fmt))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(src, f)))
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        linear = ("_proj" in name and "embed" not in name) and t.dim() >= 2
+        out.update(op.convert({name: t.to(torch.bfloat16)}) if linear else {name: t})
+    os.makedirs(dst, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as fh:
+        config = json.load(fh)
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block), "scale_fmt": scale_fmt}
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    return os.fspath(dst)
+
+
+def _dequantized_reference(path: str, block) -> dict[str, torch.Tensor]:
+    """Every tensor of an FP8 export with FP8 weights dequantized by transformers'
+    ``Fp8Dequantize`` (float32)."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    op = Fp8Dequantize(_Quantizer(block, None))
+    raw = load_file(os.path.join(path, "model.safetensors"))
+    out = {}
+    for name, t in raw.items():
+        if "scale_inv" in name:
+            continue
+        scale = raw.get(name[: -len("weight")] + "weight_scale_inv") if name.endswith(".weight") \
+            else raw.get(name + "_scale_inv")
+        out[name] = op._dequantize_one(t, scale, torch.float32) if t.dtype == torch.float8_e4m3fn else t.float()
+    # the per-expert layout, stacked as transformers' model holds it
+    for name in [n for n in out if ".experts.0.gate_proj.weight" in n]:
+        base = name[: name.index("0.gate_proj")]
+        n = sum(1 for k in out if k.startswith(base) and k.endswith(".down_proj.weight"))
+        out[base + "gate_up_proj"] = torch.stack(
+            [torch.cat([out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"]]) for e in range(n)])
+        out[base + "down_proj"] = torch.stack([out[f"{base}{e}.down_proj.weight"] for e in range(n)])
+    return out
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize("original_format", [True, False])
+def test_transformers_fp8_export_mixed_precision(written, tmp_path, scale_fmt, original_format):
+    src = written("qlora-dense-yarn", 3, original_format)
+    path = _fp8_export(src, tmp_path / "fp8", scale_fmt)
+    ck = kimi_loader.open(path)
+    scales = {ck.tensor_info(n).st_dtype for n in ck.keys() if n.endswith("scale_inv")}
+    assert scales == ({"F8_E8M0"} if scale_fmt == "ue8m0" else {"F32"})
+    # transformers leaves kv_a_proj_with_mqa (40 rows) in BF16 and lists it nowhere
+    assert ck.tensor_info("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").st_dtype == "BF16"
+    assert ck.tensor_info("model.layers.0.self_attn.q_a_proj.weight").st_dtype == "F8_E4M3"
+
+    # dequantize-on-load into transformers' model == transformers' own Fp8Dequantize
+    reference = _dequantized_reference(path, (32, 32))
+    hf = empty_model(path, dtype=torch.float32)
+    kimi_loader.load_weights(hf, path)
+    oracle = DeepseekV3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            if name in reference:
+                p.copy_(reference[name])
+    for name, v in oracle.state_dict().items():
+        assert torch.equal(hf.state_dict()[name], v), name
+
+    # the serving runtime keeps FP8 where the checkpoint has it, fuses q_a (FP8) with
+    # kv_a (BF16) in a common dense format, and matches transformers on those weights
+    ours = kimi_loader.from_pretrained(path)
+    attn = ours.model.layers[0].self_attn
+    assert attn.fused_qkv_a_proj_with_mqa.format == "bf16" and attn.q_b_proj.format == "fp8-block"
+    assert any("kv_a_proj_with_mqa" in d for d in ours.format_decisions)
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = oracle(ids).logits
+    assert (ours(ids) - want).abs().max() / want.abs().max() < 1e-4
