@@ -59,8 +59,10 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
     if n_layers is not None:
         extra = sorted(x for x in layers if x >= n_layers)
         missing = sorted(set(range(n_layers)) - layers)
+        mtp = tc.get("num_nextn_predict_layers") or 0
         if extra:
-            notes.append(f"layers {extra} are beyond num_hidden_layers={n_layers} (e.g. MTP); a loader skips them")
+            notes.append(f"layers {extra} are beyond num_hidden_layers={n_layers} "
+                         f"(num_nextn_predict_layers={mtp}: declared MTP layers are skipped, others refused)")
         if missing:
             problems.append(f"layers {missing[:8]} of num_hidden_layers={n_layers} have no tensors")
     if n_experts is not None:
@@ -73,6 +75,11 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         notes.append(
             f"shared experts are stored as {sorted(shared_suffixes)} but routed experts as "
             f"{sorted(expert_suffixes)}: shared-expert fusion is not possible for this checkpoint")
+
+    plan = plan_problems(ck) if config is not None and quant is not None else None
+    if plan is not None:
+        problems.extend(plan["problems"])
+        notes.extend(plan["notes"])
 
     arch = (config or {}).get("architectures") or []
     return {
@@ -94,6 +101,28 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         "problems": problems,
         "notes": notes,
     }
+
+
+def plan_problems(ck: Checkpoint) -> dict[str, list[str]]:
+    """What a load into the default serving layout would refuse: builds that model on the
+    meta device from the checkpoint's config and tensors, plans it, and reports every
+    error, missing range and unused tensor (nothing is read or allocated)."""
+    from .loader import _format_problems, plan_for
+    from .models import for_config
+
+    problems: list[str] = []
+    notes: list[str] = []
+    try:
+        model = for_config(ck.config, device="meta", checkpoint=ck)
+        planned = plan_for(model, ck)
+    except KimiLoaderError as e:
+        return {"problems": [f"a load would fail: {type(e).__name__}: {e}"], "notes": notes}
+    target = getattr(model, "language_model", model)
+    notes.extend(f"format decision: {d}" for d in target.format_decisions)
+    notes.append(f"shared-expert fusion: {target.num_fused_shared_experts} ({target.fusion_reason})")
+    if planned.plan.missing() or planned.plan.unused():
+        problems.append(f"a strict load would refuse this checkpoint: {_format_problems(planned.plan)}")
+    return {"problems": problems, "notes": notes}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -111,7 +111,8 @@ class WeightUpdater:
         if planned.plan.unused():
             raise IncompleteLoadError(
                 f"{ck.index_path or ck.files[0]}: tensors the model has no place for: "
-                + ", ".join(n for n, _ in planned.plan.unused()[:5]), tensor=planned.plan.unused()[0][0])
+                + "; ".join(f"{n} ({why})" for n, why in planned.plan.unused()[:5]),
+                tensor=planned.plan.unused()[0][0], unused=planned.plan.unused())
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
             self._plan, self._known, self._dests = planned.plan, set(ck.keys()), planned.dests
         return planned
