@@ -3,8 +3,9 @@ loaded garbage, panicked or refused a valid checkpoint before the fix.
 
 | bullet | test |
 |---|---|
-| stacked pieces never size-checked (gate missing + up twice as tall, 192/64, q_a/kv_a 40/32, bf16 experts) | test_stacked_pieces_must_have_their_shard_shape |
-| layers beyond num_hidden_layers dropped (load, update_from_tensors) | test_layers_beyond_the_config_are_refused, test_update_with_a_layer_beyond_the_config_is_refused |
+| stacked pieces never size-checked (4 shapes, bf16 experts) | test_stacked_pieces_must_have_their_shard_shape |
+| layers beyond num_hidden_layers dropped (load) | test_layers_beyond_the_config_are_refused |
+| ... and by update_from_tensors | test_update_with_a_layer_beyond_the_config_is_refused |
 | norm [64, 1] into [64] | test_lenient_shapes_are_refused[norm] |
 | ct-int4 weight_shape contents never compared | test_lenient_shapes_are_refused[weight_shape] |
 | group_size from the config never read | test_group_size_from_the_config_is_checked |
@@ -18,7 +19,7 @@ loaded garbage, panicked or refused a valid checkpoint before the fix.
 | transformers' fused expert layout, FP8 with stacked expert scales | test_writers.py (original_format=False) |
 | weight_shape stored as I64 | test_weight_shape_any_integer_dtype |
 | ignore lists with the language_model. prefix | test_prefixed_ignore_lists |
-| mixed precision (BF16 linears in a quantized checkpoint) | test_writers.py::test_transformers_fp8_export_mixed_precision |
+| mixed precision (BF16 linears left in a quantized checkpoint) | test_writers.py (fp8 export tests) |
 | empty_model without rope scaling | test_writers.py (every case uses empty_model; theta-1e6 has none) |
 | inspect says "problems none" on refused checkpoints | test_inspect_runs_the_planner |
 """
@@ -43,6 +44,10 @@ def _load(path, **kw):
     ck = kimi_loader.open(path)
     model = for_config(ck.config, **kw)
     return model, kimi_loader.load_weights(model, ck)
+
+
+def _qc(config: dict) -> dict:
+    return config.get("quantization_config") or config["text_config"]["quantization_config"]
 
 
 def _with_config(path: str, edit) -> str:
@@ -123,7 +128,8 @@ def test_lenient_shapes_are_refused(synth_dir, tmp_path, case):
 
     src = synth_dir("kimi-k2.5-tiny", "ct-int4")
     raw = load_all(src)
-    name = {"norm": f"{P}.0.input_layernorm.weight", "weight_shape": f"{P}.1.mlp.experts.0.gate_proj.weight_shape"}[case]
+    name = {"norm": f"{P}.0.input_layernorm.weight",
+            "weight_shape": f"{P}.1.mlp.experts.0.gate_proj.weight_shape"}[case]
     value = raw[name].reshape(64, 1) if case == "norm" else torch.tensor([7, 9], dtype=torch.int32)
     path = rewrite(src, tmp_path / "ck", change={name: value})
     with pytest.raises(kimi_loader.ShapeMismatchError) as e:
@@ -148,8 +154,7 @@ def test_group_size_from_the_config_is_checked(synth_dir, tmp_path):
 
     path = os.fspath(tmp_path / "ck")
     shutil.copytree(synth_dir("kimi-k2.5-tiny", "ct-int4"), path)
-    _with_config(path, lambda c: c["text_config"]["quantization_config"]["config_groups"]["group_0"]["weights"]
-                 .update(group_size=16))
+    _with_config(path, lambda c: _qc(c)["config_groups"]["group_0"]["weights"].update(group_size=16))
     with pytest.raises(kimi_loader.ShapeMismatchError, match="weight_scale"):
         _load(path)
     from kimi_loader.models.hf import empty_model  # the dequantizing path reads it too
@@ -158,17 +163,22 @@ def test_group_size_from_the_config_is_checked(synth_dir, tmp_path):
         kimi_loader.load_weights(empty_model(path, dtype=torch.float32), path)
 
 
-def test_wrapper_top_level_quantization_config(synth_dir, tmp_path):
+@pytest.mark.parametrize("placement", ["top", "text_config"])
+def test_wrapper_top_level_quantization_config(synth_dir, tmp_path, placement):
+    """The exporters write the wrapper's quantization_config at the top level (as the
+    synthetic checkpoints now do); older configs have it inside text_config."""
     import shutil
 
     path = os.fspath(tmp_path / "ck")
     shutil.copytree(synth_dir("kimi-k2.5-tiny", "ct-int4"), path)
+    assert "quantization_config" in kimi_loader.open(path).config
 
     def move(c):
-        c["quantization_config"] = c["text_config"].pop("quantization_config")
+        if placement == "text_config":
+            c["text_config"]["quantization_config"] = c.pop("quantization_config")
     _with_config(path, move)
     ck = kimi_loader.open(path)
-    model, report = _load(path)
+    model, _ = _load(path)
     lm = model.language_model
     assert ck.quant_format == lm.quant_format == "ct-int4"
     assert lm.model.layers[1].mlp.experts.w13_weight_packed.dtype == torch.int32  # kept packed, not bf16
@@ -191,7 +201,7 @@ def test_prefixed_ignore_lists(synth_dir, tmp_path):
         assert any(n.startswith("language_model.") for n in names)
 
         def explicit(c, names=names, key=key):
-            c["text_config"]["quantization_config"][key] = names
+            _qc(c)[key] = names
         _with_config(path, explicit)
         fmts = kimi_loader.formats.quant_spec(kimi_loader.open(path).config)
         assert fmts.module_format("model.layers.0.self_attn.q_a_proj") == "bf16"

@@ -14,12 +14,12 @@ from . import errors, formats
 from ._core import __version__
 from .errors import (
     CheckpointIOError,
-    ConfigError,
-    IncompleteLoadError,
-    InternalError,
     CheckpointNotFoundError,
+    ConfigError,
     HeaderError,
+    IncompleteLoadError,
     IndexMismatchError,
+    InternalError,
     InvalidArgumentError,
     KimiLoaderError,
     MissingTensorError,

@@ -11,10 +11,10 @@ from __future__ import annotations
 __all__ = [
     "CheckpointIOError",
     "CheckpointNotFoundError",
-    "HeaderError",
-    "IndexMismatchError",
     "ConfigError",
+    "HeaderError",
     "IncompleteLoadError",
+    "IndexMismatchError",
     "InternalError",
     "InvalidArgumentError",
     "KimiLoaderError",

@@ -15,8 +15,7 @@ import torch
 
 from . import _core
 from .errors import IncompleteLoadError, InvalidArgumentError, UnsupportedFormatError
-from .formats import quant_spec
-from .formats import TORCH_DTYPES
+from .formats import TORCH_DTYPES, quant_spec
 from .hooks import custom_renames, hook_target
 from .reader import Checkpoint
 from .reader import open as open_checkpoint

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from . import _core
-from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError, UnsupportedFormatError
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgumentError, KimiLoaderError, ShapeMismatchError
 from .formats import TORCH_DTYPES, detect_quant_format
 
 PathLike = str | os.PathLike[str]

@@ -348,7 +348,7 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
             key = "exclude" if quant == "quark-mxfp4" else "ignore"
             if key in qc and "re:.*shared_experts.*" not in qc[key]:
                 qc[key].append("re:.*shared_experts.*")
-    if qc is not None:
+    if qc is not None and family != "kimi":
         cfg["quantization_config"] = qc
     g = torch.Generator().manual_seed(seed)
     tensors = _tensors(cfg, family, quant, shared_expert_quant, g)
@@ -389,6 +389,8 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",
         }
+        if qc is not None:  # where compressed-tensors' and Quark's exporters write it
+            config["quantization_config"] = qc
     else:
         config = cfg
     with open(os.path.join(path, "config.json"), "w") as fh:

@@ -47,8 +47,14 @@ fn fused_expert_names() {
         fused_expert_name("model.layers.1.mlp.experts.down_proj_scale_inv"),
         Some(("model.layers.1.mlp.", "down_proj", "weight_scale_inv"))
     );
-    assert_eq!(fused_expert_name("model.layers.1.mlp.shared_experts.down_proj.weight"), None);
-    assert_eq!(fused_expert_name("model.layers.1.mlp.experts.0.down_proj.weight"), None);
+    assert_eq!(
+        fused_expert_name("model.layers.1.mlp.shared_experts.down_proj.weight"),
+        None
+    );
+    assert_eq!(
+        fused_expert_name("model.layers.1.mlp.experts.0.down_proj.weight"),
+        None
+    );
 }
 
 /// Where a tensor lives: shard number and position in that shard's (offset-sorted) table.
@@ -355,10 +361,16 @@ impl Checkpoint {
                 };
                 let bad = |why: String| Error::Unsupported {
                     file: path.clone(),
-                    reason: format!("tensor '{}' (transformers' fused expert layout): {why}", e.name),
+                    reason: format!(
+                        "tensor '{}' (transformers' fused expert layout): {why}",
+                        e.name
+                    ),
                 };
                 if e.shape.len() != 3 || e.shape[0] == 0 {
-                    return Err(bad(format!("expected [experts, rows, cols], found {:?}", e.shape.as_slice())));
+                    return Err(bad(format!(
+                        "expected [experts, rows, cols], found {:?}",
+                        e.shape.as_slice()
+                    )));
                 }
                 let (n, rows, cols) = (e.shape[0], e.shape[1], e.shape[2]);
                 let parts: &[&str] = if proj == "gate_up_proj" {

@@ -537,7 +537,12 @@ pub fn build_plan(
                 let why = if !slot_ok {
                     format!("expert slot {} of {expert_slots}", p.expert.unwrap_or(0))
                 } else if stacked {
-                    format!("shard {} of {} stacked in '{}'", p.order, shard_rows.len(), dest.name)
+                    format!(
+                        "shard {} of {} stacked in '{}'",
+                        p.order,
+                        shard_rows.len(),
+                        dest.name
+                    )
                 } else {
                     format!("for '{}'", dest.name)
                 };

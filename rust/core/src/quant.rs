@@ -139,12 +139,12 @@ impl QuantFormat {
                 let sc = if se.shape.len() == 2 { se.shape[1] } else { 0 };
                 // without a declared group size, the grid must still be a whole number of
                 // even-sized groups
-                let group = declared.unwrap_or(if sc > 0 && cols % sc == 0 {
+                let group = declared.unwrap_or(if sc > 0 && cols.is_multiple_of(sc) {
                     cols / sc
                 } else {
                     32
                 });
-                if group == 0 || group % 2 != 0 || cols % group != 0 {
+                if group == 0 || group % 2 != 0 || !cols.is_multiple_of(group) {
                     return Err(Error::Unsupported {
                         file: ckpt.shard(data).path.clone(),
                         reason: format!(

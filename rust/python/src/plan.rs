@@ -72,10 +72,7 @@ fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
         if !RULE_KEYS.contains(&key.as_str()) {
             return Err(bad(
                 py,
-                format!(
-                    "unknown rule key '{key}' (known: {})",
-                    RULE_KEYS.join(", ")
-                ),
+                format!("unknown rule key '{key}' (known: {})", RULE_KEYS.join(", ")),
             ));
         }
     }
@@ -136,6 +133,8 @@ pub struct Plan {
 }
 
 /// Builds a copy plan for `ckpt` into destinations `[(name, shape, dtype)]` (GIL released).
+// keyword arguments of one Python function: each has a default there
+#[allow(clippy::too_many_arguments)]
 #[pyfunction]
 #[pyo3(signature = (ckpt, rules, dests, fp8_block=(128, 128), threads=None, int4_group=None, mxfp4_group=None))]
 pub fn plan(
