@@ -214,21 +214,36 @@ def test_prefixed_ignore_lists(synth_dir, tmp_path):
 
 
 # -- typed errors, never a panic -------------------------------------------------------------
-@pytest.mark.parametrize(("quant", "suffix", "dtype"), [
-    ("ct-int4", "weight_scale", torch.int32), ("ct-int4", "weight_scale", torch.uint8),
-    ("fp8-block", "weight_scale_inv", torch.int64), ("fp8-block", "weight_scale_inv", torch.bool),
-    ("quark-mxfp4", "weight_scale", torch.float32), ("quark-mxfp4", "weight_scale", torch.int8),
-])
-def test_wrong_scale_dtypes_are_typed_errors_never_panics(synth_dir, tmp_path, quant, suffix, dtype):
+_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+           torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
+           torch.float8_e8m0fnu]
+_SCALE_OK = {"ct-int4": {torch.bfloat16, torch.float16, torch.float32},
+             "quark-mxfp4": {torch.uint8, torch.float8_e8m0fnu},
+             "fp8-block": {torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu}}
+_SCALE = {"ct-int4": "weight_scale", "quark-mxfp4": "weight_scale", "fp8-block": "weight_scale_inv"}
+
+
+@pytest.mark.parametrize("quant", ["ct-int4", "quark-mxfp4", "fp8-block"])
+@pytest.mark.parametrize("dtype", _DTYPES, ids=str)
+def test_wrong_scale_dtypes_are_typed_errors_never_panics(synth_dir, tmp_path, quant, dtype):
+    """Every dtype as the scale of every dequantizing path (transformers' model
+    dequantizes on load): the accepted ones load, every other is a typed error naming
+    the tensor, with the model untouched; no panic."""
     from reference import load_all
 
     from kimi_loader.models.hf import empty_model
 
     src = synth_dir("kimi-k2.5-tiny", quant)
     raw = load_all(src)
-    name = f"{P}.1.mlp.experts.0.down_proj.{suffix}"
-    path = rewrite(src, tmp_path / "ck", change={name: raw[name].to(dtype)})
+    name = f"{P}.1.mlp.experts.0.down_proj.{_SCALE[quant]}"
+    value = raw[name].to(dtype)
+    if quant == "quark-mxfp4" and dtype == torch.float8_e8m0fnu:
+        value = raw[name].view(torch.float8_e8m0fnu)  # the same exponents, typed as E8M0
+    path = rewrite(src, tmp_path / "ck", change={name: value})
     model = empty_model(path, dtype=torch.float32)
+    if dtype in _SCALE_OK[quant]:
+        kimi_loader.load_weights(model, path)
+        return
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(kimi_loader.KimiLoaderError) as e:
         kimi_loader.load_weights(model, path)
