@@ -29,7 +29,7 @@ from .errors import (
 from .formats import QUANT_FORMATS, detect_quant_format
 from .loader import LoadReport as LoadReport
 from .loader import load_weights as load_weights
-from .models.deepseek_v3 import fusion_decision
+from .models.deepseek_v3 import fusion_decision, fusion_for
 from .reader import Checkpoint, TensorInfo, open  # noqa: A004
 from .rl import UpdateReport as UpdateReport
 from .rl import WeightUpdater as WeightUpdater
@@ -46,11 +46,7 @@ def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | No
         tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
         return fusion_decision(tc, quant_spec(config).method, config)
     mc = parse_config(config)
-    tc = mc.text
-    formats = ModuleFormats(mc.quant, checkpoint)
-    moe0 = f"model.layers.{tc['first_k_dense_replace']}.mlp"
-    return fusion_decision(tc, mc.quant.method, config, shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
-                           routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
+    return fusion_for(mc, ModuleFormats(mc.quant, checkpoint))
 
 
 def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,

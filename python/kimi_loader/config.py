@@ -21,9 +21,18 @@ from typing import Any
 
 from .errors import ConfigError, UnsupportedFormatError
 
-__all__ = ["ModelConfig", "QuantSpec", "parse_config", "parse_quant"]
+__all__ = ["ModelConfig", "QuantSpec", "checkpoint_names", "parse_config", "parse_quant", "quant_of"]
 
 _TEXT_PREFIXES = ("language_model.model.", "language_model.", "model.language_model.")
+
+
+def checkpoint_names(module: str) -> list[str]:
+    """The names a checkpoint may store canonical ``module`` under (plain DeepSeek-V3, the
+    Kimi-K2.5 wrapper's ``language_model.model.``, and its ``language_model.`` variant)."""
+    names = [module, "language_model." + module]
+    if module.startswith("model."):
+        names.append("language_model." + module[len("model."):])
+    return names
 
 
 def _fail(key: str, why: str, file: str | None) -> ConfigError:
@@ -81,13 +90,11 @@ class QuantSpec:
 
     def names_module(self, module: str) -> bool:
         """Whether the config lists ``module`` (any naming) as not quantized."""
-        names = {module}
+        names = set(checkpoint_names(module))
         for p in _TEXT_PREFIXES:
             if module.startswith(p):
                 names.add("model." + module[len(p):] if p.endswith("model.") else module[len(p):])
-        if module.startswith("model."):
-            names |= {"language_model." + module, "language_model." + module[len("model."):]}
-        if module == "lm_head" or module.endswith(".lm_head"):
+        if module.endswith(".lm_head"):
             names |= {"lm_head", "language_model.lm_head"}
         for pat in self.not_quantized:
             if pat.startswith("re:"):
@@ -282,9 +289,24 @@ def parse_config(raw: Any, *, file: str | None = None) -> ModelConfig:
     if dtype is not None and not isinstance(dtype, str):
         raise _fail(where + "dtype", f"must be a dtype name, not {dtype!r}", file)
     t["dtype"] = dtype
-    qc_top, qc_text = raw.get("quantization_config"), tc.get("quantization_config") if wrapper else None
-    if qc_top is not None and qc_text is not None and qc_top != qc_text:
+    return ModelConfig(raw, t, quant_of(raw, file=file), wrapper)
+
+
+def quant_of(raw: Any, *, file: str | None = None) -> QuantSpec:
+    """The validated :class:`QuantSpec` of a whole ``config.json`` dict (``None`` for none):
+    its ``quantization_config`` at the top level (where the exporters write it for the
+    Kimi-K2.5 wrapper) or inside ``text_config``; both present must agree. Reads nothing
+    else, so a partial config will do."""
+    if raw is None:
+        return QuantSpec()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file or 'config.json'}: must be a JSON object", file=file)
+    tc = raw.get("text_config")
+    if tc is not None and not isinstance(tc, dict):
+        raise _fail("text_config", f"must be an object, not {type(tc).__name__}", file)
+    top, inner = raw.get("quantization_config"), (tc or {}).get("quantization_config")
+    if top is not None and inner is not None and top != inner:
         raise _fail("quantization_config", "differs from text_config.quantization_config", file)
-    quant = parse_quant(qc_top if qc_top is not None else qc_text, file=file,
-                        where="quantization_config" if qc_top is not None else "text_config.quantization_config")
-    return ModelConfig(raw, t, quant, wrapper)
+    if top is not None:
+        return parse_quant(top, file=file, where="quantization_config")
+    return parse_quant(inner, file=file, where="text_config.quantization_config")

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .config import QuantSpec, parse_quant
-from .errors import ConfigError, UnsupportedFormatError
+from .config import QuantSpec, checkpoint_names, quant_of
+from .errors import UnsupportedFormatError
 
 QUANT_FORMATS = ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
 
@@ -61,15 +61,8 @@ def quantization_config(config: dict[str, Any] | None) -> dict[str, Any] | None:
     return qc
 
 
-def quant_spec(config: dict[str, Any] | None, *, file: str | None = None) -> QuantSpec:
-    """The validated :class:`~kimi_loader.config.QuantSpec` of a ``config.json`` dict."""
-    if config is not None and not isinstance(config, dict):
-        raise ConfigError(f"{file or 'config.json'}: must be a JSON object", file=file)
-    if config and "text_config" in config and not isinstance(config["text_config"], dict):
-        raise ConfigError(f"{file or 'config.json'}: 'text_config' must be an object", key="text_config", file=file)
-    top = (config or {}).get("quantization_config")
-    where = "quantization_config" if top is not None else "text_config.quantization_config"
-    return parse_quant(quantization_config(config), file=file, where=where)
+#: The validated :class:`~kimi_loader.config.QuantSpec` of a ``config.json`` dict.
+quant_spec = quant_of
 
 
 def detect_quant_format(config: dict[str, Any] | None, *, file: str | None = None) -> str:
@@ -106,10 +99,7 @@ class ModuleFormats:
 
     def _stored(self, module: str) -> dict[str, str] | None:
         ck = self.checkpoint
-        names = [module, "language_model." + module]
-        if module.startswith("model."):
-            names.append("language_model." + module[len("model."):])
-        for name in names:
+        for name in checkpoint_names(module):
             found = {s: ck.tensor_info(f"{name}.{s}").st_dtype for s in _FORMAT_SUFFIXES if f"{name}.{s}" in ck}
             if found:
                 return found

@@ -17,7 +17,7 @@ from ..config import ModelConfig, parse_config
 from ..errors import ConfigError
 from ..formats import ModuleFormats, quant_spec, quantization_config
 from ..hooks import ForwardsWeightHooks, identity_hook
-from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, empty_params, shard_shapes, stacked_shapes
+from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE, empty_params, shard_shapes, stacked_shapes
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
 
@@ -47,6 +47,17 @@ def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, A
     if shared_format != routed_format:
         return 0, f"the shared expert is stored as {shared_format}, the routed experts as {routed_format}"
     return 1, f"n_routed_experts={e}, one shared expert stored as {routed_format} like the routed experts"
+
+
+def fusion_for(mc: ModelConfig, formats: ModuleFormats) -> tuple[int, str]:
+    """:func:`fusion_decision` with the shared and routed experts' formats as ``formats``
+    decides them (from the checkpoint's tensors when it has one)."""
+    c = mc.text
+    if not c.get("n_routed_experts") or c["first_k_dense_replace"] >= c["num_hidden_layers"]:
+        return 0, "no MoE layer"
+    moe0 = f"model.layers.{c['first_k_dense_replace']}.mlp"
+    return fusion_decision(c, mc.quant.method, mc.raw, shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
+                           routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
 
 
 class _Holder(nn.Module):
@@ -106,13 +117,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
         first_moe = c["first_k_dense_replace"]
         e_total = c.get("n_routed_experts") or 0
-        if e_total and first_moe < c["num_hidden_layers"]:
-            moe0 = f"model.layers.{first_moe}.mlp"
-            fused, reason = fusion_decision(c, spec.method, mc.raw,
-                                            shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
-                                            routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
-        else:
-            fused, reason = 0, "no MoE layer"
+        fused, reason = fusion_for(mc, formats)
         if num_fused_shared_experts is not None:
             fused, reason = num_fused_shared_experts, f"forced to {num_fused_shared_experts} by the caller"
         self.num_fused_shared_experts, self.fusion_reason = fused, reason
@@ -282,8 +287,7 @@ class DeepseekV3ForCausalLM(nn.Module):
     def weight_rules(self) -> dict[str, Any]:
         """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
         c = self.config
-        tied = [("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")] \
-            if c["tie_word_embeddings"] else []
+        tied = [TIED_IGNORE] if c["tie_word_embeddings"] else []
         return {
             "rewrites": KIMI_PREFIX_REWRITES,
             "ignore": [("vision_tower.", None, "vision tower: the language model is loaded text-only"),

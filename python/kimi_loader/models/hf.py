@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE
+from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE
 
 __all__ = ["HFDeepseekV3", "empty_model", "wrap_if_transformers"]
 
@@ -64,7 +64,7 @@ class HFDeepseekV3:
     def _tied(self) -> list[tuple[str | None, str | None, str]]:
         tied = getattr(self.outer_config, "tie_word_embeddings", False) or \
             getattr(self.config, "tie_word_embeddings", False)
-        return [("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")] if tied else []
+        return [TIED_IGNORE] if tied else []
 
     def post_load_weights(self, layers: list[int] | None = None) -> None:
         return None

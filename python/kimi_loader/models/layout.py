@@ -18,6 +18,9 @@ KIMI_PREFIX_REWRITES = (("language_model.model.", "model."), ("language_model.la
 #: A declared skip shared by every model: rope frequencies are recomputed, never loaded.
 ROPE_IGNORE = (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")
 
+#: With ``tie_word_embeddings`` a stored head is not loaded (the head is the embedding).
+TIED_IGNORE = ("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")
+
 #: dtype of each quantized tensor suffix; ``None`` means the model's dtype
 SUFFIX_DTYPES: dict[str, dict[str, torch.dtype | None]] = {
     "bf16": {"weight": None},

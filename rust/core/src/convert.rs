@@ -25,7 +25,7 @@ fn read_f32(src: &[u8], i: usize, d: Dtype) -> f32 {
         Dtype::F16 => f16::from_bits(u16::from_le_bytes([src[2 * i], src[2 * i + 1]])).to_f32(),
         Dtype::F64 => f64::from_le_bytes(src[8 * i..8 * i + 8].try_into().expect("8 bytes")) as f32,
         Dtype::F8E4M3 => e4m3_to_f32(src[i]),
-        Dtype::F8E8M0 | Dtype::U8 => e8m0_to_f32(src[i]),
+        Dtype::F8E8M0 => e8m0_to_f32(src[i]),
         _ => unreachable!("not a float dtype: {d}"),
     }
 }

@@ -411,9 +411,7 @@ pub fn build_plan(
         let r = de.shape[0];
         if let Some(shape) = g.shape {
             check_weight_shape(ckpt, shape, r, cols)?;
-        }
-        if g.shape.is_some() {
-            plan.used += 1; // `weight_shape`, checked against the packed shape above
+            plan.used += 1;
         }
         plan.used += 1; // the scale
         pieces.push(Piece {
