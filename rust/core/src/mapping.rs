@@ -97,7 +97,7 @@ pub struct Rules {
 
 /// What a checkpoint name resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolved {
+pub enum Resolved<'r> {
     /// Skipped by a declared rule.
     Ignored(String),
     /// Belongs to an expert this expert-parallel rank does not hold.
@@ -118,7 +118,7 @@ pub enum Resolved {
         split: Option<TpSplit>,
         /// The stacked rule's parameter fragment (`gate_up_proj`, `experts.w13_`), which
         /// tells how many shards the destination stacks.
-        stack_key: Option<String>,
+        stack_key: Option<&'r str>,
     },
 }
 
@@ -165,7 +165,7 @@ impl Rules {
     }
 
     /// Resolves one checkpoint name.
-    pub fn resolve(&self, ckpt_name: &str) -> Resolved {
+    pub fn resolve(&self, ckpt_name: &str) -> Resolved<'_> {
         let mut name: String = match self.renames.get(ckpt_name) {
             Some(Some(n)) => n.clone(),
             Some(None) => {
@@ -231,7 +231,7 @@ impl Rules {
                     order: rule.order,
                     stacked: true,
                     split: Some(rule.split),
-                    stack_key: Some(rule.param_prefix.clone()),
+                    stack_key: Some(rule.param_prefix.as_str()),
                 };
             }
         }
@@ -249,7 +249,7 @@ impl Rules {
                     order: rule.order,
                     stacked: true,
                     split: None,
-                    stack_key: Some(rule.param.clone()),
+                    stack_key: Some(rule.param.as_str()),
                 };
             }
         }
@@ -265,15 +265,20 @@ impl Rules {
 
     /// How many shards each stacked parameter fragment has (`gate_up_proj` -> 2,
     /// `experts.w13_` -> 2, `experts.w2_` -> 1): counted once per plan.
-    pub fn shard_counts(&self) -> HashMap<String, u32> {
-        let mut out: HashMap<String, u32> = HashMap::new();
-        for r in &self.stacked {
-            let n = out.entry(r.param.clone()).or_insert(0);
-            *n = (*n).max(r.order + 1);
-        }
-        for r in self.experts.values() {
-            let n = out.entry(r.param_prefix.clone()).or_insert(0);
-            *n = (*n).max(r.order + 1);
+    pub fn shard_counts(&self) -> HashMap<&str, u32, foldhash::fast::RandomState> {
+        let mut out = HashMap::with_hasher(foldhash::fast::RandomState::default());
+        for (key, order) in self
+            .stacked
+            .iter()
+            .map(|r| (r.param.as_str(), r.order))
+            .chain(
+                self.experts
+                    .values()
+                    .map(|r| (r.param_prefix.as_str(), r.order)),
+            )
+        {
+            let n = out.entry(key).or_insert(0);
+            *n = (*n).max(order + 1);
         }
         out
     }

@@ -11,6 +11,11 @@
 /// Hash maps keyed by names and small tuples, hashed with foldhash.
 type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
+/// A shape on the stack (checked once per op).
+type Dims = smallvec::SmallVec<[u64; 4]>;
+
+use std::borrow::Cow;
+
 use crate::checkpoint::{Checkpoint, TensorId};
 use crate::convert::is_float;
 use crate::dtype::Dtype;
@@ -240,6 +245,10 @@ pub fn build_plan(
     // each destination's TP split, looked up once
     let shard_counts = rules.shard_counts();
     let dest_split: Vec<TpSplit> = dests.iter().map(|d| rules.split_of(&d.name)).collect();
+    let dest_shard_rows: Vec<Option<&[u64]>> = dests
+        .iter()
+        .map(|d| rules.shard_rows.get(&d.name).map(Vec::as_slice))
+        .collect();
 
     // Resolving names is independent per tensor: do it in parallel, then assemble.
     let tensors: Vec<_> = ckpt.iter().collect();
@@ -249,6 +258,36 @@ pub fn build_plan(
             .map(|(_, e)| rules.resolve(&e.name))
             .collect()
     });
+    // compressed-tensors `weight_shape` companions hold values, not only a shape: their
+    // small reads (one pread each, ~70k at Kimi-K2.5 scale) run in parallel here, checked
+    // against their packed sibling; each result is surfaced where the tensor is consumed.
+    let mut shape_checks: Vec<Option<(TensorId, Result<()>)>> = pool.install(|| {
+        tensors
+            .par_iter()
+            .map(|&(id, e)| {
+                let base = e.name.strip_suffix("weight_shape")?;
+                let packed = ckpt.find(&format!("{base}weight_packed"))?;
+                let pe = ckpt.entry(packed);
+                (pe.shape.len() == 2 && pe.dtype == Dtype::I32).then(|| {
+                    (
+                        packed,
+                        check_weight_shape(ckpt, id, pe.shape[0], pe.shape[1] * 8),
+                    )
+                })
+            })
+            .collect()
+    });
+    // position of a tensor in `tensors` (shard-major storage order)
+    let first_of_shard: Vec<usize> = ckpt
+        .shards
+        .iter()
+        .scan(0, |at, s| {
+            let first = *at;
+            *at += s.header.tensors.len();
+            Some(first)
+        })
+        .collect();
+    let position = |id: TensorId| first_of_shard[id.shard as usize] + id.index as usize;
     for ((id, e), resolved) in tensors.into_iter().zip(resolved) {
         let name = &*e.name;
         let (param, expert, order, split, stack_key) = match resolved {
@@ -274,7 +313,6 @@ pub fn build_plan(
             } => (param, expert, order, split, stack_key),
         };
         let shards = stack_key
-            .as_deref()
             .and_then(|k| shard_counts.get(k).copied())
             .unwrap_or(1);
         if let Some(k) = rules
@@ -336,14 +374,10 @@ pub fn build_plan(
         // A compressed-tensors `weight_shape` whose packed weight is copied as it is:
         // checked against the packed shape, then consumed (the layout needs no copy).
         if direct.is_none() && param.ends_with("weight_shape") {
-            let base = &name[..name.len() - "weight_shape".len()];
-            if let Some(packed) = ckpt.find(&format!("{base}weight_packed")) {
-                let pe = ckpt.entry(packed);
-                if pe.shape.len() == 2 && pe.dtype == Dtype::I32 {
-                    check_weight_shape(ckpt, id, pe.shape[0], pe.shape[1] * 8)?;
-                    plan.used += 1;
-                    continue;
-                }
+            if let Some((_, checked)) = shape_checks[position(id)].take() {
+                checked?;
+                plan.used += 1;
+                continue;
             }
         }
         let Some(d) = direct else {
@@ -410,7 +444,10 @@ pub fn build_plan(
         let (kind, cols) = format.op_kind(ckpt, data, scale, &opts.quant, dest.dtype)?;
         let r = de.shape[0];
         if let Some(shape) = g.shape {
-            check_weight_shape(ckpt, shape, r, cols)?;
+            match shape_checks[position(shape)].take() {
+                Some((packed, checked)) if packed == data => checked?,
+                _ => check_weight_shape(ckpt, shape, r, cols)?,
+            }
             plan.used += 1;
         }
         plan.used += 1; // the scale
@@ -455,7 +492,13 @@ pub fn build_plan(
         };
         let shards = pieces[i].shards.max(1) as u64;
         let stacked = shards > 1 || j - i > 1 || pieces[i].order > 0 || pieces[i].expert.is_some();
-        let shard_rows = shard_rows_of(rules, dest, block_rows, shards, stacked)?;
+        let shard_rows = shard_rows_of(
+            dest_shard_rows[pieces[i].dest as usize],
+            dest,
+            block_rows,
+            shards,
+            stacked,
+        )?;
         for p in &pieces[i..j] {
             let Some(&expected_rows) = shard_rows.get(p.order as usize) else {
                 return Err(unsupported(
@@ -516,14 +559,16 @@ pub fn build_plan(
             let local_rows = rows.1 - rows.0;
             let local_cols = cols.1 - cols.0;
             // the local slice must have exactly the shape its shard implies
-            let found: Vec<u64> = match (p.kind, split) {
-                (PieceKind::Dequant(_), _) | (_, TpSplit::Row) => vec![local_rows, local_cols],
-                _ if e.shape.is_empty() => vec![],
+            let found: Dims = match (p.kind, split) {
+                (PieceKind::Dequant(_), _) | (_, TpSplit::Row) => {
+                    [local_rows, local_cols].into_iter().collect()
+                }
+                _ if e.shape.is_empty() => Dims::new(),
                 _ => std::iter::once(local_rows)
                     .chain(p.rest.iter().copied())
                     .collect(),
             };
-            let mut expected: Vec<u64> = block_shape.clone();
+            let mut expected: Dims = block_shape.iter().copied().collect();
             if let Some(first) = expected.first_mut() {
                 *first = expected_rows;
             }
@@ -547,8 +592,8 @@ pub fn build_plan(
                 return Err(Error::ShapeMismatch {
                     file: ckpt.shard(p.src).path.clone(),
                     tensor: format!("{} ({why})", e.name),
-                    expected,
-                    found,
+                    expected: expected.to_vec(),
+                    found: found.to_vec(),
                 });
             }
             let kind = match p.kind {
@@ -591,14 +636,14 @@ pub fn build_plan(
 
 /// The local rows of each shard of a destination block: declared by the model, or equal
 /// parts for an undeclared stacked destination, or the whole block.
-fn shard_rows_of(
-    rules: &Rules,
+fn shard_rows_of<'a>(
+    declared: Option<&'a [u64]>,
     dest: &DestSpec,
     block_rows: u64,
     shards: u64,
     stacked: bool,
-) -> Result<Vec<u64>> {
-    if let Some(rows) = rules.shard_rows.get(&dest.name) {
+) -> Result<Cow<'a, [u64]>> {
+    if let Some(rows) = declared {
         if rows.iter().sum::<u64>() != block_rows {
             return Err(Error::InvalidArgument {
                 reason: format!(
@@ -607,10 +652,10 @@ fn shard_rows_of(
                 ),
             });
         }
-        return Ok(rows.clone());
+        return Ok(Cow::Borrowed(rows));
     }
     if !stacked || shards <= 1 {
-        return Ok(vec![block_rows]);
+        return Ok(Cow::Owned(vec![block_rows]));
     }
     if !block_rows.is_multiple_of(shards) {
         return Err(Error::InvalidArgument {
@@ -621,7 +666,7 @@ fn shard_rows_of(
             ),
         });
     }
-    Ok(vec![block_rows / shards; shards as usize])
+    Ok(Cow::Owned(vec![block_rows / shards; shards as usize]))
 }
 
 fn bytes_read(ckpt: &Checkpoint, op: &Op) -> u64 {
