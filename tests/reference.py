@@ -73,17 +73,16 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def load_all(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a sharded checkpoint directory, read with safetensors (a weight and
-    its scale may sit in different shards)."""
-    import json
+    """Every tensor of a checkpoint directory (sharded or one ``model.safetensors``), read
+    with safetensors (a weight and its scale may sit in different shards)."""
     import os
 
     from safetensors.torch import load_file
 
-    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
     out: dict[str, torch.Tensor] = {}
-    for f in sorted(set(index["weight_map"].values())):
-        out.update(load_file(os.path.join(path, f)))
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
     return out
 
 
@@ -115,3 +114,39 @@ def rewrite(src: str, dst, *, change: dict[str, torch.Tensor] | None = None, dro
     index["weight_map"] = new_map
     json.dump(index, open(index_path, "w"))
     return os.fspath(dst)
+
+
+def module_tree(tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The checkpoint's names as a module tree: every 2-D projection and the head an
+    ``nn.Linear`` (what compressed-tensors quantizes and lists), everything else a buffer.
+    transformers 5 holds experts as 3-D parameters, which compressed-tensors cannot
+    target, so the per-expert tree is built the way an exporter's model holds it."""
+    root = torch.nn.Module()
+    for name, t in tensors.items():
+        *path, leaf = name.split(".")
+        linear = t.dim() == 2 and leaf == "weight" and "embed" not in name and not name.endswith("mlp.gate.weight")
+        parent = root
+        for p in path[:-1] if linear else path:
+            if not hasattr(parent, p):
+                parent.add_module(p, torch.nn.Module())
+            parent = getattr(parent, p)
+        if linear:
+            lin = torch.nn.Linear(t.shape[1], t.shape[0], bias=False, dtype=t.dtype)
+            lin.weight.data = t.clone()
+            parent.add_module(path[-1], lin)
+        else:
+            parent.register_buffer(leaf, t.clone())
+    return root
+
+
+def stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert weights stacked as transformers' model holds them."""
+    out = dict(weights)
+    for name in [n for n in weights if ".experts.0.gate_proj.weight" in n]:
+        base = name[: name.index("0.gate_proj")]
+        n = sum(1 for k in weights if k.startswith(base) and k.endswith(".down_proj.weight"))
+        out[base + "gate_up_proj"] = torch.stack(
+            [torch.cat([weights[f"{base}{e}.gate_proj.weight"], weights[f"{base}{e}.up_proj.weight"]])
+             for e in range(n)])
+        out[base + "down_proj"] = torch.stack([weights[f"{base}{e}.down_proj.weight"] for e in range(n)])
+    return out

@@ -18,10 +18,22 @@ loaded garbage, panicked or refused a valid checkpoint before the fix.
 | q_lora_rank null, tied embeddings | test_writers.py (no-qlora-groups-tied) |
 | transformers' fused expert layout, FP8 with stacked expert scales | test_writers.py (original_format=False) |
 | weight_shape stored as I64 | test_weight_shape_any_integer_dtype |
-| ignore lists with the language_model. prefix | test_prefixed_ignore_lists |
+| ignore lists with the language_model. prefix | test_prefixed_ignore_lists; compressed-tensors and Quark below |
 | mixed precision (BF16 linears left in a quantized checkpoint) | test_writers.py (fp8 export tests) |
 | empty_model without rope scaling | test_writers.py (every case uses empty_model; theta-1e6 has none) |
 | inspect says "problems none" on refused checkpoints | test_inspect_runs_the_planner |
+
+Writers no one here wrote (issue #9's "Tests" section), in test_writers.py (W) and
+test_quark.py (Q):
+
+| writer | test |
+|---|---|
+| transformers save_pretrained, both expert layouts, 3 configs | W test_load_into_transformers_equals_its_own_load |
+| ... logits and greedy tokens | W test_runtime_logits_and_greedy_tokens_equal_transformers |
+| transformers' FP8 block quantizer, float and ue8m0 scales | W test_transformers_fp8_export_mixed_precision |
+| compressed-tensors compressor, W4A16 g32, both placements | W test_compressed_tensors_pack_quantized_export |
+| amd-quark MXFP4 export, plain and Kimi wrapper | Q test_quark_mxfp4_export |
+| amd-quark on transformers' model (fused experts stay BF16) | Q test_quark_export_of_transformers_model_leaves... |
 """
 
 from __future__ import annotations

@@ -82,3 +82,18 @@ def test_bad_arguments(tmp_path):
         make_checkpoint(tmp_path / "x", quant="gptq")
     with pytest.raises(kimi_loader.InvalidArgumentError):
         make_checkpoint(tmp_path / "x", quant="ct-int4", hidden_size=48)
+
+
+def test_real_ignore_and_exclude_conventions(synth_dir):
+    """Kimi-K2.5 (compressed-tensors) lists patterns; amd's Quark export lists every
+    unquantized module by its full, prefixed name; both sit at the wrapper's top level."""
+    ct = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "ct-int4")).config
+    assert "quantization_config" not in ct["text_config"]
+    assert r"re:.*mlp\.(gate|up|gate_up|down)_proj.*" in ct["quantization_config"]["ignore"]
+    ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "quark-mxfp4"))
+    exclude = ck.config["quantization_config"]["exclude"]
+    bf16 = {n[: -len(".weight")] for n in ck.keys() if n.endswith(".weight") and ck.tensor_info(n).st_dtype == "BF16"
+            and len(ck.tensor_info(n).shape) >= 2 and "embed_tokens" not in n}
+    assert set(exclude) == bf16 and not any(e.startswith("re:") for e in exclude)
+    assert {"language_model.lm_head", "language_model.model.layers.0.self_attn.kv_b_proj",
+            "language_model.model.layers.1.mlp.gate", "vision_tower.encoder.blocks.0.wqkv"} <= set(exclude)

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from reference import load_all, module_tree, stack_experts
 from safetensors.torch import load_file, save_file
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -108,10 +109,7 @@ def _fp8_export(src: str, dst, scale_fmt: str, block=(32, 32)) -> str:
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
     op = Fp8Quantize(_Quantizer(block, scale_fmt))
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(src)):
-        if f.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(src, f)))
+    tensors = load_all(src)
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         linear = ("_proj" in name and "embed" not in name) and t.dim() >= 2
@@ -141,14 +139,7 @@ def _dequantized_reference(path: str, block) -> dict[str, torch.Tensor]:
         scale = raw.get(name[: -len("weight")] + "weight_scale_inv") if name.endswith(".weight") \
             else raw.get(name + "_scale_inv")
         out[name] = op._dequantize_one(t, scale, torch.float32) if t.dtype == torch.float8_e4m3fn else t.float()
-    # the per-expert layout, stacked as transformers' model holds it
-    for name in [n for n in out if ".experts.0.gate_proj.weight" in n]:
-        base = name[: name.index("0.gate_proj")]
-        n = sum(1 for k in out if k.startswith(base) and k.endswith(".down_proj.weight"))
-        out[base + "gate_up_proj"] = torch.stack(
-            [torch.cat([out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"]]) for e in range(n)])
-        out[base + "down_proj"] = torch.stack([out[f"{base}{e}.down_proj.weight"] for e in range(n)])
-    return out
+    return stack_experts(out)
 
 
 @pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
@@ -185,3 +176,116 @@ def test_transformers_fp8_export_mixed_precision(written, tmp_path, scale_fmt, o
     with torch.no_grad():
         want = oracle(ids).logits
     assert (ours(ids) - want).abs().max() / want.abs().max() < 1e-4
+
+
+# -- compressed-tensors' real compressor -------------------------------------------------
+#: moonshotai/Kimi-K2.5's ignore list (regexes; only routed experts are int4)
+KIMI_CT_IGNORE = ["re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+                  "re:.*lm_head.*", "re:vision_tower.*", "re:mm_projector.*"]
+
+
+def _ct_export(src: str, dst, prefix: str, placement: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """W4A16 symmetric group-32 pack-quantized export by compressed-tensors'
+    ``apply_quantization_config`` + its min/max ``calculate_qparams`` + ``ModelCompressor``
+    with the Kimi ignore list. ``prefix`` ``language_model.`` writes a Kimi-K2.5 wrapper;
+    ``placement`` is where ``quantization_config`` goes: ``top`` as compressed-tensors
+    writes it (its own explicit ignore names), ``text_config`` as moonshotai's config has
+    it (the regex list). Returns the path and compressed-tensors' own decompression."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    raw = load_all(src)
+    tensors = {prefix + k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and "correction_bias" not in k else v)
+               for k, v in raw.items()}
+    root = module_tree(tensors)
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    apply_quantization_config(root, QuantizationConfig(
+        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+        ignore=KIMI_CT_IGNORE, format="pack-quantized"))
+    for module in root.modules():
+        if getattr(module, "quantization_scheme", None) is not None:  # the min/max observer's qparams
+            w = module.weight.detach().float().reshape(module.weight.shape[0], -1, 32)
+            scale, zp = calculate_qparams(w.amin(-1), w.amax(-1), args)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype)
+            module.weight_zero_point.data = zp.to(module.weight_zero_point.dtype)
+    compressor = ModelCompressor.from_pretrained_model(root, quantization_format="pack-quantized")
+    compressor.compress_model(root)
+    os.makedirs(dst, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in root.state_dict().items()}, os.path.join(dst, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as fh:
+        text = json.load(fh)
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(text, fh)
+    compressor.update_config(os.fspath(dst))  # compressed-tensors writes quantization_config
+    with open(os.path.join(dst, "config.json")) as fh:
+        written_config = json.load(fh)
+    qc = written_config.pop("quantization_config")
+    if prefix:
+        text = {**written_config, "model_type": "kimi_k2"}
+        config: dict = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+                        "text_config": text, "tie_word_embeddings": False}
+        if placement == "text_config":
+            text["quantization_config"] = {**qc, "ignore": KIMI_CT_IGNORE}
+        else:
+            config["quantization_config"] = qc
+    else:
+        config = {**written_config, "quantization_config": qc}
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    compressor.decompress_model(root)
+    decompressed = {k[len(prefix):]: v for k, v in root.state_dict().items()
+                    if not k.endswith(("weight_scale", "weight_shape", "weight_zero_point"))}
+    return os.fspath(dst), decompressed
+
+
+CT_CASES = [("", "top"), ("language_model.", "top"), ("language_model.", "text_config")]
+
+
+@pytest.mark.parametrize(("prefix", "placement"), CT_CASES)
+def test_compressed_tensors_pack_quantized_export(written, tmp_path, prefix, placement):
+    src = written("qlora-dense-yarn", 4, True)
+    path, decompressed = _ct_export(src, tmp_path / "ct", prefix, placement)
+    ck = kimi_loader.open(path)
+    e0 = f"{prefix}model.layers.1.mlp.experts.0.gate_proj."
+    assert {n[len(e0):]: ck.tensor_info(n).st_dtype for n in ck.keys() if n.startswith(e0)} == \
+        {"weight_packed": "I32", "weight_scale": "BF16", "weight_shape": "I64"}
+    assert ck.tensor_info(f"{prefix}model.layers.1.mlp.shared_experts.up_proj.weight").st_dtype == "BF16"
+
+    # dequantize-on-load into transformers' model == compressed-tensors' decompression
+    hf = empty_model(path, dtype=torch.bfloat16)
+    report = kimi_loader.load_weights(hf, path)
+    assert report.missing == [] and report.unused == []
+    reference = stack_experts(decompressed)
+    got = hf.state_dict()
+    for name, v in got.items():
+        want = reference[name] if name in reference else reference[name + ".weight"]
+        assert torch.equal(v, want.to(v.dtype)), name
+    if not prefix:  # and == transformers' own CompressedTensorsConfig load of the export
+        theirs = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16).state_dict()
+        for name, v in theirs.items():
+            assert torch.equal(got[name], v), name
+
+    # the serving runtime keeps routed experts int4 (dequantized as compressed-tensors
+    # does, in the scale's dtype), the shared expert bf16, and matches transformers in
+    # float32 on compressed-tensors' decompression; greedy decoding agrees
+    ours = kimi_loader.from_pretrained(path)
+    lm = getattr(ours, "language_model", ours)
+    moe = lm.model.layers[1].mlp
+    assert moe.experts.format == "ct-int4" and moe.shared_experts.gate_up_proj.format == "bf16"
+    oracle = DeepseekV3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in oracle.named_parameters():
+            p.copy_(reference[name] if name in reference else reference[name + ".weight"])
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = oracle(ids).logits
+    assert (ours(ids) - want).abs().max() / want.abs().max() < 1e-4
+    with torch.no_grad():
+        want_tokens = oracle.generate(ids[:1], max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours.generate(ids[:1], 6), want_tokens)

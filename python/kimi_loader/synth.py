@@ -305,6 +305,13 @@ def _tensors(cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: 
     return out
 
 
+def _unquantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The linear-like modules (2-D+ ``weight`` without a uint8 packing) of a checkpoint,
+    by full name: what Quark's ``exclude`` holds after an export."""
+    return sorted(n[: -len(".weight")] for n, t in tensors.items()
+                  if n.endswith(".weight") and t.dim() >= 2 and t.dtype != torch.uint8 and "embed_tokens" not in n)
+
+
 def expected_tensor_count(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4", **overrides: Any) -> int:
     """How many tensors :func:`make_checkpoint` writes, without generating them."""
     family = PRESETS[preset][0] if preset in PRESETS else None
@@ -352,6 +359,10 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
         cfg["quantization_config"] = qc
     g = torch.Generator().manual_seed(seed)
     tensors = _tensors(cfg, family, quant, shared_expert_quant, g)
+    if quant == "quark-mxfp4" and qc is not None:
+        # Quark's exporter writes the modules it left unquantized one by one, with the
+        # wrapper's prefix (amd/Kimi-K2.5-MXFP4 lists 530 names), not the patterns
+        qc["exclude"] = _unquantized_modules(tensors)
 
     names = sorted(tensors, key=lambda n: (_shard_order(n), n))
     if num_shards > len(names):
