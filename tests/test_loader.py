@@ -335,5 +335,41 @@ def test_execute_refuses_ops_without_a_buffer(synth_dir):
     plan = plan_for(for_config(ck.config), ck).plan
     with pytest.raises(kimi_loader.InvalidArgumentError, match="no buffer given"):
         plan.execute({}, 0, 1)
-    with pytest.raises(kimi_loader.InvalidArgumentError, match="addresses for"):
-        plan.execute([0], 0, 1)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="tensors for"):
+        plan.execute([None], 0, 1)
+
+
+def test_execute_checks_the_live_buffers(synth_dir):
+    """The extension takes tensors, not addresses, and checks each against the plan at
+    the call: a destination too small, cast, non-contiguous, off-CPU or sharing memory
+    with another, a repeated op index, or something that is not a tensor is refused
+    before any byte is written."""
+    from kimi_loader.loader import plan_for
+
+    ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
+    planned = plan_for(for_config(ck.config), ck, need_memory=True)
+    plan, names = planned.plan, planned.plan.dest_names()
+    op_dest = plan.op_dests()
+    d0, d1 = op_dest[0], next(d for d in op_dest if d != op_dest[0])
+    t0 = planned.dests[names[d0]]
+    before = t0.clone()
+    bad = {
+        "holds": t0.new_empty(t0.numel() // 2),
+        "float16": torch.empty(t0.shape, dtype=torch.float16),  # same bytes, another dtype
+        "contiguous": torch.empty(*t0.shape[::-1], dtype=t0.dtype).t() if t0.dim() == 2 else None,
+        "torch.Tensor": 12345,
+        "device": t0.to("meta"),
+    }
+    for why, t in bad.items():
+        if t is None:
+            continue
+        with pytest.raises(kimi_loader.InvalidArgumentError, match=why):
+            plan.execute({d0: t}, 0, 1)
+    k1 = op_dest.index(d1)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="share memory"):
+        plan.execute({d0: t0, d1: t0.view(-1).view(torch.uint8)[: planned.dests[names[d1]].nbytes]}, 0, k1 + 1)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="given twice"):
+        plan.execute_atomic([0, 0], {d0: t0})
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="out of range"):
+        plan.execute_atomic([len(plan)], {d0: t0})
+    assert torch.equal(t0, before)

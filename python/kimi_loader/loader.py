@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from . import _core
+from . import _core, _validate
 from .errors import IncompleteLoadError, InvalidArgumentError, UnsupportedFormatError
 from .formats import TORCH_DTYPES, quant_spec
 from .hooks import custom_renames, hook_target
@@ -178,8 +178,8 @@ class PlannedLoad:
 def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
              ep_size: int = 1, threads: int | None = None, need_memory: bool = False) -> PlannedLoad:
     """Builds the copy plan for ``model`` (no copying)."""
-    if not (0 <= tp_rank < tp_size and 0 <= ep_rank < ep_size):
-        raise InvalidArgumentError(f"bad ranks: tp {tp_rank}/{tp_size}, ep {ep_rank}/{ep_size}")
+    _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
+    threads = _validate.threads(threads)
     from .models.hf import wrap_if_transformers
 
     model = wrap_if_transformers(model)
@@ -227,13 +227,12 @@ DEFAULT_STAGING_BYTES = 256 << 20
 
 def _execute_direct(plan, tensors: list[torch.Tensor], callback) -> None:
     """CPU destinations: the plan writes straight into them."""
-    addresses = [t.data_ptr() for t in tensors]
     total, n_ops = plan.bytes_written, len(plan)
     batches = min(n_ops, 64) if callback else 1
     done = 0
     for b in range(batches):
         end = n_ops * (b + 1) // max(batches, 1)
-        plan.execute(addresses, done, end)
+        plan.execute(tensors, done, end)
         done = end
         if callback:
             callback(total * end // max(n_ops, 1), total)
@@ -272,23 +271,21 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
             in_flight[slot] = None
         size = sum(nbytes[d] for d in dests)
         arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
-        views, addresses, off = [], {}, 0
+        views, off = {}, 0
         for d in dests:
-            v = arena[off:off + nbytes[d]]
-            views.append((d, v))
-            addresses[d] = v.data_ptr()
+            views[d] = arena[off:off + nbytes[d]]
             off += nbytes[d]
-        plan.execute(addresses, start, end)
+        plan.execute(views, start, end)
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(stream.device))
             with torch.cuda.stream(stream):
-                for d, v in views:
+                for d, v in views.items():
                     tensors[d].view(-1).view(torch.uint8).copy_(v, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record(stream)
             in_flight[slot] = (event, arena)
         else:
-            for d, v in views:
+            for d, v in views.items():
                 tensors[d].view(-1).view(torch.uint8).copy_(v)
         written += size
         if callback:
@@ -326,6 +323,8 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     staged path.
     """
     t0 = time.perf_counter()
+    _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
+    threads = _validate.threads(threads)
     ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
         open_checkpoint(path_or_checkpoint, threads=threads)
     t_open = time.perf_counter()

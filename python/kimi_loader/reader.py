@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from . import _core
-from .errors import ConfigError, InvalidArgumentError, KimiLoaderError, ShapeMismatchError
+from . import _core, _validate
+from .errors import ConfigError, KimiLoaderError, ShapeMismatchError
 from .formats import TORCH_DTYPES, detect_quant_format
 
 PathLike = str | os.PathLike[str]
@@ -42,15 +42,6 @@ class TensorInfo:
         return n
 
 
-def _paths(path: PathLike | Sequence[PathLike]) -> list[str]:
-    if isinstance(path, (str, os.PathLike)):
-        return [os.fspath(path)]
-    paths = [os.fspath(p) for p in path]
-    if not paths:
-        raise InvalidArgumentError("no checkpoint path given")
-    return paths
-
-
 def open(path: PathLike | Sequence[PathLike], *, threads: int | None = None) -> Checkpoint:  # noqa: A001
     """Opens a checkpoint and validates every header and the index, in parallel.
 
@@ -59,7 +50,7 @@ def open(path: PathLike | Sequence[PathLike], *, threads: int | None = None) -> 
     files. ``threads`` defaults to ``$KIMI_LOADER_THREADS`` or the number of CPUs.
     The GIL is released while shards are parsed.
     """
-    return Checkpoint(_core.open(_paths(path), threads), threads=threads)
+    return Checkpoint(_core.open(_validate.paths(path), _validate.threads(threads)), threads=threads)
 
 
 class Checkpoint:
@@ -141,7 +132,7 @@ class Checkpoint:
         return dict(self.core.open_timings)
 
     def tensor_info(self, name: str) -> TensorInfo:
-        shard, st_dtype, shape, offset, nbytes = self.core.locate(name)
+        shard, st_dtype, shape, offset, nbytes = self.core.locate(_validate.name(name))
         return TensorInfo(name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self.core.files()[shard],
                           offset, nbytes)
 
@@ -203,7 +194,7 @@ class Checkpoint:
         Writing to the view is allowed and never reaches the file (the mapping is
         copy-on-write). Use :meth:`read_tensors` for copies in fresh memory.
         """
-        shard, st_dtype, shape, offset, nbytes = self.core.locate(name)
+        shard, st_dtype, shape, offset, nbytes = self.core.locate(_validate.name(name))
         dtype = TORCH_DTYPES[st_dtype]
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
@@ -219,10 +210,8 @@ class Checkpoint:
         """
         names = self.keys() if names is None else list(names)
         result: dict[str, torch.Tensor] = {}
-        addrs: list[int] = []
-        sizes: list[int] = []
         for n in names:
-            _shard, st_dtype, shape, _offset, nbytes = self.core.locate(n)
+            _shard, st_dtype, shape, _offset, nbytes = self.core.locate(_validate.name(n))
             dst = out.get(n) if out is not None else None
             if dst is None:
                 dst = torch.empty(shape, dtype=TORCH_DTYPES[st_dtype])
@@ -232,7 +221,5 @@ class Checkpoint:
                     f"tensor '{n}': destination must be a contiguous CPU tensor of {nbytes} bytes, got "
                     f"{tuple(dst.shape)} {dst.dtype} on {dst.device}", tensor=n)
             result[n] = dst
-            addrs.append(dst.data_ptr())
-            sizes.append(nbytes)
-        self.core.read_into(names, addrs, sizes)
+        self.core.read_into(names, [result[n] for n in names])
         return result

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import _validate
 from .errors import InvalidArgumentError, MissingTensorError
 from .formats import layer_index
 from .loader import IncompleteLoadError, PlannedLoad, plan_for
@@ -89,9 +91,10 @@ class WeightUpdater:
 
     def __init__(self, model: Any, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
                  threads: int | None = None, baseline: Any = None, keep_staging: bool = True) -> None:
+        _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
         self.model = model
         self.ranks = dict(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
-        self.threads = threads
+        self.threads = _validate.threads(threads)
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
@@ -99,6 +102,9 @@ class WeightUpdater:
         self._hashes: dict[str, int] = {}
         self.keep_staging = keep_staging
         self._arena: torch.Tensor | None = None
+        # one update at a time: a second thread waits for the first; release_staging waits
+        # for a running update instead of freeing the buffer under it
+        self._lock = threading.RLock()
         if baseline is not None:
             ck = baseline if isinstance(baseline, Checkpoint) else open_checkpoint(baseline, threads=threads)
             plan = self._compile(ck).plan
@@ -127,15 +133,17 @@ class WeightUpdater:
         return planned.plan, planned.dests, True
 
     def release_staging(self) -> None:
-        """Frees the kept staging buffer (the next update allocates what it needs)."""
-        self._arena = None
+        """Frees the kept staging buffer (the next update allocates what it needs). Waits
+        for an update running in another thread."""
+        with self._lock:
+            self._arena = None
 
-    def _staging(self, nbytes: int) -> tuple[int, int] | None:
+    def _staging(self, nbytes: int) -> torch.Tensor | None:
         if not self.keep_staging or nbytes == 0:
             return None
         if self._arena is None or self._arena.numel() < nbytes:
             self._arena = torch.empty(nbytes, dtype=torch.uint8)
-        return self._arena.data_ptr(), self._arena.numel()
+        return self._arena
 
     # -- updates -----------------------------------------------------------------------
     def update_from_disk(self, path: Any, *, names: Iterable[str] | None = None) -> UpdateReport:
@@ -150,7 +158,14 @@ class WeightUpdater:
         (in ``/dev/shm`` when available)."""
         from safetensors.torch import save_file
 
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in named_tensors}
+        tensors = {}
+        for n, t in named_tensors:
+            n = _validate.name(n)
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                what = f"a {t.device.type} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidArgumentError(f"update tensor '{n}' must be a torch.Tensor with data, got {what}",
+                                           tensor=n)
+            tensors[n] = t.detach().to("cpu").contiguous()
         if not tensors:
             raise InvalidArgumentError("no tensors to update from")
         where = "/dev/shm" if os.path.isdir("/dev/shm") else None
@@ -165,6 +180,10 @@ class WeightUpdater:
         return self.update_from_tensors(_receive(group, src))
 
     def _update(self, ck: Checkpoint, only: set[str] | None) -> UpdateReport:
+        with self._lock:
+            return self._update_locked(ck, only)
+
+    def _update_locked(self, ck: Checkpoint, only: set[str] | None) -> UpdateReport:
         t0 = time.perf_counter()
         if only is not None:
             absent = sorted(n for n in only if n not in ck)
@@ -186,9 +205,9 @@ class WeightUpdater:
         t_hash = time.perf_counter()
         index = {name: i for i, name in enumerate(plan.dest_names())}
         ops = plan.ops()
-        addresses = {index[ops[k][1]]: dests[ops[k][1]].data_ptr() for k in which}
+        targets = {index[ops[k][1]]: dests[ops[k][1]] for k in which}
         arena = self._staging(sum(ops[k][3] for k in which))
-        plan.execute_atomic(which, addresses, arena)  # all-or-nothing
+        plan.execute_atomic(which, targets, arena)  # all-or-nothing, buffers checked live
         t_copy = time.perf_counter()
         self._hashes.update({n: hashes[n] for n in changed})
         self.version += 1
@@ -215,26 +234,37 @@ def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int
     import torch.distributed as dist
 
     if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
+        # a checkpoint is read bucket by bucket with pread (never through the map, where a
+        # file truncated underneath would fault): a changed file is a CheckpointIOError
         ck = named_tensors_or_path if isinstance(named_tensors_or_path, Checkpoint) else \
             open_checkpoint(named_tensors_or_path)
-        items = [(n, ck.get_tensor(n)) for n in ck.keys()]
+        infos = [ck.tensor_info(n) for n in ck.keys()]
+        meta = [(i.name, str(i.dtype).removeprefix("torch."), list(i.shape), i.nbytes) for i in infos]
+        items = None
     else:
         items = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
-    meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()) for n, t in items]
+        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
+                for n, t in items]
     buckets, cur, size = [], [], 0
-    for (_, t), m in zip(items, meta, strict=True):
+    for k, m in enumerate(meta):
         if cur and size + m[3] > bucket_bytes:
             buckets.append(cur)
             cur, size = [], 0
-        cur.append(t)
+        cur.append(k)
         size += m[3]
     if cur:
         buckets.append(cur)
-    sizes = [sum(t.numel() * t.element_size() for t in b) for b in buckets]
+    sizes = [sum(meta[k][3] for k in b) for b in buckets]
     device = _comm_device(group)
     dist.broadcast_object_list([(meta, sizes)], src=src, group=group, device=device)
     for b in buckets:
-        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in b]) if b else torch.empty(0, dtype=torch.uint8)
+        if items is None:
+            got = ck.read_tensors([meta[k][0] for k in b])
+            parts = [got[meta[k][0]] for k in b]
+        else:
+            parts = [items[k][1] for k in b]
+        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in parts]) if parts else \
+            torch.empty(0, dtype=torch.uint8)
         dist.broadcast(flat.to(device), src=src, group=group)
     return sum(sizes)
 

@@ -146,8 +146,8 @@ impl NameTable {
 
 /// Maps a small text file read-only (an empty file maps to nothing).
 fn map_text_file(path: &Path) -> Result<Option<memmap2::Mmap>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    let (file, meta) = crate::shard::open_regular(path)?;
+    let len = meta.len();
     if len == 0 {
         return Ok(None);
     }

@@ -3,6 +3,9 @@
 use std::borrow::Cow;
 use std::path::Path;
 
+use hashbrown::hash_map::Entry;
+use hashbrown::HashMap;
+
 use crate::error::{Error, IndexProblem, Result};
 use crate::json::{JResult, Scanner};
 
@@ -29,11 +32,29 @@ impl WeightMap<'_> {
 }
 
 /// One parsed stretch of `weight_map` members: entries with chunk-local file numbers.
+/// File names are numbered through a hash map, so parsing is linear in entries and
+/// distinct shard names (an index may name one shard per tensor).
 #[derive(Default)]
 struct Members<'a> {
     entries: Vec<(Cow<'a, str>, u32)>,
     files: Vec<Cow<'a, str>>,
+    numbers: HashMap<Cow<'a, str>, u32>,
     last: usize,
+}
+
+impl<'a> Members<'a> {
+    /// The number of `file` in this stretch, assigning the next one to a new name.
+    fn number(&mut self, file: Cow<'a, str>) -> u32 {
+        let next = self.files.len() as u32;
+        match self.numbers.entry(file) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(e) => {
+                self.files.push(e.key().clone());
+                e.insert(next);
+                next
+            }
+        }
+    }
 }
 
 impl<'a> Members<'a> {
@@ -49,14 +70,7 @@ impl<'a> Members<'a> {
     fn add(&mut self, name: Cow<'a, str>, file: Cow<'a, str>) {
         // Entries are grouped by shard in practice: check the previous file first.
         if self.files.get(self.last) != Some(&file) {
-            self.last = self
-                .files
-                .iter()
-                .position(|f| *f == file)
-                .unwrap_or_else(|| {
-                    self.files.push(file);
-                    self.files.len() - 1
-                });
+            self.last = self.number(file) as usize;
         }
         self.entries.push((name, self.last as u32));
     }
@@ -165,17 +179,7 @@ fn merge<'a>(parts: Vec<Members<'a>>) -> Members<'a> {
     out.entries
         .reserve_exact(parts.iter().map(|p| p.entries.len()).sum());
     for part in parts {
-        let remap: Vec<u32> = part
-            .files
-            .into_iter()
-            .map(|f| match out.files.iter().position(|g| *g == f) {
-                Some(i) => i as u32,
-                None => {
-                    out.files.push(f);
-                    (out.files.len() - 1) as u32
-                }
-            })
-            .collect();
+        let remap: Vec<u32> = part.files.into_iter().map(|f| out.number(f)).collect();
         out.entries.extend(
             part.entries
                 .into_iter()

@@ -34,19 +34,32 @@ impl std::fmt::Debug for Shard {
     }
 }
 
+/// Opens `path` for reading without ever blocking, and refuses anything but a regular
+/// file. `O_NONBLOCK` makes opening a FIFO (or a device) return at once instead of waiting
+/// for a writer; it has no effect on reads of a regular file.
+pub(crate) fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| Error::io(path, e))?;
+    let meta = file.metadata().map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::Unsupported {
+            file: path.to_path_buf(),
+            reason: "not a regular file".into(),
+        });
+    }
+    Ok((file, meta))
+}
+
 impl Shard {
     /// Opens, validates and maps one shard. The header is read with `pread`, not through
     /// the map, so a file truncated between `stat` and parse yields an error, never a
     /// fault.
     pub fn open(path: &Path) -> Result<Shard> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io(path, e))?;
-        if !meta.is_file() {
-            return Err(Error::Unsupported {
-                file: path.to_path_buf(),
-                reason: "not a regular file".into(),
-            });
-        }
+        let (file, meta) = open_regular(path)?;
         let file_len = meta.len();
         let mut prefix = [0u8; 8];
         let got = if file_len >= 8 {

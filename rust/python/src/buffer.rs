@@ -5,7 +5,7 @@
 use std::ffi::c_int;
 use std::sync::Arc;
 
-use kimi_loader_core::Checkpoint;
+use kimi_loader_core::{Checkpoint, Dtype};
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -73,4 +73,125 @@ impl ShardBuffer {
     /// # Safety
     /// Called by CPython; nothing was allocated per view, so nothing is released.
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// A destination tensor checked at the call: its live address and size, with its storage
+/// held so that the memory outlives the (GIL-released) write even if another thread
+/// rebinds the tensor's `.data` meanwhile.
+pub struct LiveBuffer {
+    pub ptr: usize,
+    pub len: u64,
+    /// the tensor's `untyped_storage()` (kept alive; never read from Rust)
+    pub _keep: Py<PyAny>,
+}
+
+/// The `torch.dtype` spelling of a safetensors dtype.
+fn torch_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::Bool => "torch.bool",
+        Dtype::U8 => "torch.uint8",
+        Dtype::I8 => "torch.int8",
+        Dtype::U16 => "torch.uint16",
+        Dtype::I16 => "torch.int16",
+        Dtype::U32 => "torch.uint32",
+        Dtype::I32 => "torch.int32",
+        Dtype::U64 => "torch.uint64",
+        Dtype::I64 => "torch.int64",
+        Dtype::F16 => "torch.float16",
+        Dtype::BF16 => "torch.bfloat16",
+        Dtype::F32 => "torch.float32",
+        Dtype::F64 => "torch.float64",
+        Dtype::F8E4M3 => "torch.float8_e4m3fn",
+        Dtype::F8E5M2 => "torch.float8_e5m2",
+        Dtype::F8E8M0 => "torch.float8_e8m0fnu",
+    }
+}
+
+/// Checks `t` (a `torch.Tensor`) is a contiguous CPU tensor of exactly `want` bytes of
+/// dtype `dtype` (or a uint8 tensor of those bytes: a staging view; `None` = raw bytes),
+/// and returns its live buffer. `what` names it in errors.
+pub fn live_tensor(
+    t: &Bound<'_, PyAny>,
+    want: u64,
+    dtype: Option<Dtype>,
+    what: &str,
+) -> PyResult<LiveBuffer> {
+    let py = t.py();
+    let err = |reason: String| {
+        crate::errors::to_pyerr(
+            py,
+            kimi_loader_core::Error::InvalidArgument {
+                reason: format!("{what}: {reason}"),
+            },
+        )
+    };
+    let attr = |name: &str| {
+        t.getattr(name)
+            .map_err(|_| err(format!("expected a torch.Tensor, got {}", type_name(t))))
+    };
+    let device: String = attr("device")?
+        .getattr("type")
+        .and_then(|d| d.extract())
+        .map_err(|_| err("has no device type".into()))?;
+    if device != "cpu" {
+        return Err(err(format!(
+            "must be a CPU tensor, found device '{device}'"
+        )));
+    }
+    let contiguous: bool = attr("is_contiguous")?.call0()?.extract()?;
+    if !contiguous {
+        return Err(err("must be contiguous".into()));
+    }
+    let nbytes: u64 = attr("nbytes")?.extract()?;
+    let found: String = attr("dtype")?.str()?.extract()?;
+    let dtype_ok = match dtype {
+        None => true,
+        Some(d) => found == torch_name(d) || found == "torch.uint8",
+    };
+    if nbytes != want || !dtype_ok {
+        let need = dtype.map_or("bytes", torch_name);
+        return Err(err(format!(
+            "holds {nbytes} bytes of {found}, the plan needs {want} bytes of {need} \
+             (was it resized or cast after planning?)"
+        )));
+    }
+    let ptr: usize = attr("data_ptr")?.call0()?.extract()?;
+    if ptr == 0 && want > 0 {
+        return Err(err("has no storage".into()));
+    }
+    let keep = attr("untyped_storage")?.call0()?.unbind();
+    Ok(LiveBuffer {
+        ptr,
+        len: want,
+        _keep: keep,
+    })
+}
+
+fn type_name(t: &Bound<'_, PyAny>) -> String {
+    t.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Refuses buffers that share bytes (two destinations aliasing one storage, or a staging
+/// arena overlapping a destination): parallel writes into the same bytes are undefined.
+pub fn check_disjoint(py: Python<'_>, bufs: &[(&str, usize, u64)]) -> PyResult<()> {
+    let mut spans: Vec<(usize, u64, &str)> = bufs
+        .iter()
+        .filter(|(_, _, len)| *len > 0)
+        .map(|(name, ptr, len)| (*ptr, *len, *name))
+        .collect();
+    spans.sort_unstable_by_key(|s| s.0);
+    for w in spans.windows(2) {
+        if w[0].0 as u64 + w[0].1 > w[1].0 as u64 {
+            return Err(crate::errors::to_pyerr(
+                py,
+                kimi_loader_core::Error::InvalidArgument {
+                    reason: format!("'{}' and '{}' share memory", w[0].2, w[1].2),
+                },
+            ));
+        }
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use kimi_loader_core::exec::{hash_tensors, read_tasks, ReadOptions, ReadTask};
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Error};
 use pyo3::prelude::*;
 
-use crate::buffer::ShardBuffer;
+use crate::buffer::{check_disjoint, live_tensor, ShardBuffer};
 use crate::errors::{detached, to_pyerr};
 
 /// `(shard, dtype, shape, absolute offset, nbytes)` of one tensor.
@@ -180,63 +180,61 @@ impl Checkpoint {
         })
     }
 
-    /// Copies tensors `names[i]` into `addresses[i]` (each `nbytes[i]` bytes, which must
-    /// equal the tensor's size), in parallel with the GIL released.
-    ///
-    /// The caller (the Python wrapper) guarantees each address is the start of a live,
-    /// contiguous, writable CPU buffer of that many bytes, disjoint from the others and
-    /// untouched until this returns.
-    #[pyo3(signature = (names, addresses, nbytes, chunk=None))]
+    /// Copies tensors `names[i]` into `tensors[i]` (contiguous CPU tensors of exactly the
+    /// checkpoint tensor's bytes, pairwise disjoint; checked here), in parallel with the
+    /// GIL released. The tensors' storages are held until the copy returns.
+    #[pyo3(signature = (names, tensors, chunk=None))]
     fn read_into(
         &self,
         py: Python<'_>,
         names: Vec<String>,
-        addresses: Vec<usize>,
-        nbytes: Vec<u64>,
+        tensors: Vec<Bound<'_, PyAny>>,
         chunk: Option<usize>,
     ) -> PyResult<()> {
-        if names.len() != addresses.len() || names.len() != nbytes.len() {
+        if names.len() != tensors.len() {
             return Err(to_pyerr(
                 py,
                 Error::InvalidArgument {
-                    reason: "names, addresses and nbytes differ in length".into(),
+                    reason: format!("{} names for {} tensors", names.len(), tensors.len()),
                 },
             ));
         }
+        let mut live = Vec::with_capacity(names.len());
+        let mut tasks = Vec::with_capacity(names.len());
+        for (name, t) in names.iter().zip(&tensors) {
+            let (id, e) = self.inner.get(name).map_err(|e| to_pyerr(py, e))?;
+            let b = live_tensor(
+                t,
+                e.nbytes(),
+                Some(e.dtype),
+                &format!("destination of '{name}'"),
+            )?;
+            tasks.push(ReadTask {
+                shard: id.shard,
+                offset: self.inner.shard(id).abs_offset(e),
+                len: e.nbytes(),
+                dst: b.ptr as *mut u8,
+            });
+            live.push(b);
+        }
+        let spans: Vec<(&str, usize, u64)> = names
+            .iter()
+            .zip(&live)
+            .map(|(n, b)| (n.as_str(), b.ptr, b.len))
+            .collect();
+        check_disjoint(py, &spans)?;
         let inner = self.inner.clone();
         let threads = self.threads;
         detached(py, move || {
-            let mut tasks = Vec::with_capacity(names.len());
-            for ((name, addr), n) in names.iter().zip(&addresses).zip(&nbytes) {
-                let (id, e) = inner.get(name)?;
-                if e.nbytes() != *n {
-                    return Err(Error::ShapeMismatch {
-                        file: inner.shard(id).path.clone(),
-                        tensor: name.clone(),
-                        expected: vec![*n],
-                        found: vec![e.nbytes()],
-                    });
-                }
-                if *addr == 0 && *n > 0 {
-                    return Err(Error::InvalidArgument {
-                        reason: format!("null destination for '{name}'"),
-                    });
-                }
-                tasks.push(ReadTask {
-                    shard: id.shard,
-                    offset: inner.shard(id).abs_offset(e),
-                    len: e.nbytes(),
-                    dst: *addr as *mut u8,
-                });
-            }
+            let _live = live;
             let pool = threads::pool(threads)?;
-            // SAFETY: the wrapper passes the data pointers of freshly allocated (or
-            // caller-owned, checked contiguous and of matching size) CPU tensors that it
-            // keeps alive and does not touch during the call; sizes were checked above.
             let mut opts = ReadOptions::default();
             if let Some(c) = chunk {
                 opts.chunk = c;
             }
+            // SAFETY: every destination was checked above against its live tensor (CPU,
+            // contiguous, exactly the tensor's bytes, pairwise disjoint) and `_live` holds
+            // the storages until this returns.
             unsafe { read_tasks(&inner, &tasks, &pool, opts) }
         })
     }

@@ -12,6 +12,7 @@ use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype, Error};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::buffer::{check_disjoint, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
 use crate::errors::{detached, to_pyerr};
 
@@ -256,52 +257,68 @@ impl Plan {
             .collect()
     }
 
-    /// Executes ops `[start, end)` into `addresses`: a list with one address per
-    /// destination (in `dest_names()` order), or a dict `{destination index: address}`
-    /// holding at least the destinations those ops write. GIL released.
-    ///
-    /// The caller (the Python loader) guarantees each address is the start of a live,
-    /// contiguous CPU buffer of exactly that destination's size, not aliased by another
-    /// destination and not touched until this returns.
-    #[pyo3(signature = (addresses, start=0, end=None))]
+    /// Executes ops `[start, end)` into `tensors`: a list with one tensor per destination
+    /// (in `dest_names()` order), or a dict `{destination index: tensor}` holding at least
+    /// the destinations those ops write. GIL released. Every tensor is checked at this
+    /// call against the plan (contiguous, CPU, exactly the destination's bytes and element
+    /// width, no two sharing memory) and its storage is held until the copy returns.
+    #[pyo3(signature = (tensors, start=0, end=None))]
     fn execute(
         &self,
         py: Python<'_>,
-        addresses: &Bound<'_, PyAny>,
+        tensors: &Bound<'_, PyAny>,
         start: usize,
         end: Option<usize>,
     ) -> PyResult<()> {
         let end = end.unwrap_or(self.inner.ops.len());
-        let n = self.inner.dests.len();
-        let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
-        let slot = |i: usize, a: usize| DestBuf {
-            ptr: a as *mut u8,
-            len: self.inner.dests[i].nbytes(),
-        };
-        if let Ok(map) = addresses.cast::<PyDict>() {
-            for (k, v) in map.iter() {
-                let (i, a): (usize, usize) = (k.extract()?, v.extract()?);
-                if i >= n {
-                    return Err(bad(py, format!("destination index {i} out of range ({n})")));
-                }
-                bufs[i] = Some(slot(i, a));
-            }
+        if start > end || end > self.inner.ops.len() {
+            return Err(bad(
+                py,
+                format!(
+                    "op range [{start}, {end}) outside the plan's {} ops",
+                    self.inner.ops.len()
+                ),
+            ));
+        }
+        let given: Vec<(usize, Bound<'_, PyAny>)> = if let Ok(map) = tensors.cast::<PyDict>() {
+            map.iter()
+                .map(|(k, v)| {
+                    Ok((
+                        k.extract::<usize>()
+                            .map_err(|_| bad(py, "destination indices are ints".into()))?,
+                        v,
+                    ))
+                })
+                .collect::<PyResult<_>>()?
         } else {
-            let list: Vec<usize> = addresses.extract()?;
-            if list.len() != n {
+            let list: Vec<Bound<'_, PyAny>> = tensors
+                .try_iter()
+                .and_then(|it| it.collect())
+                .map_err(|_| {
+                    bad(
+                        py,
+                        "tensors must be a list or a dict {destination index: tensor}".into(),
+                    )
+                })?;
+            if list.len() != self.inner.dests.len() {
                 return Err(bad(
                     py,
-                    format!("{} addresses for {n} destinations", list.len()),
+                    format!(
+                        "{} tensors for {} destinations",
+                        list.len(),
+                        self.inner.dests.len()
+                    ),
                 ));
             }
-            for (i, a) in list.into_iter().enumerate() {
-                bufs[i] = Some(slot(i, a));
-            }
-        }
+            list.into_iter().enumerate().collect()
+        };
+        let (bufs, _live) = self.live_buffers(py, given, None)?;
         let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
         detached(py, move || {
             let pool = threads::pool(threads)?;
-            // SAFETY: see the method's contract above; sizes are re-checked by execute_plan.
+            // SAFETY: every buffer was checked above against its live tensor (CPU,
+            // contiguous, exactly the destination's size, pairwise disjoint), and `_live`
+            // holds each tensor's storage until this call returns.
             unsafe {
                 execute_plan(
                     &ckpt,
@@ -349,39 +366,100 @@ impl Plan {
             .collect()
     }
 
-    /// Executes the ops `which` all-or-nothing (staged, then committed) into `addresses`
-    /// (a dict `{destination index: address}`), GIL released. Same contract as `execute`;
-    /// `arena` is an optional `(address, nbytes)` staging buffer, disjoint from every
-    /// destination, reused when large enough.
-    #[pyo3(signature = (which, addresses, arena=None))]
+    /// Executes the ops `which` (distinct indices) all-or-nothing (staged, then
+    /// committed) into `tensors` (a dict `{destination index: tensor}`), GIL released;
+    /// checked as `execute`. `arena` is an optional uint8 CPU tensor used as the staging
+    /// buffer when large enough, disjoint from every destination.
+    #[pyo3(signature = (which, tensors, arena=None))]
     fn execute_atomic(
         &self,
         py: Python<'_>,
         which: Vec<usize>,
-        addresses: &Bound<'_, PyDict>,
-        arena: Option<(usize, u64)>,
+        tensors: &Bound<'_, PyDict>,
+        arena: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let n = self.inner.dests.len();
-        let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
-        for (k, v) in addresses.iter() {
-            let (i, a): (usize, usize) = (k.extract()?, v.extract()?);
-            if i >= n {
-                return Err(bad(py, format!("destination index {i} out of range ({n})")));
+        let mut seen = vec![false; self.inner.ops.len()];
+        for &k in &which {
+            match seen.get_mut(k) {
+                None => {
+                    return Err(bad(
+                        py,
+                        format!("op index {k} out of range ({})", seen.len()),
+                    ))
+                }
+                Some(s) if *s => return Err(bad(py, format!("op index {k} given twice"))),
+                Some(s) => *s = true,
             }
-            bufs[i] = Some(DestBuf {
-                ptr: a as *mut u8,
-                len: self.inner.dests[i].nbytes(),
-            });
         }
+        let given: Vec<(usize, Bound<'_, PyAny>)> = tensors
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.extract::<usize>()
+                        .map_err(|_| bad(py, "destination indices are ints".into()))?,
+                    v,
+                ))
+            })
+            .collect::<PyResult<_>>()?;
+        let (bufs, live) = self.live_buffers(py, given, arena.as_ref())?;
+        let arena = arena.as_ref().map(|_| {
+            let a = live.last().expect("the arena is the last live buffer");
+            DestBuf {
+                ptr: a.ptr as *mut u8,
+                len: a.len,
+            }
+        });
         let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
         detached(py, move || {
             let pool = threads::pool(threads)?;
-            // SAFETY: as `execute`: the loader passes live, contiguous, exclusively used buffers.
-            let arena = arena.map(|(a, len)| DestBuf {
-                ptr: a as *mut u8,
-                len,
-            });
+            let _live = live;
+            // SAFETY: as `execute`: live, checked, pairwise disjoint buffers (the arena
+            // included), their storages held by `_live` until this returns.
             unsafe { execute_atomic(&ckpt, &plan, &which, &bufs, arena, &pool) }
         })
+    }
+}
+
+impl Plan {
+    /// Checked buffers for `given` `(destination index, tensor)` pairs (and the staging
+    /// `arena`, returned last in the live list).
+    fn live_buffers(
+        &self,
+        py: Python<'_>,
+        given: Vec<(usize, Bound<'_, PyAny>)>,
+        arena: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<(Vec<Option<DestBuf>>, Vec<LiveBuffer>)> {
+        let n = self.inner.dests.len();
+        let mut bufs: Vec<Option<DestBuf>> = vec![None; n];
+        let mut live = Vec::with_capacity(given.len() + 1);
+        let mut spans = Vec::with_capacity(given.len() + 1);
+        for (i, t) in given {
+            let Some(d) = self.inner.dests.get(i) else {
+                return Err(bad(py, format!("destination index {i} out of range ({n})")));
+            };
+            if t.is_none() {
+                continue;
+            }
+            let b = live_tensor(
+                &t,
+                d.nbytes(),
+                Some(d.dtype),
+                &format!("destination '{}'", d.name),
+            )?;
+            bufs[i] = Some(DestBuf {
+                ptr: b.ptr as *mut u8,
+                len: b.len,
+            });
+            spans.push((d.name.as_str(), b.ptr, b.len));
+            live.push(b);
+        }
+        if let Some(a) = arena {
+            let nbytes: u64 = a.getattr("nbytes").and_then(|v| v.extract()).unwrap_or(0);
+            let b = live_tensor(a, nbytes, None, "staging arena")?;
+            spans.push(("staging arena", b.ptr, b.len));
+            live.push(b);
+        }
+        check_disjoint(py, &spans)?;
+        Ok((bufs, live))
     }
 }

@@ -1,0 +1,57 @@
+"""Argument checks at the public entry points: a bad argument is an
+:class:`~kimi_loader.errors.InvalidArgumentError` naming it, never a builtin
+``TypeError`` / ``OverflowError`` from the extension's conversion."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import InvalidArgumentError
+
+#: the Rust core's cap (``rust/core/src/threads.rs``)
+MAX_THREADS = 256
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def threads(value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or not 1 <= value <= MAX_THREADS:
+        raise InvalidArgumentError(f"threads must be an int between 1 and {MAX_THREADS} or None, got {value!r}")
+    return value
+
+
+def paths(path: Any) -> list[str]:
+    """One path or a non-empty sequence of paths, as strings."""
+    if isinstance(path, (str, os.PathLike)):
+        return [os.fspath(path)]
+    if isinstance(path, (bytes, bytearray)) or not isinstance(path, Sequence):
+        raise InvalidArgumentError(f"a checkpoint path (str or os.PathLike) or a list of them, got {path!r}")
+    if not path:
+        raise InvalidArgumentError("no checkpoint path given")
+    bad = [p for p in path if not isinstance(p, (str, os.PathLike))]
+    if bad:
+        raise InvalidArgumentError(f"checkpoint paths must be str or os.PathLike, got {bad[0]!r}")
+    return [os.fspath(p) for p in path]
+
+
+def name(value: Any, what: str = "tensor name") -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"{what} must be a str, got {value!r}")
+    return value
+
+
+def ranks(tp_rank: Any, tp_size: Any, ep_rank: Any, ep_size: Any) -> None:
+    """Types and ranges of the parallel settings (their fit to the model is checked by
+    :func:`kimi_loader.models.layout.ParallelLayout`)."""
+    for key, v in (("tp_size", tp_size), ("ep_size", ep_size)):
+        if not _is_int(v) or v < 1:
+            raise InvalidArgumentError(f"{key} must be an int >= 1, got {v!r}")
+    for key, v, size in (("tp_rank", tp_rank, tp_size), ("ep_rank", ep_rank, ep_size)):
+        if not _is_int(v) or not 0 <= v < size:
+            raise InvalidArgumentError(f"{key} must be an int in [0, {size}), got {v!r}")
