@@ -24,17 +24,24 @@ def _split_of(name: str) -> str:
     return "replicated"
 
 
-def expected_params(ck, model, *, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1) -> dict[str, torch.Tensor]:
-    """What every parameter / buffer of the serving-layout ``model`` must equal."""
+def expected_params(ck, model, **ranks) -> dict[str, torch.Tensor]:
+    """What every parameter / buffer of the serving-layout ``model`` must equal on the rank
+    it was built for (``model.parallel``; ``ranks``, when given, must agree with it).
+    Attention, dense and shared MLPs, embedding and head are sliced ``tp_size`` ways by
+    ``tp_rank``; routed experts are split by ``ep_rank`` and sliced ``moe_tp_size`` ways."""
     target = getattr(model, "language_model", model)
+    par = target.parallel
+    for key, value in ranks.items():
+        assert getattr(par, key) == value, (key, value, par)
     pre = "language_model." if any(k.startswith("language_model.") for k in ck.keys()) else ""
     cfg = target.config
     e_total = cfg.get("n_routed_experts") or 0
-    lo, hi = ep_rank * e_total // ep_size, (ep_rank + 1) * e_total // ep_size
+    lo, hi = par.ep_rank * e_total // par.ep_size, (par.ep_rank + 1) * e_total // par.ep_size
     fused = target.num_fused_shared_experts
 
-    def get(name: str, split: str) -> torch.Tensor:
-        return _slice(ck.get_tensor(pre + name), split, tp_rank, tp_size)
+    def get(name: str, split: str, expert: bool = False) -> torch.Tensor:
+        rank, ways = (par.moe_tp_rank, par.moe_tp_size) if expert else (par.tp_rank, par.tp_size)
+        return _slice(ck.get_tensor(pre + name), split, rank, ways)
 
     out = {}
     from kimi_loader.loader import destinations
@@ -50,10 +57,10 @@ def expected_params(ck, model, *, tp_rank=0, tp_size=1, ep_rank=0, ep_size=1) ->
             for e in [*range(lo, hi), *(["shared"] if fused else [])]:
                 src = f"{base}.shared_experts." if e == "shared" else f"{base}.experts.{e}."
                 if w13:
-                    blocks.append(torch.cat([get(src + f"gate_proj.{suffix}", "column"),
-                                             get(src + f"up_proj.{suffix}", "column")]))
+                    blocks.append(torch.cat([get(src + f"gate_proj.{suffix}", "column", True),
+                                             get(src + f"up_proj.{suffix}", "column", True)]))
                 else:
-                    blocks.append(get(src + f"down_proj.{suffix}", "row"))
+                    blocks.append(get(src + f"down_proj.{suffix}", "row", True))
             want = torch.stack(blocks)
         elif ".fused_qkv_a_proj_with_mqa." in name:
             base = head.replace("fused_qkv_a_proj_with_mqa", "")

@@ -20,8 +20,7 @@ def _load(path, **kw):
     model = for_config(ck.config, **{k: v for k, v in kw.items() if k in ("tp_rank", "tp_size", "ep_rank",
                                                                          "ep_size", "num_fused_shared_experts",
                                                                          "dtype")})
-    report = kimi_loader.load_weights(model, ck, **{k: v for k, v in kw.items()
-                                                   if k in ("tp_rank", "tp_size", "ep_rank", "ep_size")})
+    report = kimi_loader.load_weights(model, ck)  # the ranks come from the model
     return ck, model, report
 
 
@@ -88,8 +87,9 @@ def test_tensor_parallel_ranks_reassemble_to_the_full_load(synth_dir, quant, tp)
 def test_a_split_that_would_cut_quantization_groups_is_refused(synth_dir):
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")  # w2 input dim 32: one int4 group per row
     ck = kimi_loader.open(path)
-    with pytest.raises(UnsupportedFormatError, match=r"down_proj\.weight_(packed|scale)'.*tp_size=2"):
-        kimi_loader.load_weights(for_config(ck.config, tp_rank=0, tp_size=2), ck, tp_rank=0, tp_size=2)
+    # refused when the model is built, before any byte is read
+    with pytest.raises(kimi_loader.InvalidArgumentError, match=r"moe_intermediate_size \(32\).*moe_tp_size=2.*group"):
+        for_config(ck.config, tp_rank=0, tp_size=2)
 
 
 @pytest.mark.parametrize("ep", [2, 4])
@@ -108,12 +108,34 @@ def test_expert_parallel_ranks_hold_their_experts(synth_dir, ep):
         assert torch.equal(got, getattr(full.language_model.model.layers[1].mlp.experts, name)), name
 
 
-def test_tp_and_ep_together(synth_dir):
+@pytest.mark.parametrize(("tp", "ep"), [(2, 2), (4, 2), (4, 4), (1, 2), (2, 4)])
+def test_tp_and_ep_with_engine_semantics(synth_dir, tp, ep):
+    """EP inside the TP group (SGLang / vLLM): max(tp, ep) ranks; experts split ep ways and
+    sliced tp / ep ways; with ep > tp, data-parallel attention (ep_rank given)."""
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    seen = set()
+    for rank in range(max(tp, ep)):
+        kw = dict(tp_rank=rank % tp, tp_size=tp, ep_size=ep) | (dict(ep_rank=rank) if ep > tp else {})
+        ck, m, _ = _load(path, **kw)
+        par = m.parallel
+        assert par.moe_tp_size == max(tp // ep, 1)
+        seen.add((par.ep_rank, par.moe_tp_rank))
+        _assert_matches_reference(ck, m)
+    assert len(seen) == max(tp // ep, 1) * ep  # every expert slice is held by some rank
+
+
+def test_tp_and_ep_as_independent_axes(synth_dir):
+    from kimi_loader.parallel import ParallelLayout
+
     path = synth_dir("deepseek-v3-tiny", "bf16")
     for tp_rank in range(2):
         for ep_rank in range(2):
-            ck, m, _ = _load(path, tp_rank=tp_rank, tp_size=2, ep_rank=ep_rank, ep_size=2)
-            _assert_matches_reference(ck, m, tp_rank=tp_rank, tp_size=2, ep_rank=ep_rank, ep_size=2)
+            layout = ParallelLayout.of(tp_rank, 2, ep_rank, 2, independent=True)
+            ck = kimi_loader.open(path)
+            model = for_config(ck.config, parallel=layout)
+            kimi_loader.load_weights(model, ck)
+            assert model.parallel.moe_tp_size == 2
+            _assert_matches_reference(ck, model)
 
 
 def test_rank_reads_only_the_bytes_it_keeps(synth_dir):

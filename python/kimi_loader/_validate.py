@@ -44,14 +44,3 @@ def name(value: Any, what: str = "tensor name") -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a str, got {value!r}")
     return value
-
-
-def ranks(tp_rank: Any, tp_size: Any, ep_rank: Any, ep_size: Any) -> None:
-    """Types and ranges of the parallel settings (their fit to the model is checked by
-    :func:`kimi_loader.models.layout.ParallelLayout`)."""
-    for key, v in (("tp_size", tp_size), ("ep_size", ep_size)):
-        if not _is_int(v) or v < 1:
-            raise InvalidArgumentError(f"{key} must be an int >= 1, got {v!r}")
-    for key, v, size in (("tp_rank", tp_rank, tp_size), ("ep_rank", ep_rank, ep_size)):
-        if not _is_int(v) or not 0 <= v < size:
-            raise InvalidArgumentError(f"{key} must be an int in [0, {size}), got {v!r}")

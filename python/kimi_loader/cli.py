@@ -41,12 +41,14 @@ def _plan(args: argparse.Namespace) -> int:
             return 1
         import torch
 
-        model = for_config(ck.config, device="meta", tp_rank=args.tp_rank, tp_size=args.tp_size,
-                           ep_rank=args.ep_rank, ep_size=args.ep_size)
+        from .parallel import ParallelLayout
+
+        layout = ParallelLayout.of(args.tp_rank, args.tp_size, args.ep_rank, args.ep_size,
+                                   independent=args.independent_ep)
+        model = for_config(ck.config, device="meta", parallel=layout, checkpoint=ck)
         target = getattr(model, "language_model", model)
         t = time.perf_counter()
-        planned = plan_for(model, ck, tp_rank=args.tp_rank, tp_size=args.tp_size, ep_rank=args.ep_rank,
-                           ep_size=args.ep_size, threads=args.threads)
+        planned = plan_for(model, ck, threads=args.threads)
         plan, dests = planned.plan, planned.dests
         seconds = time.perf_counter() - t
         ignored: dict[str, int] = {}
@@ -56,7 +58,8 @@ def _plan(args: argparse.Namespace) -> int:
             "checkpoint": ck.index_path or ck.files[0],
             "model": type(model).__name__,
             "quant_format": target.quant_format,
-            "tp": [args.tp_rank, args.tp_size], "ep": [args.ep_rank, args.ep_size],
+            "tp": [layout.tp_rank, layout.tp_size], "ep": [layout.ep_rank, layout.ep_size],
+            "moe_tp": [layout.moe_tp_rank, layout.moe_tp_size],
             "destinations": len(dests),
             "destination_bytes": sum(t.numel() * t.element_size() for t in dests.values()),
             "ops": len(plan), "op_counts": plan.op_counts(),
@@ -106,10 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int, default=None)
-    for opt in ("tp-rank", "ep-rank"):
-        p.add_argument(f"--{opt}", type=int, default=0)
+    p.add_argument("--tp-rank", type=int, default=0)
+    p.add_argument("--ep-rank", type=int, default=None,
+                   help="default: derived from --tp-rank (EP inside the TP group, as SGLang / vLLM)")
     for opt in ("tp-size", "ep-size"):
         p.add_argument(f"--{opt}", type=int, default=1)
+    p.add_argument("--independent-ep", action="store_true",
+                   help="TP and EP as separate axes (tp_size * ep_size ranks; experts both split and sliced)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")

@@ -17,6 +17,7 @@ from . import _core, _validate
 from .errors import IncompleteLoadError, InvalidArgumentError, UnsupportedFormatError
 from .formats import TORCH_DTYPES, quant_spec
 from .hooks import custom_renames, hook_target
+from .parallel import ParallelLayout
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
 
@@ -93,8 +94,32 @@ def _order(shard_id: Any, seen: dict[str, list]) -> int:
     return lst.index(shard_id)
 
 
-def build_rules(model: Any, ckpt: Checkpoint, *, tp_rank: int, tp_size: int, ep_rank: int,
-                ep_size: int) -> dict[str, Any]:
+def resolve_parallel(model: Any, parallel: Any = None, tp_rank: int | None = None, tp_size: int | None = None,
+                     ep_rank: int | None = None, ep_size: int | None = None) -> ParallelLayout:
+    """The parallel layout of a load: ``parallel`` or the ``tp_*`` / ``ep_*`` arguments, else
+    the one the model was built with (ranks are passed once, when building the model). A
+    layout that differs from the model's is refused before anything is read."""
+    from .models.hf import wrap_if_transformers
+
+    target, _prefix = hook_target(wrap_if_transformers(model))
+    own = getattr(target, "parallel", None)
+    given = any(v is not None for v in (tp_rank, tp_size, ep_rank, ep_size))
+    if parallel is not None and given:
+        raise InvalidArgumentError("give either parallel= or tp_*/ep_* arguments, not both")
+    if parallel is not None:
+        layout = ParallelLayout.coerce(parallel)
+    elif given:
+        layout = ParallelLayout.of(0 if tp_rank is None else tp_rank, 1 if tp_size is None else tp_size, ep_rank,
+                                   1 if ep_size is None else ep_size,
+                                   independent=bool(own is not None and own.independent))
+    else:
+        layout = own if isinstance(own, ParallelLayout) else ParallelLayout()
+    if isinstance(own, ParallelLayout) and layout != own:
+        raise InvalidArgumentError(f"the model was built for {own}, the load asks for {layout}")
+    return layout
+
+
+def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> dict[str, Any]:
     """The rules dict for the Rust planner: the model's ``weight_rules()`` data plus its
     stacked / expert mappings, custom renames (computed once per name, in Python, only for
     models with non-identity rename hooks) and the parallel layout."""
@@ -123,7 +148,7 @@ def build_rules(model: Any, ckpt: Checkpoint, *, tp_rank: int, tp_size: int, ep_
                 shard_rows[f"{mod_name}.{param}" if mod_name else param] = list(rows)
     if shard_rows:
         rules["shard_rows"] = shard_rows
-    rules.update(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+    rules.update(layout.rules())
     return rules
 
 
@@ -175,16 +200,18 @@ class PlannedLoad:
     skipped: dict[str, int]
 
 
-def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0,
-             ep_size: int = 1, threads: int | None = None, need_memory: bool = False) -> PlannedLoad:
-    """Builds the copy plan for ``model`` (no copying)."""
-    _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
+def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int | None = None, tp_size: int | None = None,
+             ep_rank: int | None = None, ep_size: int | None = None, parallel: Any = None,
+             threads: int | None = None, need_memory: bool = False) -> PlannedLoad:
+    """Builds the copy plan for ``model`` (no copying). The parallel layout defaults to
+    the model's own (see :func:`resolve_parallel`)."""
+    layout = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
     threads = _validate.threads(threads)
     from .models.hf import wrap_if_transformers
 
     model = wrap_if_transformers(model)
     target, _prefix = hook_target(model)
-    rules = build_rules(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+    rules = build_rules(model, ckpt, layout)
     _check_fusion(rules, ckpt)
     dests = destinations(target, rules.pop("dest_aliases", None))
     skipped: dict[str, int] = {}
@@ -304,8 +331,9 @@ def _progress_bar(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
-def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *, tp_rank: int = 0,
-                 tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1, strict: bool = True,
+def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *,
+                 tp_rank: int | None = None, tp_size: int | None = None, ep_rank: int | None = None,
+                 ep_size: int | None = None, parallel: Any = None, strict: bool = True,
                  progress: Callable[[int, int], None] | bool | None = None,
                  threads: int | None = None, staging_bytes: int | None = None) -> LoadReport:
     """Loads a checkpoint into ``model`` (the outermost model; a wrapper forwards its weight
@@ -321,15 +349,18 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     buffers of ``staging_bytes`` (default 256 MiB) with asynchronous host-to-device copies
     overlapping the next batch; passing ``staging_bytes`` for CPU destinations forces the
     staged path.
+
+    The parallel layout is the model's own (``for_config(..., tp_rank=, tp_size=, ...)``);
+    ``tp_*`` / ``ep_*`` / ``parallel`` here must agree with it (see
+    :class:`~kimi_loader.parallel.ParallelLayout`).
     """
     t0 = time.perf_counter()
-    _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
+    layout = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
     threads = _validate.threads(threads)
     ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
         open_checkpoint(path_or_checkpoint, threads=threads)
     t_open = time.perf_counter()
-    planned = plan_for(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
-                       threads=threads, need_memory=True)
+    planned = plan_for(model, ckpt, parallel=layout, threads=threads, need_memory=True)
     plan, dests = planned.plan, planned.dests
     t_plan = time.perf_counter()
     if strict and (plan.missing() or plan.unused()):

@@ -38,7 +38,7 @@ import torch
 from . import _validate
 from .errors import InvalidArgumentError, MissingTensorError
 from .formats import layer_index
-from .loader import IncompleteLoadError, PlannedLoad, plan_for
+from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
 
@@ -89,11 +89,11 @@ class WeightUpdater:
     then write into memory that is already faulted in). :meth:`release_staging` frees it.
     """
 
-    def __init__(self, model: Any, *, tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
+    def __init__(self, model: Any, *, tp_rank: int | None = None, tp_size: int | None = None,
+                 ep_rank: int | None = None, ep_size: int | None = None, parallel: Any = None,
                  threads: int | None = None, baseline: Any = None, keep_staging: bool = True) -> None:
-        _validate.ranks(tp_rank, tp_size, ep_rank, ep_size)
         self.model = model
-        self.ranks = dict(tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size)
+        self.ranks = {"parallel": resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)}
         self.threads = _validate.threads(threads)
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)

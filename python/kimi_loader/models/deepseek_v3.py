@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, parse_config
-from ..errors import ConfigError
+from ..errors import ConfigError, InvalidArgumentError
 from ..formats import ModuleFormats, quant_spec, quantization_config
 from ..hooks import ForwardsWeightHooks, identity_hook
+from ..parallel import ParallelLayout
 from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE, empty_params, shard_shapes, stacked_shapes
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
@@ -103,8 +104,8 @@ class DeepseekV3ForCausalLM(nn.Module):
     """
 
     def __init__(self, config: Any, *, dtype: torch.dtype = torch.bfloat16, device: Any = None,
-                 tp_rank: int = 0, tp_size: int = 1, ep_rank: int = 0, ep_size: int = 1,
-                 num_fused_shared_experts: int | None = None,
+                 tp_rank: int = 0, tp_size: int = 1, ep_rank: int | None = None, ep_size: int = 1,
+                 parallel: ParallelLayout | None = None, num_fused_shared_experts: int | None = None,
                  quant_config_source: dict[str, Any] | None = None, checkpoint: Any = None) -> None:
         super().__init__()
         mc = _model_config(config, quant_config_source)
@@ -114,7 +115,19 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.quant_format = spec.method
         formats = ModuleFormats(spec, checkpoint)
         self.dtype = dtype
-        self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = tp_rank, tp_size, ep_rank, ep_size
+        if parallel is None:
+            parallel = ParallelLayout.of(tp_rank, tp_size, ep_rank, ep_size)
+        elif (tp_rank, tp_size, ep_rank, ep_size) != (0, 1, None, 1):
+            raise InvalidArgumentError("give either parallel= or tp_*/ep_* arguments, not both")
+        self.parallel = par = ParallelLayout.coerce(parallel)
+        # every split is checked before a parameter is allocated
+        e0 = "model.layers.{}.mlp".format(c["first_k_dense_replace"])
+        par.check(c, formats={"attention": formats.of("model.layers.0.self_attn.o_proj"),
+                              "dense": formats.of("model.layers.0.mlp.down_proj"),
+                              "experts": formats.of(f"{e0}.experts.0.down_proj"),
+                              "shared": formats.of(f"{e0}.shared_experts.down_proj")},
+                  group=spec.group_size or 32, fp8_block=spec.fp8_block)
+        self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = par.tp_rank, par.tp_size, par.ep_rank, par.ep_size
         first_moe = c["first_k_dense_replace"]
         e_total = c.get("n_routed_experts") or 0
         fused, reason = fusion_for(mc, formats)
@@ -124,7 +137,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.post_load_calls: list[list[int] | None] = []
         self.format_decisions: list[str] = []
 
-        tp = tp_size
+        tp = par.tp_size
         fp8_block = spec.fp8_block
         group = spec.group_size
         h, heads = c["hidden_size"], c["num_attention_heads"]
@@ -156,7 +169,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.model.embed_tokens.weight = nn.Parameter(
             torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False)
         self.model.layers = nn.ModuleList()
-        e_local = e_total // ep_size if e_total else 0
+        e_local = e_total // par.ep_size if e_total else 0
         for i in range(c["num_hidden_layers"]):
             p = f"model.layers.{i}"
             layer = _Holder()
@@ -192,12 +205,13 @@ class DeepseekV3ForCausalLM(nn.Module):
                 experts = mlp.experts = _Holder()
                 experts.format = ef
                 slots = e_local + self.num_fused_shared_experts
-                w13, w13_rows = stacked_shapes(ef, [(inter, h), (inter, h)], split="column", **shape_kw)
-                w2 = shard_shapes(ef, h, inter, split="row", **shape_kw)
+                moe_kw = {**shape_kw, "tp": par.moe_tp_size}  # experts: sliced across the MoE TP group
+                w13, w13_rows = stacked_shapes(ef, [(inter, h), (inter, h)], split="column", **moe_kw)
+                w2 = shard_shapes(ef, h, inter, split="row", **moe_kw)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w13.items()}, dtype, "w13_", device)
                 empty_params(experts, ef, {k: [slots, *s] for k, s in w2.items()}, dtype, "w2_", device)
                 experts.stacked_rows = {f"w13_{k}": r for k, r in w13_rows.items()}
-                experts.w13_shard_rows = [inter // tp, inter // tp]
+                experts.w13_shard_rows = [inter // par.moe_tp_size] * 2
                 if c.get("n_shared_experts") and not self.num_fused_shared_experts:
                     shared = mlp.shared_experts = _Holder()
                     si = inter * c["n_shared_experts"]

@@ -87,6 +87,11 @@ pub struct Rules {
     pub tp_size: u32,
     pub ep_rank: u32,
     pub ep_size: u32,
+    /// The tensor-parallel slice of expert parameters: `tp_size / ep_size` ways under the
+    /// engines' convention (EP inside the TP group), `tp_size` ways with independent axes.
+    /// `0` means "as `tp_*`".
+    pub moe_tp_rank: u32,
+    pub moe_tp_size: u32,
     /// Routed experts in the checkpoint (global count, without a fused shared slot).
     pub num_experts: Option<u32>,
     /// Destination name -> local rows of each shard of a stacked destination (per expert
@@ -149,6 +154,32 @@ fn expert_fragment(name: &str) -> Option<(usize, usize)> {
 }
 
 impl Rules {
+    /// `(size, rank)` of the tensor-parallel slice for expert parameters or the others.
+    pub fn tp_of(&self, expert: bool) -> (u64, u64) {
+        if expert && self.moe_tp_size > 0 {
+            (self.moe_tp_size as u64, self.moe_tp_rank as u64)
+        } else {
+            (self.tp_size.max(1) as u64, self.tp_rank as u64)
+        }
+    }
+
+    /// Checks the parallel settings are a valid rank of a valid layout.
+    pub fn check_parallel(&self) -> crate::error::Result<()> {
+        let axes = [
+            ("tp", self.tp_rank, self.tp_size.max(1)),
+            ("ep", self.ep_rank, self.ep_size.max(1)),
+            ("moe_tp", self.moe_tp_rank, self.moe_tp_size.max(1)),
+        ];
+        for (axis, rank, size) in axes {
+            if rank >= size {
+                return Err(crate::error::Error::InvalidArgument {
+                    reason: format!("{axis}_rank={rank} is not a rank of {axis}_size={size}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The expert-parallel range `[lo, hi)` of global routed experts this rank keeps.
     pub fn expert_range(&self) -> Option<(u32, u32)> {
         let e = self.num_experts?;

@@ -221,6 +221,7 @@ pub fn build_plan(
     pool: &rayon::ThreadPool,
 ) -> Result<Plan> {
     use rayon::prelude::*;
+    rules.check_parallel()?;
     let q = &opts.quant;
     if q.fp8_block.0 == 0 || q.fp8_block.1 == 0 {
         return Err(Error::InvalidArgument {
@@ -467,8 +468,6 @@ pub fn build_plan(
 
     // Stacked and expert shards: group by (destination, expert block), place in order.
     pieces.sort_unstable_by_key(|p| (p.dest, p.expert, p.order, p.src.shard, p.src.index));
-    let tp = rules.tp_size.max(1) as u64;
-    let rank = rules.tp_rank as u64;
     let mut i = 0;
     while i < pieces.len() {
         let mut j = i;
@@ -490,6 +489,8 @@ pub fn build_plan(
         } else {
             1
         };
+        // expert parameters are sliced across the MoE tensor-parallel group
+        let (tp, rank) = rules.tp_of(pieces[i].expert.is_some());
         let shards = pieces[i].shards.max(1) as u64;
         let stacked = shards > 1 || j - i > 1 || pieces[i].order > 0 || pieces[i].expert.is_some();
         let shard_rows = shard_rows_of(

@@ -47,7 +47,7 @@ type ExpertTuple = (String, String, u32, u32, String);
 type IgnoreTuple = (Option<String>, Option<String>, String);
 
 /// Every key a rules dict may have; any other key is a mistake and is rejected.
-const RULE_KEYS: [&str; 16] = [
+const RULE_KEYS: [&str; 18] = [
     "renames",
     "rewrites",
     "ignore",
@@ -62,6 +62,8 @@ const RULE_KEYS: [&str; 16] = [
     "tp_size",
     "ep_rank",
     "ep_size",
+    "moe_tp_rank",
+    "moe_tp_size",
     "num_experts",
     "shard_rows",
 ];
@@ -122,6 +124,8 @@ fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
         tp_size: get(d, "tp_size", 1)?,
         ep_rank: get(d, "ep_rank", 0)?,
         ep_size: get(d, "ep_size", 1)?,
+        moe_tp_rank: get(d, "moe_tp_rank", 0)?,
+        moe_tp_size: get(d, "moe_tp_size", 0)?,
         num_experts: get(d, "num_experts", None)?,
     })
 }
