@@ -260,7 +260,13 @@ def test_mapping_defaults_when_the_inner_model_lacks_them():
     w = Wrapper()
     assert w.stacked_params_mapping == [] and w.expert_params_mapping == []
     assert w.mutate_weight_preload("x") == "x" and w.custom_scale_remap("y") == "y"
-    w.post_load_weights()
+    assert w.post_load_weights() is None  # a no-op, not an AttributeError
+
+    calls = []
+    w.language_model.post_load_weights = lambda: calls.append("inner") or "done"
+    w.language_model.stacked_params_mapping = [("a", "b", 0)]
+    assert w.post_load_weights() == "done" and calls == ["inner"]  # forwarded when present
+    assert w.stacked_params_mapping == [("a", "b", 0)]
 
 
 # -- strict completeness -----------------------------------------------------------------

@@ -218,10 +218,16 @@ def test_kept_staging_is_reused_and_releasable(tmp_path, keep_staging):
     model = kimi_loader.from_pretrained(a)
     updater = WeightUpdater(model, baseline=a, keep_staging=keep_staging)
     updater.update_from_disk(b)
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
     arena = updater._arena
-    assert (arena is not None) == keep_staging
-    updater.update_from_disk(a)  # same size: the same buffer
+    if keep_staging:
+        assert arena is not None and arena.numel() > 0
+    else:
+        assert arena is None  # nothing kept between updates
+    updater.update_from_disk(a)  # same size: the same buffer (or again none)
     assert updater._arena is arena
+    if keep_staging:
+        assert updater._arena.data_ptr() == arena.data_ptr()
     assert torch.equal(model(IDS), kimi_loader.from_pretrained(a)(IDS))
     updater.release_staging()
     assert updater._arena is None

@@ -195,3 +195,28 @@ def test_update_from_tensors_refuses_what_is_not_a_cpu_tensor(synth_dir):
         with pytest.raises(KimiLoaderError, match=name):
             up.update_from_tensors([(name, bad)])
     assert up.version == 0
+
+
+def test_ctrl_c_interrupts_a_load_between_batches(synth_dir):
+    """SIGINT during a load raises KeyboardInterrupt at the next batch boundary; the load
+    stops there (no further batches, no post-load step), as any failed load does."""
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    _run(f"""
+        import signal, kimi_loader
+        from kimi_loader.models import for_config
+        ck = kimi_loader.open({path!r})
+        model = for_config(ck.config, dtype=__import__("torch").float32)
+        calls = []
+        def progress(done, total):
+            calls.append(done)
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGINT)
+        try:
+            kimi_loader.load_weights(model, ck, progress=progress)
+        except KeyboardInterrupt:
+            pass
+        else:
+            raise SystemExit("not interrupted")
+        assert len(calls) == 2, calls
+        assert model.language_model.post_load_calls == []
+    """, timeout=60)

@@ -371,6 +371,14 @@ fn validate_entry(
             format!("unknown dtype '{dtype}'"),
         ));
     };
+    // every dimension must be an index torch and numpy can hold (i64), even when another
+    // dimension is zero and the product fits
+    if let Some(d) = shape.iter().find(|&&d| d > i64::MAX as u64) {
+        return Err(invalid(
+            HeaderProblem::Overflow,
+            format!("dimension {d} of shape {shape:?} exceeds 2^63 - 1"),
+        ));
+    }
     let nbytes = shape
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d))

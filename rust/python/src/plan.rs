@@ -16,6 +16,9 @@ use crate::buffer::{check_disjoint, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
 use crate::errors::{detached, to_pyerr};
 
+/// Bytes written between two checks for Ctrl-C in `Plan.execute`.
+const CHECK_BYTES: u64 = 256 << 20;
+
 fn bad(py: Python<'_>, reason: String) -> PyErr {
     to_pyerr(py, Error::InvalidArgument { reason })
 }
@@ -317,23 +320,40 @@ impl Plan {
             list.into_iter().enumerate().collect()
         };
         let (bufs, _live) = self.live_buffers(py, given, None)?;
-        let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
-        detached(py, move || {
-            let pool = threads::pool(threads)?;
-            // SAFETY: every buffer was checked above against its live tensor (CPU,
-            // contiguous, exactly the destination's size, pairwise disjoint), and `_live`
-            // holds each tensor's storage until this call returns.
-            unsafe {
-                execute_plan(
-                    &ckpt,
-                    &plan,
-                    start..end,
-                    &bufs,
-                    &pool,
-                    ReadOptions::default(),
-                )
+        let bufs = Arc::new(bufs);
+        // Batches of about CHECK_BYTES written bytes: between two, the GIL is taken back
+        // and pending signals run, so Ctrl-C interrupts a long load (KeyboardInterrupt;
+        // the destinations are then partly written, as after any failed load).
+        let mut at = start;
+        while at < end {
+            let mut stop = at;
+            let mut bytes = 0u64;
+            while stop < end && (stop == at || bytes < CHECK_BYTES) {
+                let op = &self.inner.ops[stop];
+                bytes += op.out_elems() * self.inner.dests[op.dest as usize].dtype.size();
+                stop += 1;
             }
-        })
+            let (ckpt, plan, threads, bufs) = (self.ckpt.clone(), self.inner.clone(), self.threads, bufs.clone());
+            detached(py, move || {
+                let pool = threads::pool(threads)?;
+                // SAFETY: every buffer was checked above against its live tensor (CPU,
+                // contiguous, exactly the destination's size, pairwise disjoint), and
+                // `_live` holds each tensor's storage until this call returns.
+                unsafe {
+                    execute_plan(
+                        &ckpt,
+                        &plan,
+                        at..stop,
+                        &bufs,
+                        &pool,
+                        ReadOptions::default(),
+                    )
+                }
+            })?;
+            py.check_signals()?;
+            at = stop;
+        }
+        Ok(())
     }
 
     /// The destination index of every op, in op order (ops of one destination are

@@ -196,6 +196,14 @@ fn each_header_problem_is_reported() {
             HeaderProblem::Overflow,
         ),
         (
+            // zero elements, but a dimension no torch / numpy index can hold
+            raw(
+                r#"{"a":{"dtype":"U8","shape":[0,9223372036854775808],"data_offsets":[0,0]}}"#,
+                0,
+            ),
+            HeaderProblem::Overflow,
+        ),
+        (
             raw(
                 r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#,
                 2,
