@@ -108,7 +108,10 @@ def test_stacked_pieces_must_have_their_shard_shape(synth_dir, tmp_path, case, t
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(kimi_loader.ShapeMismatchError) as e:
         kimi_loader.load_weights(model, path)
-    assert e.value.tensor.split(" ")[0] in change
+    err = e.value  # structured: the bare checkpoint name, its destination, both shapes
+    assert err.tensor in change
+    assert any(n.removesuffix(".weight").endswith(err.destination.removesuffix(".weight")) for n in model.state_dict())
+    assert err.found == tuple(change[err.tensor].shape[:len(err.found)]) and err.expected != err.found
     assert all(torch.equal(as_bytes(v), as_bytes(before[k])) for k, v in model.state_dict().items())  # nothing written
 
 

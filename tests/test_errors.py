@@ -215,3 +215,23 @@ def test_corpus_in_a_fresh_process_never_crashes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kimi_loader.cli", "inspect", paths[0]],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "HeaderError" in r.stderr and "bad.safetensors" in r.stderr
+
+
+def test_two_tensors_writing_the_same_bytes_is_a_plan_error(tmp_path):
+    """`language_model.model.norm.weight` and a stray `model.norm.weight` both resolve to
+    the model's `model.norm.weight`: a PlanError (kind "overlap") naming both and the
+    destination, before any byte is copied."""
+    from reference import as_bytes, rewrite
+
+    from kimi_loader.models import for_config
+    from kimi_loader.synth import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src", quant="bf16")
+    path = rewrite(src, tmp_path / "ck", add={"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)})
+    model = for_config(kimi_loader.open(path).config, dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(kimi_loader.PlanError) as e:
+        kimi_loader.load_weights(model, path)
+    assert e.value.kind == "overlap" and e.value.destination == "model.norm.weight"
+    assert "language_model.model.norm.weight" in str(e.value) and "'model.norm.weight'" in str(e.value)
+    assert all(torch.equal(as_bytes(v), as_bytes(before[k])) for k, v in model.state_dict().items())

@@ -10,7 +10,7 @@ Quickstart::
 See ``README.md`` for the command line (``kimi-loader inspect``) and the formats.
 """
 
-from . import errors, formats
+from . import errors, formats, parallel
 from ._core import __version__
 from .errors import (
     CheckpointIOError,
@@ -23,6 +23,7 @@ from .errors import (
     InvalidArgumentError,
     KimiLoaderError,
     MissingTensorError,
+    PlanError,
     ShapeMismatchError,
     UnsupportedFormatError,
 )
@@ -30,6 +31,7 @@ from .formats import QUANT_FORMATS, detect_quant_format
 from .loader import LoadReport as LoadReport
 from .loader import load_weights as load_weights
 from .models.deepseek_v3 import fusion_decision, fusion_for
+from .parallel import ParallelLayout
 from .reader import Checkpoint, TensorInfo, open  # noqa: A004
 from .rl import UpdateReport as UpdateReport
 from .rl import WeightUpdater as WeightUpdater
@@ -84,6 +86,8 @@ __all__ = [
     "KimiLoaderError",
     "LoadReport",
     "MissingTensorError",
+    "ParallelLayout",
+    "PlanError",
     "ShapeMismatchError",
     "TensorInfo",
     "UnsupportedFormatError",
@@ -96,4 +100,5 @@ __all__ = [
     "from_pretrained",
     "load_weights",
     "open",
+    "parallel",
 ]

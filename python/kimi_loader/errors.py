@@ -1,9 +1,12 @@
 """The one exception hierarchy of kimi_loader.
 
-Every error the library raises is a :class:`KimiLoaderError`. Instances carry the
-``file`` and ``tensor`` they are about (``None`` when not applicable) and, for header and
-index errors, a machine-readable ``kind`` (e.g. ``"overlap"``, ``"missing_shard"``).
-The Rust core raises these classes by name (see ``rust/python/src/errors.rs``).
+Every error the library raises is a :class:`KimiLoaderError`. Instances carry
+structured fields (``None`` when not applicable): the ``file`` and checkpoint ``tensor``
+(the bare name) they are about, the ``destination`` parameter, the ``expected`` and
+``found`` shapes of a mismatch, and a machine-readable ``kind`` (header and index
+problems, e.g. ``"overlap"``, ``"missing_shard"``). The Rust core raises these classes by
+name (see ``rust/python/src/errors.rs``); a Rust panic never crosses into Python (it is an
+:class:`InternalError`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "InvalidArgumentError",
     "KimiLoaderError",
     "MissingTensorError",
+    "PlanError",
     "ShapeMismatchError",
     "UnsupportedFormatError",
 ]
@@ -29,13 +33,20 @@ class KimiLoaderError(Exception):
 
     file: str | None = None
     tensor: str | None = None
+    destination: str | None = None
+    expected: tuple[int, ...] | None = None
+    found: tuple[int, ...] | None = None
     kind: str | None = None
 
     def __init__(self, message: str = "", *, file: str | None = None, tensor: str | None = None,
-                 kind: str | None = None) -> None:
+                 destination: str | None = None, expected: tuple[int, ...] | list[int] | None = None,
+                 found: tuple[int, ...] | list[int] | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.file = file
         self.tensor = tensor
+        self.destination = destination
+        self.expected = None if expected is None else tuple(expected)
+        self.found = None if found is None else tuple(found)
         self.kind = kind
 
     def __str__(self) -> str:
@@ -64,6 +75,12 @@ class MissingTensorError(KimiLoaderError, KeyError):
 
 class ShapeMismatchError(KimiLoaderError, ValueError):
     """A tensor's shape or size differs from what its destination expects."""
+
+
+class PlanError(KimiLoaderError, ValueError):
+    """The copy plan the rules give is inconsistent (``kind``: ``"overlap"`` when two
+    checkpoint tensors write the same bytes of ``destination``, ``"past_end"``). Gaps are
+    reported by :class:`IncompleteLoadError`."""
 
 
 class UnsupportedFormatError(KimiLoaderError, ValueError):

@@ -87,6 +87,17 @@ impl IndexProblem {
     }
 }
 
+/// The details of a shape mismatch (boxed: errors stay small on the happy path).
+#[derive(Debug)]
+pub struct Shapes {
+    /// The destination parameter the tensor was going to, if any.
+    pub destination: Option<String>,
+    /// Which rule implied `expected` (e.g. "shard 1 of 2 stacked").
+    pub detail: Option<String>,
+    pub expected: Vec<u64>,
+    pub found: Vec<u64>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory given by the user (or named by an index) does not exist.
@@ -128,18 +139,32 @@ pub enum Error {
         hint: Option<String>,
     },
 
-    /// A tensor's shape or size differs from what the destination expects.
-    #[error("{}: tensor '{tensor}': shape mismatch: checkpoint has {found:?}, destination expects {expected:?}", .file.display())]
+    /// A tensor's shape or size differs from what the destination expects. `tensor` is
+    /// the checkpoint name alone; `destination` the parameter it was going to (if any);
+    /// `detail` says which rule implied `expected`.
+    #[error("{}: tensor '{tensor}'{}{}: shape mismatch: checkpoint has {:?}, expected {:?}",
+            .file.display(), fmt_dest(&.shapes.destination), fmt_hint(&.shapes.detail),
+            .shapes.found, .shapes.expected)]
     ShapeMismatch {
         file: PathBuf,
         tensor: String,
-        expected: Vec<u64>,
-        found: Vec<u64>,
+        shapes: Box<Shapes>,
     },
 
     /// The checkpoint layout or format is not one this library supports.
     #[error("{}: unsupported: {reason}", .file.display())]
     Unsupported { file: PathBuf, reason: String },
+
+    /// The copy plan is inconsistent: two checkpoint tensors write the same destination
+    /// bytes (`kind` "overlap"), or an op writes past a destination's end ("past_end").
+    #[error("{}: copy plan for '{destination}': {reason}{}", .file.display(), fmt_tensor(.tensor))]
+    Plan {
+        file: PathBuf,
+        tensor: Option<String>,
+        destination: String,
+        kind: &'static str,
+        reason: String,
+    },
 
     /// A caller passed an argument that cannot be honoured.
     #[error("invalid argument: {reason}")]
@@ -154,6 +179,13 @@ pub enum Error {
 fn fmt_tensor(t: &Option<String>) -> String {
     match t {
         Some(t) => format!(", tensor '{t}'"),
+        None => String::new(),
+    }
+}
+
+fn fmt_dest(d: &Option<String>) -> String {
+    match d {
+        Some(d) => format!(" -> '{d}'"),
         None => String::new(),
     }
 }
@@ -195,6 +227,28 @@ impl Error {
         }
     }
 
+    /// A shape mismatch of checkpoint tensor `tensor` (the name alone).
+    pub fn shape(
+        file: &Path,
+        tensor: &str,
+        destination: Option<&str>,
+        detail: impl Into<String>,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    ) -> Self {
+        let detail: String = detail.into();
+        Error::ShapeMismatch {
+            file: file.to_path_buf(),
+            tensor: tensor.to_owned(),
+            shapes: Box::new(Shapes {
+                destination: destination.map(str::to_owned),
+                detail: (!detail.is_empty()).then_some(detail),
+                expected,
+                found,
+            }),
+        }
+    }
+
     pub fn index(
         file: &Path,
         tensor: Option<&str>,
@@ -218,6 +272,7 @@ impl Error {
             | Error::Index { file, .. }
             | Error::MissingTensor { file, .. }
             | Error::ShapeMismatch { file, .. }
+            | Error::Plan { file, .. }
             | Error::Unsupported { file, .. } => Some(file),
             Error::InvalidArgument { .. } | Error::Internal { .. } => None,
         }
@@ -228,10 +283,28 @@ impl Error {
         match self {
             Error::Io { tensor, .. }
             | Error::Header { tensor, .. }
+            | Error::Plan { tensor, .. }
             | Error::Index { tensor, .. } => tensor.as_deref(),
             Error::MissingTensor { tensor, .. } | Error::ShapeMismatch { tensor, .. } => {
                 Some(tensor)
             }
+            _ => None,
+        }
+    }
+
+    /// The destination parameter this error is about, if any.
+    pub fn destination(&self) -> Option<&str> {
+        match self {
+            Error::ShapeMismatch { shapes, .. } => shapes.destination.as_deref(),
+            Error::Plan { destination, .. } => Some(destination),
+            _ => None,
+        }
+    }
+
+    /// `(expected, found)` shapes of a shape mismatch.
+    pub fn shapes(&self) -> Option<(&[u64], &[u64])> {
+        match self {
+            Error::ShapeMismatch { shapes, .. } => Some((&shapes.expected, &shapes.found)),
             _ => None,
         }
     }
@@ -241,6 +314,7 @@ impl Error {
         match self {
             Error::Header { problem, .. } => Some(problem.as_str()),
             Error::Index { problem, .. } => Some(problem.as_str()),
+            Error::Plan { kind, .. } => Some(kind),
             _ => None,
         }
     }

@@ -137,10 +137,7 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
                     HeaderProblem::DuplicateKey,
                     "'__metadata__' appears twice",
                 ));
-                return Err(JsonError {
-                    pos: p.pos(),
-                    msg: "duplicate key",
-                });
+                return Err(JsonError::new(p.pos(), "duplicate key"));
             }
             return parse_metadata(p, &mut header.metadata, file, &mut problem);
         }
@@ -152,10 +149,7 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
             Err(EntryError::Json(e)) => Err(e),
             Err(EntryError::Invalid(e)) => {
                 problem = Some(e);
-                Err(JsonError {
-                    pos: p.pos(),
-                    msg: "invalid entry",
-                })
+                Err(JsonError::new(p.pos(), "invalid entry"))
             }
         }
     });
@@ -193,7 +187,7 @@ fn check_unique_names(file: &Path, h: &Header) -> Result<()> {
 }
 
 fn json_error(file: &Path, e: &JsonError) -> Error {
-    let problem = if e.msg == "integer does not fit in 64 bits" {
+    let problem = if e.overflow {
         HeaderProblem::Overflow
     } else {
         HeaderProblem::Json
@@ -220,10 +214,7 @@ fn parse_metadata(
                 HeaderProblem::DuplicateKey,
                 format!("metadata key '{k}' appears twice"),
             ));
-            return Err(JsonError {
-                pos: p.pos(),
-                msg: "duplicate key",
-            });
+            return Err(JsonError::new(p.pos(), "duplicate key"));
         }
         let v = p.string()?;
         out.push((k.into_owned(), v.into_owned()));
@@ -319,10 +310,10 @@ fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEnt
                     Ok(())
                 })?;
                 if n != 2 {
-                    return Err(JsonError {
-                        pos: p.pos(),
-                        msg: "data_offsets must hold exactly two integers",
-                    });
+                    return Err(JsonError::new(
+                        p.pos(),
+                        "data_offsets must hold exactly two integers",
+                    ));
                 }
                 offsets.replace((v[0], v[1])).is_some()
             }

@@ -203,16 +203,16 @@ pub fn parse_index<'a>(
     p.object(|p, key| {
         if key == "weight_map" {
             if members.is_some() {
-                return Err(crate::json::JsonError {
-                    pos: p.pos(),
-                    msg: "'weight_map' appears twice",
-                });
+                return Err(crate::json::JsonError::new(
+                    p.pos(),
+                    "'weight_map' appears twice",
+                ));
             }
             if p.peek() != Some(b'{') {
-                return Err(crate::json::JsonError {
-                    pos: p.pos(),
-                    msg: "'weight_map' must be an object",
-                });
+                return Err(crate::json::JsonError::new(
+                    p.pos(),
+                    "'weight_map' must be an object",
+                ));
             }
             members = Some(parse_weight_map(p, text, pool)?);
             Ok(())

@@ -19,11 +19,24 @@ pub struct JsonError {
     /// Byte offset in the document where the problem was found.
     pub pos: usize,
     pub msg: &'static str,
+    /// The document is valid JSON but holds an integer too large for `u64` (callers
+    /// report this as an overflow, not as malformed JSON).
+    pub overflow: bool,
 }
 
 impl std::fmt::Display for JsonError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} at byte {}", self.msg, self.pos)
+    }
+}
+
+impl JsonError {
+    pub fn new(pos: usize, msg: &'static str) -> Self {
+        JsonError {
+            pos,
+            msg,
+            overflow: false,
+        }
     }
 }
 
@@ -89,7 +102,11 @@ impl<'a> Scanner<'a> {
     }
 
     fn err<T>(&self, msg: &'static str) -> JResult<T> {
-        Err(JsonError { pos: self.pos, msg })
+        Err(JsonError {
+            pos: self.pos,
+            msg,
+            overflow: false,
+        })
     }
 
     pub fn skip_ws(&mut self) {
@@ -279,7 +296,13 @@ impl<'a> Scanner<'a> {
                 .and_then(|v| v.checked_add((c - b'0') as u64))
             {
                 Some(v) => v,
-                None => return self.err("integer does not fit in 64 bits"),
+                None => {
+                    return Err(JsonError {
+                        pos: self.pos,
+                        msg: "integer does not fit in 64 bits",
+                        overflow: true,
+                    })
+                }
             };
             self.pos += 1;
         }
@@ -287,10 +310,7 @@ impl<'a> Scanner<'a> {
             return self.err("expected a non-negative integer");
         }
         if self.b[start] == b'0' && self.pos - start > 1 {
-            return Err(JsonError {
-                pos: start,
-                msg: "leading zero in integer",
-            });
+            return Err(JsonError::new(start, "leading zero in integer"));
         }
         if matches!(self.b.get(self.pos), Some(b'.' | b'e' | b'E')) {
             return self.err("expected an integer, found a fraction or exponent");

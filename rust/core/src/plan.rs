@@ -581,21 +581,18 @@ pub fn build_plan(
                 let why = if !slot_ok {
                     format!("expert slot {} of {expert_slots}", p.expert.unwrap_or(0))
                 } else if stacked {
-                    format!(
-                        "shard {} of {} stacked in '{}'",
-                        p.order,
-                        shard_rows.len(),
-                        dest.name
-                    )
+                    format!("shard {} of {} stacked", p.order, shard_rows.len())
                 } else {
-                    format!("for '{}'", dest.name)
+                    String::new()
                 };
-                return Err(Error::ShapeMismatch {
-                    file: ckpt.shard(p.src).path.clone(),
-                    tensor: format!("{} ({why})", e.name),
-                    expected: expected.to_vec(),
-                    found: found.to_vec(),
-                });
+                return Err(Error::shape(
+                    &ckpt.shard(p.src).path,
+                    &e.name,
+                    Some(&dest.name),
+                    why,
+                    expected.to_vec(),
+                    found.to_vec(),
+                ));
             }
             let kind = match p.kind {
                 PieceKind::Dequant(k) => k,
@@ -710,11 +707,15 @@ fn check_coverage(
                 let other = prev
                     .map(|p| ckpt.entry(plan.ops[p].src).name.to_string())
                     .unwrap_or_default();
-                return Err(Error::InvalidArgument {
+                let src = plan.ops[k].src;
+                return Err(Error::Plan {
+                    file: ckpt.shard(src).path.clone(),
+                    tensor: Some(ckpt.entry(src).name.to_string()),
+                    destination: dest.name.clone(),
+                    kind: "overlap",
                     reason: format!(
-                        "tensors '{other}' and '{}' both write bytes [{s}, {at}) of '{}'",
-                        ckpt.entry(plan.ops[k].src).name,
-                        dest.name
+                        "tensors '{other}' and '{}' both write bytes [{s}, {at})",
+                        ckpt.entry(src).name
                     ),
                 });
             }
@@ -730,8 +731,13 @@ fn check_coverage(
             prev = Some(k);
         }
         if at > total {
-            return Err(Error::InvalidArgument {
-                reason: format!("writes past the end of '{}'", dest.name),
+            let src = prev.map(|p| plan.ops[p].src);
+            return Err(Error::Plan {
+                file: src.map_or_else(|| ckpt.display_path(), |s| ckpt.shard(s).path.clone()),
+                tensor: src.map(|s| ckpt.entry(s).name.to_string()),
+                destination: dest.name.clone(),
+                kind: "past_end",
+                reason: format!("writes byte {at} of a {total}-byte destination"),
             });
         }
         if at < total {
@@ -878,15 +884,14 @@ impl Plan {
                 Some(nid) => {
                     let ne = new.entry(nid);
                     if ne.dtype != e.dtype || ne.shape != e.shape {
-                        return Err(Error::ShapeMismatch {
-                            file: new.shard(nid).path.clone(),
-                            tensor: format!(
-                                "{} ({} in the loaded checkpoint, {} here)",
-                                e.name, e.dtype, ne.dtype
-                            ),
-                            expected: e.shape.to_vec(),
-                            found: ne.shape.to_vec(),
-                        });
+                        return Err(Error::shape(
+                            &new.shard(nid).path,
+                            &e.name,
+                            None,
+                            format!("{} in the loaded checkpoint, {} here", e.dtype, ne.dtype),
+                            e.shape.to_vec(),
+                            ne.shape.to_vec(),
+                        ));
                     }
                     Ok(Some(nid))
                 }

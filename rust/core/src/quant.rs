@@ -93,12 +93,14 @@ impl QuantFormat {
         let de = ckpt.entry(data);
         let se = ckpt.entry(scale);
         if de.shape.len() != 2 {
-            return Err(Error::ShapeMismatch {
-                file: ckpt.shard(data).path.clone(),
-                tensor: format!("{} (a {} weight is 2-D)", de.name, self.name()),
-                expected: vec![],
-                found: de.shape.to_vec(),
-            });
+            return Err(Error::shape(
+                &ckpt.shard(data).path,
+                &de.name,
+                None,
+                format!("a {} weight is 2-D", self.name()),
+                vec![],
+                de.shape.to_vec(),
+            ));
         }
         if !self.scale_dtypes().contains(&se.dtype) {
             return Err(Error::Unsupported {
@@ -122,12 +124,14 @@ impl QuantFormat {
             if se.shape.len() == 2 && se.shape[0] == expected[0] && se.shape[1] == expected[1] {
                 Ok(())
             } else {
-                Err(Error::ShapeMismatch {
-                    file: ckpt.shard(scale).path.clone(),
-                    tensor: format!("{} ({why})", se.name),
-                    expected: expected.to_vec(),
-                    found: se.shape.to_vec(),
-                })
+                Err(Error::shape(
+                    &ckpt.shard(scale).path,
+                    &se.name,
+                    None,
+                    why,
+                    expected.to_vec(),
+                    se.shape.to_vec(),
+                ))
             }
         };
         match self {
@@ -197,12 +201,14 @@ pub fn read_ints(ckpt: &Checkpoint, id: TensorId) -> Result<Vec<i128>> {
     let size = e.dtype.size() as usize;
     let n: u64 = e.shape.iter().product();
     if n > 16 {
-        return Err(Error::ShapeMismatch {
-            file: ckpt.shard(id).path.clone(),
-            tensor: format!("{} (weight_shape holds [rows, cols])", e.name),
-            expected: vec![2],
-            found: e.shape.to_vec(),
-        });
+        return Err(Error::shape(
+            &ckpt.shard(id).path,
+            &e.name,
+            None,
+            "weight_shape holds [rows, cols]",
+            vec![2],
+            e.shape.to_vec(),
+        ));
     }
     let mut buf = vec![0u8; n as usize * size];
     let shard = ckpt.shard(id);
@@ -256,18 +262,17 @@ pub fn check_weight_shape(ckpt: &Checkpoint, shape: TensorId, rows: u64, cols: u
     }
     let values = read_ints(ckpt, shape)?;
     if e.shape.as_slice() != [2] || values != [rows as i128, cols as i128] {
-        return Err(Error::ShapeMismatch {
-            file: ckpt.shard(shape).path.clone(),
-            tensor: format!(
-                "{} (weight_shape holds {:?}; the packed weight is [{rows}, {cols}])",
-                e.name, values
-            ),
-            expected: vec![rows, cols],
-            found: values
+        return Err(Error::shape(
+            &ckpt.shard(shape).path,
+            &e.name,
+            None,
+            format!("weight_shape holds {values:?}; the packed weight is [{rows}, {cols}]"),
+            vec![rows, cols],
+            values
                 .iter()
                 .map(|&v| u64::try_from(v).unwrap_or(u64::MAX))
                 .collect(),
-        });
+        ));
     }
     Ok(())
 }

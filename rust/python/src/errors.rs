@@ -3,8 +3,8 @@
 //!
 //! The exception classes live in `kimi_loader/errors.py` (so that a class can inherit
 //! from both `KimiLoaderError` and a builtin such as `FileNotFoundError`); each core
-//! variant maps to exactly one of them, and the instance carries `file`, `tensor` and
-//! `kind` attributes.
+//! variant maps to exactly one of them, and the instance carries `file`, `tensor`,
+//! `destination`, `expected`, `found` and `kind` attributes.
 
 use kimi_loader_core::Error;
 use pyo3::prelude::*;
@@ -19,6 +19,7 @@ fn class_name(e: &Error) -> &'static str {
         Error::MissingTensor { .. } => "MissingTensorError",
         Error::ShapeMismatch { .. } => "ShapeMismatchError",
         Error::Unsupported { .. } => "UnsupportedFormatError",
+        Error::Plan { .. } => "PlanError",
         Error::InvalidArgument { .. } => "InvalidArgumentError",
         Error::Internal { .. } => "InternalError",
     }
@@ -40,6 +41,11 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
         let exc = cls.call1((e.to_string(),))?;
         exc.setattr("file", e.file().map(|f| f.display().to_string()))?;
         exc.setattr("tensor", e.tensor())?;
+        exc.setattr("destination", e.destination())?;
+        if let Some((expected, found)) = e.shapes() {
+            exc.setattr("expected", pyo3::types::PyTuple::new(py, expected)?)?;
+            exc.setattr("found", pyo3::types::PyTuple::new(py, found)?)?;
+        }
         exc.setattr("kind", e.kind())?;
         Ok(PyErr::from_value(exc))
     };

@@ -333,21 +333,19 @@ impl Plan {
                 bytes += op.out_elems() * self.inner.dests[op.dest as usize].dtype.size();
                 stop += 1;
             }
-            let (ckpt, plan, threads, bufs) = (self.ckpt.clone(), self.inner.clone(), self.threads, bufs.clone());
+            let (ckpt, plan, threads, bufs) = (
+                self.ckpt.clone(),
+                self.inner.clone(),
+                self.threads,
+                bufs.clone(),
+            );
             detached(py, move || {
                 let pool = threads::pool(threads)?;
                 // SAFETY: every buffer was checked above against its live tensor (CPU,
                 // contiguous, exactly the destination's size, pairwise disjoint), and
                 // `_live` holds each tensor's storage until this call returns.
                 unsafe {
-                    execute_plan(
-                        &ckpt,
-                        &plan,
-                        at..stop,
-                        &bufs,
-                        &pool,
-                        ReadOptions::default(),
-                    )
+                    execute_plan(&ckpt, &plan, at..stop, &bufs, &pool, ReadOptions::default())
                 }
             })?;
             py.check_signals()?;
