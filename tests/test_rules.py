@@ -112,3 +112,29 @@ def test_language_model_layers_variant_into_the_serving_model(synth_dir, tmp_pat
     kimi_loader.load_weights(b, dst)
     for (n, x), (_, y) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(x, y), n
+
+
+# -- typed rules (issue #10) ----------------------------------------------------------------
+def test_rules_are_typed_and_typos_are_refused(tmp_path):
+    """A misspelt rule key, an unknown TP split or expert shard id, or an ignore rule that
+    matches nothing is an InvalidArgumentError naming it, never silently ignored; the
+    extension itself rejects keys it does not know."""
+    from kimi_loader.rules import ExpertShard, PlannerRules, Split, WeightRules
+
+    save_file({"language_model.model.legacy_name": torch.ones(3)}, tmp_path / "model.safetensors")
+    model = TinyModel()
+    good = model.weight_rules()
+    for bad, match in [({**good, "num_hidden_layer": 1}, "num_hidden_layer"),
+                       ({**good, "tp_rules": [("o_proj.", "rows")]}, "rows"),
+                       ({**good, "ignore": [(None, None, "nothing")]}, "matches nothing")]:
+        model.weight_rules = lambda bad=bad: bad
+        with pytest.raises(kimi_loader.InvalidArgumentError, match=match):
+            kimi_loader.load_weights(model, tmp_path)
+    with pytest.raises(TypeError):
+        WeightRules(num_hidden_layer=1)  # a typo in code fails at construction
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="w4"):
+        ExpertShard.parse("w4")
+    assert (ExpertShard.W3.order, ExpertShard.W2.split) == (1, Split.ROW)
+    core = PlannerRules(WeightRules(num_experts=8)).to_core() | {"tp_sizee": 2}
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="unknown rule key 'tp_sizee'"):
+        kimi_loader._core.plan(kimi_loader.open(tmp_path).core, core, [])

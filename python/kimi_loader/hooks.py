@@ -93,8 +93,8 @@ class ForwardsWeightHooks:
     def post_load_weights(self) -> Any:
         return self._inner_hook("post_load_weights", _no_post_load)
 
-    def weight_rules(self) -> dict[str, Any]:
-        return self._inner_hook("weight_rules", dict)()
+    def weight_rules(self) -> Any:
+        return self._inner_hook("weight_rules", lambda: None)()
 
 
 def hook_target(model: Any) -> tuple[Any, str]:

@@ -20,13 +20,13 @@ from .hooks import custom_renames, hook_target
 from .parallel import ParallelLayout
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
+from .rules import ExpertShard, PlannerRules, WeightRules
 
 __all__ = ["IncompleteLoadError", "LoadReport", "destinations", "load_weights", "plan_for"]
 
 log = logging.getLogger("kimi_loader")
 
 _ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
-_SHARD_ORDER = {"w1": 0, "w3": 1, "w2": 0}
 
 
 @dataclass
@@ -83,11 +83,20 @@ def destinations(module: torch.nn.Module, aliases: dict[str, str] | None = None)
     return out
 
 
+#: vLLM's string shard ids of a fused qkv projection, in stacking order
+_QKV_ORDER = {"q": 0, "k": 1, "v": 2}
+
+
 def _order(shard_id: Any, seen: dict[str, list]) -> int:
-    if isinstance(shard_id, int):
+    """The stacking position of a ``stacked_params_mapping`` shard id: an int is the
+    position; ``q`` / ``k`` / ``v`` stack in that order; any other string id takes the
+    next position the first time it appears (declaration order)."""
+    if isinstance(shard_id, int) and not isinstance(shard_id, bool) and shard_id >= 0:
         return shard_id
-    if shard_id in _SHARD_ORDER:
-        return _SHARD_ORDER[shard_id]
+    if not isinstance(shard_id, str):
+        raise InvalidArgumentError(f"stacked_params_mapping: shard id {shard_id!r} is not an int >= 0 or a str")
+    if shard_id in _QKV_ORDER:
+        return _QKV_ORDER[shard_id]
     lst = seen.setdefault("ids", [])
     if shard_id not in lst:
         lst.append(shard_id)
@@ -119,18 +128,20 @@ def resolve_parallel(model: Any, parallel: Any = None, tp_rank: int | None = Non
     return layout
 
 
-def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> dict[str, Any]:
-    """The rules dict for the Rust planner: the model's ``weight_rules()`` data plus its
+def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> PlannerRules:
+    """The planner's rules: the model's :class:`~kimi_loader.rules.WeightRules` plus its
     stacked / expert mappings, custom renames (computed once per name, in Python, only for
-    models with non-identity rename hooks) and the parallel layout."""
-    rules: dict[str, Any] = dict(getattr(model, "weight_rules", dict)() or {})
+    models with non-identity rename hooks), the shard rows of stacked destinations and the
+    parallel layout."""
+    declared = WeightRules.coerce(getattr(model, "weight_rules", lambda: None)(),
+                                  f"{type(model).__name__}.weight_rules()")
     seen: dict[str, list] = {}
-    rules["stacked"] = [(p, c, _order(s, seen)) for p, c, s in (getattr(model, "stacked_params_mapping", None) or [])]
-    rules["experts"] = [(p, frag, int(e), _SHARD_ORDER.get(s, 0), "row" if s == "w2" else "column")
-                        for p, frag, e, s in (getattr(model, "expert_params_mapping", None) or [])]
+    stacked = tuple((p, c, _order(s, seen)) for p, c, s in (getattr(model, "stacked_params_mapping", None) or []))
+    experts = tuple((p, frag, int(e), ExpertShard.parse(s))
+                    for p, frag, e, s in (getattr(model, "expert_params_mapping", None) or []))
+    table: dict[str, str | None] = {}
     renames = custom_renames(model)
     if renames:
-        table: dict[str, str | None] = {}
         for name in ckpt.keys():
             new: str | None = name
             for fn in renames:
@@ -139,23 +150,19 @@ def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> dict[st
                     break
             if new != name:
                 table[name] = new
-        rules["renames"] = table
     target, _prefix = hook_target(model)
     shard_rows: dict[str, list[int]] = {}
     if isinstance(target, torch.nn.Module):
         for mod_name, mod in target.named_modules():
             for param, rows in (getattr(mod, "stacked_rows", None) or {}).items():
                 shard_rows[f"{mod_name}.{param}" if mod_name else param] = list(rows)
-    if shard_rows:
-        rules["shard_rows"] = shard_rows
-    rules.update(layout.rules())
-    return rules
+    return PlannerRules(declared, stacked, experts, table, shard_rows, layout.rules())
 
 
-def _check_fusion(rules: dict[str, Any], ckpt: Checkpoint) -> None:
+def _check_fusion(rules: PlannerRules, ckpt: Checkpoint) -> None:
     """Fusing a shared expert stored in another format than the routed experts is the
     regression this project exists to prevent: fail loudly, naming the tensors."""
-    if rules.get("fused_shared_slot") is None:
+    if rules.model.fused_shared_slot is None:
         return
     shared = [k for k in ckpt.keys() if ".mlp.shared_experts." in k]
     routed = [k for k in ckpt.keys() if ".mlp.experts.0." in k]
@@ -213,15 +220,15 @@ def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int | None = None, tp_siz
     target, _prefix = hook_target(model)
     rules = build_rules(model, ckpt, layout)
     _check_fusion(rules, ckpt)
-    dests = destinations(target, rules.pop("dest_aliases", None))
+    dests = destinations(target, rules.model.dest_aliases)
     skipped: dict[str, int] = {}
-    for prefix, reason in rules.pop("skip_destinations", None) or []:
+    for prefix, reason in rules.model.skip_destinations:
         for name in [n for n in dests if n.startswith(prefix)]:
             del dests[name]
             skipped[reason] = skipped.get(reason, 0) + 1
 
     # the checkpoint's own config says how its quantized tensors are laid out
-    fp8_block = tuple(rules.pop("fp8_block", (128, 128)))
+    fp8_block = rules.model.fp8_block
     groups: dict[str, int | None] = {}
     if ckpt.config is not None:
         spec = quant_spec(ckpt.config, file=ckpt.config_path)
@@ -229,7 +236,8 @@ def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int | None = None, tp_siz
             fp8_block = spec.fp8_block
         groups = {"ct-int4": {"int4_group": spec.group_size},
                   "quark-mxfp4": {"mxfp4_group": spec.group_size}}.get(spec.method, {})
-    plan = _core.plan(ckpt.core, rules, _dest_list(dests, need_memory=need_memory), fp8_block, threads, **groups)
+    plan = _core.plan(ckpt.core, rules.to_core(), _dest_list(dests, need_memory=need_memory), fp8_block, threads,
+                      **groups)
     return PlannedLoad(plan, dests, skipped)
 
 

@@ -18,6 +18,7 @@ from ..errors import ConfigError, InvalidArgumentError
 from ..formats import ModuleFormats, quant_spec, quantization_config
 from ..hooks import ForwardsWeightHooks, identity_hook
 from ..parallel import ParallelLayout
+from ..rules import Split, WeightRules
 from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE, empty_params, shard_shapes, stacked_shapes
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
@@ -298,27 +299,27 @@ class DeepseekV3ForCausalLM(nn.Module):
             logits = self.forward(nxt, cache)
         return torch.cat(out, dim=1)
 
-    def weight_rules(self) -> dict[str, Any]:
-        """The rest of the naming rules, as data (see ``kimi_loader.loader``)."""
+    def weight_rules(self) -> WeightRules:
+        """The rest of the naming rules, as data (see :mod:`kimi_loader.rules`)."""
         c = self.config
         tied = [TIED_IGNORE] if c["tie_word_embeddings"] else []
-        return {
-            "rewrites": KIMI_PREFIX_REWRITES,
-            "ignore": [("vision_tower.", None, "vision tower: the language model is loaded text-only"),
-                       ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
-                       ROPE_IGNORE, *tied],
-            "num_hidden_layers": c["num_hidden_layers"],
-            "num_nextn_predict_layers": c["num_nextn_predict_layers"],
-            "scale_remaps": [(".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
-                             (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
-                             (".v_proj.output_scale", ".attn.v_scale")],
-            "tp_rules": [("q_b_proj.", "column"), ("q_proj.", "column"), ("kv_b_proj.", "column"),
-                         ("o_proj.", "row"), ("gate_up_proj.", "column"), ("down_proj.", "row"),
-                         ("embed_tokens.", "column"), ("lm_head.", "column")],
-            "num_experts": c.get("n_routed_experts"),
-            "fused_shared_slot": c.get("n_routed_experts") if self.num_fused_shared_experts else None,
-            "fp8_block": self.fp8_block,
-        }
+        return WeightRules(
+            rewrites=KIMI_PREFIX_REWRITES,
+            ignore=(("vision_tower.", None, "vision tower: the language model is loaded text-only"),
+                    ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
+                    ROPE_IGNORE, *tied),
+            num_hidden_layers=c["num_hidden_layers"],
+            num_nextn_predict_layers=c["num_nextn_predict_layers"],
+            scale_remaps=((".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
+                          (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
+                          (".v_proj.output_scale", ".attn.v_scale")),
+            tp_rules=(("q_b_proj.", Split.COLUMN), ("q_proj.", Split.COLUMN), ("kv_b_proj.", Split.COLUMN),
+                      ("o_proj.", Split.ROW), ("gate_up_proj.", Split.COLUMN), ("down_proj.", Split.ROW),
+                      ("embed_tokens.", Split.COLUMN), ("lm_head.", Split.COLUMN)),
+            num_experts=c.get("n_routed_experts"),
+            fused_shared_slot=c.get("n_routed_experts") if self.num_fused_shared_experts else None,
+            fp8_block=self.fp8_block,
+        )
 
 
 class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):

@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..rules import WeightRules
 from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE
 
 __all__ = ["HFDeepseekV3", "empty_model", "wrap_if_transformers"]
@@ -41,7 +42,7 @@ class HFDeepseekV3:
                     ("experts.down_proj.", f"experts.{e}.down_proj.", e, "w2")]
         return out
 
-    def weight_rules(self) -> dict[str, Any]:
+    def weight_rules(self) -> WeightRules:
         c = self.config
         qc = getattr(c, "quantization_config", None) or getattr(self.outer_config, "quantization_config", None)
         block = None
@@ -49,17 +50,17 @@ class HFDeepseekV3:
             block = qc.get("weight_block_size")
         elif qc is not None:
             block = getattr(qc, "weight_block_size", None)
-        return {
-            "rewrites": KIMI_PREFIX_REWRITES,
-            "ignore": [("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
-                       ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
-                       ROPE_IGNORE, *self._tied()],
-            "num_hidden_layers": c.num_hidden_layers,
-            "num_nextn_predict_layers": getattr(c, "num_nextn_predict_layers", 0) or 0,
-            "num_experts": c.n_routed_experts,
-            "dest_aliases": {"mlp.experts.gate_up_proj": ".weight", "mlp.experts.down_proj": ".weight"},
-            "fp8_block": tuple(block or (128, 128)),
-        }
+        return WeightRules(
+            rewrites=KIMI_PREFIX_REWRITES,
+            ignore=(("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
+                    ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
+                    ROPE_IGNORE, *self._tied()),
+            num_hidden_layers=c.num_hidden_layers,
+            num_nextn_predict_layers=getattr(c, "num_nextn_predict_layers", 0) or 0,
+            num_experts=c.n_routed_experts,
+            dest_aliases={"mlp.experts.gate_up_proj": ".weight", "mlp.experts.down_proj": ".weight"},
+            fp8_block=tuple(block or (128, 128)),
+        )
 
     def _tied(self) -> list[tuple[str | None, str | None, str]]:
         tied = getattr(self.outer_config, "tie_word_embeddings", False) or \
@@ -77,19 +78,17 @@ class HFKimiK25(HFDeepseekV3):
     qkv unfusing and rope permutation): their checkpoint tensors are skipped and their
     destinations left as they are, both by declared rules that the load report lists."""
 
-    def weight_rules(self) -> dict[str, Any]:
-        rules = super().weight_rules()
+    def weight_rules(self) -> WeightRules:
         why = "not supported yet: transformers converts it with its own qkv unfusing"
-        rules.update(
+        return super().weight_rules().replace(
             rewrites=(("language_model.model.", "model.language_model."),
                       ("language_model.layers.", "model.language_model.layers."),
                       ("language_model.lm_head.", "lm_head.")),
-            ignore=[("vision_tower.", None, f"vision tower: {why}"),
-                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE, *self._tied()],
-            skip_destinations=[("model.vision_tower.", f"vision tower: {why}"),
-                               ("model.mm_projector.", f"multimodal projector: {why}")],
+            ignore=(("vision_tower.", None, f"vision tower: {why}"),
+                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE, *self._tied()),
+            skip_destinations=(("model.vision_tower.", f"vision tower: {why}"),
+                               ("model.mm_projector.", f"multimodal projector: {why}")),
         )
-        return rules
 
 
 def wrap_if_transformers(model: Any) -> Any:
