@@ -17,8 +17,9 @@ import torch
 
 from .config import QuantSpec, checkpoint_names, quant_of
 from .errors import UnsupportedFormatError
+from .registry import FORMATS
 
-QUANT_FORMATS = ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
+QUANT_FORMATS = tuple(FORMATS)  # ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
 
 #: safetensors dtype spelling -> torch dtype
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -74,15 +75,16 @@ def detect_quant_format(config: dict[str, Any] | None, *, file: str | None = Non
     return quant_spec(config, file=file).method
 
 
-#: checkpoint suffixes that mark a linear's storage format
-_FORMAT_SUFFIXES = ("weight_packed", "weight_scale_inv", "weight_scale", "weight")
+#: checkpoint suffixes that mark a linear's storage format (every format's, once)
+_FORMAT_SUFFIXES = tuple(dict.fromkeys(s for f in FORMATS.values() for s in f.suffixes if s != "weight_shape"))
 
 
 class ModuleFormats:
     """The storage format of every linear, decided in one place.
 
-    With a checkpoint, a module's format comes from its own tensors (``weight_packed``
-    I32 -> ct-int4; ``weight`` F8_E4M3 + ``weight_scale_inv`` -> fp8-block; ``weight`` U8 +
+    With a checkpoint, a module's format comes from its own tensors (the first
+    :class:`~kimi_loader.registry.Format` that :meth:`~kimi_loader.registry.Format.matches`
+    them: ``weight_packed`` I32 -> ct-int4; ``weight`` F8_E4M3 -> fp8-block; ``weight`` U8 +
     ``weight_scale`` -> quark-mxfp4; a float ``weight`` -> bf16), cross-checked with the
     config: a quantized tensor of another method than the config's is refused. So a
     linear that an exporter left in BF16 without listing it anywhere loads as BF16.
@@ -113,15 +115,8 @@ class ModuleFormats:
         stored = self._stored(module)
         if stored is None:
             return configured  # absent: the planner reports it missing
-        if stored.get("weight_packed") == "I32":
-            fmt = "ct-int4"
-        elif stored.get("weight") == "F8_E4M3":
-            fmt = "fp8-block"
-        elif stored.get("weight") == "U8" and "weight_scale" in stored:
-            fmt = "quark-mxfp4"
-        elif stored.get("weight") in ("BF16", "F16", "F32"):
-            fmt = "bf16"
-        else:
+        fmt = next((f.name for f in FORMATS.values() if f.matches(stored)), None)
+        if fmt is None:
             raise UnsupportedFormatError(
                 f"linear '{module}' is stored as {sorted(stored.items())}, which is no format this library knows",
                 file=getattr(self.checkpoint, "index_path", None), tensor=f"{module}.weight")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgumentError
+from .registry import format_of
 
 __all__ = ["ParallelLayout"]
 
@@ -122,10 +123,7 @@ class ParallelLayout:
         nope, rope, v = (config.get(k) or 0 for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"))
 
         def align(part: str, column: bool) -> int:
-            fmt = formats.get(part, "bf16")
-            if fmt == "fp8-block":
-                return fp8_block[0] if column else fp8_block[1]
-            return group if fmt in ("ct-int4", "quark-mxfp4") and not column else 1
+            return format_of(formats.get(part, "bf16")).split_alignment(column, group=group, fp8_block=fp8_block)
 
         # (what, size, ways, divisor name, alignment of the local slice)
         dims = [("num_attention_heads", heads, tp, "tp_size", 1),

@@ -56,13 +56,8 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
 
 def dequantize(fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
-    """Dense weight of a linear stored as ``tensors`` (suffix -> tensor) in format ``fmt``."""
-    if fmt == "bf16":
-        return tensors["weight"].to(dtype)
-    if fmt == "ct-int4":
-        return dequant_int4(tensors["weight_packed"], tensors["weight_scale"], dtype)
-    if fmt == "quark-mxfp4":
-        return dequant_mxfp4(tensors["weight"], tensors["weight_scale"], dtype)
-    if fmt == "fp8-block":
-        return dequant_fp8_block(tensors["weight"], tensors["weight_scale_inv"], fp8_block, dtype)
-    raise ValueError(f"unknown format {fmt!r}")
+    """Dense weight of a linear stored as ``tensors`` (suffix -> tensor) in format ``fmt``
+    (see :mod:`kimi_loader.registry`)."""
+    from .registry import format_of
+
+    return format_of(fmt).dequantize(tensors, dtype, fp8_block)

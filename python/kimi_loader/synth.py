@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from .errors import InvalidArgumentError
-from .formats import E2M1_VALUES, QUANT_FORMATS, layer_index, pack_mxfp4
+from .formats import QUANT_FORMATS, layer_index
+from .registry import FORMATS, format_of
 
 __all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
 
@@ -246,38 +247,8 @@ def _rand(g: torch.Generator, *shape: int) -> torch.Tensor:
 
 def _quantize_linear(w: torch.Tensor, fmt: str, g: torch.Generator) -> dict[str, torch.Tensor]:
     """``w`` is ``[n, out, in]`` float32 (n stacked linears). Returns suffix -> stacked
-    tensor with a leading ``n`` dim, in checkpoint format ``fmt``."""
-    n, out, inp = w.shape
-    if fmt == "bf16":
-        return {"weight": w.to(torch.bfloat16)}
-    if fmt == "ct-int4":
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-
-        if inp % 32:
-            raise InvalidArgumentError(f"ct-int4 needs input dims divisible by 32, got {inp}")
-        groups = w.reshape(n, out, inp // 32, 32)
-        scale = (groups.abs().amax(-1) / 7.0).clamp(min=1e-6).to(torch.bfloat16)
-        q = torch.round(groups / scale.float().unsqueeze(-1)).clamp(-8, 7).to(torch.int8)
-        packed = pack_to_int32(q.reshape(n * out, inp), num_bits=4).reshape(n, out, inp // 8)
-        shape = torch.tensor([out, inp], dtype=torch.int32).expand(n, 2).contiguous()
-        return {"weight_packed": packed, "weight_scale": scale.contiguous(), "weight_shape": shape}
-    if fmt == "fp8-block":
-        ob, ib = math.ceil(out / 128), math.ceil(inp / 128)
-        padded = torch.zeros(n, ob * 128, ib * 128)
-        padded[:, :out, :inp] = w
-        blocks = padded.reshape(n, ob, 128, ib, 128)
-        scale_inv = (blocks.abs().amax(dim=(2, 4)) / 448.0).clamp(min=1e-12)
-        q = (blocks / scale_inv[:, :, None, :, None]).reshape(n, ob * 128, ib * 128)[:, :out, :inp]
-        return {"weight": q.to(torch.float8_e4m3fn).contiguous(), "weight_scale_inv": scale_inv.contiguous()}
-    if fmt == "quark-mxfp4":
-        if inp % 32:
-            raise InvalidArgumentError(f"MXFP4 needs input dims divisible by 32, got {inp}")
-        codes = torch.randint(0, 16, (n * out, inp), generator=g)
-        packed = pack_mxfp4(E2M1_VALUES[codes]).reshape(n, out, inp // 2)
-        # e8m0 scales 2^-7 .. 2^-4: dequantized magnitudes like a real layer's weights
-        scale = torch.randint(120, 124, (n, out, inp // 32), generator=g).to(torch.uint8)
-        return {"weight": packed, "weight_scale": scale}
-    raise InvalidArgumentError(f"unknown format {fmt!r}")
+    tensor with a leading ``n`` dim, in checkpoint format ``fmt`` (the registry's packers)."""
+    return format_of(fmt).quantize(w, g)
 
 
 def _plain_value(p: _Plain, g: torch.Generator) -> torch.Tensor:
@@ -317,7 +288,7 @@ def expected_tensor_count(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4"
     family = PRESETS[preset][0] if preset in PRESETS else None
     cfg = text_config(preset, **overrides)
     n = 0
-    per = {"bf16": 1, "ct-int4": 3, "fp8-block": 2, "quark-mxfp4": 2}
+    per = {name: len(f.suffixes) for name, f in FORMATS.items()}
     for part in _model_parts(cfg, family or "kimi"):
         n += 1 if isinstance(part, _Plain) else len(part.names) * per[_linear_format(part.role, quant, None)]
     return n

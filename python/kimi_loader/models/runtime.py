@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quant import dequantize
-from .layout import SUFFIX_DTYPES
+from ..registry import format_of
 
 
 def dense(module: torch.nn.Module, dtype: torch.dtype, index: int | None = None, prefix: str = "",
@@ -32,7 +32,7 @@ def dense(module: torch.nn.Module, dtype: torch.dtype, index: int | None = None,
     ``w13_`` tensors of an experts module, ``index`` one expert)."""
     fmt = module.format
     tensors = {}
-    for suffix in SUFFIX_DTYPES[fmt]:
+    for suffix in format_of(fmt).suffix_dtypes:
         t = getattr(module, prefix + suffix, None)
         if t is not None:
             tensors[suffix] = t if index is None else t[index]
