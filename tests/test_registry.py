@@ -22,7 +22,7 @@ def test_each_format_is_self_consistent(name):
     stored = fmt.quantize(w, g, group=32)
     assert set(stored) == set(fmt.suffixes)
     found = {s: _ST[t.dtype] for s, t in stored.items()}
-    assert [f.name for f in FORMATS.values() if f.matches(found)][0] == name  # detected as itself
+    assert next(f.name for f in FORMATS.values() if f.matches(found)) == name  # detected as itself
     shapes = fmt.shard_shapes(256, 256, group=32)
     for suffix, shape in shapes.items():
         assert list(stored[suffix].shape[1:]) == shape, suffix
