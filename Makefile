@@ -44,14 +44,18 @@ test: test-rust test-python
 bench: build
 	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py
 
-lint: venv
+lint: build
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	$(VENV)/bin/ruff check python tests benches
+	$(VENV)/bin/ruff format --check python tests benches
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest kimi_loader._core
 
 fmt: venv
 	cargo fmt --all
 	$(VENV)/bin/ruff check --fix python tests benches
+	$(VENV)/bin/ruff format python tests benches
 
 clean:
 	cargo clean

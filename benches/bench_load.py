@@ -21,11 +21,27 @@ import sys
 
 from _common import checkpoint, interleaved, row
 
-SHAPE = dict(preset="deepseek-v3-tiny", num_shards=8, hidden_size=1024, intermediate_size=2048,
-             moe_intermediate_size=512, n_routed_experts=16, num_hidden_layers=12, first_k_dense_replace=1,
-             vocab_size=8192, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
-             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=0, n_group=4,
-             topk_group=2)
+SHAPE = dict(
+    preset="deepseek-v3-tiny",
+    num_shards=8,
+    hidden_size=1024,
+    intermediate_size=2048,
+    moe_intermediate_size=512,
+    n_routed_experts=16,
+    num_hidden_layers=12,
+    first_k_dense_replace=1,
+    vocab_size=8192,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    num_nextn_predict_layers=0,
+    n_group=4,
+    topk_group=2,
+)
 
 # Runs one contender in a fresh interpreter; prints JSON {seconds, peak_anon, dest_bytes}.
 _CHILD = r"""
@@ -126,34 +142,66 @@ def main() -> None:
     r = rounds([("memcpy", bf16), ("memcpy-prefaulted", bf16), ("ours", bf16), ("hf", bf16)])
     mem, pre, ours, hf = r["memcpy"], r["memcpy-prefaulted"], r["ours"], r["hf"]
     gb = ours["dest_bytes"] / 1e9
-    print(f"bf16 DeepSeek-V3-layout checkpoint -> transformers DeepseekV3ForCausalLM ({gb:.2f} GB; best of 5 "
-          "interleaved rounds, each run a fresh process, warm page cache)")
+    print(
+        f"bf16 DeepSeek-V3-layout checkpoint -> transformers DeepseekV3ForCausalLM ({gb:.2f} GB; best of 5 "
+        "interleaved rounds, each run a fresh process, warm page cache)"
+    )
     for label, x in [("numpy memcpy into fresh memory", mem), ("numpy memcpy into pre-faulted memory", pre)]:
-        print(row(label, x["seconds"], mem["seconds"],
-                  f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms"))
+        print(
+            row(
+                label,
+                x["seconds"],
+                mem["seconds"],
+                f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms",
+            )
+        )
     for label, x in [("kimi_loader (meta + to_empty + load_weights)", ours), ("transformers from_pretrained", hf)]:
-        print(row(label, x["seconds"], mem["seconds"],
-                  f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms  "
-                  f"peak anon {x['peak_anon'] / x['dest_bytes']:.2f}x dest"))
-    print(f"  => kimi_loader: {hf['seconds'] / ours['seconds']:.2f}x faster than from_pretrained (medians "
-          f"{hf['median'] / ours['median']:.2f}x); {mem['seconds'] / ours['seconds']:.2f}x of memcpy-into-fresh-"
-          f"memory throughput, {pre['seconds'] / ours['seconds']:.2f}x of the pre-faulted copy ceiling")
+        print(
+            row(
+                label,
+                x["seconds"],
+                mem["seconds"],
+                f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms  "
+                f"peak anon {x['peak_anon'] / x['dest_bytes']:.2f}x dest",
+            )
+        )
+    print(
+        f"  => kimi_loader: {hf['seconds'] / ours['seconds']:.2f}x faster than from_pretrained (medians "
+        f"{hf['median'] / ours['median']:.2f}x); {mem['seconds'] / ours['seconds']:.2f}x of memcpy-into-fresh-"
+        f"memory throughput, {pre['seconds'] / ours['seconds']:.2f}x of the pre-faulted copy ceiling"
+    )
 
     r4 = rounds([("ours", int4), ("hf-ct", int4)])
     ours4, hf4 = r4["ours"], r4["hf-ct"]
     print(f"ct-int4 checkpoint dequantized to bf16 on load ({ours4['dest_bytes'] / 1e9:.2f} GB of bf16)")
-    print(row("transformers + CompressedTensorsConfig(dequantize)", hf4["seconds"], hf4["seconds"],
-              f"median {hf4['median'] * 1e3:.0f} ms  peak anon {hf4['peak_anon'] / hf4['dest_bytes']:.2f}x dest"))
-    print(row("kimi_loader (dequantized in Rust while copying)", ours4["seconds"], hf4["seconds"],
-              f"median {ours4['median'] * 1e3:.0f} ms  peak anon {ours4['peak_anon'] / ours4['dest_bytes']:.2f}x dest"))
+    print(
+        row(
+            "transformers + CompressedTensorsConfig(dequantize)",
+            hf4["seconds"],
+            hf4["seconds"],
+            f"median {hf4['median'] * 1e3:.0f} ms  peak anon {hf4['peak_anon'] / hf4['dest_bytes']:.2f}x dest",
+        )
+    )
+    print(
+        row(
+            "kimi_loader (dequantized in Rust while copying)",
+            ours4["seconds"],
+            hf4["seconds"],
+            f"median {ours4['median'] * 1e3:.0f} ms  peak anon {ours4['peak_anon'] / ours4['dest_bytes']:.2f}x dest",
+        )
+    )
 
     best_s, med_s, n = plan_time()
-    print(f"plan kimi-k2.5-fullcount ({n} tensors): best {best_s * 1e3:.1f} ms, median {med_s * 1e3:.1f} ms "
-          "(goal < 200 ms)")
+    print(
+        f"plan kimi-k2.5-fullcount ({n} tensors): best {best_s * 1e3:.1f} ms, median {med_s * 1e3:.1f} ms "
+        "(goal < 200 ms)"
+    )
     for label, r in [("ours bf16", ours), ("ours ct-int4", ours4)]:
         budget = 1.15 * r["dest_bytes"] + 200e6
-        print(f"peak anonymous memory, {label}: {r['peak_anon'] / 1e6:.0f} MB for {r['dest_bytes'] / 1e6:.0f} MB "
-              f"of destinations (budget 1.15x + 200 MB = {budget / 1e6:.0f} MB)")
+        print(
+            f"peak anonymous memory, {label}: {r['peak_anon'] / 1e6:.0f} MB for {r['dest_bytes'] / 1e6:.0f} MB "
+            f"of destinations (budget 1.15x + 200 MB = {budget / 1e6:.0f} MB)"
+        )
 
 
 if __name__ == "__main__":

@@ -41,14 +41,18 @@ def main() -> None:
     ours()
     safetensors_keys()  # warm the page cache for both
     base_label = "safetensors safe_open + keys(), every shard"
-    results = interleaved({
-        base_label: safetensors_keys,
-        "kimi_loader.open (index cross-checked)": ours,
-        "kimi_loader.open + keys()": ours_keys,
-        "kimi_loader.open, threads=1": ours_1t,
-    })
-    print(f"open + parse + validate: {n} tensors in {len(files)} shards "
-          f"(threads={kimi_loader._core.resolve_threads()}; best of 15 interleaved rounds)")
+    results = interleaved(
+        {
+            base_label: safetensors_keys,
+            "kimi_loader.open (index cross-checked)": ours,
+            "kimi_loader.open + keys()": ours_keys,
+            "kimi_loader.open, threads=1": ours_1t,
+        }
+    )
+    print(
+        f"open + parse + validate: {n} tensors in {len(files)} shards "
+        f"(threads={kimi_loader._core.resolve_threads()}; best of 15 interleaved rounds)"
+    )
     base = results[base_label][0]
     for label, (best, med) in results.items():
         print(row(label, best, base, f"median {med * 1e3:.1f} ms"))

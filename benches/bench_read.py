@@ -17,10 +17,26 @@ import kimi_loader
 from _common import best_of, checkpoint, row
 
 # DeepSeek-V3 layout, bf16, ~1.2 GB in 8 shards
-SHAPE = dict(preset="deepseek-v3-tiny", quant="bf16", num_shards=8, hidden_size=1024, intermediate_size=2048,
-             moe_intermediate_size=512, n_routed_experts=32, num_hidden_layers=12, first_k_dense_replace=1,
-             vocab_size=8192, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
-             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=0)
+SHAPE = dict(
+    preset="deepseek-v3-tiny",
+    quant="bf16",
+    num_shards=8,
+    hidden_size=1024,
+    intermediate_size=2048,
+    moe_intermediate_size=512,
+    n_routed_experts=32,
+    num_hidden_layers=12,
+    first_k_dense_replace=1,
+    vocab_size=8192,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    num_nextn_predict_layers=0,
+)
 
 
 def main() -> None:
@@ -64,14 +80,18 @@ def main() -> None:
     for f in (ours, st_load_file_copy, memcpy):  # warm the page cache and allocator
         f()
     gc.collect()
-    print(f"read every tensor into fresh memory: {n} tensors, {total / 1e9:.2f} GB in {len(files)} shards "
-          f"(threads={kimi_loader._core.resolve_threads()}, warm page cache)")
+    print(
+        f"read every tensor into fresh memory: {n} tensors, {total / 1e9:.2f} GB in {len(files)} shards "
+        f"(threads={kimi_loader._core.resolve_threads()}, warm page cache)"
+    )
     base, _ = best_of(memcpy, 5)
     print(row("numpy memcpy of the same bytes (1 thread)", base, base, f"{total / base / 1e9:5.2f} GB/s"))
-    for label, fn in [("kimi_loader read_tensors (parallel pread)", ours),
-                      ("safetensors load_file + clone", st_load_file_copy),
-                      ("safetensors safe_open get_tensor + copy_", st_get_tensor_copy),
-                      ("safetensors load_file (no extra copy)", st_load_file)]:
+    for label, fn in [
+        ("kimi_loader read_tensors (parallel pread)", ours),
+        ("safetensors load_file + clone", st_load_file_copy),
+        ("safetensors safe_open get_tensor + copy_", st_get_tensor_copy),
+        ("safetensors load_file (no extra copy)", st_load_file),
+    ]:
         gc.collect()
         t, _ = best_of(fn, 5)
         print(row(label, t, base, f"{total / t / 1e9:5.2f} GB/s  (x of memcpy throughput)"))

@@ -33,7 +33,8 @@ def main() -> None:
 
     def hf() -> None:
         m = Kimi_K25ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+            path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
         with torch.no_grad():
             m(input_ids=prompt)
 
@@ -41,12 +42,19 @@ def main() -> None:
     base = res["transformers"][0]
     print("load-to-first-token, tiny Kimi-K2.5 ct-int4, CPU float32 (best of 7 interleaved rounds)")
     print(row("transformers from_pretrained + forward", base, base, f"median {res['transformers'][1] * 1e3:.1f} ms"))
-    print(row("kimi_loader.from_pretrained + forward", res["kimi_loader"][0], base,
-              f"median {res['kimi_loader'][1] * 1e3:.1f} ms"))
+    print(
+        row(
+            "kimi_loader.from_pretrained + forward",
+            res["kimi_loader"][0],
+            base,
+            f"median {res['kimi_loader'][1] * 1e3:.1f} ms",
+        )
+    )
 
     model = kimi_loader.from_pretrained(path)
     ref = Kimi_K25ForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+        path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     n = 32
 
     def decode_ours() -> None:

@@ -25,11 +25,28 @@ import kimi_loader
 from _common import CACHE, checkpoint, interleaved, row
 from kimi_loader.rl import WeightUpdater
 
-SHAPE = dict(preset="deepseek-v3-tiny", quant="bf16", num_shards=8, hidden_size=1024, intermediate_size=2048,
-             moe_intermediate_size=512, n_routed_experts=8, num_hidden_layers=12, first_k_dense_replace=1,
-             vocab_size=8192, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256, kv_lora_rank=128,
-             qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, num_nextn_predict_layers=0, n_group=4,
-             topk_group=2)
+SHAPE = dict(
+    preset="deepseek-v3-tiny",
+    quant="bf16",
+    num_shards=8,
+    hidden_size=1024,
+    intermediate_size=2048,
+    moe_intermediate_size=512,
+    n_routed_experts=8,
+    num_hidden_layers=12,
+    first_k_dense_replace=1,
+    vocab_size=8192,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    q_lora_rank=256,
+    kv_lora_rank=128,
+    qk_nope_head_dim=64,
+    qk_rope_head_dim=32,
+    v_head_dim=64,
+    num_nextn_predict_layers=0,
+    n_group=4,
+    topk_group=2,
+)
 
 
 def delta_checkpoint(src: str, fraction: float) -> tuple[str, int]:
@@ -95,10 +112,22 @@ def main() -> None:
     total = kimi_loader.open(a).data_bytes
     res = interleaved({"fresh": fresh, "full": full}, repeat=5)
     print(f"hot-reload, {total / 1e9:.2f} GB bf16 checkpoint into the serving layout (best of 5 interleaved rounds)")
-    print(row("fresh kimi_loader.from_pretrained", res["fresh"][0], res["fresh"][0],
-              f"median {res['fresh'][1] * 1e3:.0f} ms"))
-    print(row("full update in place (all tensors changed)", res["full"][0], res["fresh"][0],
-              f"median {res['full'][1] * 1e3:.0f} ms"))
+    print(
+        row(
+            "fresh kimi_loader.from_pretrained",
+            res["fresh"][0],
+            res["fresh"][0],
+            f"median {res['fresh'][1] * 1e3:.0f} ms",
+        )
+    )
+    print(
+        row(
+            "full update in place (all tensors changed)",
+            res["full"][0],
+            res["fresh"][0],
+            f"median {res['full'][1] * 1e3:.0f} ms",
+        )
+    )
     # a delta update a -> d, timed on its own (then back to a, untimed)
     times = []
     for _ in range(5):
@@ -110,8 +139,14 @@ def main() -> None:
         times.append(time.perf_counter() - t)
         updater.update_from_disk(a)
     best = min(times)
-    print(row(f"delta update ({delta_bytes / total * 100:.1f}% of the bytes changed), found by hashing", best,
-              res["full"][0], f"wrote {r.bytes_changed / 1e6:.1f} MB, hashed {r.bytes_hashed / 1e6:.0f} MB"))
+    print(
+        row(
+            f"delta update ({delta_bytes / total * 100:.1f}% of the bytes changed), found by hashing",
+            best,
+            res["full"][0],
+            f"wrote {r.bytes_changed / 1e6:.1f} MB, hashed {r.bytes_hashed / 1e6:.0f} MB",
+        )
+    )
     ck_a, ck_d = kimi_loader.open(a), kimi_loader.open(d)
     changed = [n for n in ck_d.keys() if not torch.equal(ck_d.get_tensor(n), ck_a.get_tensor(n))]
     times = []
@@ -120,8 +155,14 @@ def main() -> None:
         r = updater.update_from_disk(d, names=changed)
         times.append(time.perf_counter() - t)
         updater.update_from_disk(a, names=changed)
-    print(row("same delta, the trainer names the changed tensors", min(times), res["full"][0],
-              f"wrote {r.bytes_changed / 1e6:.1f} MB, hashed {r.bytes_hashed / 1e6:.0f} MB"))
+    print(
+        row(
+            "same delta, the trainer names the changed tensors",
+            min(times),
+            res["full"][0],
+            f"wrote {r.bytes_changed / 1e6:.1f} MB, hashed {r.bytes_hashed / 1e6:.0f} MB",
+        )
+    )
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,8 +170,10 @@ def main() -> None:
     out = os.path.join(CACHE, "broadcast.json")
     mp.start_processes(_receiver, args=(port, a, out), nprocs=2, join=True, start_method="spawn")
     r = json.load(open(out))
-    print(f"gloo broadcast over loopback, trainer -> 1 receiver: {r['bytes'] / 1e9:.2f} GB in "
-          f"{r['seconds']:.2f} s = {r['bytes'] / r['seconds'] / 1e9:.2f} GB/s (informational)")
+    print(
+        f"gloo broadcast over loopback, trainer -> 1 receiver: {r['bytes'] / 1e9:.2f} GB in "
+        f"{r['seconds']:.2f} s = {r['bytes'] / r['seconds'] / 1e9:.2f} GB/s (informational)"
+    )
 
 
 if __name__ == "__main__":

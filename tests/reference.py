@@ -16,9 +16,16 @@ def _slice(t: torch.Tensor, split: str, rank: int, tp: int) -> torch.Tensor:
 
 
 def _split_of(name: str) -> str:
-    for frag, split in (("q_b_proj.", "column"), ("q_proj.", "column"), ("kv_b_proj.", "column"),
-                        ("o_proj.", "row"), ("gate_up_proj.", "column"), ("down_proj.", "row"),
-                        ("embed_tokens.", "column"), ("lm_head.", "column")):
+    for frag, split in (
+        ("q_b_proj.", "column"),
+        ("q_proj.", "column"),
+        ("kv_b_proj.", "column"),
+        ("o_proj.", "row"),
+        ("gate_up_proj.", "column"),
+        ("down_proj.", "row"),
+        ("embed_tokens.", "column"),
+        ("lm_head.", "column"),
+    ):
         if frag in name:
             return split
     return "replicated"
@@ -57,15 +64,25 @@ def expected_params(ck, model, **ranks) -> dict[str, torch.Tensor]:
             for e in [*range(lo, hi), *(["shared"] if fused else [])]:
                 src = f"{base}.shared_experts." if e == "shared" else f"{base}.experts.{e}."
                 if w13:
-                    blocks.append(torch.cat([get(src + f"gate_proj.{suffix}", "column", True),
-                                             get(src + f"up_proj.{suffix}", "column", True)]))
+                    blocks.append(
+                        torch.cat(
+                            [
+                                get(src + f"gate_proj.{suffix}", "column", True),
+                                get(src + f"up_proj.{suffix}", "column", True),
+                            ]
+                        )
+                    )
                 else:
                     blocks.append(get(src + f"down_proj.{suffix}", "row", True))
             want = torch.stack(blocks)
         elif ".fused_qkv_a_proj_with_mqa." in name:
             base = head.replace("fused_qkv_a_proj_with_mqa", "")
-            want = torch.cat([get(base + f"q_a_proj.{suffix}", "replicated"),
-                              get(base + f"kv_a_proj_with_mqa.{suffix}", "replicated")])
+            want = torch.cat(
+                [
+                    get(base + f"q_a_proj.{suffix}", "replicated"),
+                    get(base + f"kv_a_proj_with_mqa.{suffix}", "replicated"),
+                ]
+            )
         elif ".gate_up_proj." in name:
             base = head.replace("gate_up_proj", "")
             want = torch.cat([get(base + f"gate_proj.{suffix}", "column"), get(base + f"up_proj.{suffix}", "column")])
@@ -93,8 +110,15 @@ def load_all(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def rewrite(src: str, dst, *, change: dict[str, torch.Tensor] | None = None, drop: set[str] | None = None,
-            add: dict[str, torch.Tensor] | None = None, rename=None) -> str:
+def rewrite(
+    src: str,
+    dst,
+    *,
+    change: dict[str, torch.Tensor] | None = None,
+    drop: set[str] | None = None,
+    add: dict[str, torch.Tensor] | None = None,
+    rename=None,
+) -> str:
     """A copy of checkpoint directory ``src`` at ``dst`` with tensors replaced (``change``),
     removed (``drop``), added to the first shard (``add``) or renamed (``rename(name)``);
     the index follows."""
@@ -153,7 +177,10 @@ def stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         base = name[: name.index("0.gate_proj")]
         n = sum(1 for k in weights if k.startswith(base) and k.endswith(".down_proj.weight"))
         out[base + "gate_up_proj"] = torch.stack(
-            [torch.cat([weights[f"{base}{e}.gate_proj.weight"], weights[f"{base}{e}.up_proj.weight"]])
-             for e in range(n)])
+            [
+                torch.cat([weights[f"{base}{e}.gate_proj.weight"], weights[f"{base}{e}.up_proj.weight"]])
+                for e in range(n)
+            ]
+        )
         out[base + "down_proj"] = torch.stack([weights[f"{base}{e}.down_proj.weight"] for e in range(n)])
     return out

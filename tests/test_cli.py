@@ -18,8 +18,12 @@ def test_inspect_text_and_json(synth_dir, capsys):
     assert main(["inspect", path, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["quant_format"] == "ct-int4" and s["shards"] == 4 and s["problems"] == []
-    assert s["routed_experts"] == {"config": 8, "per_layer_in_checkpoint": [8], "moe_layers": 2,
-                                   "suffixes": ["weight_packed", "weight_scale", "weight_shape"]}
+    assert s["routed_experts"] == {
+        "config": 8,
+        "per_layer_in_checkpoint": [8],
+        "moe_layers": 2,
+        "suffixes": ["weight_packed", "weight_scale", "weight_shape"],
+    }
     assert s["layers"] == {"config": 3, "in_checkpoint": 3}
     assert s["dtypes"]["I32"] > 0 and s["tensors"] == sum(s["dtypes"].values())
 
@@ -51,8 +55,23 @@ def test_inspect_bad_checkpoint(tmp_path, capsys):
 
 def test_synth_command(tmp_path, capsys):
     out = tmp_path / "ck"
-    assert main(["synth", os.fspath(out), "--preset", "deepseek-v3-tiny", "--quant", "fp8-block",
-                 "--num-shards", "3", "--set", "num_hidden_layers=3"]) == 0
+    assert (
+        main(
+            [
+                "synth",
+                os.fspath(out),
+                "--preset",
+                "deepseek-v3-tiny",
+                "--quant",
+                "fp8-block",
+                "--num-shards",
+                "3",
+                "--set",
+                "num_hidden_layers=3",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == os.fspath(out)
     assert main(["inspect", os.fspath(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)

@@ -81,17 +81,25 @@ def _stacked_cases(raw):
     return {
         "gate-missing-up-twice": ({f"{P}.0.mlp.up_proj.weight": both}, {f"{P}.0.mlp.gate_proj.weight"}),
         "gate-up-192-64": ({f"{P}.0.mlp.gate_proj.weight": both[:192], f"{P}.0.mlp.up_proj.weight": both[192:]}, set()),
-        "q_a-kv_a-40-32": ({f"{P}.0.self_attn.q_a_proj.weight": qkv[:40],
-                            f"{P}.0.self_attn.kv_a_proj_with_mqa.weight": qkv[40:]}, set()),
-        "expert-48-16": ({f"{P}.1.mlp.experts.0.gate_proj.weight": e_both[:48],
-                          f"{P}.1.mlp.experts.0.up_proj.weight": e_both[48:]}, set()),
-        "expert-gate-missing-up-twice": ({f"{P}.1.mlp.experts.0.up_proj.weight": e_both},
-                                         {f"{P}.1.mlp.experts.0.gate_proj.weight"}),
+        "q_a-kv_a-40-32": (
+            {f"{P}.0.self_attn.q_a_proj.weight": qkv[:40], f"{P}.0.self_attn.kv_a_proj_with_mqa.weight": qkv[40:]},
+            set(),
+        ),
+        "expert-48-16": (
+            {f"{P}.1.mlp.experts.0.gate_proj.weight": e_both[:48], f"{P}.1.mlp.experts.0.up_proj.weight": e_both[48:]},
+            set(),
+        ),
+        "expert-gate-missing-up-twice": (
+            {f"{P}.1.mlp.experts.0.up_proj.weight": e_both},
+            {f"{P}.1.mlp.experts.0.gate_proj.weight"},
+        ),
     }
 
 
-@pytest.mark.parametrize("case", ["gate-missing-up-twice", "gate-up-192-64", "q_a-kv_a-40-32", "expert-48-16",
-                                  "expert-gate-missing-up-twice"])
+@pytest.mark.parametrize(
+    "case",
+    ["gate-missing-up-twice", "gate-up-192-64", "q_a-kv_a-40-32", "expert-48-16", "expert-gate-missing-up-twice"],
+)
 @pytest.mark.parametrize("target", ["serving", "transformers"])
 def test_stacked_pieces_must_have_their_shard_shape(synth_dir, tmp_path, case, target):
     from reference import load_all
@@ -111,7 +119,7 @@ def test_stacked_pieces_must_have_their_shard_shape(synth_dir, tmp_path, case, t
     err = e.value  # structured: the bare checkpoint name, its destination, both shapes
     assert err.tensor in change
     assert any(n.removesuffix(".weight").endswith(err.destination.removesuffix(".weight")) for n in model.state_dict())
-    assert err.found == tuple(change[err.tensor].shape[:len(err.found)]) and err.expected != err.found
+    assert err.found == tuple(change[err.tensor].shape[: len(err.found)]) and err.expected != err.found
     assert all(torch.equal(as_bytes(v), as_bytes(before[k])) for k, v in model.state_dict().items())  # nothing written
 
 
@@ -143,8 +151,9 @@ def test_lenient_shapes_are_refused(synth_dir, tmp_path, case):
 
     src = synth_dir("kimi-k2.5-tiny", "ct-int4")
     raw = load_all(src)
-    name = {"norm": f"{P}.0.input_layernorm.weight",
-            "weight_shape": f"{P}.1.mlp.experts.0.gate_proj.weight_shape"}[case]
+    name = {"norm": f"{P}.0.input_layernorm.weight", "weight_shape": f"{P}.1.mlp.experts.0.gate_proj.weight_shape"}[
+        case
+    ]
     value = raw[name].reshape(64, 1) if case == "norm" else torch.tensor([7, 9], dtype=torch.int32)
     path = rewrite(src, tmp_path / "ck", change={name: value})
     with pytest.raises(kimi_loader.ShapeMismatchError) as e:
@@ -191,6 +200,7 @@ def test_wrapper_top_level_quantization_config(synth_dir, tmp_path, placement):
     def move(c):
         if placement == "text_config":
             c["text_config"]["quantization_config"] = c.pop("quantization_config")
+
     _with_config(path, move)
     ck = kimi_loader.open(path)
     model, _ = _load(path)
@@ -210,13 +220,18 @@ def test_prefixed_ignore_lists(synth_dir, tmp_path):
         path = os.fspath(tmp_path / quant)
         shutil.copytree(synth_dir("kimi-k2.5-tiny", quant), path)
         ck = kimi_loader.open(path)
-        names = sorted({n.rsplit(".", 1)[0] for n in ck.keys()
-                        if n.endswith(".weight") and ck.tensor_info(n).st_dtype == "BF16"
-                        and ("_proj" in n or "lm_head" in n)})
+        names = sorted(
+            {
+                n.rsplit(".", 1)[0]
+                for n in ck.keys()
+                if n.endswith(".weight") and ck.tensor_info(n).st_dtype == "BF16" and ("_proj" in n or "lm_head" in n)
+            }
+        )
         assert any(n.startswith("language_model.") for n in names)
 
         def explicit(c, names=names, key=key):
             _qc(c)[key] = names
+
         _with_config(path, explicit)
         fmts = kimi_loader.formats.quant_spec(kimi_loader.open(path).config)
         assert fmts.module_format("model.layers.0.self_attn.q_a_proj") == "bf16"
@@ -229,12 +244,26 @@ def test_prefixed_ignore_lists(synth_dir, tmp_path):
 
 
 # -- typed errors, never a panic -------------------------------------------------------------
-_DTYPES = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
-           torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2,
-           torch.float8_e8m0fnu]
-_SCALE_OK = {"ct-int4": {torch.bfloat16, torch.float16, torch.float32},
-             "quark-mxfp4": {torch.uint8, torch.float8_e8m0fnu},
-             "fp8-block": {torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu}}
+_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e8m0fnu,
+]
+_SCALE_OK = {
+    "ct-int4": {torch.bfloat16, torch.float16, torch.float32},
+    "quark-mxfp4": {torch.uint8, torch.float8_e8m0fnu},
+    "fp8-block": {torch.float32, torch.bfloat16, torch.float16, torch.float8_e8m0fnu},
+}
 _SCALE = {"ct-int4": "weight_scale", "quark-mxfp4": "weight_scale", "fp8-block": "weight_scale_inv"}
 
 

@@ -40,8 +40,12 @@ def hdr(**entries) -> str:
     return json.dumps(entries)
 
 
-def sharded(tmp_path, shards: dict[str, dict[str, torch.Tensor]], weight_map: dict[str, str] | None = None,
-            index_text: str | None = None) -> str:
+def sharded(
+    tmp_path,
+    shards: dict[str, dict[str, torch.Tensor]],
+    weight_map: dict[str, str] | None = None,
+    index_text: str | None = None,
+) -> str:
     wm = {}
     for fname, tensors in shards.items():
         save_file(tensors, tmp_path / fname)
@@ -49,7 +53,8 @@ def sharded(tmp_path, shards: dict[str, dict[str, torch.Tensor]], weight_map: di
     if weight_map is not None:
         wm = weight_map
     (tmp_path / "model.safetensors.index.json").write_text(
-        index_text if index_text is not None else json.dumps({"metadata": {}, "weight_map": wm}))
+        index_text if index_text is not None else json.dumps({"metadata": {}, "weight_map": wm})
+    )
     return os.fspath(tmp_path)
 
 
@@ -57,36 +62,94 @@ T = {"a": torch.zeros(2), "b": torch.ones(3)}
 
 # (id, builder(tmp_path) -> path, exception class, kind, tensor named in the error)
 SINGLE_FILE_CASES = [
-    ("empty-file", lambda p: raw_file(p, b"", declared_len=0) and (p.write_bytes(b""), os.fspath(p))[1],
-     HeaderError, "too_small", None),
-    ("truncated-data", lambda p: raw_file(p, hdr(w=entry("F32", (4,), (0, 16))), b"\0" * 10),
-     HeaderError, "out_of_bounds", "w"),
+    (
+        "empty-file",
+        lambda p: raw_file(p, b"", declared_len=0) and (p.write_bytes(b""), os.fspath(p))[1],
+        HeaderError,
+        "too_small",
+        None,
+    ),
+    (
+        "truncated-data",
+        lambda p: raw_file(p, hdr(w=entry("F32", (4,), (0, 16))), b"\0" * 10),
+        HeaderError,
+        "out_of_bounds",
+        "w",
+    ),
     ("header-length-past-eof", lambda p: raw_file(p, "{}", declared_len=4096), HeaderError, "past_end", None),
     ("header-length-over-cap", lambda p: raw_file(p, "{}", declared_len=200_000_000), HeaderError, "too_large", None),
     ("invalid-json", lambda p: raw_file(p, '{"w": {"dtype": "U8",,}}'), HeaderError, "json", None),
     ("non-utf8", lambda p: raw_file(p, b'{"\xff\xfe": 1}'), HeaderError, "not_utf8", None),
     ("not-an-object", lambda p: raw_file(p, "[1, 2]"), HeaderError, "json", None),
-    ("unknown-dtype", lambda p: raw_file(p, hdr(w=entry("Q4_K", (4,), (0, 4))), b"\0" * 4),
-     HeaderError, "unknown_dtype", "w"),
-    ("shape-bytes-mismatch", lambda p: raw_file(p, hdr(w=entry("F32", (3,), (0, 16))), b"\0" * 16),
-     HeaderError, "shape_bytes_mismatch", "w"),
-    ("offsets-outside-file", lambda p: raw_file(p, hdr(w=entry("U8", (10**12,), (0, 10**12))), b"\0" * 8),
-     HeaderError, "out_of_bounds", "w"),
-    ("reversed-offsets", lambda p: raw_file(p, hdr(w=entry("U8", (0,), (8, 0))), b"\0" * 8),
-     HeaderError, "out_of_bounds", "w"),
-    ("overlapping-tensors", lambda p: raw_file(p, hdr(a=entry("U8", (6,), (0, 6)), b=entry("U8", (4,), (4, 8))),
-                                               b"\0" * 8), HeaderError, "overlap", "b"),
-    ("gap-between-tensors", lambda p: raw_file(p, hdr(a=entry("U8", (4,), (0, 4)), b=entry("U8", (2,), (6, 8))),
-                                               b"\0" * 8), HeaderError, "gap", "b"),
+    (
+        "unknown-dtype",
+        lambda p: raw_file(p, hdr(w=entry("Q4_K", (4,), (0, 4))), b"\0" * 4),
+        HeaderError,
+        "unknown_dtype",
+        "w",
+    ),
+    (
+        "shape-bytes-mismatch",
+        lambda p: raw_file(p, hdr(w=entry("F32", (3,), (0, 16))), b"\0" * 16),
+        HeaderError,
+        "shape_bytes_mismatch",
+        "w",
+    ),
+    (
+        "offsets-outside-file",
+        lambda p: raw_file(p, hdr(w=entry("U8", (10**12,), (0, 10**12))), b"\0" * 8),
+        HeaderError,
+        "out_of_bounds",
+        "w",
+    ),
+    (
+        "reversed-offsets",
+        lambda p: raw_file(p, hdr(w=entry("U8", (0,), (8, 0))), b"\0" * 8),
+        HeaderError,
+        "out_of_bounds",
+        "w",
+    ),
+    (
+        "overlapping-tensors",
+        lambda p: raw_file(p, hdr(a=entry("U8", (6,), (0, 6)), b=entry("U8", (4,), (4, 8))), b"\0" * 8),
+        HeaderError,
+        "overlap",
+        "b",
+    ),
+    (
+        "gap-between-tensors",
+        lambda p: raw_file(p, hdr(a=entry("U8", (4,), (0, 4)), b=entry("U8", (2,), (6, 8))), b"\0" * 8),
+        HeaderError,
+        "gap",
+        "b",
+    ),
     ("trailing-bytes", lambda p: raw_file(p, hdr(a=entry("U8", (4,), (0, 4))), b"\0" * 9), HeaderError, "gap", None),
-    ("overflowing-dims", lambda p: raw_file(p, hdr(w=entry("F32", (2**62, 2**62), (0, 8))), b"\0" * 8),
-     HeaderError, "overflow", "w"),
-    ("dim-beyond-u64", lambda p: raw_file(p, '{"w":{"dtype":"U8","shape":[1e400],"data_offsets":[0,1]}}', b"\0"),
-     HeaderError, "json", None),
+    (
+        "overflowing-dims",
+        lambda p: raw_file(p, hdr(w=entry("F32", (2**62, 2**62), (0, 8))), b"\0" * 8),
+        HeaderError,
+        "overflow",
+        "w",
+    ),
+    (
+        "dim-beyond-u64",
+        lambda p: raw_file(p, '{"w":{"dtype":"U8","shape":[1e400],"data_offsets":[0,1]}}', b"\0"),
+        HeaderError,
+        "json",
+        None,
+    ),
     ("negative-dim", lambda p: raw_file(p, hdr(w=entry("U8", (-1,), (0, 1))), b"\0"), HeaderError, "json", None),
-    ("duplicate-tensor-key", lambda p: raw_file(
-        p, '{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}',
-        b"\0\0"), HeaderError, "duplicate_key", "w"),
+    (
+        "duplicate-tensor-key",
+        lambda p: raw_file(
+            p,
+            '{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"w":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}',
+            b"\0\0",
+        ),
+        HeaderError,
+        "duplicate_key",
+        "w",
+    ),
     ("missing-field", lambda p: raw_file(p, '{"w":{"dtype":"U8","shape":[1]}}', b"\0"), HeaderError, "json", "w"),
     ("deep-nesting", lambda p: raw_file(p, '{"__metadata__":' + "[" * 100_000 + "}"), HeaderError, "json", None),
     ("metadata-not-strings", lambda p: raw_file(p, '{"__metadata__":{"k":1}}'), HeaderError, "json", None),
@@ -108,38 +171,103 @@ def test_bad_single_file(tmp_path, case):
 
 
 INDEX_CASES = [
-    ("index-names-missing-shard",
-     lambda p: sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors", "b": "s2.safetensors"}),
-     IndexMismatchError, "missing_shard", "s2.safetensors", "b"),
-    ("index-names-tensor-shard-lacks",
-     lambda p: sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors", "b": "s1.safetensors",
-                                                 "c": "s1.safetensors"}),
-     IndexMismatchError, "tensor_not_in_shard", "s1.safetensors", "c"),
-    ("index-maps-tensor-to-wrong-shard",
-     lambda p: sharded(p, {"s1.safetensors": {"a": T["a"]}, "s2.safetensors": {"b": T["b"]}},
-                       {"a": "s2.safetensors", "b": "s2.safetensors"}),
-     IndexMismatchError, "tensor_not_in_shard", "s2.safetensors", "a"),
-    ("shard-tensor-missing-from-index",
-     lambda p: sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors"}),
-     IndexMismatchError, "tensor_not_in_index", "s1.safetensors", "b"),
-    ("tensor-in-two-shards",
-     lambda p: sharded(p, {"s1.safetensors": T, "s2.safetensors": {"b": torch.zeros(1), "c": torch.zeros(1)}},
-                       {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"}),
-     IndexMismatchError, "duplicate_tensor", "model.safetensors.index.json", "b"),
-    ("index-invalid-json", lambda p: sharded(p, {"s1.safetensors": T}, index_text='{"weight_map": {"a": }'),
-     IndexMismatchError, "json", "model.safetensors.index.json", None),
-    ("index-without-weight-map", lambda p: sharded(p, {"s1.safetensors": T}, index_text='{"metadata": {}}'),
-     IndexMismatchError, "json", "model.safetensors.index.json", None),
-    ("index-shard-outside-directory",
-     lambda p: sharded(p, {"s1.safetensors": T}, {"a": "../s1.safetensors", "b": "s1.safetensors"}),
-     IndexMismatchError, "missing_shard", "model.safetensors.index.json", "a"),
-    ("index-lists-tensor-twice", lambda p: sharded(p, {"s1.safetensors": T}, index_text=(
-        '{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors", "a": "s1.safetensors"}}')),
-     IndexMismatchError, "json", "model.safetensors.index.json", "a"),
-    ("bad-shard-behind-index",
-     lambda p: (raw_file(p / "s2.safetensors", "{]"), sharded(p, {"s1.safetensors": T},
-                {"a": "s1.safetensors", "b": "s1.safetensors", "x": "s2.safetensors"}))[1],
-     HeaderError, "json", "s2.safetensors", None),
+    (
+        "index-names-missing-shard",
+        lambda p: sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors", "b": "s2.safetensors"}),
+        IndexMismatchError,
+        "missing_shard",
+        "s2.safetensors",
+        "b",
+    ),
+    (
+        "index-names-tensor-shard-lacks",
+        lambda p: sharded(
+            p, {"s1.safetensors": T}, {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s1.safetensors"}
+        ),
+        IndexMismatchError,
+        "tensor_not_in_shard",
+        "s1.safetensors",
+        "c",
+    ),
+    (
+        "index-maps-tensor-to-wrong-shard",
+        lambda p: sharded(
+            p,
+            {"s1.safetensors": {"a": T["a"]}, "s2.safetensors": {"b": T["b"]}},
+            {"a": "s2.safetensors", "b": "s2.safetensors"},
+        ),
+        IndexMismatchError,
+        "tensor_not_in_shard",
+        "s2.safetensors",
+        "a",
+    ),
+    (
+        "shard-tensor-missing-from-index",
+        lambda p: sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors"}),
+        IndexMismatchError,
+        "tensor_not_in_index",
+        "s1.safetensors",
+        "b",
+    ),
+    (
+        "tensor-in-two-shards",
+        lambda p: sharded(
+            p,
+            {"s1.safetensors": T, "s2.safetensors": {"b": torch.zeros(1), "c": torch.zeros(1)}},
+            {"a": "s1.safetensors", "b": "s1.safetensors", "c": "s2.safetensors"},
+        ),
+        IndexMismatchError,
+        "duplicate_tensor",
+        "model.safetensors.index.json",
+        "b",
+    ),
+    (
+        "index-invalid-json",
+        lambda p: sharded(p, {"s1.safetensors": T}, index_text='{"weight_map": {"a": }'),
+        IndexMismatchError,
+        "json",
+        "model.safetensors.index.json",
+        None,
+    ),
+    (
+        "index-without-weight-map",
+        lambda p: sharded(p, {"s1.safetensors": T}, index_text='{"metadata": {}}'),
+        IndexMismatchError,
+        "json",
+        "model.safetensors.index.json",
+        None,
+    ),
+    (
+        "index-shard-outside-directory",
+        lambda p: sharded(p, {"s1.safetensors": T}, {"a": "../s1.safetensors", "b": "s1.safetensors"}),
+        IndexMismatchError,
+        "missing_shard",
+        "model.safetensors.index.json",
+        "a",
+    ),
+    (
+        "index-lists-tensor-twice",
+        lambda p: sharded(
+            p,
+            {"s1.safetensors": T},
+            index_text=('{"weight_map": {"a": "s1.safetensors", "b": "s1.safetensors", "a": "s1.safetensors"}}'),
+        ),
+        IndexMismatchError,
+        "json",
+        "model.safetensors.index.json",
+        "a",
+    ),
+    (
+        "bad-shard-behind-index",
+        lambda p: (
+            raw_file(p / "s2.safetensors", "{]"),
+            sharded(p, {"s1.safetensors": T}, {"a": "s1.safetensors", "b": "s1.safetensors", "x": "s2.safetensors"}),
+        )[1],
+        HeaderError,
+        "json",
+        "s2.safetensors",
+        None,
+    ),
 ]
 
 
@@ -212,8 +340,9 @@ def test_corpus_in_a_fresh_process_never_crashes(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.split()
     assert len(lines) == len(paths) and all(line.endswith("Error") for line in lines), r.stdout
-    r = subprocess.run([sys.executable, "-m", "kimi_loader.cli", "inspect", paths[0]],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "kimi_loader.cli", "inspect", paths[0]], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 1 and "HeaderError" in r.stderr and "bad.safetensors" in r.stderr
 
 

@@ -41,8 +41,10 @@ def test_ct_int4_checkpoint_unpacks_with_compressed_tensors(synth_dir):
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")
     with kimi_loader.open(path) as ck:
         cfg = ck.config["text_config"]
-        for proj, (out, inp) in {"gate_proj": (cfg["moe_intermediate_size"], cfg["hidden_size"]),
-                                 "down_proj": (cfg["hidden_size"], cfg["moe_intermediate_size"])}.items():
+        for proj, (out, inp) in {
+            "gate_proj": (cfg["moe_intermediate_size"], cfg["hidden_size"]),
+            "down_proj": (cfg["hidden_size"], cfg["moe_intermediate_size"]),
+        }.items():
             base = _expert(ck, proj=proj)
             packed = ck.get_tensor(f"{base}.weight_packed")
             scale = ck.get_tensor(f"{base}.weight_scale")
@@ -83,8 +85,10 @@ def test_quark_with_bf16_shared_expert_like_the_older_revision(synth_dir):
     path = synth_dir("kimi-k2.5-tiny", "quark-mxfp4", shared_expert_quant="bf16")
     with kimi_loader.open(path) as ck:
         info = ck.tensor_info("language_model.model.layers.2.mlp.shared_experts.gate_proj.weight")
-        assert info.st_dtype == "BF16" and "language_model.model.layers.2.mlp.shared_experts.gate_proj.weight_scale" \
-            not in ck
+        assert (
+            info.st_dtype == "BF16"
+            and "language_model.model.layers.2.mlp.shared_experts.gate_proj.weight_scale" not in ck
+        )
 
 
 def test_fp8_block_checkpoint(synth_dir):
@@ -96,7 +100,11 @@ def test_fp8_block_checkpoint(synth_dir):
         assert s.shape == (1, 1)  # ceil(40/128), ceil(64/128)
         deq = w.float() * s[0, 0]
         assert deq.abs().max() <= 448 * s[0, 0] and deq.abs().max() > 0.5 * 448 * s[0, 0]
-        for unquantized in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.2.mlp.gate.weight",
-                            "model.norm.weight"):
+        for unquantized in (
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.2.mlp.gate.weight",
+            "model.norm.weight",
+        ):
             assert ck.tensor_info(unquantized).st_dtype == "BF16"
         assert ck.tensor_info("model.layers.2.mlp.gate.e_score_correction_bias").st_dtype == "F32"

@@ -54,8 +54,9 @@ def test_bf16_checkpoint_equals_from_pretrained(synth_dir, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_ct_int4_dequantized_on_load_equals_compressed_tensors(synth_dir, dtype):
     path = synth_dir("deepseek-v3-tiny", "ct-int4")
-    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=dtype,
-                                                quantization_config=CompressedTensorsConfig(dequantize=True))
+    ref = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=dtype, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     ours = empty_model(path, dtype=dtype)
     report = kimi_loader.load_weights(ours, path)
     assert report.op_counts["dequant_int4"] == 2 * 3 * 8  # 2 MoE layers x 3 projections x 8 experts
@@ -64,8 +65,9 @@ def test_ct_int4_dequantized_on_load_equals_compressed_tensors(synth_dir, dtype)
 
 def test_fp8_block_dequantized_on_load_equals_transformers(synth_dir):
     path = synth_dir("deepseek-v3-tiny", "fp8-block")
-    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                quantization_config=FineGrainedFP8Config(dequantize=True))
+    ref = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=FineGrainedFP8Config(dequantize=True)
+    )
     ours = empty_model(path)
     report = kimi_loader.load_weights(ours, path)
     assert report.op_counts["dequant_fp8"] > 50
@@ -74,15 +76,25 @@ def test_fp8_block_dequantized_on_load_equals_transformers(synth_dir):
 
 def _fp8_checkpoint(tmp_path, hidden: int, moe_inter: int):
     return kimi_loader.synth.make_checkpoint(
-        tmp_path / f"fp8-{hidden}", preset="deepseek-v3-tiny", quant="fp8-block", hidden_size=hidden,
-        moe_intermediate_size=moe_inter, intermediate_size=256, num_hidden_layers=3, num_nextn_predict_layers=0,
-        n_routed_experts=4, n_group=2, topk_group=1)
+        tmp_path / f"fp8-{hidden}",
+        preset="deepseek-v3-tiny",
+        quant="fp8-block",
+        hidden_size=hidden,
+        moe_intermediate_size=moe_inter,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_nextn_predict_layers=0,
+        n_routed_experts=4,
+        n_group=2,
+        topk_group=1,
+    )
 
 
 def test_fp8_block_with_several_blocks_equals_transformers(tmp_path):
     path = _fp8_checkpoint(tmp_path, 256, 128)  # 2x2 scale grids
-    ref = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                                quantization_config=FineGrainedFP8Config(dequantize=True))
+    ref = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=FineGrainedFP8Config(dequantize=True)
+    )
     ours = empty_model(path)
     kimi_loader.load_weights(ours, path)
     _assert_same(ours, ref)
@@ -95,13 +107,17 @@ def test_fp8_block_with_ragged_blocks(tmp_path):
     ck = kimi_loader.open(path)
     ours = empty_model(path)
     kimi_loader.load_weights(ours, ck)
-    for name in ("model.layers.1.mlp.down_proj", "model.layers.2.mlp.experts.1.down_proj",
-                 "model.layers.0.self_attn.kv_a_proj_with_mqa"):
+    for name in (
+        "model.layers.1.mlp.down_proj",
+        "model.layers.2.mlp.experts.1.down_proj",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa",
+    ):
         w, s = ck.get_tensor(name + ".weight"), ck.get_tensor(name + ".weight_scale_inv")
         grid = s.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
         want = (w.float() * grid).to(torch.bfloat16)
-        got = (ours.model.layers[2].mlp.experts.down_proj[1] if "experts" in name
-               else ours.get_parameter(name + ".weight"))
+        got = (
+            ours.model.layers[2].mlp.experts.down_proj[1] if "experts" in name else ours.get_parameter(name + ".weight")
+        )
         assert torch.equal(got, want), name
 
 
@@ -127,8 +143,9 @@ def test_mxfp4_dequantized_on_load_equals_compressed_tensors_helpers(synth_dir, 
         assert torch.equal(layer.experts.down_proj[e], oracle(f"{p}.1.mlp.experts.{e}.down_proj")), e
     assert torch.equal(layer.shared_experts.down_proj.weight, oracle(f"{p}.1.mlp.shared_experts.down_proj"))
     assert torch.equal(ours.model.layers[0].mlp.gate_proj.weight, oracle(f"{p}.0.mlp.gate_proj"))
-    assert torch.equal(ours.model.layers[1].self_attn.kv_b_proj.weight,
-                       ck.get_tensor(f"{p}.1.self_attn.kv_b_proj.weight").to(dtype))
+    assert torch.equal(
+        ours.model.layers[1].self_attn.kv_b_proj.weight, ck.get_tensor(f"{p}.1.self_attn.kv_b_proj.weight").to(dtype)
+    )
 
 
 def test_kimi_named_checkpoint_into_transformers(synth_dir):
@@ -140,8 +157,12 @@ def test_kimi_named_checkpoint_into_transformers(synth_dir):
     for name, t in _state(ours).items():
         if ".experts.gate_up_proj" in name:
             base = "language_model." + name.replace("experts.gate_up_proj", "experts.{}.{}.weight")
-            want = torch.stack([torch.cat([ck.get_tensor(base.format(e, "gate_proj")),
-                                           ck.get_tensor(base.format(e, "up_proj"))]) for e in range(8)])
+            want = torch.stack(
+                [
+                    torch.cat([ck.get_tensor(base.format(e, "gate_proj")), ck.get_tensor(base.format(e, "up_proj"))])
+                    for e in range(8)
+                ]
+            )
         elif ".experts.down_proj" in name:
             base = "language_model." + name.replace("experts.down_proj", "experts.{}.down_proj.weight")
             want = torch.stack([ck.get_tensor(base.format(e)) for e in range(8)])
@@ -188,7 +209,8 @@ def test_kimi_k25_class_language_model_equals_from_pretrained(synth_dir, quant):
     report = kimi_loader.load_weights(ours, path)
     assert set(report.skipped_destinations) == {
         "vision tower: not supported yet: transformers converts it with its own qkv unfusing",
-        "multimodal projector: not supported yet: transformers converts it with its own qkv unfusing"}
+        "multimodal projector: not supported yet: transformers converts it with its own qkv unfusing",
+    }
     a, b = _state(ours), _state(ref)
     text = [k for k in b if k.startswith(("model.language_model.", "lm_head."))]
     assert len(text) == 47  # embed, 3 layers, norm, lm_head

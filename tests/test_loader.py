@@ -17,9 +17,14 @@ from kimi_loader.models import DeepseekV3ForCausalLM, KimiK25ForConditionalGener
 
 def _load(path, **kw):
     ck = kimi_loader.open(path)
-    model = for_config(ck.config, **{k: v for k, v in kw.items() if k in ("tp_rank", "tp_size", "ep_rank",
-                                                                         "ep_size", "num_fused_shared_experts",
-                                                                         "dtype")})
+    model = for_config(
+        ck.config,
+        **{
+            k: v
+            for k, v in kw.items()
+            if k in ("tp_rank", "tp_size", "ep_rank", "ep_size", "num_fused_shared_experts", "dtype")
+        },
+    )
     report = kimi_loader.load_weights(model, ck)  # the ranks come from the model
     return ck, model, report
 
@@ -40,11 +45,14 @@ def test_serving_layout_every_format(synth_dir, preset, quant):
     ck, model, report = _load(synth_dir(preset, quant))
     _assert_matches_reference(ck, model)
     assert report.unused == [] and report.missing == []
-    assert report.bytes_written == sum(t.numel() * t.element_size()
-                                       for t in kimi_loader.loader.destinations(model).values())
+    assert report.bytes_written == sum(
+        t.numel() * t.element_size() for t in kimi_loader.loader.destinations(model).values()
+    )
     if preset == "kimi-k2.5-tiny":
-        assert report.ignored == {"vision tower: the language model is loaded text-only": 4,
-                                  "multimodal projector: the language model is loaded text-only": 3}
+        assert report.ignored == {
+            "vision tower: the language model is loaded text-only": 4,
+            "multimodal projector: the language model is loaded text-only": 3,
+        }
     else:
         assert list(report.ignored) == ["MTP layer (num_nextn_predict_layers=1 after num_hidden_layers=4): not loaded"]
 
@@ -72,8 +80,13 @@ def test_tensor_parallel_ranks_reassemble_to_the_full_load(synth_dir, quant, tp)
     assert torch.equal(cat([m.layers[0].self_attn.o_proj.weight for m in rl], 1), fl.layers[0].self_attn.o_proj.weight)
     assert torch.equal(cat([m.embed_tokens.weight for m in rl]), fl.embed_tokens.weight)
     # replicated: the fused qkv_a projection and norms
-    assert all(torch.equal(m.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight,
-                           fl.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight) for m in rl)
+    assert all(
+        torch.equal(
+            m.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight,
+            fl.layers[1].self_attn.fused_qkv_a_proj_with_mqa.weight,
+        )
+        for m in rl
+    )
     # MoE: w1/w3 split on the output dim (each half separately), w2 on the input dim
     suffix = {"bf16": "weight", "ct-int4": "weight_packed", "quark-mxfp4": "weight"}[quant]
     w13 = [getattr(m.layers[2].mlp.experts, f"w13_{suffix}") for m in rl]
@@ -176,8 +189,9 @@ def test_384_expert_quark_checkpoint_is_fused_into_slot_384(synth_dir):
     ck, model, report = _load(path)
     assert report.fused_shared_experts == 1
     experts = model.language_model.model.layers[1].mlp.experts
-    assert experts.w13_weight.shape[0] == 385 and not hasattr(model.language_model.model.layers[1].mlp,
-                                                              "shared_experts")
+    assert experts.w13_weight.shape[0] == 385 and not hasattr(
+        model.language_model.model.layers[1].mlp, "shared_experts"
+    )
     p = "language_model.model.layers.1.mlp.shared_experts."
     for suffix in ("weight", "weight_scale"):
         want13 = torch.cat([ck.get_tensor(p + f"gate_proj.{suffix}"), ck.get_tensor(p + f"up_proj.{suffix}")])
@@ -193,8 +207,9 @@ def test_384_expert_quark_checkpoint_is_fused_into_slot_384(synth_dir):
 
 
 def test_quark_checkpoint_with_bf16_shared_expert_is_not_fused(synth_dir):
-    path = synth_dir("kimi-k2.5-tiny", "quark-mxfp4", n_routed_experts=384, num_hidden_layers=2,
-                     shared_expert_quant="bf16")
+    path = synth_dir(
+        "kimi-k2.5-tiny", "quark-mxfp4", n_routed_experts=384, num_hidden_layers=2, shared_expert_quant="bf16"
+    )
     ck = kimi_loader.open(path)
     count, reason = kimi_loader.determine_num_fused_shared_experts(ck.config, ck)
     assert count == 0 and "shared expert is stored as" in reason
@@ -212,8 +227,7 @@ def test_fusion_rule_table():
     quark = {"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp4"}}, "exclude": []}
     assert decide({"text_config": {**base, "n_routed_experts": 384, "quantization_config": quark}})[0] == 1
     quark_bf16_shared = {**quark, "exclude": ["re:.*shared_experts.*"]}
-    assert decide({"text_config": {**base, "n_routed_experts": 384,
-                                   "quantization_config": quark_bf16_shared}})[0] == 0
+    assert decide({"text_config": {**base, "n_routed_experts": 384, "quantization_config": quark_bf16_shared}})[0] == 0
 
 
 # -- wrappers ----------------------------------------------------------------------------
@@ -232,6 +246,7 @@ def test_wrapper_forwards_hooks_and_post_load(synth_dir):
 def test_a_wrapper_that_does_not_forward_its_hooks_fails_loudly(synth_dir):
     """The public bug: a wrapper without forwarding lost the fused and expert mappings and
     the load silently skipped them. Here it cannot be silent."""
+
     class BrokenWrapper(torch.nn.Module):
         def __init__(self, config):
             super().__init__()
@@ -270,14 +285,17 @@ def test_mapping_defaults_when_the_inner_model_lacks_them():
 
 
 # -- strict completeness -----------------------------------------------------------------
-@pytest.mark.parametrize("drop", [
-    "language_model.model.layers.1.mlp.experts.3.up_proj.weight_packed",
-    "language_model.model.layers.2.mlp.experts.0.gate_proj.weight_scale",
-    "language_model.model.layers.0.mlp.gate_proj.weight",
-    "language_model.model.layers.1.self_attn.kv_b_proj.weight",
-    "language_model.model.layers.2.mlp.gate.e_score_correction_bias",
-    "language_model.lm_head.weight",
-])
+@pytest.mark.parametrize(
+    "drop",
+    [
+        "language_model.model.layers.1.mlp.experts.3.up_proj.weight_packed",
+        "language_model.model.layers.2.mlp.experts.0.gate_proj.weight_scale",
+        "language_model.model.layers.0.mlp.gate_proj.weight",
+        "language_model.model.layers.1.self_attn.kv_b_proj.weight",
+        "language_model.model.layers.2.mlp.gate.e_score_correction_bias",
+        "language_model.lm_head.weight",
+    ],
+)
 def test_removing_any_tensor_fails_naming_it(synth_dir, tmp_path, drop):
     path = rewrite(synth_dir("kimi-k2.5-tiny", "ct-int4"), tmp_path / "ck", drop={drop})
     ck = kimi_loader.open(path)
@@ -301,8 +319,9 @@ def test_an_extra_unknown_tensor_fails_naming_it(synth_dir, tmp_path):
 
 def test_a_shape_mismatch_names_both_shapes(synth_dir, tmp_path):
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
-    path = rewrite(synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck",
-                   change={name: torch.zeros(64, 60, dtype=torch.bfloat16)})
+    path = rewrite(
+        synth_dir("kimi-k2.5-tiny", "bf16"), tmp_path / "ck", change={name: torch.zeros(64, 60, dtype=torch.bfloat16)}
+    )
     ck = kimi_loader.open(path)
     model = for_config(ck.config)
     with pytest.raises(ShapeMismatchError) as ei:
@@ -341,8 +360,7 @@ def test_staged_path_gives_the_same_weights(synth_dir, staging_bytes):
     kimi_loader.load_weights(staged, ck, staging_bytes=staging_bytes, progress=lambda d, t: seen.append(d))
     for (n, a), (_, b) in zip(direct.named_parameters(), staged.named_parameters(), strict=True):
         assert torch.equal(as_bytes(a), as_bytes(b)), n
-    assert seen[-1] == sum(t.numel() * t.element_size()
-                           for t in kimi_loader.loader.destinations(staged).values())
+    assert seen[-1] == sum(t.numel() * t.element_size() for t in kimi_loader.loader.destinations(staged).values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -16,12 +16,15 @@ from kimi_loader.models import for_config
 from kimi_loader.parallel import ParallelLayout
 
 
-@pytest.mark.parametrize(("tp_rank", "tp_size", "ep_rank", "ep_size", "want"), [
-    (0, 8, None, 8, (8, 0, 8, 0, 1, 0)),     # SGLang --tp 8 --ep 8: 8 ranks, experts unsliced
-    (5, 8, None, 2, (8, 5, 2, 1, 4, 1)),     # moe_tp = 4: rank 5 holds expert half 1, slice 1
-    (3, 4, None, 1, (4, 3, 1, 0, 4, 3)),     # plain TP: experts sliced like everything else
-    (1, 2, 5, 8, (2, 1, 8, 5, 1, 0)),        # ep > tp: data-parallel attention
-])
+@pytest.mark.parametrize(
+    ("tp_rank", "tp_size", "ep_rank", "ep_size", "want"),
+    [
+        (0, 8, None, 8, (8, 0, 8, 0, 1, 0)),  # SGLang --tp 8 --ep 8: 8 ranks, experts unsliced
+        (5, 8, None, 2, (8, 5, 2, 1, 4, 1)),  # moe_tp = 4: rank 5 holds expert half 1, slice 1
+        (3, 4, None, 1, (4, 3, 1, 0, 4, 3)),  # plain TP: experts sliced like everything else
+        (1, 2, 5, 8, (2, 1, 8, 5, 1, 0)),  # ep > tp: data-parallel attention
+    ],
+)
 def test_engine_semantics(tp_rank, tp_size, ep_rank, ep_size, want):
     p = ParallelLayout.of(tp_rank, tp_size, ep_rank, ep_size)
     assert (p.tp_size, p.tp_rank, p.ep_size, p.ep_rank, p.moe_tp_size, p.moe_tp_rank) == want
@@ -42,8 +45,12 @@ BAD_SETTINGS = [
     (dict(tp_size=8, ep_size=8, _heads=8, _experts=12), r"n_routed_experts \(12\) is not divisible by ep_size=8"),
     (dict(tp_size=2, _vocab=255), r"vocab_size \(255\) is not divisible by tp_size=2"),
 ]
-PRESETS = [("kimi-k2.5-tiny", "ct-int4"), ("kimi-k2.5-tiny", "bf16"), ("deepseek-v3-tiny", "fp8-block"),
-           ("kimi-k2.5-tiny", "quark-mxfp4")]
+PRESETS = [
+    ("kimi-k2.5-tiny", "ct-int4"),
+    ("kimi-k2.5-tiny", "bf16"),
+    ("deepseek-v3-tiny", "fp8-block"),
+    ("kimi-k2.5-tiny", "quark-mxfp4"),
+]
 
 
 def _config(ck, overrides):
@@ -88,8 +95,15 @@ def test_the_load_takes_the_models_layout(synth_dir):
 def test_readme_plan_examples(synth_dir, capsys):
     """The README's `plan` examples, on the synthetic checkpoint with Kimi-K2.5's head
     count and expert count (the tiny preset's 4 heads cannot be split 8 ways)."""
-    path = synth_dir("kimi-k2.5-tiny", "ct-int4", n_routed_experts=384, num_attention_heads=64,
-                     num_key_value_heads=64, num_hidden_layers=2, moe_intermediate_size=128)
+    path = synth_dir(
+        "kimi-k2.5-tiny",
+        "ct-int4",
+        n_routed_experts=384,
+        num_attention_heads=64,
+        num_key_value_heads=64,
+        num_hidden_layers=2,
+        moe_intermediate_size=128,
+    )
     assert main(["plan", path, "--tp-size", "8", "--tp-rank", "3", "--ep-size", "8", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert s["tp"] == [3, 8] and s["ep"] == [3, 8] and s["moe_tp"] == [0, 1] and s["problems"] == ""

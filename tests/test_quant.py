@@ -45,16 +45,18 @@ def test_int4_and_fp8_match_transformers(synth_dir):
 
     path = synth_dir("deepseek-v3-tiny", "ct-int4")
     ck = kimi_loader.open(path)
-    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                               quantization_config=CompressedTensorsConfig(dequantize=True))
+    hf = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
     b = "model.layers.2.mlp.experts.5.down_proj."
     got = dequant_int4(ck.get_tensor(b + "weight_packed"), ck.get_tensor(b + "weight_scale"), torch.bfloat16)
     assert torch.equal(got, hf.model.layers[2].mlp.experts.down_proj[5])
 
     path = synth_dir("deepseek-v3-tiny", "fp8-block")
     ck = kimi_loader.open(path)
-    hf = DeepseekV3ForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
-                                               quantization_config=FineGrainedFP8Config(dequantize=True))
+    hf = DeepseekV3ForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=FineGrainedFP8Config(dequantize=True)
+    )
     b = "model.layers.1.self_attn.o_proj."
     got = dequant_fp8_block(ck.get_tensor(b + "weight"), ck.get_tensor(b + "weight_scale_inv"))
     assert torch.equal(got, hf.model.layers[1].self_attn.o_proj.weight)

@@ -56,8 +56,9 @@ class _Exported(PreTrainedModel):
 def _quantize(model, dst, weight_format: str) -> None:
     weight = OCP_MXFP4Spec(ch_axis=-1, is_dynamic=False).to_quantization_spec()
     inputs = OCP_MXFP4Spec(ch_axis=-1, is_dynamic=True).to_quantization_spec()
-    quantizer = quark_torch.ModelQuantizer(QConfig(
-        global_quant_config=QLayerConfig(weight=weight, input_tensors=inputs), exclude=EXCLUDE))
+    quantizer = quark_torch.ModelQuantizer(
+        QConfig(global_quant_config=QLayerConfig(weight=weight, input_tensors=inputs), exclude=EXCLUDE)
+    )
     model = quantizer.freeze(quantizer.quantize_model(model, None))
     quark_torch.export_safetensors(model, os.fspath(dst), weight_format=weight_format)
 
@@ -67,9 +68,13 @@ def _wrap_kimi(path) -> None:
     with open(os.path.join(path, "config.json")) as fh:
         text = json.load(fh)
     qc = text.pop("quantization_config")
-    config = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
-              "text_config": {**text, "model_type": "kimi_k2"}, "quantization_config": qc,
-              "tie_word_embeddings": False}
+    config = {
+        "architectures": ["KimiK25ForConditionalGeneration"],
+        "model_type": "kimi_k25",
+        "text_config": {**text, "model_type": "kimi_k2"},
+        "quantization_config": qc,
+        "tie_word_embeddings": False,
+    }
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(config, fh)
 
@@ -128,8 +133,9 @@ def test_quark_mxfp4_export(source, exported, prefix):
     assert summary["quant_format"] == "quark-mxfp4" and summary["problems"] == []
 
     # dequantize-on-load into transformers' model == Quark's own fake-quantized export
-    dequantized = stack_experts({k[len(prefix):]: v for k, v in load_all(fake).items()
-                                 if not k.endswith("weight_scale")})
+    dequantized = stack_experts(
+        {k[len(prefix) :]: v for k, v in load_all(fake).items() if not k.endswith("weight_scale")}
+    )
     hf = empty_model(real, dtype=torch.bfloat16)
     report = kimi_loader.load_weights(hf, real)
     assert report.missing == [] and report.unused == []
@@ -167,8 +173,9 @@ def test_quark_export_of_transformers_model_leaves_fused_experts_bf16(source, tm
     assert ck.tensor_info("model.layers.1.mlp.experts.0.gate_proj.weight").st_dtype == "BF16"
     assert ck.tensor_info("model.layers.1.mlp.shared_experts.up_proj.weight").st_dtype == "U8"
 
-    dequantized = stack_experts({k: v for k, v in load_all(tmp_path / "fake").items()
-                                 if not k.endswith("weight_scale")})
+    dequantized = stack_experts(
+        {k: v for k, v in load_all(tmp_path / "fake").items() if not k.endswith("weight_scale")}
+    )
     hf = empty_model(real, dtype=torch.bfloat16)
     report = kimi_loader.load_weights(hf, real)
     assert report.missing == [] and report.unused == []

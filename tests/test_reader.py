@@ -46,8 +46,11 @@ def test_every_tensor_matches_safetensors(synth_dir, preset, quant):
             assert torch.equal(_bytes(got), _bytes(want)), name
             assert torch.equal(_bytes(copies[name]), _bytes(want)), name
             info = ck.tensor_info(name)
-            assert (info.dtype, info.shape, info.nbytes) == (want.dtype, tuple(want.shape),
-                                                             want.numel() * want.element_size())
+            assert (info.dtype, info.shape, info.nbytes) == (
+                want.dtype,
+                tuple(want.shape),
+                want.numel() * want.element_size(),
+            )
         assert ck.quant_format == quant
 
 
@@ -148,16 +151,25 @@ def test_threads_argument_and_environment(synth_dir, monkeypatch):
 def test_quant_format_reads_text_config_and_rejects_unknown():
     detect = kimi_loader.detect_quant_format
     assert detect(None) == "bf16" and detect({}) == "bf16"
-    assert detect({"text_config": {"quantization_config": {"quant_method": "fp8",
-                                                          "weight_block_size": [128, 128]}}}) == "fp8-block"
-    assert detect({"quantization_config": {"quant_method": "quark",
-                                           "global_quant_config": {"weight": {"dtype": "fp4"}}}}) == "quark-mxfp4"
+    assert (
+        detect({"text_config": {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}})
+        == "fp8-block"
+    )
+    assert (
+        detect({"quantization_config": {"quant_method": "quark", "global_quant_config": {"weight": {"dtype": "fp4"}}}})
+        == "quark-mxfp4"
+    )
     with pytest.raises(kimi_loader.ConfigError, match="weight_block_size"):
         detect({"quantization_config": {"quant_method": "fp8"}})
-    for bad in ({"quant_method": "gptq"},
-                {"quant_method": "compressed-tensors", "format": "float-quantized"},
-                {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                 "config_groups": {"g": {"weights": {"num_bits": 8}}}}):
+    for bad in (
+        {"quant_method": "gptq"},
+        {"quant_method": "compressed-tensors", "format": "float-quantized"},
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {"g": {"weights": {"num_bits": 8}}},
+        },
+    ):
         with pytest.raises(kimi_loader.UnsupportedFormatError):
             detect({"quantization_config": bad})
 

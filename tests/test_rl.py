@@ -95,8 +95,9 @@ def test_update_from_tensors_and_names_subsets(tmp_path):
     # `names` picks a subset of a full new checkpoint
     norm = "language_model.model.norm.weight"
     report = updater.update_from_disk(b, names=[norm])
-    assert report.changed_tensors == 1 and torch.equal(model.language_model.model.norm.weight,
-                                                       ckb.get_tensor(norm).float())
+    assert report.changed_tensors == 1 and torch.equal(
+        model.language_model.model.norm.weight, ckb.get_tensor(norm).float()
+    )
     report = updater.update_from_disk(b)
     assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
 
@@ -116,8 +117,10 @@ def test_failed_updates_leave_the_model_bitwise_unchanged(loaded, tmp_path):
     name = "language_model.model.layers.1.self_attn.o_proj.weight"
     cases = [
         (rewrite(b, tmp_path / "shape", change={name: torch.zeros(64, 32, dtype=torch.bfloat16)}), ShapeMismatchError),
-        (rewrite(b, tmp_path / "half", drop={"language_model.model.layers.2.mlp.experts.5.up_proj.weight_scale"}),
-         MissingTensorError),
+        (
+            rewrite(b, tmp_path / "half", drop={"language_model.model.layers.2.mlp.experts.5.up_proj.weight_scale"}),
+            MissingTensorError,
+        ),
     ]
     # an unknown name
     extra = tmp_path / "extra.safetensors"
@@ -199,8 +202,9 @@ def test_broadcast_from_a_trainer_rank(tmp_path, world):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(world, port, a, b, os.fspath(tmp_path)), nprocs=world, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(world, port, a, b, os.fspath(tmp_path)), nprocs=world, join=True, start_method="spawn"
+    )
     tp_size = world - 1
     ck = kimi_loader.open(b)
     for rank in range(1, world):

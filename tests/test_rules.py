@@ -54,12 +54,18 @@ class TinyModel(nn.Module):
 
     def weight_rules(self):
         return {
-            "rewrites": [("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
-                         ("language_model.", "")],
+            "rewrites": [
+                ("language_model.model.", "model."),
+                ("language_model.layers.", "model.layers."),
+                ("language_model.", ""),
+            ],
             "ignore": [(None, "rotary_emb.inv_freq", "rope frequencies are recomputed")],
             "num_hidden_layers": 1,
-            "scale_remaps": [(".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
-                             (".q_proj.output_scale", ".attn.q_scale")],
+            "scale_remaps": [
+                (".k_proj.k_scale", ".attn.k_scale"),
+                (".v_proj.v_scale", ".attn.v_scale"),
+                (".q_proj.output_scale", ".attn.q_scale"),
+            ],
         }
 
 
@@ -82,15 +88,16 @@ def test_scale_remaps_python_hooks_variant_prefix_and_skips(tmp_path):
     assert torch.equal(attn.weight, tensors["language_model.layers.0.self_attn.attn.weight"])
     assert torch.equal(model.model.renamed, torch.ones(3))
     assert model.post_loaded
-    assert report.ignored == {"skipped by the model's mutate_weight_preload": 1,
-                              "rope frequencies are recomputed": 1}
+    assert report.ignored == {"skipped by the model's mutate_weight_preload": 1, "rope frequencies are recomputed": 1}
 
 
 def test_a_layer_beyond_the_config_is_an_error_not_dropped(tmp_path):
     """A layer at or beyond num_hidden_layers (with no declared MTP layer there) has no
     place in the model: strict loads refuse it, naming it and the rule."""
-    tensors = {"language_model.layers.0.self_attn.attn.weight": torch.ones(2, 2),
-               "language_model.layers.1.self_attn.attn.weight": torch.ones(2, 2)}
+    tensors = {
+        "language_model.layers.0.self_attn.attn.weight": torch.ones(2, 2),
+        "language_model.layers.1.self_attn.attn.weight": torch.ones(2, 2),
+    }
     save_file(tensors, tmp_path / "model.safetensors")
     model = TinyModel()
     with pytest.raises(kimi_loader.IncompleteLoadError, match="layer 1 is beyond") as e:
@@ -103,8 +110,9 @@ def test_language_model_layers_variant_into_the_serving_model(synth_dir, tmp_pat
     import json
 
     src = synth_dir("kimi-k2.5-tiny", "bf16")
-    dst = rewrite(src, tmp_path / "variant",
-                  rename=lambda n: n.replace("language_model.model.layers.", "language_model.layers."))
+    dst = rewrite(
+        src, tmp_path / "variant", rename=lambda n: n.replace("language_model.model.layers.", "language_model.layers.")
+    )
     assert "language_model.layers.1.mlp.gate.weight" in kimi_loader.open(dst)
     cfg = json.load(open(f"{dst}/config.json"))["text_config"]
     a, b = DeepseekV3ForCausalLM(cfg), DeepseekV3ForCausalLM(cfg)
@@ -124,9 +132,11 @@ def test_rules_are_typed_and_typos_are_refused(tmp_path):
     save_file({"language_model.model.legacy_name": torch.ones(3)}, tmp_path / "model.safetensors")
     model = TinyModel()
     good = model.weight_rules()
-    for bad, match in [({**good, "num_hidden_layer": 1}, "num_hidden_layer"),
-                       ({**good, "tp_rules": [("o_proj.", "rows")]}, "rows"),
-                       ({**good, "ignore": [(None, None, "nothing")]}, "matches nothing")]:
+    for bad, match in [
+        ({**good, "num_hidden_layer": 1}, "num_hidden_layer"),
+        ({**good, "tp_rules": [("o_proj.", "rows")]}, "rows"),
+        ({**good, "ignore": [(None, None, "nothing")]}, "matches nothing"),
+    ]:
         model.weight_rules = lambda bad=bad: bad
         with pytest.raises(kimi_loader.InvalidArgumentError, match=match):
             kimi_loader.load_weights(model, tmp_path)
@@ -134,7 +144,7 @@ def test_rules_are_typed_and_typos_are_refused(tmp_path):
         WeightRules(num_hidden_layer=1)  # a typo in code fails at construction
     with pytest.raises(kimi_loader.InvalidArgumentError, match="w4"):
         ExpertShard.parse("w4")
-    assert (ExpertShard.W3.order, ExpertShard.W2.split) == (1, Split.ROW)
+    assert (ExpertShard.W3.order, ExpertShard.W2.tp_split) == (1, Split.ROW)
     core = PlannerRules(WeightRules(num_experts=8)).to_core() | {"tp_sizee": 2}
     with pytest.raises(kimi_loader.InvalidArgumentError, match="unknown rule key 'tp_sizee'"):
         kimi_loader._core.plan(kimi_loader.open(tmp_path).core, core, [])

@@ -27,8 +27,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-CASES = [("deepseek-v3-tiny", "bf16"), ("kimi-k2.5-tiny", "bf16"), ("kimi-k2.5-tiny", "ct-int4"),
-         ("deepseek-v3-tiny", "fp8-block"), ("kimi-k2.5-tiny", "quark-mxfp4")]
+CASES = [
+    ("deepseek-v3-tiny", "bf16"),
+    ("kimi-k2.5-tiny", "bf16"),
+    ("kimi-k2.5-tiny", "ct-int4"),
+    ("deepseek-v3-tiny", "fp8-block"),
+    ("kimi-k2.5-tiny", "quark-mxfp4"),
+]
 
 
 @pytest.mark.parametrize(("preset", "quant"), CASES)
@@ -57,8 +62,7 @@ def test_greedy_generation_matches_transformers(synth_dir, preset, quant):
     ours = kimi_loader.from_pretrained(path)
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(11))
     ref = _reference(path)
-    want = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, eos_token_id=None,
-                        pad_token_id=0)
+    want = ref.generate(ids, max_new_tokens=16, do_sample=False, min_new_tokens=16, eos_token_id=None, pad_token_id=0)
     got = ours.generate(ids, max_new_tokens=16)
     assert torch.equal(got, want)
     # the cache is what makes one-token steps right: step logits equal a full recompute
@@ -98,7 +102,7 @@ def test_post_load_weights_rebuilds_exactly_the_given_layers(synth_dir):
     c = model.config
     kv_b = layers[1].self_attn.kv_b_proj.weight.view(c["num_attention_heads"], -1, c["kv_lora_rank"])
     assert torch.equal(layers[1].self_attn.w_kc, kv_b[:, : c["qk_nope_head_dim"]])
-    assert torch.equal(layers[1].self_attn.w_vc, kv_b[:, c["qk_nope_head_dim"]:].transpose(1, 2))
+    assert torch.equal(layers[1].self_attn.w_vc, kv_b[:, c["qk_nope_head_dim"] :].transpose(1, 2))
 
 
 def test_sharded_models_refuse_to_run(synth_dir):
@@ -126,8 +130,13 @@ def test_int4_logits_against_transformers_own_dequantization(synth_dir):
     from transformers import CompressedTensorsConfig, Kimi_K25ForConditionalGeneration
 
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")
-    ref = Kimi_K25ForConditionalGeneration.from_pretrained(
-        path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)).float().eval()
+    ref = (
+        Kimi_K25ForConditionalGeneration.from_pretrained(
+            path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+        )
+        .float()
+        .eval()
+    )
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = ref(input_ids=ids).logits
@@ -155,8 +164,9 @@ def test_mxfp4_logits_against_a_bf16_checkpoint_of_the_dequantized_weights(synth
         scale = tensors.get(name + "_scale")
         if scale is not None:  # an MXFP4 weight: dequantize with compressed-tensors' helpers
             rows, cols = t.shape[0], t.shape[1] * 2
-            t = unpack_fp4_from_uint8(t, rows, cols, dtype=torch.bfloat16) * \
-                decompress_mx_scale(scale).repeat_interleave(32, dim=1)
+            t = unpack_fp4_from_uint8(t, rows, cols, dtype=torch.bfloat16) * decompress_mx_scale(
+                scale
+            ).repeat_interleave(32, dim=1)
         dense[name] = t
     save_file(dense, out / "model.safetensors")
     config = json.load(open(os.path.join(path, "config.json")))

@@ -19,8 +19,13 @@ from kimi_loader.errors import InvalidArgumentError, KimiLoaderError
 
 def _run(code: str, timeout: float = 120, **env) -> str:
     """Runs ``code`` in a fresh interpreter; fails on a crash, a hang or a non-zero exit."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **env},
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -55,8 +60,10 @@ def test_threads_racing_one_updater_and_release_mid_update(synth_dir):
     assert int(out) == 18
 
 
-@pytest.mark.parametrize("change", ["p.data = torch.zeros(4, dtype=p.dtype)", "p.data = p.data.to(torch.float16)",
-                                    "model.to(torch.bfloat16)"])
+@pytest.mark.parametrize(
+    "change",
+    ["p.data = torch.zeros(4, dtype=p.dtype)", "p.data = p.data.to(torch.float16)", "model.to(torch.bfloat16)"],
+)
 def test_parameter_changed_after_planning_is_refused(synth_dir, change):
     a, b = synth_dir("kimi-k2.5-tiny", "bf16"), synth_dir("kimi-k2.5-tiny", "bf16", seed=1)
     _run(f"""
@@ -107,7 +114,8 @@ def test_broadcast_reads_with_pread_so_truncation_is_an_error(synth_dir, tmp_pat
 
 def test_read_after_fork_does_not_hang(synth_dir):
     path = synth_dir("kimi-k2.5-tiny", "bf16")
-    _run(f"""
+    _run(
+        f"""
         import os, kimi_loader
         ck = kimi_loader.open({path!r})
         ck.read_tensors()  # the parent's pool exists now
@@ -117,7 +125,9 @@ def test_read_after_fork_does_not_hang(synth_dir):
             os._exit(0 if n > 0 else 3)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, status
-    """, timeout=60)
+    """,
+        timeout=60,
+    )
 
 
 def test_fifo_is_refused_not_waited_on(tmp_path):
@@ -125,7 +135,8 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
     index.parent.mkdir()
     os.mkfifo(fifo)
     os.mkfifo(index)
-    _run(f"""
+    _run(
+        f"""
         import kimi_loader
         from kimi_loader.errors import KimiLoaderError
         for p, why in (({os.fspath(fifo)!r}, "regular file"), ({os.fspath(index)!r}, "regular file"),
@@ -136,7 +147,9 @@ def test_fifo_is_refused_not_waited_on(tmp_path):
                 assert why in str(e), e
             else:
                 raise SystemExit("opened a FIFO")
-    """, timeout=30)
+    """,
+        timeout=30,
+    )
 
 
 def test_index_with_256k_shard_names_parses_in_linear_time(tmp_path):
@@ -145,14 +158,17 @@ def test_index_with_256k_shard_names_parses_in_linear_time(tmp_path):
     n = 256 * 1024
     index = {"metadata": {}, "weight_map": {f"t.{i}": f"model-{i:06d}-of-{n:06d}.safetensors" for i in range(n)}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    _run(f"""
+    _run(
+        f"""
         import kimi_loader
         from kimi_loader.errors import KimiLoaderError
         try:
             kimi_loader.open({os.fspath(tmp_path)!r})
         except KimiLoaderError as e:
             assert "model-000000-of-262144.safetensors" in str(e), e
-    """, timeout=30)
+    """,
+        timeout=30,
+    )
 
 
 @pytest.mark.parametrize("threads", [-1, 0, "4", 4.0, True, 10_000])
@@ -161,8 +177,7 @@ def test_bad_thread_counts_are_typed_errors(synth_dir, threads):
     with pytest.raises(InvalidArgumentError, match="threads"):
         kimi_loader.open(path, threads=threads)
     with pytest.raises(InvalidArgumentError, match="threads"):
-        kimi_loader.load_weights(kimi_loader.models.for_config(kimi_loader.open(path).config), path,
-                                 threads=threads)
+        kimi_loader.load_weights(kimi_loader.models.for_config(kimi_loader.open(path).config), path, threads=threads)
 
 
 def test_many_thread_counts_do_not_leak_threads(synth_dir):
@@ -176,8 +191,18 @@ def test_many_thread_counts_do_not_leak_threads(synth_dir):
     assert proc.num_threads() < 4 * 40 + 64  # at most 4 pools of <= 40 threads are alive
 
 
-@pytest.mark.parametrize("call", ["open(None)", "open(b'x')", "open([])", "open([1])", "ck.get_tensor(5)",
-                                  "ck.tensor_info(None)", "ck.read_tensors([5])"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        "open(None)",
+        "open(b'x')",
+        "open([])",
+        "open([1])",
+        "ck.get_tensor(5)",
+        "ck.tensor_info(None)",
+        "ck.read_tensors([5])",
+    ],
+)
 def test_bad_arguments_are_typed_errors(synth_dir, call):
     ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "bf16"))
     with pytest.raises(InvalidArgumentError):
@@ -201,7 +226,8 @@ def test_ctrl_c_interrupts_a_load_between_batches(synth_dir):
     """SIGINT during a load raises KeyboardInterrupt at the next batch boundary; the load
     stops there (no further batches, no post-load step), as any failed load does."""
     path = synth_dir("kimi-k2.5-tiny", "bf16")
-    _run(f"""
+    _run(
+        f"""
         import signal, kimi_loader
         from kimi_loader.models import for_config
         ck = kimi_loader.open({path!r})
@@ -219,4 +245,6 @@ def test_ctrl_c_interrupts_a_load_between_batches(synth_dir):
             raise SystemExit("not interrupted")
         assert len(calls) == 2, calls
         assert model.language_model.post_load_calls == []
-    """, timeout=60)
+    """,
+        timeout=60,
+    )

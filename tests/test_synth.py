@@ -25,14 +25,23 @@ def test_kimi_tiny_structure(synth_dir, quant):
         keys = set(ck.keys())
         assert len(keys) == expected_tensor_count("kimi-k2.5-tiny", quant)
         assert all(k.startswith(("language_model.", "vision_tower.", "mm_projector.")) for k in keys)
-        assert "language_model.model.layers.0.mlp.gate_proj." + ("weight_scale" if quant == "quark-mxfp4"
-                                                                 else "weight") in keys
+        assert (
+            "language_model.model.layers.0.mlp.gate_proj." + ("weight_scale" if quant == "quark-mxfp4" else "weight")
+            in keys
+        )
         assert "language_model.model.layers.0.mlp.experts.0.gate_proj.weight" not in keys  # dense layer 0
         for layer in (1, 2):
             p = f"language_model.model.layers.{layer}.mlp"
             assert f"{p}.gate.e_score_correction_bias" in keys and f"{p}.gate.weight" in keys
-            assert sum(1 for k in keys if k.startswith(f"{p}.experts.") and k.endswith("down_proj." + (
-                "weight_packed" if quant == "ct-int4" else "weight"))) == tc["n_routed_experts"]
+            assert (
+                sum(
+                    1
+                    for k in keys
+                    if k.startswith(f"{p}.experts.")
+                    and k.endswith("down_proj." + ("weight_packed" if quant == "ct-int4" else "weight"))
+                )
+                == tc["n_routed_experts"]
+            )
             assert any(k.startswith(f"{p}.shared_experts.") for k in keys)
         assert "language_model.lm_head.weight" in keys and "language_model.model.norm.weight" in keys
         assert ck.files[0].endswith("model-00001-of-000004.safetensors")
@@ -49,10 +58,12 @@ def test_deepseek_tiny_has_mtp_layer_and_plain_names(synth_dir):
 
 
 def test_same_seed_same_bytes_and_overrides(tmp_path):
-    a = make_checkpoint(tmp_path / "a", preset="deepseek-v3-tiny", quant="ct-int4", seed=3, num_hidden_layers=3,
-                        num_shards=2)
-    b = make_checkpoint(tmp_path / "b", preset="deepseek-v3-tiny", quant="ct-int4", seed=3, num_hidden_layers=3,
-                        num_shards=2)
+    a = make_checkpoint(
+        tmp_path / "a", preset="deepseek-v3-tiny", quant="ct-int4", seed=3, num_hidden_layers=3, num_shards=2
+    )
+    b = make_checkpoint(
+        tmp_path / "b", preset="deepseek-v3-tiny", quant="ct-int4", seed=3, num_hidden_layers=3, num_shards=2
+    )
     for f in sorted(os.listdir(a)):
         assert open(os.path.join(a, f), "rb").read() == open(os.path.join(b, f), "rb").read(), f
     with kimi_loader.open(a) as ck:
@@ -70,8 +81,7 @@ def test_fullcount_has_kimi_k25_real_tensor_count():
 def test_fullcount_layout_at_reduced_depth(tmp_path):
     path = make_checkpoint(tmp_path / "fc", preset="kimi-k2.5-fullcount", num_hidden_layers=2)
     with kimi_loader.open(path) as ck:
-        assert len(ck.files) == 64 and len(ck) == expected_tensor_count("kimi-k2.5-fullcount",
-                                                                         num_hidden_layers=2)
+        assert len(ck.files) == 64 and len(ck) == expected_tensor_count("kimi-k2.5-fullcount", num_hidden_layers=2)
         assert ck.files[-1].endswith("model-00064-of-000064.safetensors")
 
 
@@ -92,8 +102,18 @@ def test_real_ignore_and_exclude_conventions(synth_dir):
     assert r"re:.*mlp\.(gate|up|gate_up|down)_proj.*" in ct["quantization_config"]["ignore"]
     ck = kimi_loader.open(synth_dir("kimi-k2.5-tiny", "quark-mxfp4"))
     exclude = ck.config["quantization_config"]["exclude"]
-    bf16 = {n[: -len(".weight")] for n in ck.keys() if n.endswith(".weight") and ck.tensor_info(n).st_dtype == "BF16"
-            and len(ck.tensor_info(n).shape) >= 2 and "embed_tokens" not in n}
+    bf16 = {
+        n[: -len(".weight")]
+        for n in ck.keys()
+        if n.endswith(".weight")
+        and ck.tensor_info(n).st_dtype == "BF16"
+        and len(ck.tensor_info(n).shape) >= 2
+        and "embed_tokens" not in n
+    }
     assert set(exclude) == bf16 and not any(e.startswith("re:") for e in exclude)
-    assert {"language_model.lm_head", "language_model.model.layers.0.self_attn.kv_b_proj",
-            "language_model.model.layers.1.mlp.gate", "vision_tower.encoder.blocks.0.wqkv"} <= set(exclude)
+    assert {
+        "language_model.lm_head",
+        "language_model.model.layers.0.self_attn.kv_b_proj",
+        "language_model.model.layers.1.mlp.gate",
+        "vision_tower.encoder.blocks.0.wqkv",
+    } <= set(exclude)

@@ -17,24 +17,52 @@ from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 import kimi_loader
 from kimi_loader.models.hf import empty_model
 
-_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
-             num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-             qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-             routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256)
-_YARN = {"rope_type": "yarn", "rope_theta": 50000.0, "factor": 8.0, "original_max_position_embeddings": 32,
-         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+_BASE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    num_experts_per_tok=2,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+)
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 50000.0,
+    "factor": 8.0,
+    "original_max_position_embeddings": 32,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
 
 #: name -> config overrides (each a case of issue #9's list)
 CONFIGS = {
     # q_lora, one dense layer, YaRN rope written as transformers 5 writes it (rope_parameters)
-    "qlora-dense-yarn": dict(q_lora_rank=32, first_k_dense_replace=1, n_group=1, topk_group=1,
-                             rope_parameters=_YARN),
+    "qlora-dense-yarn": dict(q_lora_rank=32, first_k_dense_replace=1, n_group=1, topk_group=1, rope_parameters=_YARN),
     # DeepSeek-V2-Lite style attention, group-limited routing, tied embeddings
-    "no-qlora-groups-tied": dict(q_lora_rank=None, first_k_dense_replace=1, n_group=4, topk_group=2,
-                                 tie_word_embeddings=True),
+    "no-qlora-groups-tied": dict(
+        q_lora_rank=None, first_k_dense_replace=1, n_group=4, topk_group=2, tie_word_embeddings=True
+    ),
     # default rope with a large theta stored only inside rope_parameters, no dense prefix
-    "theta-1e6-all-moe": dict(q_lora_rank=32, first_k_dense_replace=0, n_group=2, topk_group=1,
-                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "theta-1e6-all-moe": dict(
+        q_lora_rank=32,
+        first_k_dense_replace=0,
+        n_group=2,
+        topk_group=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+    ),
 }
 
 
@@ -98,8 +126,9 @@ class _Quantizer:
     """What transformers' FP8 conversion ops read from their quantizer."""
 
     def __init__(self, block, scale_fmt):
-        self.quantization_config = type("C", (), {"weight_block_size": block, "scale_fmt": scale_fmt,
-                                                  "dequantize": True})()
+        self.quantization_config = type(
+            "C", (), {"weight_block_size": block, "scale_fmt": scale_fmt, "dequantize": True}
+        )()
 
 
 def _fp8_export(src: str, dst, scale_fmt: str, block=(32, 32)) -> str:
@@ -118,8 +147,12 @@ def _fp8_export(src: str, dst, scale_fmt: str, block=(32, 32)) -> str:
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(dst, "model.safetensors"))
     with open(os.path.join(src, "config.json")) as fh:
         config = json.load(fh)
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "weight_block_size": list(block), "scale_fmt": scale_fmt}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+        "scale_fmt": scale_fmt,
+    }
     with open(os.path.join(dst, "config.json"), "w") as fh:
         json.dump(config, fh)
     return os.fspath(dst)
@@ -136,8 +169,11 @@ def _dequantized_reference(path: str, block) -> dict[str, torch.Tensor]:
     for name, t in raw.items():
         if "scale_inv" in name:
             continue
-        scale = raw.get(name[: -len("weight")] + "weight_scale_inv") if name.endswith(".weight") \
+        scale = (
+            raw.get(name[: -len("weight")] + "weight_scale_inv")
+            if name.endswith(".weight")
             else raw.get(name + "_scale_inv")
+        )
         out[name] = op._dequantize_one(t, scale, torch.float32) if t.dtype == torch.float8_e4m3fn else t.float()
     return stack_experts(out)
 
@@ -180,8 +216,14 @@ def test_transformers_fp8_export_mixed_precision(written, tmp_path, scale_fmt, o
 
 # -- compressed-tensors' real compressor -------------------------------------------------
 #: moonshotai/Kimi-K2.5's ignore list (regexes; only routed experts are int4)
-KIMI_CT_IGNORE = ["re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
-                  "re:.*lm_head.*", "re:vision_tower.*", "re:mm_projector.*"]
+KIMI_CT_IGNORE = [
+    "re:.*self_attn.*",
+    "re:.*shared_experts.*",
+    r"re:.*mlp\.(gate|up|gate_up|down)_proj.*",
+    "re:.*lm_head.*",
+    "re:vision_tower.*",
+    "re:mm_projector.*",
+]
 
 
 def _ct_export(src: str, dst, prefix: str, placement: str) -> tuple[str, dict[str, torch.Tensor]]:
@@ -201,13 +243,20 @@ def _ct_export(src: str, dst, prefix: str, placement: str) -> tuple[str, dict[st
     from compressed_tensors.quantization.utils import calculate_qparams
 
     raw = load_all(src)
-    tensors = {prefix + k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and "correction_bias" not in k else v)
-               for k, v in raw.items()}
+    tensors = {
+        prefix + k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and "correction_bias" not in k else v)
+        for k, v in raw.items()
+    }
     root = module_tree(tensors)
     args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
-    apply_quantization_config(root, QuantizationConfig(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
-        ignore=KIMI_CT_IGNORE, format="pack-quantized"))
+    apply_quantization_config(
+        root,
+        QuantizationConfig(
+            config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+            ignore=KIMI_CT_IGNORE,
+            format="pack-quantized",
+        ),
+    )
     for module in root.modules():
         if getattr(module, "quantization_scheme", None) is not None:  # the min/max observer's qparams
             w = module.weight.detach().float().reshape(module.weight.shape[0], -1, 32)
@@ -228,8 +277,12 @@ def _ct_export(src: str, dst, prefix: str, placement: str) -> tuple[str, dict[st
     qc = written_config.pop("quantization_config")
     if prefix:
         text = {**written_config, "model_type": "kimi_k2"}
-        config: dict = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
-                        "text_config": text, "tie_word_embeddings": False}
+        config: dict = {
+            "architectures": ["KimiK25ForConditionalGeneration"],
+            "model_type": "kimi_k25",
+            "text_config": text,
+            "tie_word_embeddings": False,
+        }
         if placement == "text_config":
             text["quantization_config"] = {**qc, "ignore": KIMI_CT_IGNORE}
         else:
@@ -239,8 +292,11 @@ def _ct_export(src: str, dst, prefix: str, placement: str) -> tuple[str, dict[st
     with open(os.path.join(dst, "config.json"), "w") as fh:
         json.dump(config, fh)
     compressor.decompress_model(root)
-    decompressed = {k[len(prefix):]: v for k, v in root.state_dict().items()
-                    if not k.endswith(("weight_scale", "weight_shape", "weight_zero_point"))}
+    decompressed = {
+        k[len(prefix) :]: v
+        for k, v in root.state_dict().items()
+        if not k.endswith(("weight_scale", "weight_shape", "weight_zero_point"))
+    }
     return os.fspath(dst), decompressed
 
 
@@ -253,8 +309,11 @@ def test_compressed_tensors_pack_quantized_export(written, tmp_path, prefix, pla
     path, decompressed = _ct_export(src, tmp_path / "ct", prefix, placement)
     ck = kimi_loader.open(path)
     e0 = f"{prefix}model.layers.1.mlp.experts.0.gate_proj."
-    assert {n[len(e0):]: ck.tensor_info(n).st_dtype for n in ck.keys() if n.startswith(e0)} == \
-        {"weight_packed": "I32", "weight_scale": "BF16", "weight_shape": "I64"}
+    assert {n[len(e0) :]: ck.tensor_info(n).st_dtype for n in ck.keys() if n.startswith(e0)} == {
+        "weight_packed": "I32",
+        "weight_scale": "BF16",
+        "weight_shape": "I64",
+    }
     assert ck.tensor_info(f"{prefix}model.layers.1.mlp.shared_experts.up_proj.weight").st_dtype == "BF16"
 
     # dequantize-on-load into transformers' model == compressed-tensors' decompression

@@ -45,14 +45,25 @@ def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | No
     from .formats import ModuleFormats, quant_spec
 
     if checkpoint is None:  # the config alone decides (it may be partial)
-        tc = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        text = config.get("text_config")
+        tc: dict = text if isinstance(text, dict) else config
         return fusion_decision(tc, quant_spec(config).method, config)
     mc = parse_config(config)
     return fusion_for(mc, ModuleFormats(mc.quant, checkpoint))
 
 
-def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, tp_size: int = 1,
-                    ep_rank: int = 0, ep_size: int = 1, threads: int | None = None, progress=None):
+def from_pretrained(
+    path,
+    *,
+    device: str = "cpu",
+    dtype=None,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    threads: int | None = None,
+    progress=None,
+):
     """Builds the serving-layout model from ``config.json`` on the meta device,
     materializes it on ``device``, loads it with :func:`load_weights` and runs
     ``post_load_weights``. ``dtype`` (default float32) is the compute dtype of dense
@@ -64,11 +75,27 @@ def from_pretrained(path, *, device: str = "cpu", dtype=None, tp_rank: int = 0, 
     ckpt = open(path, threads=threads)
     if ckpt.config is None:
         raise UnsupportedFormatError(f"{path}: no config.json", file=str(path))
-    model = for_config(ckpt.config, dtype=dtype or torch.float32, device="meta", tp_rank=tp_rank,
-                       tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size, checkpoint=ckpt)
+    model = for_config(
+        ckpt.config,
+        dtype=dtype or torch.float32,
+        device="meta",
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        checkpoint=ckpt,
+    )
     model.to_empty(device=device)
-    load_weights(model, ckpt, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank, ep_size=ep_size,
-                 threads=threads, progress=progress)
+    load_weights(
+        model,
+        ckpt,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        ep_rank=ep_rank,
+        ep_size=ep_size,
+        threads=threads,
+        progress=progress,
+    )
     return model
 
 

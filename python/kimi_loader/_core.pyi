@@ -1,9 +1,21 @@
 """Type stubs for the Rust extension ``kimi_loader._core`` (see ``rust/python/src``)."""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, final
 
 import torch
+
+__all__ = [
+    "MAX_HEADER_LEN",
+    "THREADS_ENV",
+    "Checkpoint",
+    "Plan",
+    "ShardBuffer",
+    "__version__",
+    "open",
+    "plan",
+    "resolve_threads",
+]
 
 __version__: str
 MAX_HEADER_LEN: int
@@ -12,6 +24,7 @@ THREADS_ENV: str
 def open(paths: Sequence[str], threads: int | None = None) -> Checkpoint: ...
 def resolve_threads(threads: int | None = None) -> int: ...
 
+@final
 class ShardBuffer:
     """The whole mapped shard file as a writable (copy-on-write) buffer."""
 
@@ -20,11 +33,11 @@ class ShardBuffer:
     @property
     def address(self) -> int: ...
     def __len__(self) -> int: ...
-    def __buffer__(self, flags: int, /) -> memoryview: ...
 
+@final
 class Checkpoint:
     def __len__(self) -> int: ...
-    def __contains__(self, name: str) -> bool: ...
+    def __contains__(self, name: str, /) -> bool: ...
     def keys(self) -> list[str]: ...
     def files(self) -> list[str]: ...
     @property
@@ -50,12 +63,13 @@ def plan(
     ckpt: Checkpoint,
     rules: dict[str, Any],
     dests: Sequence[tuple[str, Sequence[int], str]],
-    fp8_block: tuple[int, int] = (128, 128),
+    fp8_block: tuple[int, int] = ...,
     threads: int | None = None,
     int4_group: int | None = None,
     mxfp4_group: int | None = None,
 ) -> Plan: ...
 
+@final
 class Plan:
     """A copy plan: every checkpoint tensor resolved to a destination region."""
 

@@ -19,8 +19,19 @@ def _inspect(args: argparse.Namespace) -> int:
             summary = summarize(ck)
     except KimiLoaderError as e:
         if args.json:
-            print(json.dumps({"path": args.path, "error": type(e).__name__, "message": str(e),
-                              "file": e.file, "tensor": e.tensor, "problems": [str(e)]}, indent=2))
+            print(
+                json.dumps(
+                    {
+                        "path": args.path,
+                        "error": type(e).__name__,
+                        "message": str(e),
+                        "file": e.file,
+                        "tensor": e.tensor,
+                        "problems": [str(e)],
+                    },
+                    indent=2,
+                )
+            )
         else:
             print(f"{args.path}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -43,8 +54,9 @@ def _plan(args: argparse.Namespace) -> int:
 
         from .parallel import ParallelLayout
 
-        layout = ParallelLayout.of(args.tp_rank, args.tp_size, args.ep_rank, args.ep_size,
-                                   independent=args.independent_ep)
+        layout = ParallelLayout.of(
+            args.tp_rank, args.tp_size, args.ep_rank, args.ep_size, independent=args.independent_ep
+        )
         model = for_config(ck.config, device="meta", parallel=layout, checkpoint=ck)
         target = getattr(model, "language_model", model)
         t = time.perf_counter()
@@ -58,15 +70,22 @@ def _plan(args: argparse.Namespace) -> int:
             "checkpoint": ck.index_path or ck.files[0],
             "model": type(model).__name__,
             "quant_format": target.quant_format,
-            "tp": [layout.tp_rank, layout.tp_size], "ep": [layout.ep_rank, layout.ep_size],
+            "tp": [layout.tp_rank, layout.tp_size],
+            "ep": [layout.ep_rank, layout.ep_size],
             "moe_tp": [layout.moe_tp_rank, layout.moe_tp_size],
             "destinations": len(dests),
             "destination_bytes": sum(t.numel() * t.element_size() for t in dests.values()),
-            "ops": len(plan), "op_counts": plan.op_counts(),
-            "tensors_used": plan.used, "tensors_ignored": ignored, "tensors_on_other_ranks": plan.other_rank,
-            "bytes_read": plan.bytes_read, "bytes_written": plan.bytes_written,
-            "unused": len(plan.unused()), "missing": len(plan.missing()),
-            "fused_shared_experts": target.num_fused_shared_experts, "fusion_reason": target.fusion_reason,
+            "ops": len(plan),
+            "op_counts": plan.op_counts(),
+            "tensors_used": plan.used,
+            "tensors_ignored": ignored,
+            "tensors_on_other_ranks": plan.other_rank,
+            "bytes_read": plan.bytes_read,
+            "bytes_written": plan.bytes_written,
+            "unused": len(plan.unused()),
+            "missing": len(plan.missing()),
+            "fused_shared_experts": target.num_fused_shared_experts,
+            "fusion_reason": target.fusion_reason,
             "plan_seconds": round(seconds, 4),
         }
         problems = _format_problems(plan)
@@ -87,8 +106,9 @@ def _synth(args: argparse.Namespace) -> int:
     for item in args.set or []:
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value)
-    path = make_checkpoint(args.path, preset=args.preset, quant=args.quant, seed=args.seed,
-                           num_shards=args.num_shards, **overrides)
+    path = make_checkpoint(
+        args.path, preset=args.preset, quant=args.quant, seed=args.seed, num_shards=args.num_shards, **overrides
+    )
     print(path)
     return 0
 
@@ -110,12 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tp-rank", type=int, default=0)
-    p.add_argument("--ep-rank", type=int, default=None,
-                   help="default: derived from --tp-rank (EP inside the TP group, as SGLang / vLLM)")
+    p.add_argument(
+        "--ep-rank",
+        type=int,
+        default=None,
+        help="default: derived from --tp-rank (EP inside the TP group, as SGLang / vLLM)",
+    )
     for opt in ("tp-size", "ep-size"):
         p.add_argument(f"--{opt}", type=int, default=1)
-    p.add_argument("--independent-ep", action="store_true",
-                   help="TP and EP as separate axes (tp_size * ep_size ranks; experts both split and sliced)")
+    p.add_argument(
+        "--independent-ep",
+        action="store_true",
+        help="TP and EP as separate axes (tp_size * ep_size ranks; experts both split and sliced)",
+    )
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")
@@ -124,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quant", default="ct-int4", choices=list(QUANT_FORMATS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-shards", type=int, default=None)
-    p.add_argument("--set", action="append", metavar="KEY=JSON",
-                   help="override a text-config field, e.g. --set num_hidden_layers=2")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=JSON",
+        help="override a text-config field, e.g. --set num_hidden_layers=2",
+    )
     p.set_defaults(func=_synth)
 
     args = parser.parse_args(argv)

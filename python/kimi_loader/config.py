@@ -31,7 +31,7 @@ def checkpoint_names(module: str) -> list[str]:
     Kimi-K2.5 wrapper's ``language_model.model.``, and its ``language_model.`` variant)."""
     names = [module, "language_model." + module]
     if module.startswith("model."):
-        names.append("language_model." + module[len("model."):])
+        names.append("language_model." + module[len("model.") :])
     return names
 
 
@@ -39,8 +39,9 @@ def _fail(key: str, why: str, file: str | None) -> ConfigError:
     return ConfigError(f"{file or 'config.json'}: '{key}' {why}", key=key, file=file)
 
 
-def _int(d: dict, key: str, where: str, file: str | None, *, minimum: int = 1, required: bool = True,
-         default: Any = None) -> Any:
+def _int(
+    d: dict, key: str, where: str, file: str | None, *, minimum: int = 1, required: bool = True, default: Any = None
+) -> Any:
     v = d.get(key, default)
     if v is None:
         if required:
@@ -93,7 +94,7 @@ class QuantSpec:
         names = set(checkpoint_names(module))
         for p in _TEXT_PREFIXES:
             if module.startswith(p):
-                names.add("model." + module[len(p):] if p.endswith("model.") else module[len(p):])
+                names.add("model." + module[len(p) :] if p.endswith("model.") else module[len(p) :])
         if module.endswith(".lm_head"):
             names |= {"lm_head", "language_model.lm_head"}
         for pat in self.not_quantized:
@@ -141,8 +142,11 @@ def parse_quant(qc: Any, *, file: str | None = None, where: str = "quantization_
     skip = patterns("modules_to_not_convert")
     if method == "fp8":
         block = qc.get("weight_block_size")
-        if not (isinstance(block, (list, tuple)) and len(block) == 2
-                and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        if not (
+            isinstance(block, (list, tuple))
+            and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)
+        ):
             raise _fail(f"{where}.weight_block_size", f"must be two positive integers, got {block!r}", file)
         fmt = qc.get("scale_fmt")
         if fmt is not None and fmt not in ("ue8m0", "float", "float32", "fp32"):
@@ -169,8 +173,7 @@ def parse_quant(qc: Any, *, file: str | None = None, where: str = "quantization_
                 sizes.add(_int(w, "group_size", f"{where}.config_groups.{name}.weights.", file))
         if len(sizes) > 1:
             raise unsupported(f"compressed-tensors groups with different group sizes {sorted(sizes)}")
-        return QuantSpec("ct-int4", group_size=next(iter(sizes), None), not_quantized=skip + patterns("ignore"),
-                         raw=qc)
+        return QuantSpec("ct-int4", group_size=next(iter(sizes), None), not_quantized=skip + patterns("ignore"), raw=qc)
     if method == "quark":
         gq = qc.get("global_quant_config")
         if not isinstance(gq, dict):
@@ -182,8 +185,7 @@ def parse_quant(qc: Any, *, file: str | None = None, where: str = "quantization_
             raise _fail(f"{where}.global_quant_config.weight", "must be an object", file)
         if weight.get("dtype") != "fp4":
             raise unsupported(f"quark weight dtype {weight.get('dtype')!r} (only fp4 / MXFP4)")
-        group = _int(weight, "group_size", f"{where}.global_quant_config.weight.", file, required=False,
-                     default=32)
+        group = _int(weight, "group_size", f"{where}.global_quant_config.weight.", file, required=False, default=32)
         layer = qc.get("layer_quant_config") or {}
         if not isinstance(layer, dict):
             raise _fail(f"{where}.layer_quant_config", "must be an object", file)
@@ -208,8 +210,16 @@ class ModelConfig:
     is_wrapper: bool
 
 
-_REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-             "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+)
 
 
 def _rope(tc: dict[str, Any], where: str, file: str | None) -> tuple[float, dict[str, Any] | None]:
@@ -228,8 +238,9 @@ def _rope(tc: dict[str, Any], where: str, file: str | None) -> tuple[float, dict
     if kind in ("default", None):
         return theta, None
     if kind != "yarn":
-        raise UnsupportedFormatError(f"{file or 'config.json'}: unsupported rope type {kind!r} (default or yarn)",
-                                     file=file)
+        raise UnsupportedFormatError(
+            f"{file or 'config.json'}: unsupported rope type {kind!r} (default or yarn)", file=file
+        )
     out = {k: v for k, v in spec.items() if k != "rope_theta"}
     out["type"] = "yarn"
     _num(out, "factor", where + "rope_scaling.", file, 1.0)
@@ -253,12 +264,13 @@ def parse_config(raw: Any, *, file: str | None = None) -> ModelConfig:
     t["q_lora_rank"] = _int(tc, "q_lora_rank", where, file, required=False)
     experts = _int(tc, "n_routed_experts", where, file, minimum=0, required=False, default=0)
     t["n_routed_experts"] = experts or None
-    t["first_k_dense_replace"] = _int(tc, "first_k_dense_replace", where, file, minimum=0, required=False,
-                                      default=0)
-    t["num_nextn_predict_layers"] = _int(tc, "num_nextn_predict_layers", where, file, minimum=0,
-                                         required=False, default=0)
-    t["num_key_value_heads"] = _int(tc, "num_key_value_heads", where, file, required=False,
-                                    default=t["num_attention_heads"])
+    t["first_k_dense_replace"] = _int(tc, "first_k_dense_replace", where, file, minimum=0, required=False, default=0)
+    t["num_nextn_predict_layers"] = _int(
+        tc, "num_nextn_predict_layers", where, file, minimum=0, required=False, default=0
+    )
+    t["num_key_value_heads"] = _int(
+        tc, "num_key_value_heads", where, file, required=False, default=t["num_attention_heads"]
+    )
     dense = experts == 0 or t["first_k_dense_replace"] > 0
     t["intermediate_size"] = _int(tc, "intermediate_size", where, file, required=dense)
     if experts:

@@ -42,14 +42,21 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     same = len(ours) == len(theirs) and all(
-        ours[k].view(-1).view(torch.uint8).equal(theirs[k].view(-1).view(torch.uint8)) for k in theirs)
-    print(f"  kimi_loader  {len(ours)} tensors, {nbytes / 1e6:.2f} MB in {t_ours * 1e3:7.1f} ms "
-          f"({nbytes / t_ours / 1e9:.2f} GB/s)")
-    print(f"  safetensors  {len(theirs)} tensors, {nbytes / 1e6:.2f} MB in {t_theirs * 1e3:7.1f} ms "
-          f"({nbytes / t_theirs / 1e9:.2f} GB/s)")
+        ours[k].view(-1).view(torch.uint8).equal(theirs[k].view(-1).view(torch.uint8)) for k in theirs
+    )
+    print(
+        f"  kimi_loader  {len(ours)} tensors, {nbytes / 1e6:.2f} MB in {t_ours * 1e3:7.1f} ms "
+        f"({nbytes / t_ours / 1e9:.2f} GB/s)"
+    )
+    print(
+        f"  safetensors  {len(theirs)} tensors, {nbytes / 1e6:.2f} MB in {t_theirs * 1e3:7.1f} ms "
+        f"({nbytes / t_theirs / 1e9:.2f} GB/s)"
+    )
     print(f"  ratio {t_theirs / t_ours:.2f}x; bytes identical: {same}")
-    print("\n(tiny checkpoint: these timings are dominated by per-call overhead; `make bench` "
-          "measures throughput on ~1.2 GB)")
+    print(
+        "\n(tiny checkpoint: these timings are dominated by per-call overhead; `make bench` "
+        "measures throughput on ~1.2 GB)"
+    )
     if not same:
         return 1
     return _load_and_generate(path)
@@ -78,7 +85,8 @@ def _load_and_generate(path: str) -> int:
             warnings.simplefilter("ignore")
             t = time.perf_counter()
             Kimi_K25ForConditionalGeneration.from_pretrained(
-                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+                path, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+            )
             t_hf = time.perf_counter() - t
     except ImportError:
         pass
@@ -91,7 +99,7 @@ def _load_and_generate(path: str) -> int:
     t = time.perf_counter()
     out = model.generate(prompt, max_new_tokens=12)
     dt = time.perf_counter() - t
-    print(f"  prompt {prompt[0].tolist()} -> {out[0, prompt.shape[1]:].tolist()}  ({12 / dt:.0f} tokens/s)")
+    print(f"  prompt {prompt[0].tolist()} -> {out[0, prompt.shape[1] :].tolist()}  ({12 / dt:.0f} tokens/s)")
     return _hot_reload(path, model, prompt, out)
 
 
@@ -126,11 +134,13 @@ def _hot_reload(path: str, model, prompt, before) -> int:
     report = updater.update_from_disk(new)
     after = model.generate(prompt, max_new_tokens=12)
     same_place = addresses == [p.data_ptr() for p in model.parameters()]
-    print(f"  update v{report.version}: {report.changed_tensors} of {report.tensors} tensors changed, "
-          f"{report.bytes_changed:,} bytes written, {report.seconds['total'] * 1e3:.1f} ms; "
-          f"parameters in place: {same_place}; post-load for layers {report.layers_post_processed}")
-    print(f"  generation before: {before[0, prompt.shape[1]:].tolist()}")
-    print(f"  generation after:  {after[0, prompt.shape[1]:].tolist()}")
+    print(
+        f"  update v{report.version}: {report.changed_tensors} of {report.tensors} tensors changed, "
+        f"{report.bytes_changed:,} bytes written, {report.seconds['total'] * 1e3:.1f} ms; "
+        f"parameters in place: {same_place}; post-load for layers {report.layers_post_processed}"
+    )
+    print(f"  generation before: {before[0, prompt.shape[1] :].tolist()}")
+    print(f"  generation after:  {after[0, prompt.shape[1] :].tolist()}")
     return 0 if same_place else 1
 
 

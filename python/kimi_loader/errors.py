@@ -38,9 +38,17 @@ class KimiLoaderError(Exception):
     found: tuple[int, ...] | None = None
     kind: str | None = None
 
-    def __init__(self, message: str = "", *, file: str | None = None, tensor: str | None = None,
-                 destination: str | None = None, expected: tuple[int, ...] | list[int] | None = None,
-                 found: tuple[int, ...] | list[int] | None = None, kind: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        file: str | None = None,
+        tensor: str | None = None,
+        destination: str | None = None,
+        expected: tuple[int, ...] | list[int] | None = None,
+        found: tuple[int, ...] | list[int] | None = None,
+        kind: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.file = file
         self.tensor = tensor
@@ -107,8 +115,7 @@ class IncompleteLoadError(KimiLoaderError):
     tensor. ``missing``: ``[(destination, start_byte, end_byte, expected tensor)]``;
     ``unused``: ``[(tensor, why)]``."""
 
-    def __init__(self, message: str = "", *, missing: list | None = None, unused: list | None = None,
-                 **kwargs) -> None:
+    def __init__(self, message: str = "", *, missing: list | None = None, unused: list | None = None, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.missing: list = list(missing or [])
         self.unused: list = list(unused or [])

@@ -119,18 +119,20 @@ class ModuleFormats:
         if fmt is None:
             raise UnsupportedFormatError(
                 f"linear '{module}' is stored as {sorted(stored.items())}, which is no format this library knows",
-                file=getattr(self.checkpoint, "index_path", None), tensor=f"{module}.weight")
+                file=getattr(self.checkpoint, "index_path", None),
+                tensor=f"{module}.weight",
+            )
         if fmt != "bf16" and fmt != self.spec.method:
             raise UnsupportedFormatError(
                 f"linear '{module}' is stored as {fmt} but the config's quantization is {self.spec.method}",
-                file=getattr(self.checkpoint, "index_path", None), tensor=f"{module}.weight")
+                file=getattr(self.checkpoint, "index_path", None),
+                tensor=f"{module}.weight",
+            )
         return fmt
 
 
 #: The 16 E2M1 (fp4) values by code; codes 8..15 are the negatives of 0..7.
-E2M1_VALUES = torch.tensor(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-)
+E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:

@@ -61,8 +61,10 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         missing = sorted(set(range(n_layers)) - layers)
         mtp = tc.get("num_nextn_predict_layers") or 0
         if extra:
-            notes.append(f"layers {extra} are beyond num_hidden_layers={n_layers} "
-                         f"(num_nextn_predict_layers={mtp}: declared MTP layers are skipped, others refused)")
+            notes.append(
+                f"layers {extra} are beyond num_hidden_layers={n_layers} "
+                f"(num_nextn_predict_layers={mtp}: declared MTP layers are skipped, others refused)"
+            )
         if missing:
             problems.append(f"layers {missing[:8]} of num_hidden_layers={n_layers} have no tensors")
     if n_experts is not None:
@@ -74,7 +76,8 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
     if expert_suffixes and shared_suffixes and expert_suffixes != shared_suffixes:
         notes.append(
             f"shared experts are stored as {sorted(shared_suffixes)} but routed experts as "
-            f"{sorted(expert_suffixes)}: shared-expert fusion is not possible for this checkpoint")
+            f"{sorted(expert_suffixes)}: shared-expert fusion is not possible for this checkpoint"
+        )
 
     plan = plan_problems(ck) if config is not None and quant is not None else None
     if plan is not None:
@@ -94,9 +97,12 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         "dtypes": dict(sorted(dtypes.items())),
         "top_level_prefixes": dict(sorted(prefixes.items())),
         "layers": {"config": n_layers, "in_checkpoint": len(layers)},
-        "routed_experts": {"config": n_experts,
-                           "per_layer_in_checkpoint": sorted({len(v) for v in experts.values()}),
-                           "moe_layers": len(experts), "suffixes": sorted(expert_suffixes)},
+        "routed_experts": {
+            "config": n_experts,
+            "per_layer_in_checkpoint": sorted({len(v) for v in experts.values()}),
+            "moe_layers": len(experts),
+            "suffixes": sorted(expert_suffixes),
+        },
         "shared_experts": {"config": tc.get("n_shared_experts"), "suffixes": sorted(shared_suffixes)},
         "problems": problems,
         "notes": notes,
@@ -113,6 +119,8 @@ def plan_problems(ck: Checkpoint) -> dict[str, list[str]]:
     problems: list[str] = []
     notes: list[str] = []
     try:
+        if ck.config is None:
+            raise KimiLoaderError("no config.json: cannot build the model a load would plan for")
         model = for_config(ck.config, device="meta", checkpoint=ck)
         planned = plan_for(model, ck)
     except KimiLoaderError as e:

@@ -103,8 +103,14 @@ def _order(shard_id: Any, seen: dict[str, list]) -> int:
     return lst.index(shard_id)
 
 
-def resolve_parallel(model: Any, parallel: Any = None, tp_rank: int | None = None, tp_size: int | None = None,
-                     ep_rank: int | None = None, ep_size: int | None = None) -> ParallelLayout:
+def resolve_parallel(
+    model: Any,
+    parallel: Any = None,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+    ep_rank: int | None = None,
+    ep_size: int | None = None,
+) -> ParallelLayout:
     """The parallel layout of a load: ``parallel`` or the ``tp_*`` / ``ep_*`` arguments, else
     the one the model was built with (ranks are passed once, when building the model). A
     layout that differs from the model's is refused before anything is read."""
@@ -118,9 +124,13 @@ def resolve_parallel(model: Any, parallel: Any = None, tp_rank: int | None = Non
     if parallel is not None:
         layout = ParallelLayout.coerce(parallel)
     elif given:
-        layout = ParallelLayout.of(0 if tp_rank is None else tp_rank, 1 if tp_size is None else tp_size, ep_rank,
-                                   1 if ep_size is None else ep_size,
-                                   independent=bool(own is not None and own.independent))
+        layout = ParallelLayout.of(
+            0 if tp_rank is None else tp_rank,
+            1 if tp_size is None else tp_size,
+            ep_rank,
+            1 if ep_size is None else ep_size,
+            independent=bool(own is not None and own.independent),
+        )
     else:
         layout = own if isinstance(own, ParallelLayout) else ParallelLayout()
     if isinstance(own, ParallelLayout) and layout != own:
@@ -133,12 +143,15 @@ def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> Planner
     stacked / expert mappings, custom renames (computed once per name, in Python, only for
     models with non-identity rename hooks), the shard rows of stacked destinations and the
     parallel layout."""
-    declared = WeightRules.coerce(getattr(model, "weight_rules", lambda: None)(),
-                                  f"{type(model).__name__}.weight_rules()")
+    declared = WeightRules.coerce(
+        getattr(model, "weight_rules", lambda: None)(), f"{type(model).__name__}.weight_rules()"
+    )
     seen: dict[str, list] = {}
     stacked = tuple((p, c, _order(s, seen)) for p, c, s in (getattr(model, "stacked_params_mapping", None) or []))
-    experts = tuple((p, frag, int(e), ExpertShard.parse(s))
-                    for p, frag, e, s in (getattr(model, "expert_params_mapping", None) or []))
+    experts = tuple(
+        (p, frag, int(e), ExpertShard.parse(s))
+        for p, frag, e, s in (getattr(model, "expert_params_mapping", None) or [])
+    )
     table: dict[str, str | None] = {}
     renames = custom_renames(model)
     if renames:
@@ -178,7 +191,9 @@ def _check_fusion(rules: PlannerRules, ckpt: Checkpoint) -> None:
             f"expert is stored as {sorted(s_suffixes)} {sorted(s_dtypes)} and the routed experts as "
             f"{sorted(r_suffixes)} {sorted(r_dtypes)}; shared-expert tensors: {', '.join(shared[:6])}"
             + (f" (+{len(shared) - 6} more)" if len(shared) > 6 else ""),
-            file=ckpt.index_path, tensor=shared[0])
+            file=ckpt.index_path,
+            tensor=shared[0],
+        )
 
 
 def _dest_list(dests: dict[str, torch.Tensor], *, need_memory: bool) -> list[tuple[str, list[int], str]]:
@@ -190,7 +205,9 @@ def _dest_list(dests: dict[str, torch.Tensor], *, need_memory: bool) -> list[tup
             if t.device.type == "meta":
                 raise InvalidArgumentError(
                     f"destination '{name}' is on the meta device: materialize the model first "
-                    "(e.g. model.to_empty(device='cpu'))", tensor=name)
+                    "(e.g. model.to_empty(device='cpu'))",
+                    tensor=name,
+                )
             if not t.is_contiguous():
                 raise InvalidArgumentError(f"destination '{name}' is not contiguous", tensor=name)
         out.append((name, list(t.shape), _ST_DTYPES[t.dtype]))
@@ -207,9 +224,18 @@ class PlannedLoad:
     skipped: dict[str, int]
 
 
-def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int | None = None, tp_size: int | None = None,
-             ep_rank: int | None = None, ep_size: int | None = None, parallel: Any = None,
-             threads: int | None = None, need_memory: bool = False) -> PlannedLoad:
+def plan_for(
+    model: Any,
+    ckpt: Checkpoint,
+    *,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+    ep_rank: int | None = None,
+    ep_size: int | None = None,
+    parallel: Any = None,
+    threads: int | None = None,
+    need_memory: bool = False,
+) -> PlannedLoad:
     """Builds the copy plan for ``model`` (no copying). The parallel layout defaults to
     the model's own (see :func:`resolve_parallel`)."""
     layout = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
@@ -234,10 +260,12 @@ def plan_for(model: Any, ckpt: Checkpoint, *, tp_rank: int | None = None, tp_siz
         spec = quant_spec(ckpt.config, file=ckpt.config_path)
         if spec.method == "fp8-block":
             fp8_block = spec.fp8_block
-        groups = {"ct-int4": {"int4_group": spec.group_size},
-                  "quark-mxfp4": {"mxfp4_group": spec.group_size}}.get(spec.method, {})
-    plan = _core.plan(ckpt.core, rules.to_core(), _dest_list(dests, need_memory=need_memory), fp8_block, threads,
-                      **groups)
+        groups = {"ct-int4": {"int4_group": spec.group_size}, "quark-mxfp4": {"mxfp4_group": spec.group_size}}.get(
+            spec.method, {}
+        )
+    plan = _core.plan(
+        ckpt.core, rules.to_core(), _dest_list(dests, need_memory=need_memory), fp8_block, threads, **groups
+    )
     return PlannedLoad(plan, dests, skipped)
 
 
@@ -247,13 +275,18 @@ def _format_problems(plan) -> str:
     if missing:
         shown = "; ".join(
             f"'{exp}' (for {dest} bytes [{s}, {e}))" if exp else f"{dest} bytes [{s}, {e})"
-            for dest, s, e, exp in missing[:5])
-        parts.append(f"{len(missing)} destination range(s) would not be written, missing checkpoint tensors: "
-                     f"{shown}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+            for dest, s, e, exp in missing[:5]
+        )
+        parts.append(
+            f"{len(missing)} destination range(s) would not be written, missing checkpoint tensors: "
+            f"{shown}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        )
     if unused:
         shown = "; ".join(f"'{n}' ({why})" for n, why in unused[:5])
-        parts.append(f"{len(unused)} checkpoint tensor(s) would not be used: {shown}"
-                     + (f" (+{len(unused) - 5} more)" if len(unused) > 5 else ""))
+        parts.append(
+            f"{len(unused)} checkpoint tensor(s) would not be used: {shown}"
+            + (f" (+{len(unused) - 5} more)" if len(unused) > 5 else "")
+        )
     return ". ".join(parts)
 
 
@@ -284,7 +317,8 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
     batches: list[tuple[list[int], int, int]] = []
     k = 0
     while k < len(op_dests):
-        start, dests, size = k, [], 0
+        start, size = k, 0
+        dests: list[int] = []
         while k < len(op_dests):
             d = op_dests[k]
             if d not in dests:
@@ -308,7 +342,7 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
         arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
         views, off = {}, 0
         for d in dests:
-            views[d] = arena[off:off + nbytes[d]]
+            views[d] = arena[off : off + nbytes[d]]
             off += nbytes[d]
         plan.execute(views, start, end)
         if stream is not None:
@@ -332,18 +366,28 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
 def _progress_bar(done: int, total: int) -> None:
     width = 40
     frac = done / total if total else 1.0
-    sys.stderr.write(f"\rloading [{'#' * int(frac * width):<{width}}] {frac * 100:5.1f}% "
-                     f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB")
+    sys.stderr.write(
+        f"\rloading [{'#' * int(frac * width):<{width}}] {frac * 100:5.1f}% {done / 1e6:,.1f}/{total / 1e6:,.1f} MB"
+    )
     if done >= total:
         sys.stderr.write("\n")
     sys.stderr.flush()
 
 
-def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkpoint, *,
-                 tp_rank: int | None = None, tp_size: int | None = None, ep_rank: int | None = None,
-                 ep_size: int | None = None, parallel: Any = None, strict: bool = True,
-                 progress: Callable[[int, int], None] | bool | None = None,
-                 threads: int | None = None, staging_bytes: int | None = None) -> LoadReport:
+def load_weights(
+    model: Any,
+    path_or_checkpoint: str | os.PathLike[str] | Checkpoint,
+    *,
+    tp_rank: int | None = None,
+    tp_size: int | None = None,
+    ep_rank: int | None = None,
+    ep_size: int | None = None,
+    parallel: Any = None,
+    strict: bool = True,
+    progress: Callable[[int, int], None] | bool | None = None,
+    threads: int | None = None,
+    staging_bytes: int | None = None,
+) -> LoadReport:
     """Loads a checkpoint into ``model`` (the outermost model; a wrapper forwards its weight
     hooks to its inner model).
 
@@ -365,17 +409,24 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     t0 = time.perf_counter()
     layout = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
     threads = _validate.threads(threads)
-    ckpt = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else \
-        open_checkpoint(path_or_checkpoint, threads=threads)
+    ckpt = (
+        path_or_checkpoint
+        if isinstance(path_or_checkpoint, Checkpoint)
+        else open_checkpoint(path_or_checkpoint, threads=threads)
+    )
     t_open = time.perf_counter()
     planned = plan_for(model, ckpt, parallel=layout, threads=threads, need_memory=True)
     plan, dests = planned.plan, planned.dests
     t_plan = time.perf_counter()
     if strict and (plan.missing() or plan.unused()):
         first = (plan.missing() and plan.missing()[0][3]) or (plan.unused() and plan.unused()[0][0]) or None
-        raise IncompleteLoadError(f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: "
-                                  f"{_format_problems(plan)}", file=ckpt.index_path, tensor=first,
-                                  missing=plan.missing(), unused=plan.unused())
+        raise IncompleteLoadError(
+            f"{ckpt.index_path or ckpt.files[0]}: refusing a partial load: {_format_problems(plan)}",
+            file=ckpt.index_path,
+            tensor=first,
+            missing=plan.missing(),
+            unused=plan.unused(),
+        )
     if plan.missing() or plan.unused():
         log.warning("strict=False: loading with gaps: %s", _format_problems(plan))
 
@@ -396,11 +447,22 @@ def load_weights(model: Any, path_or_checkpoint: str | os.PathLike[str] | Checkp
     target, _ = hook_target(wrap_if_transformers(model))
     fused = getattr(target, "num_fused_shared_experts", 0)
     return LoadReport(
-        tensors=plan.used, bytes_read=plan.bytes_read, bytes_written=plan.bytes_written,
-        seconds={"open": t_open - t0, "plan": t_plan - t_open, "copy": t_copy - t_plan,
-                 "post_load": t_post - t_copy, "total": t_post - t0},
-        unused=plan.unused(), missing=plan.missing(),
-        ignored=dict(Counter(reason for _, reason in plan.ignored())), other_rank=plan.other_rank,
-        op_counts=plan.op_counts(), skipped_destinations=planned.skipped, fused_shared_experts=fused,
+        tensors=plan.used,
+        bytes_read=plan.bytes_read,
+        bytes_written=plan.bytes_written,
+        seconds={
+            "open": t_open - t0,
+            "plan": t_plan - t_open,
+            "copy": t_copy - t_plan,
+            "post_load": t_post - t_copy,
+            "total": t_post - t0,
+        },
+        unused=plan.unused(),
+        missing=plan.missing(),
+        ignored=dict(Counter(reason for _, reason in plan.ignored())),
+        other_rank=plan.other_rank,
+        op_counts=plan.op_counts(),
+        skipped_destinations=planned.skipped,
+        fused_shared_experts=fused,
         fusion_reason=getattr(target, "fusion_reason", ""),
     )

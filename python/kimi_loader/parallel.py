@@ -46,8 +46,15 @@ class ParallelLayout:
     independent: bool = False
 
     @classmethod
-    def of(cls, tp_rank: int = 0, tp_size: int = 1, ep_rank: int | None = None, ep_size: int = 1, *,
-           independent: bool = False) -> ParallelLayout:
+    def of(
+        cls,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        ep_rank: int | None = None,
+        ep_size: int = 1,
+        *,
+        independent: bool = False,
+    ) -> ParallelLayout:
         """Validates the numbers and derives the expert-parallel rank and slice."""
         tp_size, ep_size = _int("tp_size", tp_size, 1), _int("ep_size", ep_size, 1)
         tp_rank = _int("tp_rank", tp_rank, 0)
@@ -63,22 +70,28 @@ class ParallelLayout:
             if tp_size % ep_size:
                 raise InvalidArgumentError(
                     f"ep_size={ep_size} must divide tp_size={tp_size}: expert parallelism lives inside the "
-                    "tensor-parallel group (pass independent=True for separate axes)")
+                    "tensor-parallel group (pass independent=True for separate axes)"
+                )
             moe_tp = tp_size // ep_size
             derived = tp_rank // moe_tp
             if ep_rank is not None and ep_rank != derived:
                 raise InvalidArgumentError(
                     f"ep_rank={ep_rank} does not match tp_rank={tp_rank}: with tp_size={tp_size} and "
-                    f"ep_size={ep_size}, tp rank {tp_rank} holds expert group {derived} (or omit ep_rank)")
+                    f"ep_size={ep_size}, tp rank {tp_rank} holds expert group {derived} (or omit ep_rank)"
+                )
             return cls(tp_size, tp_rank, ep_size, derived, moe_tp, tp_rank % moe_tp)
         if ep_size % tp_size:
             raise InvalidArgumentError(f"tp_size={tp_size} must divide ep_size={ep_size} (data-parallel attention)")
         if ep_rank is None:
-            raise InvalidArgumentError(f"ep_size={ep_size} > tp_size={tp_size}: give ep_rank (this rank's place "
-                                       "among the ep_size expert-parallel ranks)")
+            raise InvalidArgumentError(
+                f"ep_size={ep_size} > tp_size={tp_size}: give ep_rank (this rank's place "
+                "among the ep_size expert-parallel ranks)"
+            )
         if ep_rank % tp_size != tp_rank:
-            raise InvalidArgumentError(f"tp_rank={tp_rank} does not match ep_rank={ep_rank}: with data-parallel "
-                                       f"attention it is ep_rank % tp_size = {ep_rank % tp_size}")
+            raise InvalidArgumentError(
+                f"tp_rank={tp_rank} does not match ep_rank={ep_rank}: with data-parallel "
+                f"attention it is ep_rank % tp_size = {ep_rank % tp_size}"
+            )
         return cls(tp_size, tp_rank, ep_size, ep_rank, 1, 0)
 
     @classmethod
@@ -97,11 +110,23 @@ class ParallelLayout:
 
     def rules(self) -> dict[str, int]:
         """The planner's view of this rank."""
-        return {"tp_rank": self.tp_rank, "tp_size": self.tp_size, "ep_rank": self.ep_rank, "ep_size": self.ep_size,
-                "moe_tp_rank": self.moe_tp_rank, "moe_tp_size": self.moe_tp_size}
+        return {
+            "tp_rank": self.tp_rank,
+            "tp_size": self.tp_size,
+            "ep_rank": self.ep_rank,
+            "ep_size": self.ep_size,
+            "moe_tp_rank": self.moe_tp_rank,
+            "moe_tp_size": self.moe_tp_size,
+        }
 
-    def check(self, config: dict[str, Any], *, formats: dict[str, str] | None = None, group: int = 32,
-              fp8_block: tuple[int, int] = (128, 128)) -> None:
+    def check(
+        self,
+        config: dict[str, Any],
+        *,
+        formats: dict[str, str] | None = None,
+        group: int = 32,
+        fp8_block: tuple[int, int] = (128, 128),
+    ) -> None:
         """Checks that the model described by the text ``config`` splits evenly on this
         layout: heads, vocabulary, the dense and shared MLPs by ``tp_size``, routed experts
         by ``ep_size``, the expert MLP by ``moe_tp_size``; and that every split dimension
@@ -126,17 +151,31 @@ class ParallelLayout:
             return format_of(formats.get(part, "bf16")).split_alignment(column, group=group, fp8_block=fp8_block)
 
         # (what, size, ways, divisor name, alignment of the local slice)
-        dims = [("num_attention_heads", heads, tp, "tp_size", 1),
-                ("num_key_value_heads", config.get("num_key_value_heads") or heads, tp, "tp_size", 1),
-                ("vocab_size", config.get("vocab_size") or 0, tp, "tp_size", 1),
-                ("q_b_proj rows (num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim))",
-                 heads * (nope + rope), tp, "tp_size", align("attention", True)),
-                ("kv_b_proj rows (num_attention_heads * (qk_nope_head_dim + v_head_dim))",
-                 heads * (nope + v), tp, "tp_size", align("attention", True)),
-                ("o_proj columns (num_attention_heads * v_head_dim)", heads * v, tp, "tp_size",
-                 align("attention", False))]
-        for what, size, part in (("intermediate_size", dense, "dense"), ("moe_intermediate_size", moe, "experts"),
-                                 ("shared expert intermediate size", shared, "shared")):
+        dims = [
+            ("num_attention_heads", heads, tp, "tp_size", 1),
+            ("num_key_value_heads", config.get("num_key_value_heads") or heads, tp, "tp_size", 1),
+            ("vocab_size", config.get("vocab_size") or 0, tp, "tp_size", 1),
+            (
+                "q_b_proj rows (num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim))",
+                heads * (nope + rope),
+                tp,
+                "tp_size",
+                align("attention", True),
+            ),
+            (
+                "kv_b_proj rows (num_attention_heads * (qk_nope_head_dim + v_head_dim))",
+                heads * (nope + v),
+                tp,
+                "tp_size",
+                align("attention", True),
+            ),
+            ("o_proj columns (num_attention_heads * v_head_dim)", heads * v, tp, "tp_size", align("attention", False)),
+        ]
+        for what, size, part in (
+            ("intermediate_size", dense, "dense"),
+            ("moe_intermediate_size", moe, "experts"),
+            ("shared expert intermediate size", shared, "shared"),
+        ):
             if size:
                 ways, name = (moe_tp, "moe_tp_size") if part == "experts" else (tp, "tp_size")
                 dims.append((what, size, ways, name, max(align(part, True), align(part, False))))
@@ -146,5 +185,7 @@ class ParallelLayout:
             if size % ways:
                 raise InvalidArgumentError(f"{what} ({size}) is not divisible by {name}={ways}")
             if (size // ways) % unit:
-                raise InvalidArgumentError(f"{what} ({size}) split {name}={ways} ways gives {size // ways}, not a "
-                                           f"multiple of the quantization group / block {unit}")
+                raise InvalidArgumentError(
+                    f"{what} ({size}) split {name}={ways} ways gives {size // ways}, not a "
+                    f"multiple of the quantization group / block {unit}"
+                )

@@ -45,8 +45,12 @@ def dequant_mxfp4(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype 
     return (vals * s.repeat_interleave(group, dim=-1)).to(dtype)
 
 
-def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
-                      dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def dequant_fp8_block(
+    weight: torch.Tensor,
+    scale_inv: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
     """FP8 block ``weight`` ``[..., out, in]`` + ``weight_scale_inv`` ``[..., ceil(out/br), ceil(in/bc)]``."""
     rows, cols = weight.shape[-2:]
     grid = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
@@ -54,8 +58,9 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tupl
     return (weight.float() * grid).to(dtype)
 
 
-def dequantize(fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-               fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def dequantize(
+    fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype, fp8_block: tuple[int, int] = (128, 128)
+) -> torch.Tensor:
     """Dense weight of a linear stored as ``tensors`` (suffix -> tensor) in format ``fmt``
     (see :mod:`kimi_loader.registry`)."""
     from .registry import format_of

@@ -133,14 +133,17 @@ class Checkpoint:
 
     def tensor_info(self, name: str) -> TensorInfo:
         shard, st_dtype, shape, offset, nbytes = self.core.locate(_validate.name(name))
-        return TensorInfo(name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self.core.files()[shard],
-                          offset, nbytes)
+        return TensorInfo(
+            name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self.core.files()[shard], offset, nbytes
+        )
 
     def infos(self) -> list[TensorInfo]:
         """:class:`TensorInfo` of every tensor, in storage order."""
         files = self.core.files()
-        return [TensorInfo(n, TORCH_DTYPES[d], d, tuple(s), files[sh], off, nb)
-                for n, d, s, sh, off, nb in self.core.table()]
+        return [
+            TensorInfo(n, TORCH_DTYPES[d], d, tuple(s), files[sh], off, nb)
+            for n, d, s, sh, off, nb in self.core.table()
+        ]
 
     def metadata(self) -> dict[str, str]:
         """The ``__metadata__`` strings of the shards, merged."""
@@ -201,8 +204,9 @@ class Checkpoint:
         count = nbytes // dtype.itemsize
         return torch.frombuffer(self._buffer(shard), dtype=dtype, count=count, offset=offset).view(shape)
 
-    def read_tensors(self, names: Iterable[str] | None = None, *,
-                     out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def read_tensors(
+        self, names: Iterable[str] | None = None, *, out: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Copies tensors into fresh (or given) CPU memory, in parallel, GIL released.
 
         ``names`` defaults to every tensor. With ``out``, tensors are written into the
@@ -215,11 +219,12 @@ class Checkpoint:
             dst = out.get(n) if out is not None else None
             if dst is None:
                 dst = torch.empty(shape, dtype=TORCH_DTYPES[st_dtype])
-            elif (dst.device.type != "cpu" or not dst.is_contiguous()
-                  or dst.numel() * dst.element_size() != nbytes):
+            elif dst.device.type != "cpu" or not dst.is_contiguous() or dst.numel() * dst.element_size() != nbytes:
                 raise ShapeMismatchError(
                     f"tensor '{n}': destination must be a contiguous CPU tensor of {nbytes} bytes, got "
-                    f"{tuple(dst.shape)} {dst.dtype} on {dst.device}", tensor=n)
+                    f"{tuple(dst.shape)} {dst.dtype} on {dst.device}",
+                    tensor=n,
+                )
             result[n] = dst
         self.core.read_into(names, [result[n] for n in names])
         return result

@@ -59,8 +59,16 @@ class Format:
     def local_dims(self, out: int, inp: int, split: str, tp: int) -> tuple[int, int]:
         return (out // tp if split == "column" else out), (inp // tp if split == "row" else inp)
 
-    def shard_shapes(self, out: int, inp: int, *, split: str = "replicated", tp: int = 1,
-                     fp8_block: tuple[int, int] = (128, 128), group: int | None = None) -> dict[str, list[int]]:
+    def shard_shapes(
+        self,
+        out: int,
+        inp: int,
+        *,
+        split: str = "replicated",
+        tp: int = 1,
+        fp8_block: tuple[int, int] = (128, 128),
+        group: int | None = None,
+    ) -> dict[str, list[int]]:
         """Local shapes, per suffix, of one linear ``[out, inp]`` on one TP rank."""
         o, i = self.local_dims(out, inp, split, tp)
         return {"weight": [o, i]}
@@ -70,12 +78,14 @@ class Format:
         return 1
 
     # -- values ------------------------------------------------------------------------------
-    def dequantize(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                   fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    def dequantize(
+        self, tensors: dict[str, torch.Tensor], dtype: torch.dtype, fp8_block: tuple[int, int] = (128, 128)
+    ) -> torch.Tensor:
         return tensors["weight"].to(dtype)
 
-    def quantize(self, w: torch.Tensor, g: torch.Generator, *, fp8_block: tuple[int, int] = (128, 128),
-                 group: int = 32) -> dict[str, torch.Tensor]:
+    def quantize(
+        self, w: torch.Tensor, g: torch.Generator, *, fp8_block: tuple[int, int] = (128, 128), group: int = 32
+    ) -> dict[str, torch.Tensor]:
         """``w`` float32 ``[n, out, in]`` (n stacked linears) -> suffix -> stacked tensor in
         this format (the reference packers; synthetic checkpoints use them)."""
         return {"weight": w.to(torch.bfloat16)}
@@ -138,8 +148,10 @@ class _Fp8Block(Format):
     def shard_shapes(self, out, inp, *, split="replicated", tp=1, fp8_block=(128, 128), group=None):
         o, i = self.local_dims(out, inp, split, tp)
         so, si = math.ceil(out / fp8_block[0]), math.ceil(inp / fp8_block[1])
-        return {"weight": [o, i], "weight_scale_inv": [so // tp if split == "column" else so,
-                                                        si // tp if split == "row" else si]}
+        return {
+            "weight": [o, i],
+            "weight_scale_inv": [so // tp if split == "column" else so, si // tp if split == "row" else si],
+        }
 
     def split_alignment(self, column, *, group=32, fp8_block=(128, 128)):
         return fp8_block[0] if column else fp8_block[1]
@@ -162,15 +174,28 @@ class _Fp8Block(Format):
 
 
 #: every format, by name (the order is the order of ``QUANT_FORMATS``)
-FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("bf16", {"weight": None}, {"weight": ("BF16", "F16", "F32")}),
-    _Fp8Block("fp8-block", {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32},
-              {"weight": ("F8_E4M3",), "weight_scale_inv": ("F32", "BF16", "F16", "F8_E8M0")}),
-    _Int4("ct-int4", {"weight_packed": torch.int32, "weight_scale": torch.bfloat16, "weight_shape": torch.int32},
-          {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"), "weight_shape": ("I32", "I64")}),
-    _Mxfp4("quark-mxfp4", {"weight": torch.uint8, "weight_scale": torch.uint8},
-           {"weight": ("U8",), "weight_scale": ("U8", "F8_E8M0")}, needed=("weight_scale",)),
-)}
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("bf16", {"weight": None}, {"weight": ("BF16", "F16", "F32")}),
+        _Fp8Block(
+            "fp8-block",
+            {"weight": torch.float8_e4m3fn, "weight_scale_inv": torch.float32},
+            {"weight": ("F8_E4M3",), "weight_scale_inv": ("F32", "BF16", "F16", "F8_E8M0")},
+        ),
+        _Int4(
+            "ct-int4",
+            {"weight_packed": torch.int32, "weight_scale": torch.bfloat16, "weight_shape": torch.int32},
+            {"weight_packed": ("I32",), "weight_scale": ("BF16", "F16", "F32"), "weight_shape": ("I32", "I64")},
+        ),
+        _Mxfp4(
+            "quark-mxfp4",
+            {"weight": torch.uint8, "weight_scale": torch.uint8},
+            {"weight": ("U8",), "weight_scale": ("U8", "F8_E8M0")},
+            needed=("weight_scale",),
+        ),
+    )
+}
 
 
 def format_of(name: Any) -> Format:

@@ -76,7 +76,9 @@ def _check_units(present: set[str], known: set[str]) -> None:
                 if sib in known and sib not in present:
                     raise MissingTensorError(
                         f"'{name}' is updated but '{sib}', which belongs to the same quantized weight, is not: "
-                        "the parts of a quantized weight are updated together", tensor=sib)
+                        "the parts of a quantized weight are updated together",
+                        tensor=sib,
+                    )
 
 
 class WeightUpdater:
@@ -89,11 +91,21 @@ class WeightUpdater:
     then write into memory that is already faulted in). :meth:`release_staging` frees it.
     """
 
-    def __init__(self, model: Any, *, tp_rank: int | None = None, tp_size: int | None = None,
-                 ep_rank: int | None = None, ep_size: int | None = None, parallel: Any = None,
-                 threads: int | None = None, baseline: Any = None, keep_staging: bool = True) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        tp_rank: int | None = None,
+        tp_size: int | None = None,
+        ep_rank: int | None = None,
+        ep_size: int | None = None,
+        parallel: Any = None,
+        threads: int | None = None,
+        baseline: Any = None,
+        keep_staging: bool = True,
+    ) -> None:
         self.model = model
-        self.ranks = {"parallel": resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)}
+        self.parallel = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
         self.threads = _validate.threads(threads)
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)
@@ -113,12 +125,14 @@ class WeightUpdater:
 
     # -- planning --------------------------------------------------------------------
     def _compile(self, ck: Checkpoint) -> PlannedLoad:
-        planned = plan_for(self.model, ck, threads=self.threads, need_memory=True, **self.ranks)
+        planned = plan_for(self.model, ck, threads=self.threads, need_memory=True, parallel=self.parallel)
         if planned.plan.unused():
             raise IncompleteLoadError(
                 f"{ck.index_path or ck.files[0]}: tensors the model has no place for: "
                 + "; ".join(f"{n} ({why})" for n, why in planned.plan.unused()[:5]),
-                tensor=planned.plan.unused()[0][0], unused=planned.plan.unused())
+                tensor=planned.plan.unused()[0][0],
+                unused=planned.plan.unused(),
+            )
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
             self._plan, self._known, self._dests = planned.plan, set(ck.keys()), planned.dests
         return planned
@@ -163,8 +177,9 @@ class WeightUpdater:
             n = _validate.name(n)
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 what = f"a {t.device.type} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InvalidArgumentError(f"update tensor '{n}' must be a torch.Tensor with data, got {what}",
-                                           tensor=n)
+                raise InvalidArgumentError(
+                    f"update tensor '{n}' must be a torch.Tensor with data, got {what}", tensor=n
+                )
             tensors[n] = t.detach().to("cpu").contiguous()
         if not tensors:
             raise InvalidArgumentError("no tensors to update from")
@@ -188,8 +203,9 @@ class WeightUpdater:
         if only is not None:
             absent = sorted(n for n in only if n not in ck)
             if absent:
-                raise IncompleteLoadError(f"names not in the update checkpoint: {', '.join(absent[:5])}",
-                                          tensor=absent[0])
+                raise IncompleteLoadError(
+                    f"names not in the update checkpoint: {', '.join(absent[:5])}", tensor=absent[0]
+                )
         plan, dests, replanned = self._plan_for(ck)
         _check_units(set(ck.keys()) if only is None else only, self._known or set(ck.keys()))
         t_plan = time.perf_counter()
@@ -218,16 +234,27 @@ class WeightUpdater:
             post(layers=layers)
         t_post = time.perf_counter()
         return UpdateReport(
-            version=self.version, tensors=len(names), changed_tensors=len(changed),
-            bytes_changed=sum(ops[k][3] for k in which), bytes_hashed=sum(ck.tensor_info(n).nbytes for n in names),
-            layers_post_processed=layers if which else [], replanned=replanned,
-            seconds={"plan": t_plan - t0, "hash": t_hash - t_plan, "copy": t_copy - t_hash,
-                     "post_load": t_post - t_copy, "total": t_post - t0})
+            version=self.version,
+            tensors=len(names),
+            changed_tensors=len(changed),
+            bytes_changed=sum(ops[k][3] for k in which),
+            bytes_hashed=sum(ck.tensor_info(n).nbytes for n in names),
+            layers_post_processed=layers if which else [],
+            replanned=replanned,
+            seconds={
+                "plan": t_plan - t0,
+                "hash": t_hash - t_plan,
+                "copy": t_copy - t_hash,
+                "post_load": t_post - t_copy,
+                "total": t_post - t0,
+            },
+        )
 
 
 # -- torch.distributed -----------------------------------------------------------------
-def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int = 0,
-                      bucket_bytes: int = 64 << 20) -> int:
+def broadcast_weights(
+    named_tensors_or_path: Any, group: Any = None, *, src: int = 0, bucket_bytes: int = 64 << 20
+) -> int:
     """Trainer side: broadcasts ``(name, tensor)`` pairs (or every tensor of a checkpoint
     path) from rank ``src`` to the group in buckets of about ``bucket_bytes``. Receivers
     call :meth:`WeightUpdater.update_from_distributed`. Returns the bytes sent."""
@@ -236,16 +263,20 @@ def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int
     if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
         # a checkpoint is read bucket by bucket with pread (never through the map, where a
         # file truncated underneath would fault): a changed file is a CheckpointIOError
-        ck = named_tensors_or_path if isinstance(named_tensors_or_path, Checkpoint) else \
-            open_checkpoint(named_tensors_or_path)
+        ck = (
+            named_tensors_or_path
+            if isinstance(named_tensors_or_path, Checkpoint)
+            else open_checkpoint(named_tensors_or_path)
+        )
         infos = [ck.tensor_info(n) for n in ck.keys()]
         meta = [(i.name, str(i.dtype).removeprefix("torch."), list(i.shape), i.nbytes) for i in infos]
         items = None
     else:
         items = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
-        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size())
-                for n, t in items]
-    buckets, cur, size = [], [], 0
+        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()) for n, t in items]
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
     for k, m in enumerate(meta):
         if cur and size + m[3] > bucket_bytes:
             buckets.append(cur)
@@ -263,8 +294,9 @@ def broadcast_weights(named_tensors_or_path: Any, group: Any = None, *, src: int
             parts = [got[meta[k][0]] for k in b]
         else:
             parts = [items[k][1] for k in b]
-        flat = torch.cat([t.reshape(-1).view(torch.uint8) for t in parts]) if parts else \
-            torch.empty(0, dtype=torch.uint8)
+        flat = (
+            torch.cat([t.reshape(-1).view(torch.uint8) for t in parts]) if parts else torch.empty(0, dtype=torch.uint8)
+        )
         dist.broadcast(flat.to(device), src=src, group=group)
     return sum(sizes)
 
@@ -294,7 +326,7 @@ def _receive(group: Any, src: int) -> list[tuple[str, torch.Tensor]]:
         off = 0
         while k < len(meta) and off + meta[k][3] <= size:
             name, dtype, shape, nbytes = meta[k]
-            out.append((name, flat[off:off + nbytes].view(getattr(torch, dtype)).view(shape)))
+            out.append((name, flat[off : off + nbytes].view(getattr(torch, dtype)).view(shape)))
             off += nbytes
             k += 1
     return out

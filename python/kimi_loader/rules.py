@@ -37,8 +37,9 @@ class Split(StrEnum):
         try:
             return cls(value)
         except ValueError:
-            raise InvalidArgumentError(f"{where}: unknown TP split {value!r} "
-                                       f"(one of {', '.join(s.value for s in cls)})") from None
+            raise InvalidArgumentError(
+                f"{where}: unknown TP split {value!r} (one of {', '.join(s.value for s in cls)})"
+            ) from None
 
 
 class ExpertShard(StrEnum):
@@ -55,7 +56,7 @@ class ExpertShard(StrEnum):
         return {"w1": 0, "w3": 1, "w2": 0}[self.value]
 
     @property
-    def split(self) -> Split:
+    def tp_split(self) -> Split:
         return Split.ROW if self is ExpertShard.W2 else Split.COLUMN
 
     @classmethod
@@ -87,7 +88,7 @@ class WeightRules:
     #: ``(prefix, replacement)``, first match wins (e.g. Kimi's ``language_model.`` names)
     rewrites: tuple[tuple[str, str], ...] = ()
     #: declared skips; every skipped tensor is listed in the report with its reason
-    ignore: tuple[IgnoreRule, ...] = ()
+    ignore: tuple[IgnoreRule | tuple[str | None, str | None, str], ...] = ()
     #: layers at or beyond this (minus declared MTP layers) are errors
     num_hidden_layers: int | None = None
     #: DeepSeek MTP layers stored after the last decoder layer, skipped by a named rule
@@ -108,13 +109,20 @@ class WeightRules:
     skip_destinations: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ignore", tuple(
-            r if isinstance(r, IgnoreRule) else IgnoreRule(*r) for r in self.ignore))
-        object.__setattr__(self, "tp_rules", tuple(
-            (frag, Split.parse(s, f"tp_rules[{frag!r}]")) for frag, s in self.tp_rules))
+        object.__setattr__(
+            self, "ignore", tuple(r if isinstance(r, IgnoreRule) else IgnoreRule(*r) for r in self.ignore)
+        )
+        object.__setattr__(
+            self, "tp_rules", tuple((frag, Split.parse(s, f"tp_rules[{frag!r}]")) for frag, s in self.tp_rules)
+        )
         object.__setattr__(self, "rewrites", tuple(tuple(r) for r in self.rewrites))
         object.__setattr__(self, "scale_remaps", tuple(tuple(r) for r in self.scale_remaps))
         object.__setattr__(self, "fp8_block", tuple(self.fp8_block))
+
+    @property
+    def ignore_rules(self) -> tuple[IgnoreRule, ...]:
+        """``ignore`` as :class:`IgnoreRule` (tuples are converted at construction)."""
+        return tuple(r if isinstance(r, IgnoreRule) else IgnoreRule(*r) for r in self.ignore)
 
     @classmethod
     def coerce(cls, value: Any, where: str = "weight_rules()") -> WeightRules:
@@ -129,8 +137,9 @@ class WeightRules:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise InvalidArgumentError(f"{where}: unknown rule key(s) {', '.join(map(repr, unknown))} "
-                                       f"(known: {', '.join(sorted(known))})")
+            raise InvalidArgumentError(
+                f"{where}: unknown rule key(s) {', '.join(map(repr, unknown))} (known: {', '.join(sorted(known))})"
+            )
         return cls(**value)
 
     def replace(self, **changes: Any) -> WeightRules:
@@ -158,7 +167,7 @@ class PlannerRules:
         m = self.model
         out: dict[str, Any] = {
             "rewrites": list(m.rewrites),
-            "ignore": [(r.prefix, r.contains, r.reason) for r in m.ignore],
+            "ignore": [(r.prefix, r.contains, r.reason) for r in m.ignore_rules],
             "num_hidden_layers": m.num_hidden_layers,
             "num_nextn_predict_layers": m.num_nextn_predict_layers,
             "scale_remaps": list(m.scale_remaps),
@@ -166,7 +175,7 @@ class PlannerRules:
             "num_experts": m.num_experts,
             "fused_shared_slot": m.fused_shared_slot,
             "stacked": list(self.stacked),
-            "experts": [(p, frag, e, s.order, s.split.value) for p, frag, e, s in self.experts],
+            "experts": [(p, frag, e, s.order, s.tp_split.value) for p, frag, e, s in self.experts],
             **self.parallel,
         }
         if self.renames:

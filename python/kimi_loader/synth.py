@@ -26,10 +26,24 @@ from .registry import FORMATS, format_of
 
 __all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
 
-_KIMI_ROPE = {"type": "yarn", "factor": 64.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
-              "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
-_DS_ROPE = {"type": "yarn", "factor": 40.0, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
-            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}
+_KIMI_ROPE = {
+    "type": "yarn",
+    "factor": 64.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+}
+_DS_ROPE = {
+    "type": "yarn",
+    "factor": 40.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "original_max_position_embeddings": 4096,
+}
 
 _BASE_TEXT: dict[str, Any] = {
     "architectures": ["DeepseekV3ForCausalLM"],
@@ -51,37 +65,103 @@ _BASE_TEXT: dict[str, Any] = {
 
 #: preset name -> (family, default shard count, text config)
 PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "kimi-k2.5-tiny": ("kimi", 4, {
-        **_BASE_TEXT, "model_type": "kimi_k2",
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-        "num_hidden_layers": 3, "num_nextn_predict_layers": 0, "first_k_dense_replace": 1,
-        "num_attention_heads": 4, "num_key_value_heads": 4,
-        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 1, "topk_group": 1,
-        "routed_scaling_factor": 2.827, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
-        "max_position_embeddings": 262144, "rope_scaling": _KIMI_ROPE,
-    }),
-    "deepseek-v3-tiny": ("deepseek", 4, {
-        **_BASE_TEXT, "model_type": "deepseek_v3",
-        "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 32,
-        "num_hidden_layers": 4, "num_nextn_predict_layers": 1, "first_k_dense_replace": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 4,
-        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
-        "n_routed_experts": 8, "n_shared_experts": 1, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
-        "routed_scaling_factor": 2.5, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
-        "max_position_embeddings": 163840, "rope_scaling": _DS_ROPE,
-    }),
+    "kimi-k2.5-tiny": (
+        "kimi",
+        4,
+        {
+            **_BASE_TEXT,
+            "model_type": "kimi_k2",
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 3,
+            "num_nextn_predict_layers": 0,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.827,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 50000.0,
+            "max_position_embeddings": 262144,
+            "rope_scaling": _KIMI_ROPE,
+        },
+    ),
+    "deepseek-v3-tiny": (
+        "deepseek",
+        4,
+        {
+            **_BASE_TEXT,
+            "model_type": "deepseek_v3",
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 4,
+            "num_nextn_predict_layers": 1,
+            "first_k_dense_replace": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8,
+            "v_head_dim": 16,
+            "n_routed_experts": 8,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 2,
+            "n_group": 4,
+            "topk_group": 2,
+            "routed_scaling_factor": 2.5,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0,
+            "max_position_embeddings": 163840,
+            "rope_scaling": _DS_ROPE,
+        },
+    ),
     # Kimi-K2.5's real tensor count (61 layers x 384 experts, 64 shards), tiny shapes.
-    "kimi-k2.5-fullcount": ("kimi", 64, {
-        **_BASE_TEXT, "model_type": "kimi_k2",
-        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 32, "moe_intermediate_size": 32,
-        "num_hidden_layers": 61, "num_nextn_predict_layers": 0, "first_k_dense_replace": 1,
-        "num_attention_heads": 1, "num_key_value_heads": 1,
-        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 16, "v_head_dim": 16,
-        "n_routed_experts": 384, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1,
-        "routed_scaling_factor": 2.827, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
-        "max_position_embeddings": 262144, "rope_scaling": _KIMI_ROPE,
-    }),
+    "kimi-k2.5-fullcount": (
+        "kimi",
+        64,
+        {
+            **_BASE_TEXT,
+            "model_type": "kimi_k2",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 32,
+            "moe_intermediate_size": 32,
+            "num_hidden_layers": 61,
+            "num_nextn_predict_layers": 0,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 1,
+            "num_key_value_heads": 1,
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 16,
+            "n_routed_experts": 384,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 8,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.827,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 50000.0,
+            "max_position_embeddings": 262144,
+            "rope_scaling": _KIMI_ROPE,
+        },
+    ),
 }
 
 _VISION_HIDDEN = 16
@@ -102,34 +182,65 @@ def _quant_config(quant: str) -> dict[str, Any] | None:
     if quant == "bf16":
         return None
     if quant == "fp8-block":
-        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                "weight_block_size": [128, 128]}
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     if quant == "ct-int4":
         return {
-            "quant_method": "compressed-tensors", "format": "pack-quantized",
-            "quantization_status": "compressed", "kv_cache_scheme": None,
-            "config_groups": {"group_0": {
-                "targets": ["Linear"], "input_activations": None, "output_activations": None,
-                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32,
-                            "strategy": "group", "dynamic": False, "actorder": None,
-                            "block_structure": None, "observer": "minmax", "observer_kwargs": {}},
-            }},
-            "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                       "re:.*mlp\\.(gate|up|gate_up|down)_proj.*", "re:.*mlp\\.gate$",
-                       "re:vision_tower.*", "re:mm_projector.*"],
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "quantization_status": "compressed",
+            "kv_cache_scheme": None,
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "input_activations": None,
+                    "output_activations": None,
+                    "weights": {
+                        "num_bits": 4,
+                        "type": "int",
+                        "symmetric": True,
+                        "group_size": 32,
+                        "strategy": "group",
+                        "dynamic": False,
+                        "actorder": None,
+                        "block_structure": None,
+                        "observer": "minmax",
+                        "observer_kwargs": {},
+                    },
+                }
+            },
+            "ignore": [
+                "lm_head",
+                "re:.*self_attn.*",
+                "re:.*shared_experts.*",
+                "re:.*mlp\\.(gate|up|gate_up|down)_proj.*",
+                "re:.*mlp\\.gate$",
+                "re:vision_tower.*",
+                "re:mm_projector.*",
+            ],
         }
     if quant == "quark-mxfp4":
-        spec = {"dtype": "fp4", "qscheme": "per_group", "group_size": 32, "ch_axis": -1,
-                "scale_format": "e8m0", "round_method": "half_even", "symmetric": None}
+        spec = {
+            "dtype": "fp4",
+            "qscheme": "per_group",
+            "group_size": 32,
+            "ch_axis": -1,
+            "scale_format": "e8m0",
+            "round_method": "half_even",
+            "symmetric": None,
+        }
         return {
-            "quant_method": "quark", "quant_mode": "eager_mode",
+            "quant_method": "quark",
+            "quant_mode": "eager_mode",
             "export": {"weight_format": "real_quantized", "pack_method": "reorder", "kv_cache_group": []},
-            "global_quant_config": {"weight": {**spec, "is_dynamic": False},
-                                    "input_tensors": {**spec, "is_dynamic": True},
-                                    "output_tensors": None, "bias": None},
-            "exclude": ["re:lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:vision_tower.*",
-                        "re:mm_projector.*"],
-            "layer_quant_config": {}, "layer_type_quant_config": {},
+            "global_quant_config": {
+                "weight": {**spec, "is_dynamic": False},
+                "input_tensors": {**spec, "is_dynamic": True},
+                "output_tensors": None,
+                "bias": None,
+            },
+            "exclude": ["re:lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:vision_tower.*", "re:mm_projector.*"],
+            "layer_quant_config": {},
+            "layer_type_quant_config": {},
         }
     raise InvalidArgumentError(f"unknown quant {quant!r}; choose from {list(QUANT_FORMATS)}")
 
@@ -141,6 +252,7 @@ class _Linear:
     """A group of linears of one shape, generated together (e.g. one projection of all
     experts of a layer). ``role`` decides the format: ``expert``, ``shared``, ``dense``,
     ``attn``."""
+
     names: list[str]
     out: int
     inp: int
@@ -261,8 +373,9 @@ def _plain_value(p: _Plain, g: torch.Generator) -> torch.Tensor:
     return (0.02 * _rand(g, *p.shape)).to(torch.bfloat16)  # embed, lm_head, vision
 
 
-def _tensors(cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: str | None,
-             g: torch.Generator) -> dict[str, torch.Tensor]:
+def _tensors(
+    cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: str | None, g: torch.Generator
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for part in _model_parts(cfg, family):
         if isinstance(part, _Plain):
@@ -279,8 +392,11 @@ def _tensors(cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: 
 def _unquantized_modules(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The linear-like modules (2-D+ ``weight`` without a uint8 packing) of a checkpoint,
     by full name: what Quark's ``exclude`` holds after an export."""
-    return sorted(n[: -len(".weight")] for n, t in tensors.items()
-                  if n.endswith(".weight") and t.dim() >= 2 and t.dtype != torch.uint8 and "embed_tokens" not in n)
+    return sorted(
+        n[: -len(".weight")]
+        for n, t in tensors.items()
+        if n.endswith(".weight") and t.dim() >= 2 and t.dtype != torch.uint8 and "embed_tokens" not in n
+    )
 
 
 def expected_tensor_count(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4", **overrides: Any) -> int:
@@ -295,9 +411,16 @@ def expected_tensor_count(preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4"
 
 
 # --------------------------------------------------------------------------------------
-def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-tiny", quant: str = "ct-int4",
-                    seed: int = 0, num_shards: int | None = None, shared_expert_quant: str | None = None,
-                    **overrides: Any) -> str:
+def make_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    preset: str = "kimi-k2.5-tiny",
+    quant: str = "ct-int4",
+    seed: int = 0,
+    num_shards: int | None = None,
+    shared_expert_quant: str | None = None,
+    **overrides: Any,
+) -> str:
     """Writes a complete synthetic checkpoint into directory ``path`` and returns it.
 
     ``preset``: ``kimi-k2.5-tiny`` (Kimi-K2.5 wrapper config with ``text_config``,
@@ -364,9 +487,15 @@ def make_checkpoint(path: str | os.PathLike[str], *, preset: str = "kimi-k2.5-ti
             "architectures": ["KimiK25ForConditionalGeneration"],
             "model_type": "kimi_k25",
             "text_config": cfg,
-            "vision_config": {"model_type": "kimi_k25_vision", "patch_size": 2, "hidden_size": _VISION_HIDDEN,
-                              "num_hidden_layers": 1, "num_attention_heads": 2,
-                              "intermediate_size": 2 * _VISION_HIDDEN, "merge_kernel_size": [2, 2]},
+            "vision_config": {
+                "model_type": "kimi_k25_vision",
+                "patch_size": 2,
+                "hidden_size": _VISION_HIDDEN,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "intermediate_size": 2 * _VISION_HIDDEN,
+                "merge_kernel_size": [2, 2],
+            },
             "projection_hidden_size": _VISION_HIDDEN,
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",

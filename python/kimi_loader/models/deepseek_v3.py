@@ -24,8 +24,13 @@ from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE, empty_params
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
 
 
-def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, Any] | None = None,
-                    shared_format: str | None = None, routed_format: str | None = None) -> tuple[int, str]:
+def fusion_decision(
+    text_config: dict[str, Any],
+    quant: str,
+    config: dict[str, Any] | None = None,
+    shared_format: str | None = None,
+    routed_format: str | None = None,
+) -> tuple[int, str]:
     """Whether to fuse the shared expert into the routed experts (slot ``n_routed``):
     ``(1, reason)`` or ``(0, reason)``.
 
@@ -40,8 +45,10 @@ def fusion_decision(text_config: dict[str, Any], quant: str, config: dict[str, A
     if s != 1:
         return 0, f"n_shared_experts={s} is not 1"
     if e == 384 and quant != "quark-mxfp4":
-        return 0, (f"384-expert checkpoints are fused only in Quark MXFP4 format; this one is {quant} "
-                   "(moonshotai's compressed-tensors checkpoint keeps its shared expert in bf16)")
+        return 0, (
+            f"384-expert checkpoints are fused only in Quark MXFP4 format; this one is {quant} "
+            "(moonshotai's compressed-tensors checkpoint keeps its shared expert in bf16)"
+        )
     spec = quant_spec(config if config is not None else text_config)
     first = text_config.get("first_k_dense_replace") or 0
     shared_format = shared_format or spec.module_format(f"model.layers.{first}.mlp.shared_experts.gate_proj")
@@ -58,15 +65,26 @@ def fusion_for(mc: ModelConfig, formats: ModuleFormats) -> tuple[int, str]:
     if not c.get("n_routed_experts") or c["first_k_dense_replace"] >= c["num_hidden_layers"]:
         return 0, "no MoE layer"
     moe0 = f"model.layers.{c['first_k_dense_replace']}.mlp"
-    return fusion_decision(c, mc.quant.method, mc.raw, shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
-                           routed_format=formats.of(f"{moe0}.experts.0.gate_proj"))
+    return fusion_decision(
+        c,
+        mc.quant.method,
+        mc.raw,
+        shared_format=formats.of(f"{moe0}.shared_experts.gate_proj"),
+        routed_format=formats.of(f"{moe0}.experts.0.gate_proj"),
+    )
 
 
 class _Holder(nn.Module):
-    """A module that only holds parameters (the runtime adds behaviour later)."""
+    """A module that only holds parameters (the runtime adds behaviour later). A linear's
+    holder says its checkpoint ``format`` and, when stacked, the rows of each shard."""
+
+    format: str
+    stacked_rows: dict[str, list[int]]
+    shard_rows: list[int]
+    w13_shard_rows: list[int]
 
 
-def _linear(fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype, device: Any) -> nn.Module:
+def _linear(fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype, device: Any) -> _Holder:
     m = _Holder()
     empty_params(m, fmt, shapes, dtype, device=device)
     m.format = fmt
@@ -104,10 +122,21 @@ class DeepseekV3ForCausalLM(nn.Module):
     dequantized in ``dtype``, a decision listed in ``format_decisions``.
     """
 
-    def __init__(self, config: Any, *, dtype: torch.dtype = torch.bfloat16, device: Any = None,
-                 tp_rank: int = 0, tp_size: int = 1, ep_rank: int | None = None, ep_size: int = 1,
-                 parallel: ParallelLayout | None = None, num_fused_shared_experts: int | None = None,
-                 quant_config_source: dict[str, Any] | None = None, checkpoint: Any = None) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        device: Any = None,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+        ep_rank: int | None = None,
+        ep_size: int = 1,
+        parallel: ParallelLayout | None = None,
+        num_fused_shared_experts: int | None = None,
+        quant_config_source: dict[str, Any] | None = None,
+        checkpoint: Any = None,
+    ) -> None:
         super().__init__()
         mc = _model_config(config, quant_config_source)
         self.model_config = mc
@@ -123,11 +152,17 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.parallel = par = ParallelLayout.coerce(parallel)
         # every split is checked before a parameter is allocated
         e0 = "model.layers.{}.mlp".format(c["first_k_dense_replace"])
-        par.check(c, formats={"attention": formats.of("model.layers.0.self_attn.o_proj"),
-                              "dense": formats.of("model.layers.0.mlp.down_proj"),
-                              "experts": formats.of(f"{e0}.experts.0.down_proj"),
-                              "shared": formats.of(f"{e0}.shared_experts.down_proj")},
-                  group=spec.group_size or 32, fp8_block=spec.fp8_block)
+        par.check(
+            c,
+            formats={
+                "attention": formats.of("model.layers.0.self_attn.o_proj"),
+                "dense": formats.of("model.layers.0.mlp.down_proj"),
+                "experts": formats.of(f"{e0}.experts.0.down_proj"),
+                "shared": formats.of(f"{e0}.shared_experts.down_proj"),
+            },
+            group=spec.group_size or 32,
+            fp8_block=spec.fp8_block,
+        )
         self.tp_rank, self.tp_size, self.ep_rank, self.ep_size = par.tp_rank, par.tp_size, par.ep_rank, par.ep_size
         first_moe = c["first_k_dense_replace"]
         e_total = c.get("n_routed_experts") or 0
@@ -157,7 +192,8 @@ class DeepseekV3ForCausalLM(nn.Module):
             if len(set(fmts)) > 1:  # no common quantized format: hold the fused module dense
                 f = "bf16"
                 self.format_decisions.append(
-                    f"{' + '.join(modules)} stored as {' + '.join(fmts)}: fused dequantized to {dtype}")
+                    f"{' + '.join(modules)} stored as {' + '.join(fmts)}: fused dequantized to {dtype}"
+                )
             shapes, rows = stacked_shapes(f, shards, split=split, **shape_kw)
             m = _linear(f, shapes, dtype, device)
             m.stacked_rows = rows
@@ -168,7 +204,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         self.model = _Holder()
         self.model.embed_tokens = _Holder()
         self.model.embed_tokens.weight = nn.Parameter(
-            torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False)
+            torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False
+        )
         self.model.layers = nn.ModuleList()
         e_local = e_total // par.ep_size if e_total else 0
         for i in range(c["num_hidden_layers"]):
@@ -179,8 +216,9 @@ class DeepseekV3ForCausalLM(nn.Module):
             attn = layer.self_attn = _Holder()
             a = f"{p}.self_attn"
             if q_lora:
-                attn.fused_qkv_a_proj_with_mqa = stacked([f"{a}.q_a_proj", f"{a}.kv_a_proj_with_mqa"],
-                                                         [(q_lora, h), (kv_lora + rope, h)])
+                attn.fused_qkv_a_proj_with_mqa = stacked(
+                    [f"{a}.q_a_proj", f"{a}.kv_a_proj_with_mqa"], [(q_lora, h), (kv_lora + rope, h)]
+                )
                 attn.q_a_layernorm = _norm(q_lora, dtype, device)
                 attn.q_b_proj = lin(f"{a}.q_b_proj", heads * (nope + rope), q_lora, "column")
             else:
@@ -192,16 +230,17 @@ class DeepseekV3ForCausalLM(nn.Module):
             mlp = layer.mlp = _Holder()
             if i < first_moe or not e_total:
                 inter = c["intermediate_size"]
-                mlp.gate_up_proj = stacked([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(inter, h), (inter, h)],
-                                           "column")
+                mlp.gate_up_proj = stacked(
+                    [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"], [(inter, h), (inter, h)], "column"
+                )
                 mlp.down_proj = lin(f"{p}.mlp.down_proj", h, inter, "row")
             else:
                 inter = c["moe_intermediate_size"]
                 mlp.gate = _Holder()
-                mlp.gate.weight = nn.Parameter(torch.empty(e_total, h, dtype=dtype, device=device),
-                                               requires_grad=False)
-                mlp.gate.register_buffer("e_score_correction_bias",
-                                         torch.empty(e_total, dtype=torch.float32, device=device))
+                mlp.gate.weight = nn.Parameter(torch.empty(e_total, h, dtype=dtype, device=device), requires_grad=False)
+                mlp.gate.register_buffer(
+                    "e_score_correction_bias", torch.empty(e_total, dtype=torch.float32, device=device)
+                )
                 ef = formats.of(f"{p}.mlp.experts.0.gate_proj")
                 experts = mlp.experts = _Holder()
                 experts.format = ef
@@ -225,8 +264,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         if c["tie_word_embeddings"]:
             self.lm_head.weight = self.model.embed_tokens.weight
         else:
-            self.lm_head.weight = nn.Parameter(torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device),
-                                               requires_grad=False)
+            self.lm_head.weight = nn.Parameter(
+                torch.empty(c["vocab_size"] // tp, h, dtype=dtype, device=device), requires_grad=False
+            )
 
     def _apply(self, fn, recurse=True):
         """Keeps ``lm_head`` tied to ``embed_tokens`` through ``to`` / ``to_empty``."""
@@ -238,8 +278,11 @@ class DeepseekV3ForCausalLM(nn.Module):
     # -- the weight-hook protocol ------------------------------------------------------
     @property
     def stacked_params_mapping(self) -> list[tuple[str, str, int]]:
-        qkv = [("fused_qkv_a_proj_with_mqa", "q_a_proj", 0),
-               ("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa", 1)] if self.config.get("q_lora_rank") else []
+        qkv = (
+            [("fused_qkv_a_proj_with_mqa", "q_a_proj", 0), ("fused_qkv_a_proj_with_mqa", "kv_a_proj_with_mqa", 1)]
+            if self.config.get("q_lora_rank")
+            else []
+        )
         return [*qkv, ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
     @property
@@ -265,7 +308,7 @@ class DeepseekV3ForCausalLM(nn.Module):
         from .runtime import build_w_kc_w_vc
 
         self.post_load_calls.append(None if layers is None else list(layers))
-        if self.model.embed_tokens.weight.device.type != "meta":
+        if self.lm_head.weight.device.type != "meta":
             build_w_kc_w_vc(self, layers)
 
     # -- running ----------------------------------------------------------------------
@@ -305,17 +348,31 @@ class DeepseekV3ForCausalLM(nn.Module):
         tied = [TIED_IGNORE] if c["tie_word_embeddings"] else []
         return WeightRules(
             rewrites=KIMI_PREFIX_REWRITES,
-            ignore=(("vision_tower.", None, "vision tower: the language model is loaded text-only"),
-                    ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
-                    ROPE_IGNORE, *tied),
+            ignore=(
+                ("vision_tower.", None, "vision tower: the language model is loaded text-only"),
+                ("mm_projector.", None, "multimodal projector: the language model is loaded text-only"),
+                ROPE_IGNORE,
+                *tied,
+            ),
             num_hidden_layers=c["num_hidden_layers"],
             num_nextn_predict_layers=c["num_nextn_predict_layers"],
-            scale_remaps=((".k_proj.k_scale", ".attn.k_scale"), (".v_proj.v_scale", ".attn.v_scale"),
-                          (".q_proj.output_scale", ".attn.q_scale"), (".k_proj.output_scale", ".attn.k_scale"),
-                          (".v_proj.output_scale", ".attn.v_scale")),
-            tp_rules=(("q_b_proj.", Split.COLUMN), ("q_proj.", Split.COLUMN), ("kv_b_proj.", Split.COLUMN),
-                      ("o_proj.", Split.ROW), ("gate_up_proj.", Split.COLUMN), ("down_proj.", Split.ROW),
-                      ("embed_tokens.", Split.COLUMN), ("lm_head.", Split.COLUMN)),
+            scale_remaps=(
+                (".k_proj.k_scale", ".attn.k_scale"),
+                (".v_proj.v_scale", ".attn.v_scale"),
+                (".q_proj.output_scale", ".attn.q_scale"),
+                (".k_proj.output_scale", ".attn.k_scale"),
+                (".v_proj.output_scale", ".attn.v_scale"),
+            ),
+            tp_rules=(
+                ("q_b_proj.", Split.COLUMN),
+                ("q_proj.", Split.COLUMN),
+                ("kv_b_proj.", Split.COLUMN),
+                ("o_proj.", Split.ROW),
+                ("gate_up_proj.", Split.COLUMN),
+                ("down_proj.", Split.ROW),
+                ("embed_tokens.", Split.COLUMN),
+                ("lm_head.", Split.COLUMN),
+            ),
             num_experts=c.get("n_routed_experts"),
             fused_shared_slot=c.get("n_routed_experts") if self.num_fused_shared_experts else None,
             fp8_block=self.fp8_block,

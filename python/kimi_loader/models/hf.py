@@ -30,16 +30,18 @@ class HFDeepseekV3:
         self.hf_model = hf_model
         self.stacked_params_mapping: list = []  # transformers keeps q_a / kv_a and gate / up apart
         # the language model's config (a wrapper's text_config)
-        self.config = getattr(hf_model.config, "text_config", None) or hf_model.config
-        self.outer_config = hf_model.config
+        self.config: Any = getattr(hf_model.config, "text_config", None) or hf_model.config
+        self.outer_config: Any = hf_model.config
 
     @property
     def expert_params_mapping(self) -> list[tuple[str, str, int, str]]:
         out = []
         for e in range(self.config.n_routed_experts or 0):
-            out += [("experts.gate_up_proj.", f"experts.{e}.gate_proj.", e, "w1"),
-                    ("experts.gate_up_proj.", f"experts.{e}.up_proj.", e, "w3"),
-                    ("experts.down_proj.", f"experts.{e}.down_proj.", e, "w2")]
+            out += [
+                ("experts.gate_up_proj.", f"experts.{e}.gate_proj.", e, "w1"),
+                ("experts.gate_up_proj.", f"experts.{e}.up_proj.", e, "w3"),
+                ("experts.down_proj.", f"experts.{e}.down_proj.", e, "w2"),
+            ]
         return out
 
     def weight_rules(self) -> WeightRules:
@@ -52,9 +54,12 @@ class HFDeepseekV3:
             block = getattr(qc, "weight_block_size", None)
         return WeightRules(
             rewrites=KIMI_PREFIX_REWRITES,
-            ignore=(("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
-                    ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
-                    ROPE_IGNORE, *self._tied()),
+            ignore=(
+                ("vision_tower.", None, "vision tower: not part of DeepseekV3ForCausalLM"),
+                ("mm_projector.", None, "multimodal projector: not part of DeepseekV3ForCausalLM"),
+                ROPE_IGNORE,
+                *self._tied(),
+            ),
             num_hidden_layers=c.num_hidden_layers,
             num_nextn_predict_layers=getattr(c, "num_nextn_predict_layers", 0) or 0,
             num_experts=c.n_routed_experts,
@@ -63,8 +68,9 @@ class HFDeepseekV3:
         )
 
     def _tied(self) -> list[tuple[str | None, str | None, str]]:
-        tied = getattr(self.outer_config, "tie_word_embeddings", False) or \
-            getattr(self.config, "tie_word_embeddings", False)
+        tied = getattr(self.outer_config, "tie_word_embeddings", False) or getattr(
+            self.config, "tie_word_embeddings", False
+        )
         return [TIED_IGNORE] if tied else []
 
     def post_load_weights(self, layers: list[int] | None = None) -> None:
@@ -80,14 +86,26 @@ class HFKimiK25(HFDeepseekV3):
 
     def weight_rules(self) -> WeightRules:
         why = "not supported yet: transformers converts it with its own qkv unfusing"
-        return super().weight_rules().replace(
-            rewrites=(("language_model.model.", "model.language_model."),
-                      ("language_model.layers.", "model.language_model.layers."),
-                      ("language_model.lm_head.", "lm_head.")),
-            ignore=(("vision_tower.", None, f"vision tower: {why}"),
-                    ("mm_projector.", None, f"multimodal projector: {why}"), ROPE_IGNORE, *self._tied()),
-            skip_destinations=(("model.vision_tower.", f"vision tower: {why}"),
-                               ("model.mm_projector.", f"multimodal projector: {why}")),
+        return (
+            super()
+            .weight_rules()
+            .replace(
+                rewrites=(
+                    ("language_model.model.", "model.language_model."),
+                    ("language_model.layers.", "model.language_model.layers."),
+                    ("language_model.lm_head.", "lm_head."),
+                ),
+                ignore=(
+                    ("vision_tower.", None, f"vision tower: {why}"),
+                    ("mm_projector.", None, f"multimodal projector: {why}"),
+                    ROPE_IGNORE,
+                    *self._tied(),
+                ),
+                skip_destinations=(
+                    ("model.vision_tower.", f"vision tower: {why}"),
+                    ("model.mm_projector.", f"multimodal projector: {why}"),
+                ),
+            )
         )
 
 
@@ -148,8 +166,11 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
     for mod in model.modules():  # non-persistent rope buffers are not in any checkpoint
         known = getattr(mod, "rope_type", None) in ("default", *ROPE_INIT_FUNCTIONS)
         if hasattr(mod, "inv_freq") and known and hasattr(mod, "config"):
-            init = (mod.compute_default_rope_parameters if mod.rope_type == "default"
-                    else ROPE_INIT_FUNCTIONS[mod.rope_type])
+            init = (
+                mod.compute_default_rope_parameters
+                if mod.rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[mod.rope_type]
+            )
             inv_freq, scaling = init(mod.config, device=torch.device(device))
             mod.register_buffer("inv_freq", inv_freq, persistent=False)
             mod.original_inv_freq = inv_freq

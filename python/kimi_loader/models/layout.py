@@ -13,14 +13,18 @@ from ..registry import format_of
 #: Kimi-K2.5 names its language model ``language_model.model.*`` (some exports
 #: ``language_model.layers.*``) and its head ``language_model.lm_head``: rewrite to the
 #: plain DeepSeek-V3 names (first match wins).
-KIMI_PREFIX_REWRITES = (("language_model.model.", "model."), ("language_model.layers.", "model.layers."),
-                        ("language_model.", ""))
+KIMI_PREFIX_REWRITES = (
+    ("language_model.model.", "model."),
+    ("language_model.layers.", "model.layers."),
+    ("language_model.", ""),
+)
 
 #: A declared skip shared by every model: rope frequencies are recomputed, never loaded.
 ROPE_IGNORE = (None, "rotary_emb.inv_freq", "rope frequencies are recomputed")
 
 #: With ``tie_word_embeddings`` a stored head is not loaded (the head is the embedding).
 TIED_IGNORE = ("lm_head.", None, "lm_head is tied to embed_tokens (tie_word_embeddings)")
+
 
 def shard_shapes(fmt: str, out: int, inp: int, **kw: Any) -> dict[str, list[int]]:
     """Local shapes, per suffix, of one checkpoint linear ``[out, inp]`` on one TP rank
@@ -30,8 +34,9 @@ def shard_shapes(fmt: str, out: int, inp: int, **kw: Any) -> dict[str, list[int]
     return format_of(fmt).shard_shapes(out, inp, **kw)
 
 
-def stacked_shapes(fmt: str, shards: list[tuple[int, int]], **kw: Any) -> tuple[dict[str, list[int]],
-                                                                                  dict[str, list[int]]]:
+def stacked_shapes(
+    fmt: str, shards: list[tuple[int, int]], **kw: Any
+) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
     """Shapes of a parameter stacking ``shards`` (each ``(out, inp)``) along dim 0, and the
     rows each shard takes in each of them (what the planner checks every piece against)."""
     parts = [shard_shapes(fmt, o, i, **kw) for o, i in shards]
@@ -43,10 +48,17 @@ def stacked_shapes(fmt: str, shards: list[tuple[int, int]], **kw: Any) -> tuple[
     return out, rows
 
 
-def empty_params(module: torch.nn.Module, fmt: str, shapes: dict[str, list[int]], dtype: torch.dtype,
-                 prefix: str = "", device: Any = None) -> None:
+def empty_params(
+    module: torch.nn.Module,
+    fmt: str,
+    shapes: dict[str, list[int]],
+    dtype: torch.dtype,
+    prefix: str = "",
+    device: Any = None,
+) -> None:
     """Registers one frozen parameter per suffix (``prefix + suffix``) on ``module``."""
     for suffix, shape in shapes.items():
         dt = format_of(fmt).suffix_dtypes[suffix] or dtype
-        module.register_parameter(prefix + suffix, torch.nn.Parameter(
-            torch.empty(shape, dtype=dt, device=device), requires_grad=False))
+        module.register_parameter(
+            prefix + suffix, torch.nn.Parameter(torch.empty(shape, dtype=dt, device=device), requires_grad=False)
+        )

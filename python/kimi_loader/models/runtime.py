@@ -26,11 +26,16 @@ from ..quant import dequantize
 from ..registry import format_of
 
 
-def dense(module: torch.nn.Module, dtype: torch.dtype, index: int | None = None, prefix: str = "",
-          fp8_block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+def dense(
+    module: torch.nn.Module,
+    dtype: torch.dtype,
+    index: int | None = None,
+    prefix: str = "",
+    fp8_block: tuple[int, int] = (128, 128),
+) -> torch.Tensor:
     """The dense weight of a linear held in checkpoint format (``prefix`` selects e.g. the
     ``w13_`` tensors of an experts module, ``index`` one expert)."""
-    fmt = module.format
+    fmt: str = getattr(module, "format")  # noqa: B009 - a plain attribute typed for mypy
     tensors = {}
     for suffix in format_of(fmt).suffix_dtypes:
         t = getattr(module, prefix + suffix, None)
@@ -41,8 +46,12 @@ def dense(module: torch.nn.Module, dtype: torch.dtype, index: int | None = None,
         # a stacked FP8 parameter concatenates each shard's own block-scale grid
         w_parts = tensors["weight"].split(rows)
         s_parts = tensors["weight_scale_inv"].split([-(-r // fp8_block[0]) for r in rows])
-        return torch.cat([dequantize(fmt, {"weight": w, "weight_scale_inv": sc}, dtype, fp8_block)
-                          for w, sc in zip(w_parts, s_parts, strict=True)])
+        return torch.cat(
+            [
+                dequantize(fmt, {"weight": w, "weight_scale_inv": sc}, dtype, fp8_block)
+                for w, sc in zip(w_parts, s_parts, strict=True)
+            ]
+        )
     return dequantize(fmt, tensors, dtype, fp8_block)
 
 
@@ -144,9 +153,10 @@ class Runtime:
         cos, sin = self._cos_sin(positions)
         q_rope = rope(q_rope, cos[:, :, None, :], sin[:, :, None, :])
         k_rope = rope(k_rope, cos, sin)
-        if cache.latent[i] is not None:
-            latent = torch.cat([cache.latent[i], latent], dim=1)
-            k_rope = torch.cat([cache.k_rope[i], k_rope], dim=1)
+        old_latent, old_rope = cache.latent[i], cache.k_rope[i]
+        if old_latent is not None and old_rope is not None:
+            latent = torch.cat([old_latent, latent], dim=1)
+            k_rope = torch.cat([old_rope, k_rope], dim=1)
         cache.latent[i], cache.k_rope[i] = latent, k_rope
         # absorbed attention over the latent cache
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, attn.w_kc)
@@ -168,8 +178,11 @@ class Runtime:
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
         c, mlp = self.c, self.m.model.layers[i].mlp
         if not hasattr(mlp, "experts"):
-            return self._mlp(x, dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
-                             dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block))
+            return self._mlp(
+                x,
+                dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
+                dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block),
+            )
         shape = x.shape
         h = x.reshape(-1, shape[-1])
         e_total = c["n_routed_experts"]
@@ -197,12 +210,18 @@ class Runtime:
             out.index_add_(0, tok, y)
         if self.m.num_fused_shared_experts:  # the fused slot (the last), always selected with weight 1
             slot = next(t for n, t in experts.named_parameters() if n.startswith("w13_")).shape[0] - 1
-            out = out + self._mlp(h, dense(experts, self.dtype, slot, "w13_", self.m.fp8_block),
-                                  dense(experts, self.dtype, slot, "w2_", self.m.fp8_block))
+            out = out + self._mlp(
+                h,
+                dense(experts, self.dtype, slot, "w13_", self.m.fp8_block),
+                dense(experts, self.dtype, slot, "w2_", self.m.fp8_block),
+            )
         elif hasattr(mlp, "shared_experts"):
             se = mlp.shared_experts
-            out = out + self._mlp(h, dense(se.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
-                                  dense(se.down_proj, self.dtype, fp8_block=self.m.fp8_block))
+            out = out + self._mlp(
+                h,
+                dense(se.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
+                dense(se.down_proj, self.dtype, fp8_block=self.m.fp8_block),
+            )
         return out.view(shape)
 
     # -- the model ---------------------------------------------------------------------
