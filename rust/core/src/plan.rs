@@ -210,9 +210,20 @@ fn as_2d(shape: &[u64]) -> (u64, u64) {
     }
 }
 
-/// Builds the plan. Hard errors (shape mismatches, impossible TP splits, incomplete
-/// dequantization groups, two tensors writing the same bytes) fail here; missing and
-/// unused tensors are reported in the plan for the caller to judge.
+/// Builds the plan, in stages that each read the shared [`Ctx`]:
+///
+/// 1. [`resolve_stage`]: every checkpoint name to a destination (or a declared skip, another
+///    rank, or no place), quantized tensors gathered into dequantization groups;
+/// 2. [`group_stage`]: each group checked against its format (scale dtype and grid,
+///    `weight_shape` values) and turned into one piece;
+/// 3. [`slice_stage`]: pieces placed at their shard / expert offset, sliced for this TP
+///    rank, shape-checked exactly, emitted as ops;
+/// 4. [`check_coverage`]: the ops tile every destination exactly once (overlaps are a
+///    [`Error::Plan`], gaps are reported as missing).
+///
+/// Replaying a plan against a later checkpoint is [`Plan::rebind`]. Hard errors (shape
+/// mismatches, impossible TP splits, incomplete dequantization groups, overlaps) fail
+/// here; missing and unused tensors are reported in the plan for the caller to judge.
 pub fn build_plan(
     ckpt: &Checkpoint,
     rules: &Rules,
@@ -220,7 +231,28 @@ pub fn build_plan(
     opts: PlanOptions,
     pool: &rayon::ThreadPool,
 ) -> Result<Plan> {
-    use rayon::prelude::*;
+    check_options(rules, &opts)?;
+    let mut plan = Plan::default();
+    let rewrite_used = {
+        let ctx = Ctx::new(ckpt, rules, &dests, &opts);
+        let mut staged = resolve_stage(&ctx, &mut plan, pool)?;
+        group_stage(&ctx, &mut staged, &mut plan)?;
+        slice_stage(&ctx, &mut staged.pieces, &mut plan)?;
+        staged.rewrite_used
+    };
+    plan.dests = dests;
+    let rewrites_used: Vec<(String, String)> = rules
+        .rewrites
+        .iter()
+        .zip(&rewrite_used)
+        .filter(|(_, used)| **used)
+        .map(|(rw, _)| rw.clone())
+        .collect();
+    check_coverage(ckpt, rules, &mut plan, &rewrites_used)?;
+    Ok(plan)
+}
+
+fn check_options(rules: &Rules, opts: &PlanOptions) -> Result<()> {
     rules.check_parallel()?;
     let q = &opts.quant;
     if q.fp8_block.0 == 0 || q.fp8_block.1 == 0 {
@@ -233,25 +265,95 @@ pub fn build_plan(
             reason: "quantization group sizes must be positive".into(),
         });
     }
-    let index: FastMap<&str, u32> = dests
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (d.name.as_str(), i as u32))
-        .collect();
-    let mut plan = Plan::default();
-    let mut pieces: Vec<Piece> = Vec::with_capacity(ckpt.len());
-    let mut groups: FastMap<(u32, Option<u32>, u32), Group> = FastMap::default();
-    // prefix rewrites this checkpoint actually uses (to name missing tensors its way)
-    let mut rewrite_used = vec![false; rules.rewrites.len()];
-    // each destination's TP split, looked up once
-    let shard_counts = rules.shard_counts();
-    let dest_split: Vec<TpSplit> = dests.iter().map(|d| rules.split_of(&d.name)).collect();
-    let dest_shard_rows: Vec<Option<&[u64]>> = dests
-        .iter()
-        .map(|d| rules.shard_rows.get(&d.name).map(Vec::as_slice))
-        .collect();
+    Ok(())
+}
 
-    // Resolving names is independent per tensor: do it in parallel, then assemble.
+/// What every stage reads: the checkpoint, the rules, the options and the destinations,
+/// indexed once.
+struct Ctx<'a> {
+    ckpt: &'a Checkpoint,
+    rules: &'a Rules,
+    opts: &'a PlanOptions,
+    dests: &'a [DestSpec],
+    /// destination name -> index
+    index: FastMap<&'a str, u32>,
+    /// each destination's TP split, looked up once
+    dest_split: Vec<TpSplit>,
+    /// each destination's declared shard rows, looked up once
+    dest_shard_rows: Vec<Option<&'a [u64]>>,
+    /// stacked-rule key -> number of shards it stacks
+    shard_counts: FastMap<&'a str, u32>,
+    /// position of each shard's first tensor in storage order
+    first_of_shard: Vec<usize>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(
+        ckpt: &'a Checkpoint,
+        rules: &'a Rules,
+        dests: &'a [DestSpec],
+        opts: &'a PlanOptions,
+    ) -> Self {
+        Ctx {
+            ckpt,
+            rules,
+            opts,
+            dests,
+            index: dests
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (d.name.as_str(), i as u32))
+                .collect(),
+            dest_split: dests.iter().map(|d| rules.split_of(&d.name)).collect(),
+            dest_shard_rows: dests
+                .iter()
+                .map(|d| rules.shard_rows.get(&d.name).map(Vec::as_slice))
+                .collect(),
+            shard_counts: rules.shard_counts(),
+            first_of_shard: ckpt
+                .shards
+                .iter()
+                .scan(0, |at, s| {
+                    let first = *at;
+                    *at += s.header.tensors.len();
+                    Some(first)
+                })
+                .collect(),
+        }
+    }
+
+    /// Position of a tensor in storage order (shard-major).
+    fn position(&self, id: TensorId) -> usize {
+        self.first_of_shard[id.shard as usize] + id.index as usize
+    }
+}
+
+/// The output of [`resolve_stage`], consumed by the later stages.
+struct Staged {
+    pieces: Vec<Piece>,
+    /// dequantization groups by `(destination, expert slot, shard order)`
+    groups: FastMap<(u32, Option<u32>, u32), Group>,
+    /// the `weight_shape` value checks, by storage position (taken where consumed)
+    shape_checks: Vec<Option<(TensorId, Result<()>)>>,
+    /// prefix rewrites this checkpoint actually uses (to name missing tensors its way)
+    rewrite_used: Vec<bool>,
+}
+
+/// Stage 1: resolves every checkpoint name (in parallel), then sorts each tensor into a
+/// plain piece, a dequantization group, a consumed `weight_shape`, or the plan's
+/// ignored / other-rank / unused lists.
+fn resolve_stage(ctx: &Ctx<'_>, plan: &mut Plan, pool: &rayon::ThreadPool) -> Result<Staged> {
+    use rayon::prelude::*;
+    let Ctx {
+        ckpt,
+        rules,
+        dests,
+        index,
+        dest_split,
+        shard_counts,
+        ..
+    } = ctx;
+    let (ckpt, rules) = (*ckpt, *rules);
     let tensors: Vec<_> = ckpt.iter().collect();
     let resolved: Vec<Resolved> = pool.install(|| {
         tensors
@@ -262,7 +364,7 @@ pub fn build_plan(
     // compressed-tensors `weight_shape` companions hold values, not only a shape: their
     // small reads (one pread each, ~70k at Kimi-K2.5 scale) run in parallel here, checked
     // against their packed sibling; each result is surfaced where the tensor is consumed.
-    let mut shape_checks: Vec<Option<(TensorId, Result<()>)>> = pool.install(|| {
+    let shape_checks: Vec<Option<(TensorId, Result<()>)>> = pool.install(|| {
         tensors
             .par_iter()
             .map(|&(id, e)| {
@@ -278,17 +380,19 @@ pub fn build_plan(
             })
             .collect()
     });
-    // position of a tensor in `tensors` (shard-major storage order)
-    let first_of_shard: Vec<usize> = ckpt
-        .shards
-        .iter()
-        .scan(0, |at, s| {
-            let first = *at;
-            *at += s.header.tensors.len();
-            Some(first)
-        })
-        .collect();
-    let position = |id: TensorId| first_of_shard[id.shard as usize] + id.index as usize;
+    let mut staged = Staged {
+        pieces: Vec::with_capacity(ckpt.len()),
+        groups: FastMap::default(),
+        shape_checks,
+        rewrite_used: vec![false; rules.rewrites.len()],
+    };
+    let Staged {
+        pieces,
+        groups,
+        shape_checks,
+        rewrite_used,
+    } = &mut staged;
+    let position = |id: TensorId| ctx.position(id);
     for ((id, e), resolved) in tensors.into_iter().zip(resolved) {
         let name = &*e.name;
         let (param, expert, order, split, stack_key) = match resolved {
@@ -414,7 +518,27 @@ pub fn build_plan(
         });
     }
 
-    for ((d, expert, order), g) in groups {
+    Ok(staged)
+}
+
+/// Stage 2: each dequantization group, checked against its format, becomes one piece.
+fn group_stage(ctx: &Ctx<'_>, staged: &mut Staged, plan: &mut Plan) -> Result<()> {
+    let Ctx {
+        ckpt,
+        opts,
+        dests,
+        dest_split,
+        ..
+    } = ctx;
+    let ckpt = *ckpt;
+    let Staged {
+        pieces,
+        groups,
+        shape_checks,
+        ..
+    } = staged;
+    let position = |id: TensorId| ctx.position(id);
+    for ((d, expert, order), g) in std::mem::take(groups) {
         let dest = &dests[d as usize];
         let Some(data) = g.data else {
             let some = g.scale.or(g.shape).expect("a group has a member");
@@ -466,6 +590,20 @@ pub fn build_plan(
         });
     }
 
+    Ok(())
+}
+
+/// Stage 3: places every piece at its shard / expert offset, slices it for this TP rank
+/// (the MoE TP group for experts), checks its exact shape, and emits the ops.
+fn slice_stage(ctx: &Ctx<'_>, pieces: &mut [Piece], plan: &mut Plan) -> Result<()> {
+    let Ctx {
+        ckpt,
+        rules,
+        dests,
+        dest_shard_rows,
+        ..
+    } = ctx;
+    let (ckpt, rules) = (*ckpt, *rules);
     // Stacked and expert shards: group by (destination, expert block), place in order.
     pieces.sort_unstable_by_key(|p| (p.dest, p.expert, p.order, p.src.shard, p.src.index));
     let mut i = 0;
@@ -620,16 +758,7 @@ pub fn build_plan(
         }
         i = j;
     }
-    plan.dests = dests;
-    let rewrites_used: Vec<(String, String)> = rules
-        .rewrites
-        .iter()
-        .zip(&rewrite_used)
-        .filter(|(_, used)| **used)
-        .map(|(rw, _)| rw.clone())
-        .collect();
-    check_coverage(ckpt, rules, &mut plan, &rewrites_used)?;
-    Ok(plan)
+    Ok(())
 }
 
 /// The local rows of each shard of a destination block: declared by the model, or equal
