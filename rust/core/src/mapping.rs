@@ -30,7 +30,8 @@ pub enum TpSplit {
 /// A declared reason to skip checkpoint tensors.
 #[derive(Debug, Clone)]
 pub struct IgnoreRule {
-    /// Matches names starting with this (after prefix rewrites if `after_rewrite`).
+    /// Matches names starting with this, checked on the name as stored and again after
+    /// the prefix rewrite (so `vision_tower.` and `model.layers.` forms both match).
     pub prefix: Option<String>,
     /// Matches names containing this.
     pub contains: Option<String>,
