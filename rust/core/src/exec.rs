@@ -139,7 +139,7 @@ pub unsafe fn read_tasks(
 
 use std::cell::RefCell;
 
-use crate::convert::{convert, dequant_fp8_row, dequant_int4_row, dequant_mxfp4_row};
+use crate::convert::convert;
 use crate::plan::{Op, OpKind, Plan};
 use crate::shard::Shard;
 
@@ -230,20 +230,17 @@ fn run_rows(
             convert(buf, from, dst, to, ((r1 - r0) * (c1 - c0)) as usize);
             Ok(())
         }),
-        OpKind::DequantInt4 {
-            scale, group, to, ..
-        }
-        | OpKind::DequantMxfp4 { scale, group, to } => {
-            let int4 = matches!(op.kind, OpKind::DequantInt4 { .. });
-            let se = ckpt.entry(scale);
-            let ss = ckpt.shard(scale);
-            let (row_bytes, seg, seg_len) = (op.src_cols / 2, c0 / 2, (c1 - c0) / 2);
-            let sb = se.dtype.size();
-            let (srow, sseg, slen) = (
-                op.src_cols / group * sb,
-                c0 / group * sb,
-                (c1 - c0) / group * sb,
-            );
+        OpKind::Dequant(q) => {
+            // the format says how many bytes a span of columns takes; the scale grid is
+            // `ceil(rows / block.0) x ceil(cols / block.1)` for every format
+            let se = ckpt.entry(q.scale);
+            let ss = ckpt.shard(q.scale);
+            let f = q.format;
+            let (seg, seg_len) = (f.data_bytes(c0), f.data_bytes(c1 - c0));
+            let sb = q.scale_dtype.size();
+            let (sc0, sc1) = (c0 / q.block.1, c1.div_ceil(q.block.1));
+            let slen = (sc1 - sc0) * sb;
+            let (br0, br1) = (r0 / q.block.0, (r1 - 1) / q.block.0 + 1);
             BOUNCE.with_borrow_mut(|(a, b)| {
                 let rows = (r1 - r0) as usize;
                 let data = grow(a, rows * seg_len as usize);
@@ -251,7 +248,7 @@ fn run_rows(
                     shard,
                     RowSpan {
                         base,
-                        stride: row_bytes,
+                        stride: f.data_bytes(op.src_cols),
                         seg,
                         seg_len,
                     },
@@ -259,67 +256,12 @@ fn run_rows(
                     r1,
                     data,
                 )?;
-                let scales = grow(b, rows * slen as usize);
-                read_rows(
-                    ss,
-                    RowSpan {
-                        base: ss.abs_offset(se),
-                        stride: srow,
-                        seg: sseg,
-                        seg_len: slen,
-                    },
-                    r0,
-                    r1,
-                    scales,
-                )?;
-                let ob = n * out_elem as usize;
-                for k in 0..rows {
-                    let d = &data[k * seg_len as usize..(k + 1) * seg_len as usize];
-                    let s = &scales[k * slen as usize..(k + 1) * slen as usize];
-                    let o = &mut dst[k * ob..(k + 1) * ob];
-                    if int4 {
-                        dequant_int4_row(d, s, se.dtype, group as usize, n, o, to);
-                    } else {
-                        dequant_mxfp4_row(d, s, group as usize, n, o, to);
-                    }
-                }
-                Ok(())
-            })
-        }
-        OpKind::DequantFp8 {
-            scale,
-            scale_dtype,
-            block,
-            to,
-        } => {
-            let se = ckpt.entry(scale);
-            let ss = ckpt.shard(scale);
-            let sb = scale_dtype.size();
-            let scale_cols = op.src_cols.div_ceil(block.1);
-            let (sc0, sc1) = (c0 / block.1, c1.div_ceil(block.1));
-            BOUNCE.with_borrow_mut(|(a, b)| {
-                let rows = (r1 - r0) as usize;
-                let data = grow(a, rows * n);
-                read_rows(
-                    shard,
-                    RowSpan {
-                        base,
-                        stride: op.src_cols,
-                        seg: c0,
-                        seg_len: c1 - c0,
-                    },
-                    r0,
-                    r1,
-                    data,
-                )?;
-                let (br0, br1) = (r0 / block.0, (r1 - 1) / block.0 + 1);
-                let slen = (sc1 - sc0) * sb;
                 let scales = grow(b, ((br1 - br0) * slen) as usize);
                 read_rows(
                     ss,
                     RowSpan {
                         base: ss.abs_offset(se),
-                        stride: scale_cols * sb,
+                        stride: op.src_cols.div_ceil(q.block.1) * sb,
                         seg: sc0 * sb,
                         seg_len: slen,
                     },
@@ -329,18 +271,15 @@ fn run_rows(
                 )?;
                 let ob = n * out_elem as usize;
                 for k in 0..rows {
-                    let r = r0 + k as u64;
-                    let srow = ((r / block.0 - br0) * slen) as usize;
-                    let s = &scales[srow..srow + slen as usize];
-                    // columns are relative to the segment start, which is block-aligned
-                    dequant_fp8_row(
-                        &data[k * n..(k + 1) * n],
-                        s,
-                        scale_dtype,
-                        block.1 as usize,
+                    let srow = (((r0 + k as u64) / q.block.0 - br0) * slen) as usize;
+                    f.dequant_row(
+                        &data[k * seg_len as usize..(k + 1) * seg_len as usize],
+                        &scales[srow..srow + slen as usize],
+                        q.scale_dtype,
+                        q.block.1 as usize,
                         n,
                         &mut dst[k * ob..(k + 1) * ob],
-                        to,
+                        q.to,
                     );
                 }
                 Ok(())

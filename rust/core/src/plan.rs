@@ -21,7 +21,8 @@ use crate::convert::is_float;
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::mapping::{Resolved, Rules, TpSplit};
-use crate::quant::{check_weight_shape, QuantFormat, QuantParams};
+pub use crate::quant::Dequant;
+use crate::quant::{check_weight_shape, QuantFormat, QuantParams, Role, QUANT_SUFFIXES};
 
 /// A destination tensor of the model (a parameter or a persistent buffer).
 #[derive(Debug, Clone)]
@@ -44,35 +45,16 @@ pub enum OpKind {
     Copy,
     /// Float to float conversion.
     Convert { from: Dtype, to: Dtype },
-    /// ct-int4 `weight_packed` + `weight_scale` -> dense.
-    DequantInt4 {
-        scale: TensorId,
-        scale_dtype: Dtype,
-        group: u64,
-        to: Dtype,
-    },
-    /// Quark MXFP4 `weight` + e8m0 `weight_scale` -> dense.
-    DequantMxfp4 {
-        scale: TensorId,
-        group: u64,
-        to: Dtype,
-    },
-    /// FP8 block `weight` + `weight_scale_inv` -> dense.
-    DequantFp8 {
-        scale: TensorId,
-        scale_dtype: Dtype,
-        block: (u64, u64),
-        to: Dtype,
-    },
+    /// A quantized weight and its scale -> dense, as its format says (the formats and
+    /// their row dequantizers live in `quant.rs`).
+    Dequant(Dequant),
 }
 
 impl OpKind {
     /// The scale tensor a dequantizing op reads besides its source.
     pub fn scale(&self) -> Option<TensorId> {
         match *self {
-            OpKind::DequantInt4 { scale, .. }
-            | OpKind::DequantMxfp4 { scale, .. }
-            | OpKind::DequantFp8 { scale, .. } => Some(scale),
+            OpKind::Dequant(q) => Some(q.scale),
             OpKind::Copy | OpKind::Convert { .. } => None,
         }
     }
@@ -80,9 +62,7 @@ impl OpKind {
     /// Points a dequantizing op at another scale tensor (no-op for the others).
     pub fn set_scale(&mut self, to: TensorId) {
         match self {
-            OpKind::DequantInt4 { scale, .. }
-            | OpKind::DequantMxfp4 { scale, .. }
-            | OpKind::DequantFp8 { scale, .. } => *scale = to,
+            OpKind::Dequant(q) => q.scale = to,
             OpKind::Copy | OpKind::Convert { .. } => {}
         }
     }
@@ -167,20 +147,6 @@ struct Group {
     order: u32,
     shards: u32,
     split: Option<TpSplit>,
-}
-
-const QUANT_SUFFIXES: [(&str, Role); 4] = [
-    ("weight_packed", Role::Data),
-    ("weight_scale_inv", Role::Scale),
-    ("weight_scale", Role::Scale),
-    ("weight_shape", Role::Shape),
-];
-
-#[derive(Clone, Copy, PartialEq)]
-enum Role {
-    Data,
-    Scale,
-    Shape,
 }
 
 fn quantized_data_dtype(d: Dtype) -> bool {
@@ -677,10 +643,9 @@ fn slice_stage(ctx: &Ctx<'_>, pieces: &mut [Piece], plan: &mut Plan) -> Result<(
                     if e.shape.len() != 2 && matches!(p.kind, PieceKind::Plain) {
                         ((0, p.rows), (0, p.cols)) // vectors and scalars are replicated
                     } else {
+                        // a slice of the input dim keeps whole scale groups / blocks
                         let align = match p.kind {
-                            PieceKind::Dequant(OpKind::DequantInt4 { group, .. })
-                            | PieceKind::Dequant(OpKind::DequantMxfp4 { group, .. }) => group,
-                            PieceKind::Dequant(OpKind::DequantFp8 { block, .. }) => block.1,
+                            PieceKind::Dequant(OpKind::Dequant(q)) => q.block.1,
                             _ => 1,
                         };
                         if !p.cols.is_multiple_of(tp) || !(p.cols / tp).is_multiple_of(align) {
@@ -802,14 +767,7 @@ fn bytes_read(ckpt: &Checkpoint, op: &Op) -> u64 {
     let cols = op.cols.1 - op.cols.0;
     match op.kind {
         OpKind::Copy | OpKind::Convert { .. } => rows * cols * e.dtype.size(),
-        OpKind::DequantInt4 { scale, group, .. } => {
-            rows * cols / 2 + rows * (cols / group) * ckpt.entry(scale).dtype.size()
-        }
-        OpKind::DequantMxfp4 { group, .. } => rows * cols / 2 + rows * (cols / group),
-        OpKind::DequantFp8 { scale, block, .. } => {
-            rows * cols
-                + rows.div_ceil(block.0) * cols.div_ceil(block.1) * ckpt.entry(scale).dtype.size()
-        }
+        OpKind::Dequant(q) => q.bytes_read(rows, cols),
     }
 }
 

@@ -1,13 +1,55 @@
 //! The quantized weight formats, one entry each: what their stored tensors look like,
-//! which scale dtypes they accept, how their scale grid must be shaped, and which
-//! executor op dequantizes them. The planner asks this module and nothing else, so a
-//! new format is one more [`QuantFormat`] variant here (plus its row dequantizer in
-//! [`crate::convert`]).
+//! which scale dtypes they accept, how their scale grid must be shaped, how many bytes a
+//! row span of their data takes, and how a row is dequantized. The planner and the
+//! executor ask this module and nothing else (they have no per-format branches), so a new
+//! format is one more [`QuantFormat`] variant here with its methods (its row kernel may
+//! use the number-format helpers of [`crate::convert`]) plus its tests.
 
 use crate::checkpoint::{Checkpoint, TensorId};
+use crate::convert::{dequant_fp8_row, dequant_int4_row, dequant_mxfp4_row};
 use crate::dtype::Dtype;
 use crate::error::{Error, Result};
 use crate::plan::OpKind;
+
+/// What a checkpoint tensor is to a quantized linear.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Role {
+    /// The stored weight values.
+    Data,
+    /// Their scales.
+    Scale,
+    /// compressed-tensors' `[rows, cols]` record of the logical shape (checked, not copied).
+    Shape,
+}
+
+/// Checkpoint suffixes of a quantized linear's tensors besides a plain `weight` (whose
+/// dtype tells whether it is quantized, [`QuantFormat::of_data`]), longest match first.
+pub const QUANT_SUFFIXES: [(&str, Role); 4] = [
+    ("weight_packed", Role::Data),
+    ("weight_scale_inv", Role::Scale),
+    ("weight_scale", Role::Scale),
+    ("weight_shape", Role::Shape),
+];
+
+/// A dequantizing op: a quantized weight and its scale tensor, expanded into `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dequant {
+    pub format: QuantFormat,
+    pub scale: TensorId,
+    pub scale_dtype: Dtype,
+    /// The weight rows x columns one scale covers: `(1, group)` for per-group formats,
+    /// the block for FP8 block.
+    pub block: (u64, u64),
+    pub to: Dtype,
+}
+
+impl Dequant {
+    /// Bytes read to produce `rows x cols` outputs (data and scales).
+    pub fn bytes_read(&self, rows: u64, cols: u64) -> u64 {
+        rows * self.format.data_bytes(cols)
+            + rows.div_ceil(self.block.0) * cols.div_ceil(self.block.1) * self.scale_dtype.size()
+    }
+}
 
 /// A quantized linear weight format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +110,46 @@ impl QuantFormat {
             QuantFormat::Int4 => 8,
             QuantFormat::Mxfp4 => 2,
             QuantFormat::Fp8Block => 1,
+        }
+    }
+
+    /// Bytes of stored data holding `cols` logical columns of one row.
+    pub fn data_bytes(self, cols: u64) -> u64 {
+        match self {
+            QuantFormat::Int4 | QuantFormat::Mxfp4 => cols / 2,
+            QuantFormat::Fp8Block => cols,
+        }
+    }
+
+    /// The name of its op in `Plan.op_counts()`.
+    pub fn op_name(self) -> &'static str {
+        match self {
+            QuantFormat::Int4 => "dequant_int4",
+            QuantFormat::Mxfp4 => "dequant_mxfp4",
+            QuantFormat::Fp8Block => "dequant_fp8",
+        }
+    }
+
+    /// Dequantizes `n` columns of one row (starting at a scale-group boundary): `data`
+    /// holds their stored bytes, `scale` the scales that cover them, `out` receives `n`
+    /// values of `to`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn dequant_row(
+        self,
+        data: &[u8],
+        scale: &[u8],
+        scale_dtype: Dtype,
+        group_cols: usize,
+        n: usize,
+        out: &mut [u8],
+        to: Dtype,
+    ) {
+        match self {
+            QuantFormat::Int4 => dequant_int4_row(data, scale, scale_dtype, group_cols, n, out, to),
+            QuantFormat::Mxfp4 => dequant_mxfp4_row(data, scale, group_cols, n, out, to),
+            QuantFormat::Fp8Block => {
+                dequant_fp8_row(data, scale, scale_dtype, group_cols, n, out, to)
+            }
         }
     }
 
@@ -163,15 +245,13 @@ impl QuantFormat {
                     None => format!("{} group scales", self.name()),
                 };
                 grid([r, cols / group], &why)?;
-                let kind = match self {
-                    QuantFormat::Int4 => OpKind::DequantInt4 {
-                        scale,
-                        scale_dtype: se.dtype,
-                        group,
-                        to,
-                    },
-                    _ => OpKind::DequantMxfp4 { scale, group, to },
-                };
+                let kind = OpKind::Dequant(Dequant {
+                    format: self,
+                    scale,
+                    scale_dtype: se.dtype,
+                    block: (1, group),
+                    to,
+                });
                 Ok((kind, cols))
             }
             QuantFormat::Fp8Block => {
@@ -181,12 +261,13 @@ impl QuantFormat {
                     &format!("FP8 block scales for weight_block_size [{br}, {bc}]"),
                 )?;
                 Ok((
-                    OpKind::DequantFp8 {
+                    OpKind::Dequant(Dequant {
+                        format: self,
                         scale,
                         scale_dtype: se.dtype,
                         block: (br, bc),
                         to,
-                    },
+                    }),
                     cols,
                 ))
             }

@@ -238,9 +238,7 @@ impl Plan {
             let k = match op.kind {
                 OpKind::Copy => "copy",
                 OpKind::Convert { .. } => "convert",
-                OpKind::DequantInt4 { .. } => "dequant_int4",
-                OpKind::DequantMxfp4 { .. } => "dequant_mxfp4",
-                OpKind::DequantFp8 { .. } => "dequant_fp8",
+                OpKind::Dequant(q) => q.format.op_name(),
             };
             *m.entry(k).or_insert(0) += 1;
         }
