@@ -51,6 +51,16 @@ pub(crate) fn open_regular(path: &Path) -> Result<(File, std::fs::Metadata)> {
             reason: "not a regular file".into(),
         });
     }
+    // back to blocking reads for the regular file (some filesystems honour the flag)
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    // SAFETY: `fd` is the open descriptor owned by `file`, alive for both calls;
+    // F_GETFL / F_SETFL only read and set its status flags.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
     Ok((file, meta))
 }
 
