@@ -91,13 +91,23 @@ class Format:
         return {"weight": w.to(torch.bfloat16)}
 
 
-class _Int4(Format):
+class _PerGroup(Format):
+    """A format with one scale per ``group`` input columns: its data tensor packs
+    ``PER_ELEMENT`` values per stored element."""
+
+    DATA = "weight"
+    PER_ELEMENT = 1
+
     def shard_shapes(self, out, inp, *, split="replicated", tp=1, fp8_block=(128, 128), group=None):
         o, i = self.local_dims(out, inp, split, tp)
-        return {"weight_packed": [o, i // 8], "weight_scale": [o, i // (group or 32)]}
+        return {self.DATA: [o, i // self.PER_ELEMENT], "weight_scale": [o, i // (group or 32)]}
 
     def split_alignment(self, column, *, group=32, fp8_block=(128, 128)):
         return 1 if column else group
+
+
+class _Int4(_PerGroup):
+    DATA, PER_ELEMENT = "weight_packed", 8
 
     def dequantize(self, tensors, dtype, fp8_block=(128, 128)):
         from .quant import dequant_int4
@@ -118,13 +128,8 @@ class _Int4(Format):
         return {"weight_packed": packed, "weight_scale": scale.contiguous(), "weight_shape": shape}
 
 
-class _Mxfp4(Format):
-    def shard_shapes(self, out, inp, *, split="replicated", tp=1, fp8_block=(128, 128), group=None):
-        o, i = self.local_dims(out, inp, split, tp)
-        return {"weight": [o, i // 2], "weight_scale": [o, i // (group or 32)]}
-
-    def split_alignment(self, column, *, group=32, fp8_block=(128, 128)):
-        return 1 if column else group
+class _Mxfp4(_PerGroup):
+    DATA, PER_ELEMENT = "weight", 2
 
     def dequantize(self, tensors, dtype, fp8_block=(128, 128)):
         from .quant import dequant_mxfp4
