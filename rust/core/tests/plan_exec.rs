@@ -532,3 +532,75 @@ fn dequantizing_ops_match_their_formulas() {
         .collect();
     assert_eq!(f32s(&out[2]), want_mx);
 }
+
+#[test]
+fn atomic_execution_is_all_or_nothing() {
+    use kimi_loader_core::exec::execute_atomic;
+
+    let dir = write_checkpoint(
+        "atomic",
+        &[
+            bf16_tensor("a.weight", &[64, 64], 1),
+            bf16_tensor("b.weight", &[64, 64], 2),
+        ],
+    );
+    let ck = open(&dir);
+    let p = plan(
+        &ck,
+        &Rules::default(),
+        vec![
+            dest("a.weight", &[64, 64], Dtype::BF16),
+            dest("b.weight", &[64, 64], Dtype::BF16),
+        ],
+    )
+    .unwrap();
+    let pool = threads::pool(Some(2)).unwrap();
+    let fresh = || -> Vec<Vec<u8>> {
+        p.dests
+            .iter()
+            .map(|d| vec![0xAB; d.nbytes() as usize])
+            .collect()
+    };
+    let bufs_of = |out: &mut Vec<Vec<u8>>| -> Vec<Option<DestBuf>> {
+        out.iter_mut()
+            .map(|b| {
+                Some(DestBuf {
+                    ptr: b.as_mut_ptr(),
+                    len: b.len() as u64,
+                })
+            })
+            .collect()
+    };
+    // success: the same bytes as a direct execution, through a caller's arena
+    let mut out = fresh();
+    let bufs = bufs_of(&mut out);
+    let mut arena = vec![0u8; 1 << 16];
+    let a = Some(DestBuf {
+        ptr: arena.as_mut_ptr(),
+        len: arena.len() as u64,
+    });
+    let which: Vec<usize> = (0..p.ops.len()).collect();
+    // SAFETY: `out` and `arena` are live, disjoint Vecs of the sizes given, untouched
+    // until the call returns.
+    unsafe { execute_atomic(&ck, &p, &which, &bufs, a, &pool) }.unwrap();
+    assert_eq!(out, run(&ck, &p));
+
+    // a shard truncated after planning: the read of `b` fails, and `a` is not written either
+    let file = dir.join("model.safetensors");
+    let len = fs::metadata(&file).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let mut out = fresh();
+    let bufs = bufs_of(&mut out);
+    // SAFETY: as above, without an arena.
+    let err = unsafe { execute_atomic(&ck, &p, &which, &bufs, None, &pool) }.unwrap_err();
+    assert!(matches!(err, Error::Io { .. }), "{err}");
+    assert!(
+        out.iter().all(|b| b.iter().all(|&x| x == 0xAB)),
+        "a destination was written"
+    );
+}
