@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from kimi_loader.cli import main
 
 
@@ -88,3 +90,56 @@ def test_plan_command(synth_dir, capsys):
     assert main(["plan", path, "--ep-rank", "1", "--ep-size", "4"]) == 0
     out = capsys.readouterr().out
     assert "tensors_on_other_ranks  " in out and "every destination byte is written exactly once" in out
+
+
+# -- the error contract (issue #15's CLI list) ----------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "kind"),
+    [
+        (["plan", "{tiny}", "--tp-size", "0"], "InvalidArgumentError"),
+        (["plan", "{tiny}", "--threads", "-1"], "InvalidArgumentError"),
+        (["inspect", "{tiny}", "--threads", "100000"], "InvalidArgumentError"),
+        (["synth", "{tmp}/a", "--set", "num_hidden_layers=abc"], "InvalidArgumentError"),
+        (["synth", "{tmp}/b", "--set", "nonexistent_key=3"], "InvalidArgumentError"),
+        (["synth", "{file}"], "InvalidArgumentError"),
+        (["inspect", "{tmp}/missing"], "CheckpointNotFoundError"),
+    ],
+)
+def test_every_failure_is_one_line_or_json(synth_dir, tmp_path, capsys, argv, kind):
+    """Exit code 1 with one line `kimi-loader: <ErrorType>: <message>` on stderr, or the
+    same as a JSON object on stdout with --json; never a traceback."""
+    file = tmp_path / "existing.safetensors"
+    file.write_bytes(b"x")
+    subst = {"tiny": synth_dir("kimi-k2.5-tiny", "bf16"), "tmp": str(tmp_path), "file": str(file)}
+    argv = [a.format(**subst) for a in argv]
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert out == "" and len(lines) == 1 and lines[0].startswith(f"kimi-loader: {kind}: "), err
+    assert main([*argv, "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert err == "" and json.loads(out)["error"] == kind
+
+
+def test_usage_errors_exit_2_and_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plan"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("kimi-loader ")
+
+
+def test_a_closed_pipe_is_not_a_traceback(synth_dir):
+    import subprocess
+    import sys
+
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    code = f"import sys; from kimi_loader.cli import main; sys.exit(main(['inspect', {path!r}, '--json']))"
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.read(1)
+        proc.stdout.close()  # like `| head -c1`
+        err = proc.stderr.read().decode()
+        proc.wait(timeout=60)
+        assert "Traceback" not in err, err

@@ -1,40 +1,26 @@
-"""The ``kimi-loader`` command line."""
+"""kimi-loader: inspect, plan and synthesize Kimi-K2.5 / DeepSeek-V3 checkpoints.
+
+Exit codes: 0 success, 1 a problem with the input (one line on stderr, or a JSON object
+on stdout with --json), 2 a usage error.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from . import QUANT_FORMATS
-from .errors import KimiLoaderError
+from . import QUANT_FORMATS, __version__
+from .errors import InvalidArgumentError, KimiLoaderError
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .inspect import format_summary, summarize
     from .reader import open as open_checkpoint
 
-    try:
-        with open_checkpoint(args.path, threads=args.threads) as ck:
-            summary = summarize(ck)
-    except KimiLoaderError as e:
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "path": args.path,
-                        "error": type(e).__name__,
-                        "message": str(e),
-                        "file": e.file,
-                        "tensor": e.tensor,
-                        "problems": [str(e)],
-                    },
-                    indent=2,
-                )
-            )
-        else:
-            print(f"{args.path}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    with open_checkpoint(args.path, threads=args.threads) as ck:
+        summary = summarize(ck)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 1 if summary["problems"] else 0
 
@@ -100,44 +86,59 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import make_checkpoint
+    from .synth import make_checkpoint, text_config
 
+    known = set(text_config(args.preset))
     overrides = {}
     for item in args.set or []:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            raise InvalidArgumentError(
+                f"--set {item!r}: expected KEY=JSON with KEY a text-config field of {args.preset} "
+                f"({', '.join(sorted(known))})"
+            )
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise InvalidArgumentError(f"--set {item!r}: the value is not JSON ({e.msg})") from None
+    if os.path.exists(args.path) and not os.path.isdir(args.path):
+        raise InvalidArgumentError(f"{args.path}: exists and is not a directory")
     path = make_checkpoint(
         args.path, preset=args.preset, quant=args.quant, seed=args.seed, num_shards=args.num_shards, **overrides
     )
-    print(path)
+    print(json.dumps({"path": path}) if args.json else path)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from .synth import PRESETS
 
-    parser = argparse.ArgumentParser(prog="kimi-loader", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="kimi-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"kimi-loader {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    threads_help = "worker threads (1-256; default: $KIMI_LOADER_THREADS or the CPU count)"
 
     p = sub.add_parser("inspect", help="summarize a checkpoint and report problems")
     p.add_argument("path", help="checkpoint directory, index file or shard")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print JSON (errors too)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("plan", help="build the copy plan for the serving-layout model; print its summary")
-    p.add_argument("path")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--tp-rank", type=int, default=0)
+    p.add_argument("path", help="checkpoint directory, index file or shard")
+    p.add_argument("--json", action="store_true", help="print JSON (errors too)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
+    p.add_argument("--tp-rank", type=int, default=0, help="this rank in the tensor-parallel group")
     p.add_argument(
         "--ep-rank",
         type=int,
         default=None,
         help="default: derived from --tp-rank (EP inside the TP group, as SGLang / vLLM)",
     )
-    for opt in ("tp-size", "ep-size"):
-        p.add_argument(f"--{opt}", type=int, default=1)
+    p.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    p.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (inside the TP group)")
     p.add_argument(
         "--independent-ep",
         action="store_true",
@@ -146,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")
-    p.add_argument("path")
-    p.add_argument("--preset", default="kimi-k2.5-tiny", choices=sorted(PRESETS))
-    p.add_argument("--quant", default="ct-int4", choices=list(QUANT_FORMATS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-shards", type=int, default=None)
+    p.add_argument("path", help="directory to write (created)")
+    p.add_argument("--preset", default="kimi-k2.5-tiny", choices=sorted(PRESETS), help="model shape")
+    p.add_argument("--quant", default="ct-int4", choices=list(QUANT_FORMATS), help="checkpoint format")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the values")
+    p.add_argument("--num-shards", type=int, default=None, help="shard files (default: the preset's)")
+    p.add_argument("--json", action="store_true", help="print JSON (errors too)")
     p.add_argument(
         "--set",
         action="append",
@@ -162,9 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KimiLoaderError as e:
-        print(f"kimi-loader: {type(e).__name__}: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `kimi-loader inspect ... | head -1`: the reader left
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
         return 1
+    except KimiLoaderError as e:
+        return _fail(args, type(e).__name__, str(e), file=e.file, tensor=e.tensor)
+    except OSError as e:  # a file system problem the library did not wrap (e.g. writing synth output)
+        return _fail(args, type(e).__name__, f"{e.filename or ''}: {e.strerror or e}".lstrip(": "))
+
+
+def _fail(args: argparse.Namespace, kind: str, message: str, **fields: object) -> int:
+    """The one way a command reports a problem with its input: one line on stderr, or a
+    JSON object on stdout with ``--json``; exit code 1."""
+    if getattr(args, "json", False):
+        print(json.dumps({"error": kind, "message": message, **fields}, indent=2))
+    else:
+        print(f"kimi-loader: {kind}: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
