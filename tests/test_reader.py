@@ -208,3 +208,33 @@ def test_reading_a_shard_truncated_while_open_raises(tmp_path):
             ck.read_tensors(["w"])
         assert isinstance(ei.value, OSError) and "truncated" in str(ei.value)
         assert ei.value.file.endswith("model.safetensors")
+
+
+def test_read_tensors_out_needs_the_exact_dtype_and_shape(tmp_path):
+    """An fp16 `out` for bf16 data, or a transposed shape, used to be filled with
+    reinterpreted bytes; now they are refused, naming the tensor."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.randn(4, 6).to(torch.bfloat16)}, tmp_path / "model.safetensors")
+    ck = kimi_loader.open(tmp_path)
+    for bad in (torch.empty(4, 6, dtype=torch.float16), torch.empty(6, 4, dtype=torch.bfloat16)):
+        with pytest.raises(kimi_loader.ShapeMismatchError, match="'w'") as e:
+            ck.read_tensors(["w"], out={"w": bad})
+        assert e.value.tensor == "w" and e.value.expected == (4, 6)
+    good = torch.empty(4, 6, dtype=torch.bfloat16)
+    assert ck.read_tensors(["w"], out={"w": good})["w"] is good and torch.equal(good, ck.get_tensor("w"))
+
+
+def test_a_folder_of_shards_without_an_index(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3)}, tmp_path / "part-2.safetensors")
+    save_file({"b": torch.zeros(2)}, tmp_path / "part-1.safetensors")
+    ck = kimi_loader.open(tmp_path)
+    assert sorted(ck.keys()) == ["a", "b"] and [os.path.basename(f) for f in ck.files] == [
+        "part-1.safetensors",
+        "part-2.safetensors",
+    ]
+    save_file({"a": torch.ones(3)}, tmp_path / "part-3.safetensors")  # the same name twice
+    with pytest.raises(kimi_loader.KimiLoaderError, match="'a'"):
+        kimi_loader.open(tmp_path)

@@ -210,20 +210,28 @@ class Checkpoint:
         """Copies tensors into fresh (or given) CPU memory, in parallel, GIL released.
 
         ``names`` defaults to every tensor. With ``out``, tensors are written into the
-        given contiguous CPU tensors (same number of bytes) instead of new ones.
+        given tensors instead of new ones: each must be a writable, contiguous CPU tensor
+        of exactly the stored dtype and shape (bytes are never reinterpreted).
         """
         names = self.keys() if names is None else list(names)
         result: dict[str, torch.Tensor] = {}
         for n in names:
-            _shard, st_dtype, shape, _offset, nbytes = self.core.locate(_validate.name(n))
+            _shard, st_dtype, shape, _offset, _nbytes = self.core.locate(_validate.name(n))
             dst = out.get(n) if out is not None else None
             if dst is None:
                 dst = torch.empty(shape, dtype=TORCH_DTYPES[st_dtype])
-            elif dst.device.type != "cpu" or not dst.is_contiguous() or dst.numel() * dst.element_size() != nbytes:
+            elif (
+                dst.device.type != "cpu"
+                or not dst.is_contiguous()
+                or dst.dtype != TORCH_DTYPES[st_dtype]
+                or tuple(dst.shape) != tuple(shape)
+            ):
                 raise ShapeMismatchError(
-                    f"tensor '{n}': destination must be a contiguous CPU tensor of {nbytes} bytes, got "
-                    f"{tuple(dst.shape)} {dst.dtype} on {dst.device}",
+                    f"tensor '{n}': destination must be a contiguous CPU tensor {tuple(shape)} "
+                    f"{TORCH_DTYPES[st_dtype]}, got {tuple(dst.shape)} {dst.dtype} on {dst.device}",
                     tensor=n,
+                    expected=tuple(shape),
+                    found=tuple(dst.shape),
                 )
             result[n] = dst
         self.core.read_into(names, [result[n] for n in names])

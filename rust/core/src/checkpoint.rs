@@ -222,8 +222,27 @@ fn resolve_layout(paths: &[PathBuf]) -> Result<Layout> {
                 shards: vec![single],
             });
         }
-        // Neither layout is there: report the file a user would expect to find.
-        return Err(Error::NotFound { file: index });
+        // No index and no single file: a folder of shards, sorted by name (the shard
+        // list path cross-checks them for duplicates).
+        let mut shards: Vec<PathBuf> = std::fs::read_dir(first)
+            .map_err(|e| Error::io(first, e))?
+            .filter_map(|d| d.ok().map(|d| d.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        if shards.is_empty() {
+            return Err(Error::NotFound {
+                file: first.clone(),
+                looked_for: Some(format!(
+                    "no checkpoint here: looked for {INDEX_FILE}, {SINGLE_FILE} or *.safetensors shards"
+                )),
+            });
+        }
+        shards.sort();
+        return Ok(Layout {
+            root: Some(first.clone()),
+            index: None,
+            shards,
+        });
     }
     let is_index = first
         .file_name()

@@ -101,8 +101,12 @@ pub struct Shapes {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory given by the user (or named by an index) does not exist.
-    #[error("{}: no such file or directory", .file.display())]
-    NotFound { file: PathBuf },
+    #[error("{}: no such file or directory{}", .file.display(), fmt_hint(.looked_for))]
+    NotFound {
+        file: PathBuf,
+        /// What was looked for there, when `file` is a directory.
+        looked_for: Option<String>,
+    },
 
     /// Any other I/O failure (permissions, a read that came up short, ...).
     #[error("{}: {source}{}", .file.display(), fmt_tensor(.tensor))]
@@ -203,6 +207,7 @@ impl Error {
         if source.kind() == std::io::ErrorKind::NotFound {
             Error::NotFound {
                 file: file.to_path_buf(),
+                looked_for: None,
             }
         } else {
             Error::Io {
@@ -266,7 +271,7 @@ impl Error {
     /// The file this error is about, if any.
     pub fn file(&self) -> Option<&Path> {
         match self {
-            Error::NotFound { file }
+            Error::NotFound { file, .. }
             | Error::Io { file, .. }
             | Error::Header { file, .. }
             | Error::Index { file, .. }
