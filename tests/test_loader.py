@@ -337,8 +337,34 @@ def test_progress_callback_and_bar(synth_dir, capsys):
     report = kimi_loader.load_weights(for_config(ck.config), ck, progress=lambda d, t: seen.append((d, t)))
     assert seen and seen[-1] == (report.bytes_written, report.bytes_written)
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
-    kimi_loader.load_weights(for_config(ck.config), ck, progress=True)
-    assert "loading [" in capsys.readouterr().err
+    # on a terminal, progress=True draws a tqdm bar in bytes with the rate
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    code = (
+        "import kimi_loader; from kimi_loader.models import for_config; "
+        f"ck = kimi_loader.open({path!r}); kimi_loader.load_weights(for_config(ck.config), ck, progress=True)"
+    )
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    proc = subprocess.run([sys.executable, "-c", code], stderr=follower, stdout=subprocess.DEVNULL, timeout=120)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 1 << 16)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    assert proc.returncode == 0 and b"loading" in out and b"B/s" in out, out[-500:]
     assert set(report.seconds) == {"open", "plan", "copy", "post_load", "total"}
 
 
@@ -419,3 +445,30 @@ def test_execute_checks_the_live_buffers(synth_dir):
     with pytest.raises(kimi_loader.InvalidArgumentError, match="out of range"):
         plan.execute_atomic([len(plan)], {d0: t0})
     assert torch.equal(t0, before)
+
+
+def test_logging_and_progress_off_a_terminal(synth_dir, capsys, caplog):
+    """The report goes to the `kimi_loader` logger; progress=True writes no frames when
+    stderr is not a terminal (a log file); a strict=False load that loads nothing warns."""
+    import logging
+
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    ck = kimi_loader.open(path)
+    calls = []
+    with caplog.at_level(logging.INFO, logger="kimi_loader"):
+        kimi_loader.load_weights(for_config(ck.config), ck, progress=True)
+        kimi_loader.load_weights(for_config(ck.config), ck, progress=lambda d, t: calls.append((d, t)))
+    assert "\r" not in capsys.readouterr().err
+    assert calls and calls[-1][0] == calls[-1][1] > 0
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(infos) == 2 and "tensors used" in infos[0] and "bytes" in infos[0]
+
+    class Unrelated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3))
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kimi_loader"):
+        kimi_loader.load_weights(Unrelated(), ck, strict=False)
+    assert any("nothing will be loaded" in r.getMessage() for r in caplog.records)

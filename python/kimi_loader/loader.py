@@ -363,15 +363,35 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
         stream.synchronize()
 
 
-def _progress_bar(done: int, total: int) -> None:
-    width = 40
-    frac = done / total if total else 1.0
-    sys.stderr.write(
-        f"\rloading [{'#' * int(frac * width):<{width}}] {frac * 100:5.1f}% {done / 1e6:,.1f}/{total / 1e6:,.1f} MB"
-    )
-    if done >= total:
-        sys.stderr.write("\n")
-    sys.stderr.flush()
+class _ProgressBar:
+    """``progress=True``: a tqdm bar in bytes (with the rate) on stderr. It disables itself
+    when stderr is not a terminal (no frames in log files) and, under torch.distributed,
+    shows only on rank 0 (``progress="all"``: every rank)."""
+
+    def __init__(self, every_rank: bool) -> None:
+        from tqdm.auto import tqdm
+
+        disable: bool | None = None  # tqdm: off when not a TTY
+        if not every_rank and torch.distributed.is_available() and torch.distributed.is_initialized():
+            disable = True if torch.distributed.get_rank() != 0 else None
+        self.bar = tqdm(
+            total=0,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1000,
+            desc="loading",
+            disable=disable,
+            file=sys.stderr,
+            leave=False,
+        )
+        self.done = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.update(done - self.done)
+        self.done = done
+        if done >= total:
+            self.bar.close()
 
 
 def load_weights(
@@ -384,7 +404,7 @@ def load_weights(
     ep_size: int | None = None,
     parallel: Any = None,
     strict: bool = True,
-    progress: Callable[[int, int], None] | bool | None = None,
+    progress: Callable[[int, int], None] | bool | str | None = None,
     threads: int | None = None,
     staging_bytes: int | None = None,
 ) -> LoadReport:
@@ -394,8 +414,11 @@ def load_weights(
     The plan is built and checked before anything is copied: with ``strict`` (the default)
     a destination element that no checkpoint tensor writes, or a checkpoint tensor that no
     rule uses or declares ignored, raises :class:`IncompleteLoadError` naming them and the
-    model is left untouched. ``progress`` is a callback ``(bytes_done, bytes_total)`` or
-    ``True`` for a bar on stderr. Afterwards ``model.post_load_weights()`` runs.
+    model is left untouched. ``progress`` is a callback ``(bytes_done, bytes_total)``, or
+    ``True`` for a tqdm bar on stderr (only when it is a terminal; only on rank 0 under
+    torch.distributed, ``"all"`` for every rank). Afterwards ``model.post_load_weights()``
+    runs. The report is logged at INFO on the ``kimi_loader`` logger; a ``strict=False``
+    load with gaps, or one that loads nothing, logs a warning.
 
     CPU destinations are written directly. Others (CUDA) are staged through two pinned
     buffers of ``staging_bytes`` (default 256 MiB) with asynchronous host-to-device copies
@@ -429,9 +452,21 @@ def load_weights(
         )
     if plan.missing() or plan.unused():
         log.warning("strict=False: loading with gaps: %s", _format_problems(plan))
+    if plan.used == 0:
+        log.warning(
+            "%s: no checkpoint tensor has a place in %s: nothing will be loaded",
+            ckpt.index_path or ckpt.files[0],
+            type(model).__name__,
+        )
 
     tensors = [dests[n] for n in plan.dest_names()]
-    callback = _progress_bar if progress is True else (progress or None)
+    callback: Callable[[int, int], None] | None = None
+    if progress is True or progress == "all":
+        callback = _ProgressBar(every_rank=progress == "all")
+    elif callable(progress):
+        callback = progress
+    elif progress not in (None, False):
+        raise InvalidArgumentError(f"progress must be a callback, True, 'all' or None, got {progress!r}")
     if staging_bytes is None and all(t.device.type == "cpu" for t in tensors):
         _execute_direct(plan, tensors, callback)
     else:
@@ -446,7 +481,7 @@ def load_weights(
 
     target, _ = hook_target(wrap_if_transformers(model))
     fused = getattr(target, "num_fused_shared_experts", 0)
-    return LoadReport(
+    report = LoadReport(
         tensors=plan.used,
         bytes_read=plan.bytes_read,
         bytes_written=plan.bytes_written,
@@ -466,3 +501,5 @@ def load_weights(
         fused_shared_experts=fused,
         fusion_reason=getattr(target, "fusion_reason", ""),
     )
+    log.info("loaded %s into %s\n%s", ckpt.index_path or ckpt.files[0], type(model).__name__, report.summary())
+    return report
