@@ -444,7 +444,7 @@ def test_execute_checks_the_live_buffers(synth_dir):
         plan.execute_atomic([0, 0], {d0: t0})
     with pytest.raises(kimi_loader.InvalidArgumentError, match="out of range"):
         plan.execute_atomic([len(plan)], {d0: t0})
-    assert torch.equal(t0, before)
+    assert torch.equal(as_bytes(t0), as_bytes(before))  # (uninitialized memory may hold NaNs)
 
 
 def test_logging_and_progress_off_a_terminal(synth_dir, capsys, caplog):

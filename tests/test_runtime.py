@@ -179,3 +179,25 @@ def test_mxfp4_logits_against_a_bf16_checkpoint_of_the_dequantized_weights(synth
     with torch.no_grad():
         want = ref(ids).logits
     assert _rel(kimi_loader.from_pretrained(path)(ids), want) < 1e-4
+
+
+def test_generate_1d_eos_and_reprs(synth_dir):
+    import kimi_loader
+    from kimi_loader.rl import WeightUpdater
+
+    path = synth_dir("kimi-k2.5-tiny", "bf16")
+    model = kimi_loader.from_pretrained(path)
+    ids = torch.tensor([3, 1, 4, 1, 5])
+    full = model.generate(ids[None], 6)[0]
+    flat = model.generate(ids, 6)
+    assert flat.dim() == 1 and torch.equal(flat, full)
+    eos = int(full[5 + 2])  # the third generated token
+    stopped = model.generate(ids, 6, eos_token_id=eos)
+    first = next(i for i in range(5, len(full)) if full[i] == eos)
+    assert torch.equal(stopped, full[: first + 1])  # stops right after eos
+    with pytest.raises(kimi_loader.InvalidArgumentError):
+        model.generate(ids, -1)
+    assert "layers" in repr(model) and "tp 0/1" in repr(model)
+    report = kimi_loader.load_weights(kimi_loader.models.for_config(kimi_loader.open(path).config), path)
+    assert repr(report).startswith("LoadReport(") and "GB/s" in repr(report)
+    assert "version 0" in repr(WeightUpdater(model, baseline=path))

@@ -117,3 +117,12 @@ def test_real_ignore_and_exclude_conventions(synth_dir):
         "language_model.model.layers.1.mlp.gate",
         "vision_tower.encoder.blocks.0.wqkv",
     } <= set(exclude)
+
+
+def test_a_missing_optional_dependency_names_its_extra(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "compressed_tensors.compressors.pack_quantized.helpers", None)
+    with pytest.raises(kimi_loader.UnsupportedFormatError, match=r"kimi-loader\[synth\]"):
+        make_checkpoint(tmp_path / "x", quant="ct-int4")

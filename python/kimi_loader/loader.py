@@ -45,6 +45,15 @@ class LoadReport:
     fused_shared_experts: int = 0
     fusion_reason: str = ""
 
+    def __repr__(self) -> str:
+        s = self.seconds
+        gbps = self.bytes_written / s["copy"] / 1e9 if s.get("copy") else 0.0
+        return (
+            f"LoadReport({self.tensors} tensors, {self.bytes_written / 1e9:.3f} GB written in "
+            f"{s.get('total', 0.0):.3f} s ({gbps:.2f} GB/s), {sum(self.ignored.values())} ignored, "
+            f"{len(self.missing)} missing, {len(self.unused)} unused)"
+        )
+
     def summary(self) -> str:
         s = self.seconds
         gbps = self.bytes_written / s["copy"] / 1e9 if s.get("copy") else 0.0

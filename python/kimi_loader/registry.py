@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ._deps import optional_import
 from .errors import InvalidArgumentError
 
 __all__ = ["FORMATS", "Format", "format_of"]
@@ -115,7 +116,10 @@ class _Int4(_PerGroup):
         return dequant_int4(tensors["weight_packed"], tensors["weight_scale"], dtype)
 
     def quantize(self, w, g, *, fp8_block=(128, 128), group=32):
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+        helpers = optional_import(
+            "compressed_tensors.compressors.pack_quantized.helpers", "synth", "synthetic ct-int4 checkpoints"
+        )
+        pack_to_int32 = helpers.pack_to_int32
 
         n, out, inp = w.shape
         if inp % group:

@@ -123,6 +123,15 @@ class WeightUpdater:
             names = sorted({n for pair in plan.op_sources() for n in pair if n})
             self._hashes = dict(zip(names, ck.core.hash_tensors(names), strict=True))
 
+    def __repr__(self) -> str:
+        p = self.parallel
+        return (
+            f"WeightUpdater({type(self.model).__name__}, version {self.version}, "
+            f"tp {p.tp_rank}/{p.tp_size}, ep {p.ep_rank}/{p.ep_size}, "
+            f"{'a compiled plan' if self._plan is not None else 'no plan yet'}, "
+            f"staging {self._arena.numel() if self._arena is not None else 0} bytes)"
+        )
+
     # -- planning --------------------------------------------------------------------
     def _compile(self, ck: Checkpoint) -> PlannedLoad:
         planned = plan_for(self.model, ck, threads=self.threads, need_memory=True, parallel=self.parallel)

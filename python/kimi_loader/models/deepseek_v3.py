@@ -330,17 +330,43 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.runtime().new_cache()
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None
+    ) -> torch.Tensor:
         """Greedy decoding with the latent KV cache: one prefill, then one token per step.
-        Returns ``input_ids`` followed by the new tokens."""
+        Returns ``input_ids`` followed by the new tokens (1-D in, 1-D out). With
+        ``eos_token_id`` it stops once every sequence has produced it (finished sequences
+        are padded with it)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        flat = input_ids.dim() == 1
+        ids = input_ids[None] if flat else input_ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise InvalidArgumentError(f"input_ids must be [seq] or [batch, seq], got {tuple(input_ids.shape)}")
         cache = self.new_cache()
-        logits = self.forward(input_ids, cache)
-        out = [input_ids]
+        logits = self.forward(ids, cache)
+        out = [ids]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
+            if eos_token_id is not None:
+                nxt = torch.where(done[:, None], torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt[:, 0] == eos_token_id
             out.append(nxt)
+            if eos_token_id is not None and bool(done.all()):
+                break
             logits = self.forward(nxt, cache)
-        return torch.cat(out, dim=1)
+        result = torch.cat(out, dim=1)
+        return result[0] if flat else result
+
+    def __repr__(self) -> str:
+        p = self.parallel
+        return (
+            f"{type(self).__name__}({self.config['num_hidden_layers']} layers, "
+            f"{self.config.get('n_routed_experts') or 0} experts, {self.quant_format}, {self.dtype}, "
+            f"tp {p.tp_rank}/{p.tp_size}, ep {p.ep_rank}/{p.ep_size}, "
+            f"fused shared experts {self.num_fused_shared_experts})"
+        )
 
     def weight_rules(self) -> WeightRules:
         """The rest of the naming rules, as data (see :mod:`kimi_loader.rules`)."""
@@ -399,5 +425,10 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
     def new_cache(self):
         return self.language_model.new_cache()
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        return self.language_model.generate(input_ids, max_new_tokens)
+    def generate(
+        self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None
+    ) -> torch.Tensor:
+        return self.language_model.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
+
+    def __repr__(self) -> str:
+        return f"KimiK25ForConditionalGeneration(language_model={self.language_model!r}, vision: not loaded)"

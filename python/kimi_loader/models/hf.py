@@ -132,7 +132,11 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
     or a ``DeepseekV3Config``. With ``wrapper=True`` a Kimi-K2.5 checkpoint gives
     transformers' ``Kimi_K25ForConditionalGeneration`` instead."""
     import torch
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from .._deps import optional_import
+
+    transformers = optional_import("transformers", "hf", "models.hf.empty_model")
+    DeepseekV3Config, DeepseekV3ForCausalLM = transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM
 
     model_class: Any = DeepseekV3ForCausalLM
     if isinstance(path_or_config, DeepseekV3Config):
