@@ -201,3 +201,12 @@ def test_generate_1d_eos_and_reprs(synth_dir):
     report = kimi_loader.load_weights(kimi_loader.models.for_config(kimi_loader.open(path).config), path)
     assert repr(report).startswith("LoadReport(") and "GB/s" in repr(report)
     assert "version 0" in repr(WeightUpdater(model, baseline=path))
+
+
+def test_post_load_of_a_layer_the_model_does_not_have(synth_dir):
+    import kimi_loader
+
+    model = kimi_loader.from_pretrained(synth_dir("kimi-k2.5-tiny", "bf16"))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match=r"\[3\] not layers of this model \(0\.\.2\)"):
+        model.post_load_weights(layers=[3])
+    model.post_load_weights(layers=[2])

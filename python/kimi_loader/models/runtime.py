@@ -249,7 +249,13 @@ def build_w_kc_w_vc(model: Any, layers: list[int] | None = None) -> list[int]:
     ``[heads, kv_lora, v]`` (non-persistent buffers). Returns the layers processed."""
     c = model.config
     nope, v = c["qk_nope_head_dim"], c["v_head_dim"]
-    todo = range(len(model.model.layers)) if layers is None else layers
+    n = len(model.model.layers)
+    todo = range(n) if layers is None else list(layers)
+    bad = [i for i in todo if not isinstance(i, int) or not 0 <= i < n]
+    if bad:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"post_load_weights(layers=...): {bad} not layers of this model (0..{n - 1})")
     for i in todo:
         attn = model.model.layers[i].self_attn
         w = dense(attn.kv_b_proj, model.dtype, fp8_block=model.fp8_block)
