@@ -143,3 +143,22 @@ def test_a_closed_pipe_is_not_a_traceback(synth_dir):
         err = proc.stderr.read().decode()
         proc.wait(timeout=60)
         assert "Traceback" not in err, err
+
+
+def test_verify_writes_then_checks_a_manifest(synth_dir, tmp_path, capsys):
+    from reference import rewrite
+
+    src = synth_dir("kimi-k2.5-tiny", "bf16")
+    manifest = str(tmp_path / "m.json")
+    assert main(["verify", src, "--manifest", manifest]) == 0  # first time: written
+    capsys.readouterr()
+    assert main(["verify", src, "--manifest", manifest, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] is True
+    ck = __import__("kimi_loader").open(src)
+    name = "language_model.model.norm.weight"
+    changed = rewrite(src, tmp_path / "changed", change={name: ck.get_tensor(name) + 1})
+    assert main(["verify", changed, "--manifest", manifest, "--json"]) == 1
+    out = json.loads(capsys.readouterr().out)
+    assert out["mismatched"] == [name] and out["missing"] == [] and out["extra"] == []
+    assert main(["verify", changed, "--manifest", str(tmp_path / "m.json")]) == 1
+    assert f"mismatched          {name}" in capsys.readouterr().out

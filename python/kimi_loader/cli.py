@@ -110,6 +110,60 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+MANIFEST_FORMAT = "kimi-loader-manifest/1"
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """Writes (first time, or --write) or checks a manifest of per-tensor xxh3-64 hashes."""
+    from .reader import open as open_checkpoint
+
+    with open_checkpoint(args.path, threads=args.threads) as ck:
+        names = ck.keys()
+        hashes = {n: f"{h:016x}" for n, h in zip(names, ck.core.hash_tensors(names), strict=True)}
+        nbytes = ck.data_bytes
+    manifest = args.manifest or os.path.join(
+        args.path if os.path.isdir(args.path) else os.path.dirname(args.path), "kimi-loader-manifest.json"
+    )
+    if args.write or not os.path.exists(manifest):
+        with open(manifest, "w") as fh:
+            json.dump({"format": MANIFEST_FORMAT, "hash": "xxh3-64", "tensors": hashes}, fh, indent=1, sort_keys=True)
+        result = {"manifest": manifest, "written": len(hashes), "bytes": nbytes}
+        print(json.dumps(result) if args.json else f"{manifest}: wrote {len(hashes)} tensor hashes ({nbytes:,} bytes)")
+        return 0
+    try:
+        with open(manifest) as fh:
+            want = json.load(fh)
+        if (
+            not isinstance(want, dict)
+            or want.get("format") != MANIFEST_FORMAT
+            or not isinstance(want.get("tensors"), dict)
+        ):
+            raise ValueError(f"not a {MANIFEST_FORMAT} file")
+    except (OSError, ValueError) as e:
+        raise InvalidArgumentError(f"{manifest}: cannot read the manifest: {e}") from None
+    expected: dict[str, str] = want["tensors"]
+    mismatched = sorted(n for n in hashes if n in expected and expected[n] != hashes[n])
+    missing = sorted(set(expected) - set(hashes))
+    extra = sorted(set(hashes) - set(expected))
+    ok = not (mismatched or missing or extra)
+    result = {
+        "manifest": manifest,
+        "checked": len(hashes),
+        "mismatched": mismatched,
+        "missing": missing,
+        "extra": extra,
+        "ok": ok,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for label, items in (("mismatched", mismatched), ("missing", missing), ("not in the manifest", extra)):
+            for n in items:
+                print(f"{label:<20}{n}")
+        print(f"{manifest}: {len(hashes)} tensors checked, " + ("all match" if ok else "PROBLEMS above"))
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from .synth import PRESETS
 
@@ -145,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         help="TP and EP as separate axes (tp_size * ep_size ranks; experts both split and sliced)",
     )
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("verify", help="write or check a manifest of per-tensor xxh3-64 hashes")
+    p.add_argument("path", help="checkpoint directory, index file or shard")
+    p.add_argument("--manifest", help="manifest file (default: kimi-loader-manifest.json beside the checkpoint)")
+    p.add_argument("--write", action="store_true", help="(re)write the manifest instead of checking it")
+    p.add_argument("--json", action="store_true", help="print JSON (errors too)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
+    p.set_defaults(func=_verify)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")
     p.add_argument("path", help="directory to write (created)")
