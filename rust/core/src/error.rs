@@ -146,9 +146,9 @@ pub enum Error {
     /// A tensor's shape or size differs from what the destination expects. `tensor` is
     /// the checkpoint name alone; `destination` the parameter it was going to (if any);
     /// `detail` says which rule implied `expected`.
-    #[error("{}: tensor '{tensor}'{}{}: shape mismatch: checkpoint has {:?}, expected {:?}",
+    #[error("{}: tensor '{tensor}'{}{}: {}",
             .file.display(), fmt_dest(&.shapes.destination), fmt_hint(&.shapes.detail),
-            .shapes.found, .shapes.expected)]
+            fmt_mismatch(.shapes))]
     ShapeMismatch {
         file: PathBuf,
         tensor: String,
@@ -184,6 +184,18 @@ fn fmt_tensor(t: &Option<String>) -> String {
     match t {
         Some(t) => format!(", tensor '{t}'"),
         None => String::new(),
+    }
+}
+
+fn fmt_mismatch(s: &Shapes) -> String {
+    if s.found == s.expected {
+        // same shape: the detail says what differs (e.g. the dtype)
+        format!("mismatch (shape {:?} as expected)", s.found)
+    } else {
+        format!(
+            "shape mismatch: checkpoint has {:?}, expected {:?}",
+            s.found, s.expected
+        )
     }
 }
 
