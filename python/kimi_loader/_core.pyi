@@ -7,6 +7,7 @@ import torch
 
 __all__ = [
     "MAX_HEADER_LEN",
+    "MAX_THREADS",
     "THREADS_ENV",
     "Checkpoint",
     "Plan",
@@ -20,6 +21,7 @@ __all__ = [
 __version__: str
 MAX_HEADER_LEN: int
 THREADS_ENV: str
+MAX_THREADS: int
 
 def open(paths: Sequence[str], threads: int | None = None) -> Checkpoint: ...
 def resolve_threads(threads: int | None = None) -> int: ...

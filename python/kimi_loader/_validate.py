@@ -8,10 +8,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ._core import MAX_THREADS  # the Rust core's cap (rust/core/src/threads.rs)
 from .errors import InvalidArgumentError
-
-#: the Rust core's cap (``rust/core/src/threads.rs``)
-MAX_THREADS = 256
 
 
 def _is_int(value: Any) -> bool:

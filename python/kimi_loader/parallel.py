@@ -104,10 +104,6 @@ class ParallelLayout:
             return cls.of(**value)
         raise InvalidArgumentError(f"parallel must be a ParallelLayout or a dict of its arguments, got {value!r}")
 
-    @property
-    def is_single(self) -> bool:
-        return self.tp_size == 1 and self.ep_size == 1
-
     def rules(self) -> dict[str, int]:
         """The planner's view of this rank."""
         return {

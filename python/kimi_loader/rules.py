@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
 from .errors import InvalidArgumentError
 
@@ -122,7 +122,7 @@ class WeightRules:
     @property
     def ignore_rules(self) -> tuple[IgnoreRule, ...]:
         """``ignore`` as :class:`IgnoreRule` (tuples are converted at construction)."""
-        return tuple(r if isinstance(r, IgnoreRule) else IgnoreRule(*r) for r in self.ignore)
+        return cast(tuple[IgnoreRule, ...], self.ignore)
 
     @classmethod
     def coerce(cls, value: Any, where: str = "weight_rules()") -> WeightRules:

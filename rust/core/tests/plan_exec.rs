@@ -73,22 +73,30 @@ fn plan(ck: &Checkpoint, rules: &Rules, dests: Vec<DestSpec>) -> Result<Plan, Er
     build_plan(ck, rules, dests, PlanOptions::default(), &pool)
 }
 
-/// Executes every op of `plan`; returns each destination's bytes.
-fn run(ck: &Checkpoint, plan: &Plan) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = plan
-        .dests
+/// One buffer per destination of `plan`, filled with a marker byte.
+fn fresh(plan: &Plan) -> Vec<Vec<u8>> {
+    plan.dests
         .iter()
         .map(|d| vec![0xAB; d.nbytes() as usize])
-        .collect();
-    let bufs: Vec<Option<DestBuf>> = out
-        .iter_mut()
+        .collect()
+}
+
+/// The executor's view of `out` (each buffer stays where it is while the views are used).
+fn dest_bufs(out: &mut [Vec<u8>]) -> Vec<Option<DestBuf>> {
+    out.iter_mut()
         .map(|b| {
             Some(DestBuf {
                 ptr: b.as_mut_ptr(),
                 len: b.len() as u64,
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Executes every op of `plan`; returns each destination's bytes.
+fn run(ck: &Checkpoint, plan: &Plan) -> Vec<Vec<u8>> {
+    let mut out = fresh(plan);
+    let bufs = dest_bufs(&mut out);
     let pool = threads::pool(Some(2)).unwrap();
     // SAFETY: every buffer is a live Vec of exactly its destination's size, disjoint from
     // the others, untouched until execute_plan returns.
@@ -555,25 +563,9 @@ fn atomic_execution_is_all_or_nothing() {
     )
     .unwrap();
     let pool = threads::pool(Some(2)).unwrap();
-    let fresh = || -> Vec<Vec<u8>> {
-        p.dests
-            .iter()
-            .map(|d| vec![0xAB; d.nbytes() as usize])
-            .collect()
-    };
-    let bufs_of = |out: &mut Vec<Vec<u8>>| -> Vec<Option<DestBuf>> {
-        out.iter_mut()
-            .map(|b| {
-                Some(DestBuf {
-                    ptr: b.as_mut_ptr(),
-                    len: b.len() as u64,
-                })
-            })
-            .collect()
-    };
     // success: the same bytes as a direct execution, through a caller's arena
-    let mut out = fresh();
-    let bufs = bufs_of(&mut out);
+    let mut out = fresh(&p);
+    let bufs = dest_bufs(&mut out);
     let mut arena = vec![0u8; 1 << 16];
     let a = Some(DestBuf {
         ptr: arena.as_mut_ptr(),
@@ -594,8 +586,8 @@ fn atomic_execution_is_all_or_nothing() {
         .unwrap()
         .set_len(len - 100)
         .unwrap();
-    let mut out = fresh();
-    let bufs = bufs_of(&mut out);
+    let mut out = fresh(&p);
+    let bufs = dest_bufs(&mut out);
     // SAFETY: as above, without an arena.
     let err = unsafe { execute_atomic(&ck, &p, &which, &bufs, None, &pool) }.unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");

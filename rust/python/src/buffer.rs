@@ -10,6 +10,8 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
+use crate::errors::invalid;
+
 /// The whole mapped file of one shard (header included) as a writable byte buffer.
 /// Holding it (or any tensor viewed from it) keeps the mapping alive.
 #[pyclass(frozen, module = "kimi_loader._core")]
@@ -117,14 +119,7 @@ pub fn live_tensor(
     what: &str,
 ) -> PyResult<LiveBuffer> {
     let py = t.py();
-    let err = |reason: String| {
-        crate::errors::to_pyerr(
-            py,
-            kimi_loader_core::Error::InvalidArgument {
-                reason: format!("{what}: {reason}"),
-            },
-        )
-    };
+    let err = |reason: String| invalid(py, format!("{what}: {reason}"));
     let attr = |name: &str| {
         t.getattr(name)
             .map_err(|_| err(format!("expected a torch.Tensor, got {}", type_name(t))))
@@ -185,11 +180,9 @@ pub fn check_disjoint(py: Python<'_>, bufs: &[(&str, usize, u64)]) -> PyResult<(
     spans.sort_unstable_by_key(|s| s.0);
     for w in spans.windows(2) {
         if w[0].0 as u64 + w[0].1 > w[1].0 as u64 {
-            return Err(crate::errors::to_pyerr(
+            return Err(invalid(
                 py,
-                kimi_loader_core::Error::InvalidArgument {
-                    reason: format!("'{}' and '{}' share memory", w[0].2, w[1].2),
-                },
+                format!("'{}' and '{}' share memory", w[0].2, w[1].2),
             ));
         }
     }

@@ -52,6 +52,11 @@ pub fn to_pyerr(py: Python<'_>, e: Error) -> PyErr {
     build().unwrap_or_else(|import_failure| import_failure)
 }
 
+/// An `InvalidArgumentError` with `reason`: the bindings' answer to a bad argument.
+pub fn invalid(py: Python<'_>, reason: String) -> PyErr {
+    to_pyerr(py, Error::InvalidArgument { reason })
+}
+
 /// Runs `f`, turning a panic (a bug) into [`Error::Internal`]: no panic ever crosses
 /// into Python as a `PanicException`.
 pub fn no_panic<T>(f: impl FnOnce() -> kimi_loader_core::Result<T>) -> kimi_loader_core::Result<T> {

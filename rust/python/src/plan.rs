@@ -8,19 +8,30 @@ use kimi_loader_core::exec::{execute_atomic, execute_plan, DestBuf, ReadOptions}
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
 use kimi_loader_core::quant::QuantParams;
-use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype, Error};
+use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::buffer::{check_disjoint, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
-use crate::errors::{detached, to_pyerr};
+use crate::errors::{detached, invalid as bad};
 
 /// Bytes written between two checks for Ctrl-C in `Plan.execute`.
 const CHECK_BYTES: u64 = 256 << 20;
 
-fn bad(py: Python<'_>, reason: String) -> PyErr {
-    to_pyerr(py, Error::InvalidArgument { reason })
+/// `{destination index: tensor}` as pairs (a non-int key is a typed error).
+fn indexed<'py>(
+    py: Python<'py>,
+    map: &Bound<'py, PyDict>,
+) -> PyResult<Vec<(usize, Bound<'py, PyAny>)>> {
+    map.iter()
+        .map(|(k, v)| {
+            let i = k
+                .extract::<usize>()
+                .map_err(|_| bad(py, "destination indices are ints".into()))?;
+            Ok((i, v))
+        })
+        .collect()
 }
 
 fn split(py: Python<'_>, s: &str) -> PyResult<TpSplit> {
@@ -286,15 +297,7 @@ impl Plan {
             ));
         }
         let given: Vec<(usize, Bound<'_, PyAny>)> = if let Ok(map) = tensors.cast::<PyDict>() {
-            map.iter()
-                .map(|(k, v)| {
-                    Ok((
-                        k.extract::<usize>()
-                            .map_err(|_| bad(py, "destination indices are ints".into()))?,
-                        v,
-                    ))
-                })
-                .collect::<PyResult<_>>()?
+            indexed(py, map)?
         } else {
             let list: Vec<Bound<'_, PyAny>> = tensors
                 .try_iter()
@@ -411,16 +414,7 @@ impl Plan {
                 Some(s) => *s = true,
             }
         }
-        let given: Vec<(usize, Bound<'_, PyAny>)> = tensors
-            .iter()
-            .map(|(k, v)| {
-                Ok((
-                    k.extract::<usize>()
-                        .map_err(|_| bad(py, "destination indices are ints".into()))?,
-                    v,
-                ))
-            })
-            .collect::<PyResult<_>>()?;
+        let given = indexed(py, tensors)?;
         let (bufs, live) = self.live_buffers(py, given, arena.as_ref())?;
         let arena = arena.as_ref().map(|_| {
             let a = live.last().expect("the arena is the last live buffer");
