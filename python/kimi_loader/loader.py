@@ -178,7 +178,7 @@ def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> Planner
         for mod_name, mod in target.named_modules():
             for param, rows in (getattr(mod, "stacked_rows", None) or {}).items():
                 shard_rows[f"{mod_name}.{param}" if mod_name else param] = list(rows)
-    return PlannerRules(declared, stacked, experts, table, shard_rows, layout.rules())
+    return PlannerRules(declared, stacked, experts, table, shard_rows, layout)
 
 
 def _check_fusion(rules: PlannerRules, ckpt: Checkpoint) -> None:

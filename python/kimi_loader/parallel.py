@@ -104,17 +104,6 @@ class ParallelLayout:
             return cls.of(**value)
         raise InvalidArgumentError(f"parallel must be a ParallelLayout or a dict of its arguments, got {value!r}")
 
-    def rules(self) -> dict[str, int]:
-        """The planner's view of this rank."""
-        return {
-            "tp_rank": self.tp_rank,
-            "tp_size": self.tp_size,
-            "ep_rank": self.ep_rank,
-            "ep_size": self.ep_size,
-            "moe_tp_rank": self.moe_tp_rank,
-            "moe_tp_size": self.moe_tp_size,
-        }
-
     def check(
         self,
         config: dict[str, Any],

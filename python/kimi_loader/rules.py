@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any, cast
 
 from .errors import InvalidArgumentError
+from .parallel import ParallelLayout
 
 __all__ = ["ExpertShard", "IgnoreRule", "PlannerRules", "Split", "WeightRules"]
 
@@ -160,8 +161,8 @@ class PlannerRules:
     renames: dict[str, str | None] = field(default_factory=dict)
     #: destination -> local rows of each stacked shard
     shard_rows: dict[str, list[int]] = field(default_factory=dict)
-    #: the rank's view of the parallel layout (``ParallelLayout.rules()``)
-    parallel: dict[str, int] = field(default_factory=dict)
+    #: this rank of the parallel layout
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
 
     def to_core(self) -> dict[str, Any]:
         m = self.model
@@ -176,7 +177,12 @@ class PlannerRules:
             "fused_shared_slot": m.fused_shared_slot,
             "stacked": list(self.stacked),
             "experts": [(p, frag, e, s.order, s.tp_split.value) for p, frag, e, s in self.experts],
-            **self.parallel,
+            "tp_rank": self.parallel.tp_rank,
+            "tp_size": self.parallel.tp_size,
+            "ep_rank": self.parallel.ep_rank,
+            "ep_size": self.parallel.ep_size,
+            "moe_tp_rank": self.parallel.moe_tp_rank,
+            "moe_tp_size": self.parallel.moe_tp_size,
         }
         if self.renames:
             out["renames"] = self.renames
