@@ -35,14 +35,11 @@ def best_of(fn: Callable[[], object], repeat: int = 5) -> tuple[float, float]:
 
 def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 15) -> dict[str, tuple[float, float]]:
     """Runs the contenders in turn, ``repeat`` rounds, so that machine noise that drifts
-    over time hits all of them alike. Returns label -> (best, median) seconds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for label, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[label].append(time.perf_counter() - t)
-    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+    over time hits all of them alike. Returns label -> (best, median) seconds (the same
+    timer as ``kimi-loader bench``)."""
+    from kimi_loader.bench import interleaved as run_interleaved
+
+    return run_interleaved(fns, repeat)
 
 
 def row(label: str, seconds: float, baseline: float | None = None, extra: str = "") -> str:

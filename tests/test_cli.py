@@ -7,6 +7,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from kimi_loader.cli import main
 
@@ -162,3 +163,84 @@ def test_verify_writes_then_checks_a_manifest(synth_dir, tmp_path, capsys):
     assert out["mismatched"] == [name] and out["missing"] == [] and out["extra"] == []
     assert main(["verify", changed, "--manifest", str(tmp_path / "m.json")]) == 1
     assert f"mismatched          {name}" in capsys.readouterr().out
+
+
+def test_verify_with_sha256_matches_hashlib(synth_dir, tmp_path, capsys):
+    import hashlib
+
+    from reference import rewrite
+
+    import kimi_loader
+
+    src = synth_dir("deepseek-v3-tiny", "fp8-block")
+    manifest = tmp_path / "m.json"
+    assert main(["verify", src, "--manifest", str(manifest)]) == 0  # xxh3 only
+    assert main(["verify", src, "--manifest", str(manifest), "--sha256"]) == 1  # asked for, not there
+    assert "no sha256 hashes" in capsys.readouterr().err
+    assert main(["verify", src, "--manifest", str(manifest), "--write", "--sha256"]) == 0
+    written = json.loads(manifest.read_text())
+    with kimi_loader.open(src) as ck:
+        for name in ck.keys():
+            raw = ck.get_tensor(name).contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+            assert written["sha256"][name] == hashlib.sha256(raw).hexdigest()
+        with pytest.raises(kimi_loader.InvalidArgumentError, match="algorithm"):
+            ck.hash_tensors(algorithm="md5")
+        name = ck.keys()[3]
+        changed = rewrite(src, tmp_path / "changed", change={name: ck.get_tensor(name).clone().zero_()})
+    capsys.readouterr()
+    assert main(["verify", changed, "--manifest", str(manifest), "--json"]) == 1  # sha256 checked too
+    out = json.loads(capsys.readouterr().out)
+    assert out["mismatched"] == [name] and out["hashes"] == ["sha256", "xxh3-64"]
+
+
+def test_bench_prints_figures_next_to_safetensors(synth_dir, capsys):
+    src = synth_dir("deepseek-v3-tiny", "bf16")
+    assert main(["bench", src, "--repeat", "2", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    stages = {s["stage"]: s for s in r["stages"]}
+    assert list(stages) == ["open", "plan", "read", "load"] and r["skipped"] is None
+    for s in stages.values():
+        assert 0 < s["kimi_loader"]["best_s"] <= s["kimi_loader"]["median_s"]
+    for name, peers in (("open", {"safetensors"}), ("read", {"safetensors", "ceiling"}), ("load", {"safetensors"})):
+        for p in peers:
+            assert stages[name][p]["ratio_median"] == pytest.approx(
+                stages[name][p]["median_s"] / stages[name]["kimi_loader"]["median_s"]
+            )
+    assert stages["read"]["bytes"] == stages["load"]["bytes"] == r["bytes"] > 0
+    # --max-bytes 1: one tensor is read, the load is skipped and says why
+    assert main(["bench", src, "--repeat", "1", "--max-bytes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "read" in out and "load " not in out and "skipped load: the checkpoint is over --max-bytes" in out
+    assert main(["bench", src, "--repeat", "0"]) == 1
+    assert "kimi-loader: InvalidArgumentError: --repeat" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["kimi-k2.5-tiny", "deepseek-v3-tiny"])
+def test_census_counts_what_the_name_patterns_say(synth_dir, preset):
+    """The Rust census behind `inspect` against the regular expressions it replaced."""
+    import re
+    from collections import Counter
+
+    import kimi_loader
+
+    expert = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+    shared = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.(\w+)$")
+    layer = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+    with kimi_loader.open(synth_dir(preset, "ct-int4")) as ck:
+        infos = ck.infos()
+        c = ck.core.census()
+    experts: dict[int, set[int]] = {}
+    layers, expert_suffixes, shared_suffixes = set(), set(), set()
+    for i in infos:
+        if m := expert.search(i.name):
+            experts.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+            expert_suffixes.add(m.group(4))
+        if m := shared.search(i.name):
+            shared_suffixes.add(m.group(3))
+        if m := layer.search(i.name):
+            layers.add(int(m.group(1)))
+    assert c["dtypes"] == dict(Counter(i.st_dtype for i in infos))
+    assert c["prefixes"] == dict(Counter(i.name.split(".", 1)[0] for i in infos))
+    assert c["layers"] == sorted(layers)
+    assert c["experts"] == {k: len(v) for k, v in experts.items()} and c["experts"]
+    assert c["expert_suffixes"] == sorted(expert_suffixes) and c["shared_suffixes"] == sorted(shared_suffixes)

@@ -461,7 +461,18 @@ def test_logging_and_progress_off_a_terminal(synth_dir, capsys, caplog):
     assert "\r" not in capsys.readouterr().err
     assert calls and calls[-1][0] == calls[-1][1] > 0
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert len(infos) == 2 and "tensors used" in infos[0] and "bytes" in infos[0]
+    reports = [m for m in infos if m.startswith("loaded ")]
+    assert len(reports) == 2 and "tensors used" in reports[0] and "bytes" in reports[0]
+    # the decisions made on the user's behalf are logged too: fusion, and what was ignored
+    assert sum(m.startswith("shared-expert fusion: ") for m in infos) == 2
+    plan = kimi_loader.loader.plan_for(for_config(ck.config), ck).plan
+    reasons = {r for _, r in plan.ignored()}
+    assert reasons and all(any(m.startswith("ignored ") and r in m for m in infos) for r in reasons)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="kimi_loader"):
+        kimi_loader.load_weights(for_config(ck.config), ck)
+    debug = {r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG}
+    assert {f"ignored {n}: {r}" for n, r in plan.ignored()} <= debug
 
     class Unrelated(torch.nn.Module):
         def __init__(self):

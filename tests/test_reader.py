@@ -238,3 +238,101 @@ def test_a_folder_of_shards_without_an_index(tmp_path):
     save_file({"a": torch.ones(3)}, tmp_path / "part-3.safetensors")  # the same name twice
     with pytest.raises(kimi_loader.KimiLoaderError, match="'a'"):
         kimi_loader.open(tmp_path)
+
+
+def test_read_tensors_converts_only_when_asked_and_into_non_contiguous_out(tmp_path):
+    w = torch.randn(4, 6).to(torch.bfloat16)
+    q = torch.randint(-(2**31), 2**31 - 1, (3, 2), dtype=torch.int32)
+    save_file({"w": w, "q": q}, tmp_path / "model.safetensors")
+    ck = kimi_loader.open(tmp_path)
+    got = ck.read_tensors(dtype=torch.float32)
+    assert got["w"].dtype == torch.float32 and torch.equal(got["w"], w.float())
+    assert got["q"].dtype == torch.int32 and torch.equal(got["q"], q)  # packed ints are not values
+    # an fp16 out is accepted once the conversion is explicit, and a transposed view works
+    out16 = torch.full((4, 6), float("nan"), dtype=torch.float16)
+    assert ck.read_tensors(["w"], out={"w": out16}, dtype=torch.float16)["w"] is out16
+    assert torch.equal(out16, w.to(torch.float16))
+    t = torch.full((6, 4), float("nan"), dtype=torch.bfloat16).t()
+    ck.read_tensors(["w"], out={"w": t})
+    assert torch.equal(t, w)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="out\\['w'\\]"):
+        ck.read_tensors(["w"], out={"w": [1, 2]})  # type: ignore[dict-item]
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="dtype"):
+        ck.read_tensors(["w"], dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="device"):
+        ck.read_tensors(["w"], device="nowhere")
+
+
+def test_read_only_out_is_refused_not_a_segfault(tmp_path):
+    """A tensor over a read-only mapping (np.memmap(mode='r')) used to crash the process
+    or fail with 'Bad address' naming the shard; now it is refused naming the tensor, and
+    a writable mapping of the same file is filled."""
+    np = pytest.importorskip("numpy")
+    w = torch.randn(64, 64).to(torch.bfloat16)
+    save_file({"w": w}, tmp_path / "model.safetensors")
+    np.zeros(w.numel() * 2, dtype=np.uint8).tofile(tmp_path / "dst.bin")
+    ck = kimi_loader.open(tmp_path)
+    for mode in ("r", "r+"):
+        m = np.memmap(tmp_path / "dst.bin", mode=mode, dtype=np.uint8)
+        with pytest.warns(UserWarning) if mode == "r" else _no_warning():
+            dst = torch.from_numpy(m).view(torch.bfloat16).view(64, 64)
+        if mode == "r":
+            with pytest.raises(kimi_loader.InvalidArgumentError, match="'w' is not writable"):
+                ck.read_tensors(["w"], out={"w": dst})
+            assert not dst.any()
+        else:
+            ck.read_tensors(["w"], out={"w": dst})
+            assert torch.equal(dst, w)
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_get_slice_getitem_and_device_dtype_like_safetensors(synth_dir):
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"]
+    with kimi_loader.open(path) as ck, safe_open(os.path.join(path, index[name]), framework="pt") as ref:
+        sl, rsl = ck.get_slice(name), ref.get_slice(name)
+        assert sl.get_shape() == rsl.get_shape() and sl.get_dtype() == rsl.get_dtype() == "BF16"
+        assert len(sl) == sl.shape[0] and sl.dtype == torch.bfloat16
+        for index_ in (slice(3, 9), (slice(None), slice(5, 17)), 4, (slice(1, 30, 3), slice(None, 2))):
+            part = sl[index_]
+            assert torch.equal(part, rsl[index_]) and part.is_contiguous()
+            part.fill_(0)  # a copy: the checkpoint's view is untouched
+        assert torch.equal(ck[name], ref.get_tensor(name))
+        with pytest.raises(kimi_loader.InvalidArgumentError, match=name):
+            sl[100, 100, 100]
+        with pytest.raises(KeyError):
+            ck["no.such.tensor"]
+        f = ck.get_tensor(name, dtype=torch.float32)
+        assert f.dtype == torch.float32 and torch.equal(f, ref.get_tensor(name).float())
+        assert ck.get_tensor(name, device="cpu").data_ptr() == ck.get_tensor(name).data_ptr()  # still a view
+    everything = kimi_loader.load_file(path, dtype=torch.float16)
+    with kimi_loader.open(path) as ck:
+        assert set(everything) == set(ck.keys())
+        for n, t in everything.items():
+            assert torch.equal(t, ck.get_tensor(n).to(torch.float16))
+
+
+def test_import_and_help_do_not_import_torch():
+    """`kimi-loader --help` used to take seconds: the package imported torch eagerly."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, kimi_loader, kimi_loader.cli\n"
+        "assert 'torch' not in sys.modules, 'import'\n"
+        "try:\n    kimi_loader.cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "try:\n    kimi_loader.cli.main(['synth', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert 'torch' not in sys.modules, 'help'\n"
+        "assert kimi_loader.open and 'torch' in sys.modules\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "ct-int4" in r.stdout and "kimi-k2.5-tiny" in r.stdout

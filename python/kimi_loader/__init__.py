@@ -10,8 +10,13 @@ Quickstart::
 See ``README.md`` for the command line (``kimi-loader inspect``) and the formats.
 """
 
-from . import errors, formats, parallel
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import errors
 from ._core import __version__
+from .config import QUANT_FORMATS
 from .errors import (
     CheckpointIOError,
     CheckpointNotFoundError,
@@ -27,14 +32,48 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
-from .formats import QUANT_FORMATS, detect_quant_format
-from .loader import LoadReport as LoadReport
-from .loader import load_weights as load_weights
-from .models.deepseek_v3 import fusion_decision, fusion_for
-from .parallel import ParallelLayout
-from .reader import Checkpoint, TensorInfo, open  # noqa: A004
-from .rl import UpdateReport as UpdateReport
-from .rl import WeightUpdater as WeightUpdater
+
+if TYPE_CHECKING:  # imported on first use (below): `import kimi_loader` does not import torch
+    from . import formats, parallel
+    from .formats import detect_quant_format
+    from .loader import LoadReport, load_weights
+    from .parallel import ParallelLayout
+    from .reader import Checkpoint, TensorInfo, load_file, open  # noqa: A004
+    from .rl import UpdateReport, WeightUpdater
+
+#: public name -> the module that defines it (imported when the name is first used)
+_LAZY = {
+    "detect_quant_format": "formats",
+    "LoadReport": "loader",
+    "load_weights": "loader",
+    "ParallelLayout": "parallel",
+    "Checkpoint": "reader",
+    "TensorInfo": "reader",
+    "load_file": "reader",
+    "open": "reader",
+    "UpdateReport": "rl",
+    "WeightUpdater": "rl",
+}
+#: submodules reachable as attributes (``kimi_loader.models.for_config``) without an import
+_SUBMODULES = (
+    "bench config formats hooks inspect loader models parallel presets quant reader registry rl rules synth"
+).split()
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # (the import binds the attribute)
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kimi_loader' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | None = None) -> tuple[int, str]:
@@ -43,6 +82,7 @@ def determine_num_fused_shared_experts(config: dict, checkpoint: Checkpoint | No
     ``checkpoint``, the shared and routed experts' storage is read from its tensors."""
     from .config import parse_config
     from .formats import ModuleFormats, quant_spec
+    from .models.deepseek_v3 import fusion_decision, fusion_for
 
     if checkpoint is None:  # the config alone decides (it may be partial)
         text = config.get("text_config")
@@ -70,9 +110,11 @@ def from_pretrained(
     weights; quantized weights stay in their checkpoint format."""
     import torch
 
+    from .loader import load_weights
     from .models import for_config
+    from .reader import open as open_checkpoint
 
-    ckpt = open(path, threads=threads)
+    ckpt = open_checkpoint(path, threads=threads)
     if ckpt.config is None:
         raise UnsupportedFormatError(f"{path}: no config.json", file=str(path))
     model = for_config(
@@ -118,6 +160,7 @@ __all__ = [
     "ShapeMismatchError",
     "TensorInfo",
     "UnsupportedFormatError",
+    "UpdateReport",
     "WeightUpdater",
     "__version__",
     "detect_quant_format",
@@ -125,6 +168,7 @@ __all__ = [
     "errors",
     "formats",
     "from_pretrained",
+    "load_file",
     "load_weights",
     "open",
     "parallel",

@@ -11,7 +11,8 @@ import json
 import os
 import sys
 
-from . import QUANT_FORMATS, __version__
+from ._core import __version__
+from .config import QUANT_FORMATS
 from .errors import InvalidArgumentError, KimiLoaderError
 
 
@@ -104,9 +105,25 @@ def _synth(args: argparse.Namespace) -> int:
     if os.path.exists(args.path) and not os.path.isdir(args.path):
         raise InvalidArgumentError(f"{args.path}: exists and is not a directory")
     path = make_checkpoint(
-        args.path, preset=args.preset, quant=args.quant, seed=args.seed, num_shards=args.num_shards, **overrides
+        args.path,
+        preset=args.preset,
+        quant=args.quant,
+        seed=args.seed,
+        num_shards=args.num_shards,
+        progress=True,
+        **overrides,
     )
     print(json.dumps({"path": path}) if args.json else path)
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import format_figures, run
+
+    if args.repeat < 1 or args.max_bytes < 0:
+        raise InvalidArgumentError("--repeat must be at least 1 and --max-bytes at least 0")
+    figures = run(args.path, repeat=args.repeat, max_bytes=args.max_bytes, threads=args.threads)
+    print(json.dumps(figures, indent=2) if args.json else format_figures(figures))
     return 0
 
 
@@ -114,42 +131,57 @@ MANIFEST_FORMAT = "kimi-loader-manifest/1"
 
 
 def _verify(args: argparse.Namespace) -> int:
-    """Writes (first time, or --write) or checks a manifest of per-tensor xxh3-64 hashes."""
+    """Writes (first time, or --write) or checks a manifest of per-tensor xxh3-64 (and,
+    with --sha256, SHA-256) hashes."""
     from .reader import open as open_checkpoint
 
-    with open_checkpoint(args.path, threads=args.threads) as ck:
-        names = ck.keys()
-        hashes = {n: f"{h:016x}" for n, h in zip(names, ck.core.hash_tensors(names), strict=True)}
-        nbytes = ck.data_bytes
     manifest = args.manifest or os.path.join(
         args.path if os.path.isdir(args.path) else os.path.dirname(args.path), "kimi-loader-manifest.json"
     )
-    if args.write or not os.path.exists(manifest):
+    write = args.write or not os.path.exists(manifest)
+    want: dict = {}
+    if not write:
+        try:
+            with open(manifest) as fh:
+                want = json.load(fh)
+            if (
+                not isinstance(want, dict)
+                or want.get("format") != MANIFEST_FORMAT
+                or not isinstance(want.get("tensors"), dict)
+                or not isinstance(want.get("sha256", {}), dict)
+            ):
+                raise ValueError(f"not a {MANIFEST_FORMAT} file")
+        except (OSError, ValueError) as e:
+            raise InvalidArgumentError(f"{manifest}: cannot read the manifest: {e}") from None
+        if args.sha256 and "sha256" not in want:
+            raise InvalidArgumentError(f"{manifest}: has no sha256 hashes (write it with --write --sha256)")
+    with open_checkpoint(args.path, threads=args.threads) as ck:
+        hashes = {"tensors": ck.hash_tensors()}
+        if args.sha256 or "sha256" in want:
+            hashes["sha256"] = ck.hash_tensors(algorithm="sha256")
+        nbytes = ck.data_bytes
+    count = len(hashes["tensors"])
+    if write:
         with open(manifest, "w") as fh:
-            json.dump({"format": MANIFEST_FORMAT, "hash": "xxh3-64", "tensors": hashes}, fh, indent=1, sort_keys=True)
-        result = {"manifest": manifest, "written": len(hashes), "bytes": nbytes}
-        print(json.dumps(result) if args.json else f"{manifest}: wrote {len(hashes)} tensor hashes ({nbytes:,} bytes)")
+            json.dump({"format": MANIFEST_FORMAT, "hash": "xxh3-64", **hashes}, fh, indent=1, sort_keys=True)
+        result = {"manifest": manifest, "written": count, "bytes": nbytes, "sha256": "sha256" in hashes}
+        kinds = "xxh3-64 and sha256" if "sha256" in hashes else "xxh3-64"
+        print(
+            json.dumps(result) if args.json else f"{manifest}: wrote {count} tensor {kinds} hashes ({nbytes:,} bytes)"
+        )
         return 0
-    try:
-        with open(manifest) as fh:
-            want = json.load(fh)
-        if (
-            not isinstance(want, dict)
-            or want.get("format") != MANIFEST_FORMAT
-            or not isinstance(want.get("tensors"), dict)
-        ):
-            raise ValueError(f"not a {MANIFEST_FORMAT} file")
-    except (OSError, ValueError) as e:
-        raise InvalidArgumentError(f"{manifest}: cannot read the manifest: {e}") from None
-    expected: dict[str, str] = want["tensors"]
-    mismatched = sorted(n for n in hashes if n in expected and expected[n] != hashes[n])
-    missing = sorted(set(expected) - set(hashes))
-    extra = sorted(set(hashes) - set(expected))
+    mismatched: set[str] = set()
+    for key, got in hashes.items():
+        expected: dict[str, str] = want[key]
+        mismatched |= {n for n in got if n in expected and expected[n] != got[n]}
+    missing = sorted(set(want["tensors"]) - set(hashes["tensors"]))
+    extra = sorted(set(hashes["tensors"]) - set(want["tensors"]))
     ok = not (mismatched or missing or extra)
     result = {
         "manifest": manifest,
-        "checked": len(hashes),
-        "mismatched": mismatched,
+        "checked": count,
+        "hashes": sorted("xxh3-64" if k == "tensors" else k for k in hashes),
+        "mismatched": sorted(mismatched),
         "missing": missing,
         "extra": extra,
         "ok": ok,
@@ -157,15 +189,19 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for label, items in (("mismatched", mismatched), ("missing", missing), ("not in the manifest", extra)):
+        for label, items in (
+            ("mismatched", sorted(mismatched)),
+            ("missing", missing),
+            ("not in the manifest", extra),
+        ):
             for n in items:
                 print(f"{label:<20}{n}")
-        print(f"{manifest}: {len(hashes)} tensors checked, " + ("all match" if ok else "PROBLEMS above"))
+        print(f"{manifest}: {count} tensors checked, " + ("all match" if ok else "PROBLEMS above"))
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .synth import PRESETS
+    from .presets import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="kimi-loader", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -200,13 +236,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.set_defaults(func=_plan)
 
-    p = sub.add_parser("verify", help="write or check a manifest of per-tensor xxh3-64 hashes")
+    p = sub.add_parser("verify", help="write or check a manifest of per-tensor hashes (xxh3-64, optionally sha256)")
     p.add_argument("path", help="checkpoint directory, index file or shard")
     p.add_argument("--manifest", help="manifest file (default: kimi-loader-manifest.json beside the checkpoint)")
     p.add_argument("--write", action="store_true", help="(re)write the manifest instead of checking it")
+    p.add_argument("--sha256", action="store_true", help="also write / require SHA-256 hashes (slower)")
     p.add_argument("--json", action="store_true", help="print JSON (errors too)")
     p.add_argument("--threads", type=int, default=None, help=threads_help)
     p.set_defaults(func=_verify)
+
+    p = sub.add_parser(
+        "bench", help="time open / plan / read / load of a checkpoint next to safetensors and a plain copy"
+    )
+    p.add_argument("path", help="checkpoint directory, index file or shard")
+    p.add_argument("--repeat", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument(
+        "--max-bytes",
+        type=int,
+        default=2 << 30,
+        help="read at most this many bytes of tensors; load only checkpoints this small (default 2 GiB)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON (errors too)")
+    p.add_argument("--threads", type=int, default=None, help=threads_help)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("synth", help="write a synthetic checkpoint")
     p.add_argument("path", help="directory to write (created)")

@@ -21,7 +21,11 @@ from typing import Any
 
 from .errors import ConfigError, UnsupportedFormatError
 
-__all__ = ["ModelConfig", "QuantSpec", "checkpoint_names", "parse_config", "parse_quant", "quant_of"]
+__all__ = ["QUANT_FORMATS", "ModelConfig", "QuantSpec", "checkpoint_names", "parse_config", "parse_quant", "quant_of"]
+
+#: the checkpoint formats, by name (each is a :class:`kimi_loader.registry.Format`; kept
+#: here, torch-free, so that the command line can list them without importing torch)
+QUANT_FORMATS = ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
 
 _TEXT_PREFIXES = ("language_model.model.", "language_model.", "model.language_model.")
 

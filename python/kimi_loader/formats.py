@@ -15,11 +15,10 @@ from typing import Any
 
 import torch
 
+from .config import QUANT_FORMATS as QUANT_FORMATS
 from .config import QuantSpec, checkpoint_names, quant_of
 from .errors import UnsupportedFormatError
 from .registry import FORMATS
-
-QUANT_FORMATS = tuple(FORMATS)  # ("bf16", "fp8-block", "ct-int4", "quark-mxfp4")
 
 #: safetensors dtype spelling -> torch dtype
 TORCH_DTYPES: dict[str, torch.dtype] = {

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import re
-from collections import Counter, defaultdict
 from typing import Any
 
 from .errors import KimiLoaderError
-from .formats import layer_index
 from .reader import Checkpoint
-
-_EXPERT = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
-_SHARED = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.shared_experts\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 
 
 def text_config_of(config: dict[str, Any] | None) -> dict[str, Any]:
@@ -34,26 +28,11 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         quant = None
         problems.append(str(e))
 
-    infos = ck.infos()
-    dtypes = Counter(i.st_dtype for i in infos)
-    prefixes = Counter(i.name.split(".", 1)[0] for i in infos)
-    layers: set[int] = set()
-    experts: dict[int, set[int]] = defaultdict(set)
-    expert_suffixes: set[str] = set()
-    shared_suffixes: set[str] = set()
-    for i in infos:
-        layer = layer_index(i.name)
-        if layer is not None:
-            layers.add(layer)
-        m = _EXPERT.search(i.name)
-        if m:
-            experts[int(m.group(1))].add(int(m.group(2)))
-            expert_suffixes.add(m.group(4))
-            continue
-        m = _SHARED.search(i.name)
-        if m:
-            shared_suffixes.add(m.group(3))
-
+    census = ck.core.census()  # one pass over the names, in Rust
+    layers: set[int] = set(census["layers"])
+    experts: dict[int, int] = census["experts"]  # layer -> distinct routed expert ids
+    expert_suffixes: set[str] = set(census["expert_suffixes"])
+    shared_suffixes: set[str] = set(census["shared_suffixes"])
     n_layers = tc.get("num_hidden_layers")
     n_experts = tc.get("n_routed_experts")
     if n_layers is not None:
@@ -68,11 +47,11 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         if missing:
             problems.append(f"layers {missing[:8]} of num_hidden_layers={n_layers} have no tensors")
     if n_experts is not None:
-        for layer, ids in sorted(experts.items()):
+        for layer, count in sorted(experts.items()):
             if n_layers is not None and layer >= n_layers:
                 continue
-            if len(ids) != n_experts:
-                problems.append(f"layer {layer} has {len(ids)} routed experts, config says {n_experts}")
+            if count != n_experts:
+                problems.append(f"layer {layer} has {count} routed experts, config says {n_experts}")
     if expert_suffixes and shared_suffixes and expert_suffixes != shared_suffixes:
         notes.append(
             f"shared experts are stored as {sorted(shared_suffixes)} but routed experts as "
@@ -92,14 +71,14 @@ def summarize(ck: Checkpoint) -> dict[str, Any]:
         "text_model_type": tc.get("model_type"),
         "quant_format": quant,
         "shards": len(ck.files),
-        "tensors": len(infos),
+        "tensors": len(ck),
         "bytes": ck.data_bytes,
-        "dtypes": dict(sorted(dtypes.items())),
-        "top_level_prefixes": dict(sorted(prefixes.items())),
+        "dtypes": census["dtypes"],
+        "top_level_prefixes": census["prefixes"],
         "layers": {"config": n_layers, "in_checkpoint": len(layers)},
         "routed_experts": {
             "config": n_experts,
-            "per_layer_in_checkpoint": sorted({len(v) for v in experts.values()}),
+            "per_layer_in_checkpoint": sorted(set(experts.values())),
             "moe_layers": len(experts),
             "suffixes": sorted(expert_suffixes),
         },

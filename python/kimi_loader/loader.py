@@ -403,6 +403,29 @@ class _ProgressBar:
             self.bar.close()
 
 
+def _log_decisions(model: Any, plan: _core.Plan) -> None:
+    """What the plan decided on the user's behalf, on the ``kimi_loader`` logger: the
+    format and shared-expert fusion decisions and the ignored tensors per reason at INFO
+    (every ignored name at DEBUG)."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    from .models.hf import wrap_if_transformers
+
+    target, _ = hook_target(wrap_if_transformers(model))
+    for decision in getattr(target, "format_decisions", ()):
+        log.info("format decision: %s", decision)
+    if hasattr(target, "fusion_reason"):
+        log.info("shared-expert fusion: %s (%s)", getattr(target, "num_fused_shared_experts", 0), target.fusion_reason)
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in plan.ignored():
+        by_reason.setdefault(reason, []).append(name)
+    for reason, names in sorted(by_reason.items()):
+        log.info("ignored %d checkpoint tensors: %s (e.g. %s)", len(names), reason, names[0])
+        if log.isEnabledFor(logging.DEBUG):
+            for n in names:
+                log.debug("ignored %s: %s", n, reason)
+
+
 def load_weights(
     model: Any,
     path_or_checkpoint: str | os.PathLike[str] | Checkpoint,
@@ -461,6 +484,7 @@ def load_weights(
         )
     if plan.missing() or plan.unused():
         log.warning("strict=False: loading with gaps: %s", _format_problems(plan))
+    _log_decisions(model, plan)
     if plan.used == 0:
         log.warning(
             "%s: no checkpoint tensor has a place in %s: nothing will be loaded",

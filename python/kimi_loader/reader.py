@@ -6,17 +6,17 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from . import _core, _validate
-from .errors import ConfigError, KimiLoaderError, ShapeMismatchError
+from .errors import ConfigError, InvalidArgumentError, KimiLoaderError, ShapeMismatchError
 from .formats import TORCH_DTYPES, detect_quant_format
 
 PathLike = str | os.PathLike[str]
 
-__all__ = ["Checkpoint", "TensorInfo", "open"]
+__all__ = ["Checkpoint", "TensorInfo", "TensorSlice", "load_file", "open"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,65 @@ def open(path: PathLike | Sequence[PathLike], *, threads: int | None = None) -> 
     return Checkpoint(_core.open(_validate.paths(path), _validate.threads(threads)), threads=threads)
 
 
+def load_file(
+    path: PathLike | Sequence[PathLike],
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (file, folder, index or list of shards) as a new
+    tensor on ``device``, like ``safetensors.torch.load_file``; read in parallel with the
+    GIL released. ``dtype`` converts floating-point tensors (others keep their dtype)."""
+    with open(path, threads=threads) as ck:
+        return ck.read_tensors(device=device, dtype=dtype)
+
+
+class TensorSlice:
+    """A tensor not read yet (from :meth:`Checkpoint.get_slice`). Indexing it
+    (``sl[a:b]``, ``sl[:, c:d]``, ``sl[i]``) copies just that part into a new tensor: only
+    the pages of the mapped shard that hold those elements are touched."""
+
+    def __init__(self, ckpt: Checkpoint, name: str) -> None:
+        self._ckpt = ckpt
+        self.info = ckpt.tensor_info(name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.info.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.info.dtype
+
+    def get_shape(self) -> list[int]:
+        """The shape (as safetensors' ``get_shape``)."""
+        return list(self.info.shape)
+
+    def get_dtype(self) -> str:
+        """The stored dtype's safetensors name (``"BF16"``, ...)."""
+        return self.info.st_dtype
+
+    def __len__(self) -> int:
+        if not self.info.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.info.shape[0]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        view = self._ckpt.get_tensor(self.info.name)
+        try:
+            part = view[index]
+        except (IndexError, TypeError) as e:
+            raise InvalidArgumentError(
+                f"tensor '{self.info.name}' {list(self.info.shape)}: bad index {index!r}: {e}",
+                tensor=self.info.name,
+            ) from None
+        return part.clone(memory_format=torch.contiguous_format)
+
+    def __repr__(self) -> str:
+        return f"<kimi_loader.TensorSlice '{self.info.name}' {self.info.st_dtype} {list(self.info.shape)}>"
+
+
 class Checkpoint:
     """An open, validated checkpoint. Use as a context manager or call :meth:`close`.
 
@@ -67,6 +126,7 @@ class Checkpoint:
         self._buffers: dict[int, _core.ShardBuffer] = {}
         self._config: dict[str, Any] | None = None
         self._config_loaded = False
+        self._files: list[str] = core.files()
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> Checkpoint:
@@ -114,7 +174,8 @@ class Checkpoint:
     @property
     def files(self) -> list[str]:
         """Shard paths, in shard order."""
-        return self.core.files()
+        self.core  # noqa: B018  (raises once closed)
+        return list(self._files)
 
     @property
     def index_path(self) -> str | None:
@@ -133,13 +194,11 @@ class Checkpoint:
 
     def tensor_info(self, name: str) -> TensorInfo:
         shard, st_dtype, shape, offset, nbytes = self.core.locate(_validate.name(name))
-        return TensorInfo(
-            name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self.core.files()[shard], offset, nbytes
-        )
+        return TensorInfo(name, TORCH_DTYPES[st_dtype], st_dtype, tuple(shape), self._files[shard], offset, nbytes)
 
     def infos(self) -> list[TensorInfo]:
         """:class:`TensorInfo` of every tensor, in storage order."""
-        files = self.core.files()
+        files = self._files
         return [
             TensorInfo(n, TORCH_DTYPES[d], d, tuple(s), files[sh], off, nb)
             for n, d, s, sh, off, nb in self.core.table()
@@ -191,48 +250,130 @@ class Checkpoint:
             buf = self._buffers[shard] = self.core.shard_buffer(shard)
         return buf
 
-    def get_tensor(self, name: str) -> torch.Tensor:
+    def get_tensor(
+        self, name: str, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """A zero-copy CPU view of the tensor's bytes in the mapped shard.
 
         Writing to the view is allowed and never reaches the file (the mapping is
-        copy-on-write). Use :meth:`read_tensors` for copies in fresh memory.
+        copy-on-write). With ``device`` (other than the CPU) or ``dtype`` (other than the
+        stored one), a new tensor, converted. Use :meth:`read_tensors` for many copies in
+        fresh memory, :meth:`get_slice` for part of a tensor.
         """
         shard, st_dtype, shape, offset, nbytes = self.core.locate(_validate.name(name))
-        dtype = TORCH_DTYPES[st_dtype]
+        stored = TORCH_DTYPES[st_dtype]
         if nbytes == 0:
-            return torch.empty(shape, dtype=dtype)
-        count = nbytes // dtype.itemsize
-        return torch.frombuffer(self._buffer(shard), dtype=dtype, count=count, offset=offset).view(shape)
+            view = torch.empty(shape, dtype=stored)
+        else:
+            count = nbytes // stored.itemsize
+            view = torch.frombuffer(self._buffer(shard), dtype=stored, count=count, offset=offset).view(shape)
+        want = _dtype(dtype, stored, name)
+        target = _device(device)
+        if want == stored and target.type == "cpu":
+            return view
+        return view.to(device=target, dtype=want, copy=True)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        """``ckpt[name]``: :meth:`get_tensor` (a ``KeyError``-compatible
+        :class:`MissingTensorError` for a name the checkpoint lacks)."""
+        return self.get_tensor(name)
+
+    def get_slice(self, name: str) -> TensorSlice:
+        """A lazily read tensor: ``ckpt.get_slice(name)[a:b, :]`` copies only those rows,
+        as ``safetensors``' ``get_slice`` does."""
+        return TensorSlice(self, _validate.name(name))
+
+    def hash_tensors(self, names: Iterable[str] | None = None, *, algorithm: str = "xxh3-64") -> dict[str, str]:
+        """Hex digests of each tensor's stored bytes, computed in parallel with the GIL
+        released: ``"xxh3-64"`` (fast, for change detection) or ``"sha256"``."""
+        names = self.keys() if names is None else [_validate.name(n) for n in names]
+        if algorithm == "xxh3-64":
+            return {n: f"{h:016x}" for n, h in zip(names, self.core.hash_tensors(names), strict=True)}
+        if algorithm != "sha256":
+            raise InvalidArgumentError(f"algorithm must be 'xxh3-64' or 'sha256', got {algorithm!r}")
+        import hashlib
+        from concurrent.futures import ThreadPoolExecutor
+
+        def sha256(name: str) -> str:  # hashlib releases the GIL on large buffers
+            shard, _dtype, _shape, offset, nbytes = self.core.locate(name)
+            return hashlib.sha256(memoryview(cast(Any, self._buffer(shard)))[offset : offset + nbytes]).hexdigest()
+
+        for shard in {self.core.locate(n)[0] for n in names}:
+            self._buffer(shard)  # mapped once, before the threads start
+        with ThreadPoolExecutor(_core.resolve_threads(self._threads)) as pool:
+            return dict(zip(names, pool.map(sha256, names), strict=True))
 
     def read_tensors(
-        self, names: Iterable[str] | None = None, *, out: dict[str, torch.Tensor] | None = None
+        self,
+        names: Iterable[str] | None = None,
+        *,
+        out: dict[str, torch.Tensor] | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Copies tensors into fresh (or given) CPU memory, in parallel, GIL released.
+        """Copies tensors into fresh (or given) memory, in parallel, GIL released.
 
-        ``names`` defaults to every tensor. With ``out``, tensors are written into the
-        given tensors instead of new ones: each must be a writable, contiguous CPU tensor
-        of exactly the stored dtype and shape (bytes are never reinterpreted).
+        ``names`` defaults to every tensor. ``dtype`` converts floating-point tensors
+        explicitly (bytes are never reinterpreted); ``device`` places the results. With
+        ``out``, tensors are written into the given tensors instead: each must have
+        exactly the stored shape and the stored dtype (or ``dtype``), on ``device`` (or
+        the CPU), and be writable; contiguous CPU tensors of the stored dtype are written
+        directly, others through a CPU copy.
         """
         names = self.keys() if names is None else list(names)
+        target = _device(device)
         result: dict[str, torch.Tensor] = {}
+        direct: dict[str, torch.Tensor] = {}  # read straight into these
         for n in names:
             _shard, st_dtype, shape, _offset, _nbytes = self.core.locate(_validate.name(n))
+            stored = TORCH_DTYPES[st_dtype]
+            want = _dtype(dtype, stored, n)
             dst = out.get(n) if out is not None else None
             if dst is None:
-                dst = torch.empty(shape, dtype=TORCH_DTYPES[st_dtype])
-            elif (
-                dst.device.type != "cpu"
-                or not dst.is_contiguous()
-                or dst.dtype != TORCH_DTYPES[st_dtype]
-                or tuple(dst.shape) != tuple(shape)
-            ):
+                direct[n] = torch.empty(shape, dtype=stored)
+                continue
+            if not isinstance(dst, torch.Tensor):
+                raise InvalidArgumentError(f"out['{n}']: expected a torch.Tensor, got {type(dst).__name__}", tensor=n)
+            if tuple(dst.shape) != tuple(shape) or dst.dtype != want or dst.device.type != target.type:
                 raise ShapeMismatchError(
-                    f"tensor '{n}': destination must be a contiguous CPU tensor {tuple(shape)} "
-                    f"{TORCH_DTYPES[st_dtype]}, got {tuple(dst.shape)} {dst.dtype} on {dst.device}",
+                    f"tensor '{n}': out must be {tuple(shape)} {want} on {target.type} "
+                    f"(pass dtype= / device= to convert), got {tuple(dst.shape)} {dst.dtype} on {dst.device}",
                     tensor=n,
                     expected=tuple(shape),
                     found=tuple(dst.shape),
                 )
             result[n] = dst
-        self.core.read_into(names, [result[n] for n in names])
+            if dst.device.type == "cpu" and dst.is_contiguous() and dst.dtype == stored:
+                direct[n] = dst
+            else:
+                direct[n] = torch.empty(shape, dtype=stored)
+        order = list(direct)
+        self.core.read_into(order, [direct[n] for n in order])
+        for n in names:
+            read = direct[n]
+            if n in result:
+                if result[n] is not read:
+                    result[n].copy_(read)
+                continue
+            want = _dtype(dtype, read.dtype, n)
+            result[n] = read if want == read.dtype and target.type == "cpu" else read.to(target, want)
         return result
+
+
+def _dtype(dtype: torch.dtype | None, stored: torch.dtype, name: str) -> torch.dtype:
+    """The dtype a tensor is returned in: ``dtype`` for floating-point tensors, else the
+    stored one (packed integers and scales are not values to convert)."""
+    if dtype is None:
+        return stored
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"dtype: expected a torch.dtype, got {dtype!r}")
+    return dtype if stored.is_floating_point and stored.itemsize > 1 else stored
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"device: not a torch device: {device!r}") from None

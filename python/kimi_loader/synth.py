@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,147 +23,10 @@ import torch
 
 from .errors import InvalidArgumentError
 from .formats import QUANT_FORMATS, layer_index
+from .presets import PRESETS
 from .registry import FORMATS, format_of
 
 __all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
-
-_KIMI_ROPE = {
-    "type": "yarn",
-    "factor": 64.0,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "original_max_position_embeddings": 4096,
-}
-_DS_ROPE = {
-    "type": "yarn",
-    "factor": 40.0,
-    "beta_fast": 32.0,
-    "beta_slow": 1.0,
-    "mscale": 1.0,
-    "mscale_all_dim": 1.0,
-    "original_max_position_embeddings": 4096,
-}
-
-_BASE_TEXT: dict[str, Any] = {
-    "architectures": ["DeepseekV3ForCausalLM"],
-    "attention_bias": False,
-    "attention_dropout": 0.0,
-    "bos_token_id": 0,
-    "eos_token_id": 1,
-    "ep_size": 1,
-    "hidden_act": "silu",
-    "initializer_range": 0.02,
-    "moe_layer_freq": 1,
-    "norm_topk_prob": True,
-    "scoring_func": "sigmoid",
-    "tie_word_embeddings": False,
-    "topk_method": "noaux_tc",
-    "torch_dtype": "bfloat16",
-    "use_cache": True,
-}
-
-#: preset name -> (family, default shard count, text config)
-PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
-    "kimi-k2.5-tiny": (
-        "kimi",
-        4,
-        {
-            **_BASE_TEXT,
-            "model_type": "kimi_k2",
-            "vocab_size": 256,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "moe_intermediate_size": 32,
-            "num_hidden_layers": 3,
-            "num_nextn_predict_layers": 0,
-            "first_k_dense_replace": 1,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 1,
-            "topk_group": 1,
-            "routed_scaling_factor": 2.827,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 50000.0,
-            "max_position_embeddings": 262144,
-            "rope_scaling": _KIMI_ROPE,
-        },
-    ),
-    "deepseek-v3-tiny": (
-        "deepseek",
-        4,
-        {
-            **_BASE_TEXT,
-            "model_type": "deepseek_v3",
-            "vocab_size": 256,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "moe_intermediate_size": 32,
-            "num_hidden_layers": 4,
-            "num_nextn_predict_layers": 1,
-            "first_k_dense_replace": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 2,
-            "n_group": 4,
-            "topk_group": 2,
-            "routed_scaling_factor": 2.5,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 10000.0,
-            "max_position_embeddings": 163840,
-            "rope_scaling": _DS_ROPE,
-        },
-    ),
-    # Kimi-K2.5's real tensor count (61 layers x 384 experts, 64 shards), tiny shapes.
-    "kimi-k2.5-fullcount": (
-        "kimi",
-        64,
-        {
-            **_BASE_TEXT,
-            "model_type": "kimi_k2",
-            "vocab_size": 64,
-            "hidden_size": 32,
-            "intermediate_size": 32,
-            "moe_intermediate_size": 32,
-            "num_hidden_layers": 61,
-            "num_nextn_predict_layers": 0,
-            "first_k_dense_replace": 1,
-            "num_attention_heads": 1,
-            "num_key_value_heads": 1,
-            "q_lora_rank": 32,
-            "kv_lora_rank": 32,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 16,
-            "v_head_dim": 16,
-            "n_routed_experts": 384,
-            "n_shared_experts": 1,
-            "num_experts_per_tok": 8,
-            "n_group": 1,
-            "topk_group": 1,
-            "routed_scaling_factor": 2.827,
-            "rms_norm_eps": 1e-5,
-            "rope_theta": 50000.0,
-            "max_position_embeddings": 262144,
-            "rope_scaling": _KIMI_ROPE,
-        },
-    ),
-}
 
 _VISION_HIDDEN = 16
 
@@ -374,10 +238,10 @@ def _plain_value(p: _Plain, g: torch.Generator) -> torch.Tensor:
 
 
 def _tensors(
-    cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: str | None, g: torch.Generator
+    cfg: dict[str, Any], family: str, quant: str, shared_expert_quant: str | None, g: torch.Generator, bar: Any
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for part in _model_parts(cfg, family):
+    for part in bar(_model_parts(cfg, family), desc="generating", unit=" modules"):
         if isinstance(part, _Plain):
             out[part.name] = _plain_value(part, g)
             continue
@@ -419,6 +283,7 @@ def make_checkpoint(
     seed: int = 0,
     num_shards: int | None = None,
     shared_expert_quant: str | None = None,
+    progress: bool = False,
     **overrides: Any,
 ) -> str:
     """Writes a complete synthetic checkpoint into directory ``path`` and returns it.
@@ -431,9 +296,17 @@ def make_checkpoint(
     fullcount). ``shared_expert_quant`` forces the shared experts' format (e.g. ``"bf16"``
     in a Quark checkpoint, as an older Kimi-K2.5-MXFP4 revision had). Other keyword
     arguments override text-config fields (``num_hidden_layers=2``,
-    ``n_routed_experts=384``, ...).
+    ``n_routed_experts=384``, ...). ``progress``: tqdm bars on stderr while generating
+    and writing (only when stderr is a terminal).
     """
     from safetensors.torch import save_file
+
+    def bar(items: Any, **kw: Any) -> Any:
+        if not progress:
+            return items
+        from tqdm.auto import tqdm
+
+        return tqdm(items, disable=None, leave=False, file=sys.stderr, **kw)
 
     if preset not in PRESETS:
         raise InvalidArgumentError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -452,7 +325,7 @@ def make_checkpoint(
     if qc is not None and family != "kimi":
         cfg["quantization_config"] = qc
     g = torch.Generator().manual_seed(seed)
-    tensors = _tensors(cfg, family, quant, shared_expert_quant, g)
+    tensors = _tensors(cfg, family, quant, shared_expert_quant, g, bar)
     if quant == "quark-mxfp4" and qc is not None:
         # Quark's exporter writes the modules it left unquantized one by one, with the
         # wrapper's prefix (amd/Kimi-K2.5-MXFP4 lists 530 names), not the patterns
@@ -474,7 +347,7 @@ def make_checkpoint(
 
     os.makedirs(path, exist_ok=True)
     weight_map: dict[str, str] = {}
-    for k, f in enumerate(files):
+    for k, f in enumerate(bar(files, desc="writing", unit=" shards")):
         shard = {n: tensors[n].contiguous() for n, b in zip(names, bounds, strict=True) if b == k}
         save_file(shard, os.path.join(path, f), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, f))

@@ -8,6 +8,7 @@
 //! - [`shard`]: one mapped, validated shard file.
 //! - [`index`]: the `model.safetensors.index.json` file.
 //! - [`checkpoint`]: all shards of a checkpoint, opened in parallel, cross-checked.
+//! - [`census`]: what a checkpoint holds, counted in one pass (for `inspect`).
 //! - [`mapping`]: checkpoint name -> destination name rules (data, linear time).
 //! - [`plan`]: the copy plan, with its proof that every destination byte is written once.
 //! - [`quant`]: the quantized formats (one registry: tensors, scales, dequant op).
@@ -15,6 +16,7 @@
 //! - [`exec`]: parallel reads and plan execution into destination memory.
 //! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).
 
+pub mod census;
 pub mod checkpoint;
 pub mod convert;
 pub mod dtype;

@@ -188,3 +188,53 @@ pub fn check_disjoint(py: Python<'_>, bufs: &[(&str, usize, u64)]) -> PyResult<(
     }
     Ok(())
 }
+
+/// Refuses destinations in memory the process may not write (e.g. a read-only `np.memmap`
+/// viewed as a tensor): writing there would be a segfault, not an exception. Checked
+/// against `/proc/self/maps` (one read per call); elsewhere, or if it cannot be read, the
+/// check is skipped.
+pub fn check_writable(py: Python<'_>, bufs: &[(&str, usize, u64)]) -> PyResult<()> {
+    let Some(maps) = writable_ranges() else {
+        return Ok(());
+    };
+    for &(name, ptr, len) in bufs.iter().filter(|b| b.2 > 0) {
+        let (start, end) = (ptr as u64, ptr as u64 + len);
+        // the mappings that cover [start, end) must be contiguous and all writable
+        let mut at = start;
+        let mut i = maps.partition_point(|m| m.1 <= at);
+        while at < end {
+            match maps.get(i) {
+                Some(&(lo, hi, w)) if lo <= at && w => {
+                    at = hi;
+                    i += 1;
+                }
+                _ => {
+                    return Err(invalid(
+                        py,
+                        format!(
+                            "'{name}' is not writable memory (a read-only mapping, \
+                             e.g. np.memmap(mode='r')?); pass a writable tensor"
+                        ),
+                    ))
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `(start, end, writable)` of every mapping of this process, sorted by address.
+fn writable_ranges() -> Option<Vec<(u64, u64, bool)>> {
+    let text = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.split_ascii_whitespace();
+        let (range, perms) = (parts.next()?, parts.next()?);
+        let (lo, hi) = range.split_once('-')?;
+        let lo = u64::from_str_radix(lo, 16).ok()?;
+        let hi = u64::from_str_radix(hi, 16).ok()?;
+        out.push((lo, hi, perms.as_bytes().get(1) == Some(&b'w')));
+    }
+    out.sort_unstable_by_key(|m| m.0);
+    Some(out)
+}

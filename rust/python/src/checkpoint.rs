@@ -1,14 +1,17 @@
 //! `open()` and the `Checkpoint` class. The public Python API (`kimi_loader.Checkpoint`)
 //! wraps this class; everything here is shaped for that wrapper, not for end users.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kimi_loader_core::census::Census;
 use kimi_loader_core::exec::{hash_tensors, read_tasks, ReadOptions, ReadTask};
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Error};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-use crate::buffer::{check_disjoint, live_tensor, ShardBuffer};
+use crate::buffer::{check_disjoint, check_writable, live_tensor, ShardBuffer};
 use crate::errors::{detached, to_pyerr};
 
 /// `(shard, dtype, shape, absolute offset, nbytes)` of one tensor.
@@ -223,6 +226,7 @@ impl Checkpoint {
             .map(|(n, b)| (n.as_str(), b.ptr, b.len))
             .collect();
         check_disjoint(py, &spans)?;
+        check_writable(py, &spans)?;
         let inner = self.inner.clone();
         let threads = self.threads;
         detached(py, move || {
@@ -237,6 +241,29 @@ impl Checkpoint {
             // the storages until this returns.
             unsafe { read_tasks(&inner, &tasks, &pool, opts) }
         })
+    }
+
+    /// What the checkpoint holds, counted in one pass (see `kimi_loader_core::census`):
+    /// `{"dtypes", "prefixes": {str: count}, "layers": [int], "experts": {layer: count},
+    /// "expert_suffixes", "shared_suffixes": [str]}`.
+    fn census<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let inner = self.inner.clone();
+        let c = py.detach(move || Census::of(&inner));
+        let d = PyDict::new(py);
+        d.set_item("dtypes", c.dtypes)?;
+        d.set_item("prefixes", c.prefixes)?;
+        d.set_item("layers", c.layers.into_iter().collect::<Vec<_>>())?;
+        let experts: BTreeMap<u64, usize> = c.experts.iter().map(|(l, e)| (*l, e.len())).collect();
+        d.set_item("experts", experts)?;
+        d.set_item(
+            "expert_suffixes",
+            c.expert_suffixes.into_iter().collect::<Vec<_>>(),
+        )?;
+        d.set_item(
+            "shared_suffixes",
+            c.shared_suffixes.into_iter().collect::<Vec<_>>(),
+        )?;
+        Ok(d)
     }
 
     /// xxh3-64 of each named tensor's bytes, in parallel (GIL released).

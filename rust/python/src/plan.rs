@@ -12,7 +12,7 @@ use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::buffer::{check_disjoint, live_tensor, LiveBuffer};
+use crate::buffer::{check_disjoint, check_writable, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
 use crate::errors::{detached, invalid as bad};
 
@@ -474,6 +474,7 @@ impl Plan {
             live.push(b);
         }
         check_disjoint(py, &spans)?;
+        check_writable(py, &spans)?;
         Ok((bufs, live))
     }
 }
