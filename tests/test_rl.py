@@ -235,3 +235,33 @@ def test_kept_staging_is_reused_and_releasable(tmp_path, keep_staging):
     assert torch.equal(model(IDS), kimi_loader.from_pretrained(a)(IDS))
     updater.release_staging()
     assert updater._arena is None
+
+
+def test_update_from_tensors_reads_memory_in_place_and_names_dtype_errors(tmp_path, monkeypatch):
+    """No temporary file, no copy of CPU tensors: the tensors are the plan's sources for
+    the call and released after it; a dtype change names the tensor, the parameter and
+    both dtypes (it used to say 'shape mismatch: [64] vs [64]' about a temporary file)."""
+    import tempfile
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", None)  # any use of a temp dir fails
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model)  # no baseline: the first update compiles the plan from memory
+    up.update_from_tensors((n, ckb.get_tensor(n)) for n in ckb.keys())
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="released"):
+        up._compiled.core.hash_tensors([ckb.keys()[0]])  # the plan kept names, not memory
+    norm = "language_model.model.norm.weight"
+    with pytest.raises(kimi_loader.ShapeMismatchError) as e:
+        up.update_from_tensors([(norm, ckb.get_tensor(norm).float())])
+    msg = str(e.value)
+    assert "<update_from_tensors>" in msg and f"'{norm}'" in msg and "norm.weight" in msg.split("'" + norm + "'")[1]
+    assert "BF16" in msg and "F32" in msg and e.value.tensor == norm
+    # quantize= without knowing the stored formats is refused
+    fresh = WeightUpdater(kimi_loader.from_pretrained(a))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="baseline"):
+        fresh.update_from_tensors([(norm, ckb.get_tensor(norm))], quantize=True)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="quantize must be"):
+        up.update_from_tensors([(norm, ckb.get_tensor(norm))], quantize="nf4")

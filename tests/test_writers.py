@@ -375,3 +375,98 @@ def test_fused_expert_layout_under_tp_and_ep(written, tp_size, ep_size):
         assert set(got) == set(want)
         for name, w in want.items():
             assert torch.equal(got[name], w), (name, ranks)
+
+
+# -- quantize-on-sync against the writers ------------------------------------------------
+def test_bf16_sync_into_an_int4_model_equals_a_compressed_tensors_export(written, tmp_path):
+    """A trainer's bf16 weights synced into a ct-int4 model with quantize= equal, bit for
+    bit, the model loaded from the checkpoint compressed-tensors' compressor writes from
+    the same bf16 weights; a repeated sync quantizes and copies nothing."""
+    from kimi_loader.rl import WeightUpdater
+
+    a, _ = _ct_export(written("qlora-dense-yarn", 4, True), tmp_path / "a", "", "top")
+    src_b = written("qlora-dense-yarn", 5, True)
+    b, _ = _ct_export(src_b, tmp_path / "b", "", "top")
+    trainer = {
+        k: (v.to(torch.bfloat16) if v.dtype == torch.float32 and "correction_bias" not in k else v)
+        for k, v in load_all(src_b).items()
+    }
+    assert any(k.endswith("experts.0.gate_proj.weight") for k in trainer)  # bf16, not int4
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model, baseline=a)
+    report = up.update_from_tensors(trainer.items(), quantize="compressed-tensors")
+    assert report.changed_tensors > 0 and "quantize" in report.seconds
+    want = kimi_loader.from_pretrained(b).state_dict()
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for name, v in want.items():
+        assert torch.equal(got[name].view(torch.uint8), v.view(torch.uint8)), name
+    again = up.update_from_tensors(trainer.items(), quantize=True)
+    assert again.changed_tensors == 0 and again.bytes_changed == 0
+
+
+def _oracle_quantized(fmt: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The stored tensors of ``w`` as the defining library writes them."""
+    if fmt == "fp8-block":
+        from types import SimpleNamespace
+
+        from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+        cfg = SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=(128, 128), scale_fmt="float"))
+        out = Fp8Quantize(cfg)._quantize_one("x.weight", w)
+        return {"weight": out["x.weight"], "weight_scale_inv": out["x.weight_scale_inv"]}
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(
+        num_bits=4, type="float", symmetric=True, strategy="group", group_size=32, scale_dtype=torch.uint8
+    )
+    g = w.float().reshape(w.shape[0], -1, 32)
+    scale, _ = calculate_qparams(g.amin(-1), g.amax(-1), args)
+    return {
+        "weight": pack_fp4_to_uint8(quantize(w.float(), scale, None, args)),
+        "weight_scale": compress_mx_scale(scale, torch.uint8),
+    }
+
+
+@pytest.mark.parametrize(
+    ("preset", "quant", "scale"),
+    [("deepseek-v3-tiny", "fp8-block", "weight_scale_inv"), ("kimi-k2.5-tiny", "quark-mxfp4", "weight_scale")],
+)
+def test_bf16_sync_into_fp8_and_mxfp4_models_equals_the_reference_quantizers(tmp_path, preset, quant, scale):
+    """FP8-block (transformers' FineGrainedFP8 quantizer) and MXFP4 (compressed-tensors'
+    MX quantizer): the synced model equals one loaded from a checkpoint holding the
+    reference library's quantization of the same bf16 weights."""
+    from reference import rewrite
+
+    from kimi_loader.rl import WeightUpdater
+    from kimi_loader.synth import make_checkpoint
+
+    # dims that are whole FP8 blocks, so that transformers' quantizer covers every weight
+    a = make_checkpoint(
+        tmp_path / "a", preset=preset, quant=quant, hidden_size=128, moe_intermediate_size=128, intermediate_size=256
+    )
+    ck = kimi_loader.open(a)
+    g = torch.Generator().manual_seed(7)
+    trainer, change = {}, {}
+    mtp = f"layers.{ck.model_config().text['num_hidden_layers']}."  # an MTP layer: not loaded
+    for n in ck.keys():
+        base, _, suffix = n.rpartition(".")
+        if suffix != scale or ".experts." not in n or mtp in n:
+            continue
+        w_info = ck.tensor_info(f"{base}.weight")
+        cols = w_info.shape[1] * (2 if quant == "quark-mxfp4" else 1)
+        w = (torch.randn(w_info.shape[0], cols, generator=g) * 0.05).to(torch.bfloat16)
+        trainer[f"{base}.weight"] = w
+        change.update({f"{base}.{s}": t for s, t in _oracle_quantized(quant, w).items()})
+    assert len(trainer) > 8
+    b = rewrite(a, tmp_path / "b", change=change)
+    model = kimi_loader.from_pretrained(a)
+    report = WeightUpdater(model, baseline=a).update_from_tensors(trainer.items(), quantize=True)
+    assert report.changed_tensors == len(change)
+    want = kimi_loader.from_pretrained(b)
+    for (name, v), (_, w) in zip(want.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(w.view(torch.uint8), v.view(torch.uint8)), name

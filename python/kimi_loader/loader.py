@@ -231,6 +231,8 @@ class PlannedLoad:
     plan: Any
     dests: dict[str, torch.Tensor]
     skipped: dict[str, int]
+    #: the FP8 block the plan was built with (quantize-on-sync quantizes to it)
+    fp8_block: tuple[int, int] = (128, 128)
 
 
 def plan_for(
@@ -275,7 +277,7 @@ def plan_for(
     plan = _core.plan(
         ckpt.core, rules.to_core(), _dest_list(dests, need_memory=need_memory), fp8_block, threads, **groups
     )
-    return PlannedLoad(plan, dests, skipped)
+    return PlannedLoad(plan, dests, skipped, (int(fp8_block[0]), int(fp8_block[1])))
 
 
 def _format_problems(plan) -> str:

@@ -1,4 +1,5 @@
-"""Reference dequantizers in torch: the CPU runtime path and the oracle for kernels.
+"""Reference dequantizers (and the quantizers of quantize-on-sync) in torch: the CPU
+runtime path and the oracle for kernels.
 
 Each works on a single linear (``[out, ...]``) or a stack of them (``[E, out, ...]``) and
 reproduces the reference libraries bit for bit (tests compare with compressed-tensors):
@@ -6,6 +7,22 @@ reproduces the reference libraries bit for bit (tests compare with compressed-te
 - ct-int4: ``(q - 8) * scale`` computed in the scale's dtype (compressed-tensors).
 - Quark MXFP4: ``e2m1(code) * 2^(e - 127)``; ``e = 255`` is NaN (OCP MX).
 - FP8 block: ``float(w) * scale_inv[r // br, c // bc]`` in float32.
+
+Quantizers (``w`` ``[out, in]`` in the trainer's dtype -> the stored tensors), for
+:meth:`kimi_loader.WeightUpdater.update_from_tensors` with ``quantize=``:
+
+- ct-int4, rule ``"compressed-tensors"``: compressed-tensors' symmetric group quantizer
+  (``scale = max(|min(w, 0)|, max(w, 0)) / 7.5`` in float32, 0 -> float32 eps, stored in
+  the scale dtype; ``q = clamp(round(w / scale), -8, 7)`` in ``w``'s dtype).
+- ct-int4, rule ``"int4-qat"``: the Kimi int4 QAT rule (``scale = max(absmax / 7, 1e-5)``
+  in float32, stored in the scale dtype; ``q = clamp(round(w / scale), -7, 7)`` in float32
+  with the stored scale, so that ``q * scale`` is what the server computes).
+- MXFP4: the OCP MX rule as compressed-tensors / Quark compute it (the group's absmax
+  rounded to a power of two with E2M1's mantissa, shared exponent ``floor(log2) - 2``;
+  elements rounded to the nearest E2M1 value, ties to even, saturating at 6).
+- FP8 block: transformers' FineGrainedFP8 (``scale_inv = absmax / 448`` per block, 1 for
+  an all-zero block, ``q = fp8(clamp(w * (448 / absmax)))``; ue8m0 scales rounded up to
+  a power of two first).
 """
 
 from __future__ import annotations
@@ -14,7 +31,21 @@ import torch
 
 from .formats import E2M1_VALUES
 
-__all__ = ["dequant_fp8_block", "dequant_int4", "dequant_mxfp4", "dequantize", "unpack_int4"]
+__all__ = [
+    "INT4_RULES",
+    "dequant_fp8_block",
+    "dequant_int4",
+    "dequant_mxfp4",
+    "dequantize",
+    "pack_int4",
+    "quantize_fp8_block",
+    "quantize_int4",
+    "quantize_mxfp4",
+    "unpack_int4",
+]
+
+#: the int4 quantization rules of quantize-on-sync
+INT4_RULES = ("compressed-tensors", "int4-qat")
 
 
 def _nibbles(packed_bytes: torch.Tensor) -> torch.Tensor:
@@ -66,3 +97,112 @@ def dequantize(
     from .registry import format_of
 
     return format_of(fmt).dequantize(tensors, dtype, fp8_block)
+
+
+# -- quantizers (quantize-on-sync) --------------------------------------------------------
+def _finite(w: torch.Tensor, what: str) -> None:
+    from .errors import InvalidArgumentError
+
+    if not bool(torch.isfinite(w).all()):
+        raise InvalidArgumentError(f"{what}: holds NaN or infinite values; refusing to quantize it", tensor=what)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 ``[..., in]`` in -8..7 -> int32 ``[..., in/8]`` (value + 8 in bits
+    ``[4j, 4j+4)``; the inverse of :func:`unpack_int4`)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    b = (u[..., 0::2] | (u[..., 1::2] << 4)).contiguous()
+    return b.view(torch.int32)
+
+
+def quantize_int4(
+    w: torch.Tensor, *, group: int, rule: str = "compressed-tensors", scale_dtype: torch.dtype = torch.bfloat16, what=""
+) -> dict[str, torch.Tensor]:
+    """``w`` ``[out, in]`` -> ``weight_packed`` int32, ``weight_scale``, ``weight_shape``."""
+    from .errors import InvalidArgumentError
+
+    if rule not in INT4_RULES:
+        raise InvalidArgumentError(f"int4 quantization rule must be one of {INT4_RULES}, got {rule!r}")
+    out, inp = w.shape
+    if inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    _finite(w, what)
+    g = w.reshape(out, inp // group, group)
+    gf = g.float()
+    if rule == "compressed-tensors":
+        lo = torch.minimum(gf.amin(-1), torch.zeros(()))
+        hi = torch.maximum(gf.amax(-1), torch.zeros(()))
+        s = torch.maximum(lo.abs(), hi.abs()) / torch.tensor(7.5)
+        s = torch.where(s == 0, torch.tensor(torch.finfo(torch.float32).eps), s)
+        scale = s.to(scale_dtype)
+        q = torch.round(torch.clamp(g / scale.unsqueeze(-1), -8, 7))
+    else:
+        scale = torch.clamp(gf.abs().amax(-1) / 7.0, min=1e-5).to(scale_dtype)
+        q = torch.clamp(torch.round(gf / scale.float().unsqueeze(-1)), -7, 7)
+    q8 = q.to(torch.int8).reshape(out, inp)
+    return {
+        "weight_packed": pack_int4(q8),
+        "weight_scale": scale.contiguous(),
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int32),
+    }
+
+
+def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Nearest E2M1 value, ties to even, saturating at 6 (x float32)."""
+    mag = x.abs()
+    # the midpoints between consecutive E2M1 magnitudes; at a tie, the even one wins
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    idx = torch.bucketize(mag, bounds, right=False)  # mag == bound -> the lower value
+    up_at_tie = torch.tensor([False, True, False, True, False, True, False])  # 0.75->1, 1.75->2, 3.5->4
+    tie = (idx < 7) & (mag == bounds[idx.clamp(max=6)])
+    idx = idx + (tie & up_at_tie[idx.clamp(max=6)]).to(idx.dtype)
+    return E2M1_VALUES[:8][idx] * torch.sign(x)
+
+
+def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, torch.Tensor]:
+    """``w`` ``[out, in]`` -> ``weight`` uint8 (two E2M1 codes a byte, low nibble first)
+    and ``weight_scale`` uint8 (e8m0)."""
+    from .errors import InvalidArgumentError
+    from .formats import pack_mxfp4
+
+    out, inp = w.shape
+    if inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    _finite(w, what)
+    g = w.float().reshape(out, inp // group, group)
+    amax = torch.maximum(g.amin(-1).clamp(max=0).abs(), g.amax(-1).clamp(min=0))
+    # round to a power of two with E2M1's 1 mantissa bit: add half an E2M1 ulp, keep sign + exponent
+    bits = amax.view(torch.int32)
+    p2 = ((bits + (1 << 21)) & (0xFF << 23)).view(torch.float32)  # amax >= 0: no sign bit
+    e = 127 + torch.floor(torch.log2(p2)) - 2
+    e8 = torch.round(torch.clamp(e, 0, 255)).to(torch.uint8)
+    scale = torch.exp2(e8.to(torch.int32).float() - 127)
+    vals = _round_e2m1(torch.clamp(g / scale.unsqueeze(-1), -6.0, 6.0)).reshape(out, inp)
+    return {"weight": pack_mxfp4(vals), "weight_scale": e8.contiguous()}
+
+
+def quantize_fp8_block(
+    w: torch.Tensor, *, block: tuple[int, int] = (128, 128), scale_dtype: torch.dtype = torch.float32, what=""
+) -> dict[str, torch.Tensor]:
+    """``w`` ``[out, in]`` -> ``weight`` float8_e4m3fn and ``weight_scale_inv``
+    ``[ceil(out/br), ceil(in/bc)]`` (float32, or e8m0 rounded up to a power of two)."""
+    import math
+
+    _finite(w, what)
+    out, inp = w.shape
+    br, bc = block
+    ob, ib = math.ceil(out / br), math.ceil(inp / bc)
+    padded = torch.zeros(ob * br, ib * bc)
+    padded[:out, :inp] = w.float()
+    tiles = padded.reshape(ob, br, ib, bc)
+    fmax = torch.finfo(torch.float8_e4m3fn).max
+    amax = tiles.abs().amax(dim=(1, 3))
+    scales = torch.where(amax > 0, fmax / torch.where(amax > 0, amax, torch.ones_like(amax)), torch.ones_like(amax))
+    inv = (1.0 / scales).to(torch.float32)
+    if scale_dtype == torch.float8_e8m0fnu:
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny)))).to(scale_dtype)
+        scales = 1.0 / inv.to(torch.float32)
+    else:
+        inv = inv.to(scale_dtype)
+    q = torch.clamp(tiles * scales[:, None, :, None], -fmax, fmax).to(torch.float8_e4m3fn)
+    return {"weight": q.reshape(ob * br, ib * bc)[:out, :inp].contiguous(), "weight_scale_inv": inv.contiguous()}

@@ -26,7 +26,6 @@ new bytes for that update (the next update, whose hashes differ, repairs it).
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterable
@@ -43,6 +42,9 @@ from .reader import Checkpoint
 from .reader import open as open_checkpoint
 
 __all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
+
+#: what errors name as the "file" of tensors handed over in memory
+_LABEL = "<update_from_tensors>"
 
 
 @dataclass
@@ -112,6 +114,11 @@ class WeightUpdater:
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
         self._dests: dict[str, torch.Tensor] = {}
         self._hashes: dict[str, int] = {}
+        # quantize-on-sync: the checkpoint the plan was compiled for (its names, dtypes and
+        # shapes say how each module is stored) and the hashes of the unquantized sources
+        self._compiled: Checkpoint | None = None
+        self._fp8_block: tuple[int, int] = (128, 128)
+        self._source_hashes: dict[str, int] = {}
         self.keep_staging = keep_staging
         self._arena: torch.Tensor | None = None
         # one update at a time: a second thread waits for the first; release_staging waits
@@ -144,6 +151,7 @@ class WeightUpdater:
             )
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
             self._plan, self._known, self._dests = planned.plan, set(ck.keys()), planned.dests
+            self._compiled, self._fp8_block = ck, planned.fp8_block
         return planned
 
     def _plan_for(self, ck: Checkpoint) -> tuple[Any, dict[str, torch.Tensor], bool]:
@@ -175,13 +183,27 @@ class WeightUpdater:
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(path, threads=self.threads)
         return self._update(ck, None if names is None else set(names))
 
-    def update_from_tensors(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> UpdateReport:
+    def update_from_tensors(
+        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, quantize: str | bool | None = None
+    ) -> UpdateReport:
         """Updates from ``(checkpoint_name, tensor)`` pairs, through the same mappings (fused,
-        expert, scale, TP/EP slicing). The tensors go through a temporary safetensors file
-        (in ``/dev/shm`` when available)."""
-        from safetensors.torch import save_file
+        expert, scale, TP/EP slicing). CPU tensors are read where they are (no file, no
+        extra copy; do not modify them while the call runs); tensors on another device are
+        copied to the host first. A dtype or shape that differs from what the model was
+        planned for raises :class:`~kimi_loader.ShapeMismatchError` naming the tensor, the
+        parameter and both.
 
-        tensors = {}
+        ``quantize``: unquantized (bf16 / fp16 / fp32) weights for modules the model
+        stores quantized (ct-int4, MXFP4, FP8-block) are quantized on the way in, e.g.
+        ``...experts.0.gate_proj.weight`` becomes ``weight_packed`` / ``weight_scale`` /
+        ``weight_shape``. ``True`` or ``"compressed-tensors"``: compressed-tensors' own
+        rules (int4: symmetric, ``scale = absmax / 7.5``, range -8..7); ``"int4-qat"``: the
+        Kimi int4 QAT rule for int4 (``scale = max(absmax / 7, 1e-5)``, range -7..7). MXFP4
+        and FP8-block have one rule each (OCP MX / transformers' FineGrainedFP8). Hashes
+        are of the given (unquantized) bytes, so an unchanged weight is skipped before it
+        is quantized.
+        """
+        names, tensors = [], []
         for n, t in named_tensors:
             n = _validate.name(n)
             if not isinstance(t, torch.Tensor) or t.device.type == "meta":
@@ -189,14 +211,108 @@ class WeightUpdater:
                 raise InvalidArgumentError(
                     f"update tensor '{n}' must be a torch.Tensor with data, got {what}", tensor=n
                 )
-            tensors[n] = t.detach().to("cpu").contiguous()
-        if not tensors:
+            names.append(n)
+            tensors.append(t.detach().to("cpu").contiguous())  # no copy for CPU contiguous tensors
+        if not names:
             raise InvalidArgumentError("no tensors to update from")
-        where = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        with tempfile.TemporaryDirectory(dir=where, prefix="kimi-loader-") as d:
-            f = os.path.join(d, "update.safetensors")
-            save_file(tensors, f)
-            return self._update(open_checkpoint(f, threads=self.threads), None)
+        return self._update_from_memory(names, tensors, quantize)
+
+    def _update_from_memory(
+        self, names: list[str], tensors: list[torch.Tensor], quantize: str | bool | None, label: str = _LABEL
+    ) -> UpdateReport:
+        from . import _core
+
+        with self._lock:
+            t0 = time.perf_counter()
+            source_hashes: dict[str, int] = {}
+            if quantize:
+                names, tensors, source_hashes = self._quantize(names, tensors, quantize, label)
+            t_quant = time.perf_counter() - t0
+            ck = Checkpoint(_core.from_tensors(label, names, tensors, self.threads), threads=self.threads)
+            try:
+                report = self._update_locked(ck, None)
+            finally:
+                ck.core.release()  # the plan keeps the names, never the caller's memory
+            self._source_hashes.update(source_hashes)
+            if quantize:
+                report.seconds["quantize"] = t_quant
+                report.seconds["total"] += t_quant
+            return report
+
+    def _quantize(
+        self, names: list[str], tensors: list[torch.Tensor], quantize: str | bool, label: str
+    ) -> tuple[list[str], list[torch.Tensor], dict[str, int]]:
+        """Replaces each unquantized ``...weight`` whose module the model stores quantized
+        by that format's tensors. Sources whose hash equals the last synced one are
+        dropped before quantizing. Returns the names, tensors and the sources' hashes."""
+        from . import _core
+        from .quant import INT4_RULES, quantize_fp8_block, quantize_int4, quantize_mxfp4
+
+        rule = "compressed-tensors" if quantize is True else quantize
+        if rule not in INT4_RULES:
+            raise InvalidArgumentError(f"quantize must be True or one of {INT4_RULES}, got {quantize!r}")
+        ck = self._compiled
+        if ck is None:
+            raise InvalidArgumentError(
+                "quantize= needs to know how the model stores each module: create the WeightUpdater with "
+                "baseline= (or run one complete update first)"
+            )
+
+        def info(name: str) -> Any:
+            return ck.tensor_info(name) if name in ck else None
+
+        plan: list[tuple[int, str]] = []  # (index, format) of the tensors to quantize
+        for k, (n, t) in enumerate(zip(names, tensors, strict=True)):
+            if not n.endswith(".weight") or not t.is_floating_point() or t.dim() != 2:
+                continue
+            base = n[: -len(".weight")]
+            stored = info(n)
+            if info(f"{base}.weight_packed") is not None:
+                plan.append((k, "ct-int4"))
+            elif info(f"{base}.weight_scale_inv") is not None and stored is not None and stored.st_dtype == "F8_E4M3":
+                plan.append((k, "fp8-block"))
+            elif info(f"{base}.weight_scale") is not None and stored is not None and stored.st_dtype == "U8":
+                plan.append((k, "quark-mxfp4"))
+        if not plan:
+            return names, tensors, {}
+        sources = [names[k] for k, _ in plan]
+        hashed = _core.from_tensors(label, sources, [tensors[k] for k, _ in plan], self.threads)
+        try:
+            hashes = dict(zip(sources, hashed.hash_tensors(sources), strict=True))
+        finally:
+            hashed.release()
+        out_names: list[str] = []
+        out_tensors: list[torch.Tensor] = []
+        formats = dict(plan)
+        for k, (n, t) in enumerate(zip(names, tensors, strict=True)):
+            fmt = formats.get(k)
+            if fmt is None:
+                out_names.append(n)
+                out_tensors.append(t)
+                continue
+            if self._source_hashes.get(n) == hashes[n]:
+                continue  # unchanged since the last sync: not quantized, not copied
+            base = n[: -len(".weight")]
+            if fmt == "ct-int4":
+                scale = ck.tensor_info(f"{base}.weight_scale")
+                group = t.shape[1] // scale.shape[1] if scale.shape and scale.shape[1] else 0
+                parts = quantize_int4(t, group=group, rule=rule, scale_dtype=scale.dtype, what=n)
+                shape_info = info(f"{base}.weight_shape")
+                if shape_info is not None:
+                    parts["weight_shape"] = parts["weight_shape"].to(shape_info.dtype)
+                else:
+                    del parts["weight_shape"]
+            elif fmt == "fp8-block":
+                scale_dtype = ck.tensor_info(f"{base}.weight_scale_inv").dtype
+                parts = quantize_fp8_block(t, block=self._fp8_block, scale_dtype=scale_dtype, what=n)
+            else:
+                parts = quantize_mxfp4(
+                    t, group=t.shape[1] // max(ck.tensor_info(f"{base}.weight_scale").shape[1], 1), what=n
+                )
+            for suffix, v in parts.items():
+                out_names.append(f"{base}.{suffix}")
+                out_tensors.append(v)
+        return out_names, out_tensors, hashes
 
     def update_from_distributed(self, group: Any = None, *, src: int = 0) -> UpdateReport:
         """Receives a :func:`broadcast_weights` from rank ``src`` and applies it (this

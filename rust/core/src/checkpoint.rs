@@ -357,6 +357,41 @@ impl Checkpoint {
         Ok(ckpt)
     }
 
+    /// A checkpoint of tensors handed over in memory, read in place (no file, no copy):
+    /// what `update_from_tensors` plans against. `label` stands for the file in errors.
+    /// Names must be unique; transformers' fused expert tensors are split like a file's.
+    ///
+    /// # Safety
+    /// As [`Shard::from_memory`]: every region stays valid and unchanged until the
+    /// checkpoint is released ([`Checkpoint::release`]) or dropped.
+    pub unsafe fn from_memory(
+        label: &str,
+        tensors: Vec<crate::shard::MemTensor>,
+        keep: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Checkpoint> {
+        // SAFETY: forwarded to our caller (see above).
+        let shards = vec![unsafe { Shard::from_memory(label, tensors, keep)? }];
+        let names = NameTable::build(&shards).map_err(|(a, _)| Error::InvalidArgument {
+            reason: format!("{label}: tensor '{}' given twice", entry(&shards, a).name),
+        })?;
+        let mut ckpt = Checkpoint {
+            timings: OpenTimings::default(),
+            root: None,
+            index_path: None,
+            config_json: None,
+            shards,
+            names,
+        };
+        ckpt.split_fused_experts()?;
+        Ok(ckpt)
+    }
+
+    /// Lets go of the memory of a [`Checkpoint::from_memory`] checkpoint (later reads
+    /// fail; names, dtypes and shapes stay for plans built against it).
+    pub fn release(&self) {
+        self.shards.iter().for_each(Shard::release);
+    }
+
     /// transformers' fused expert layout (`save_original_format=False`) holds all experts
     /// of a layer in one 3-D tensor: `mlp.experts.gate_up_proj` `[E, 2I, H]` (each
     /// expert's gate rows, then its up rows), `mlp.experts.down_proj` `[E, H, I]`, and

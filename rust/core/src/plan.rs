@@ -964,7 +964,7 @@ impl Plan {
     /// error. Returns the rebound plan and the names in `new` that no op reads (for the
     /// caller to re-plan or reject).
     pub fn rebind(&self, old: &Checkpoint, new: &Checkpoint) -> Result<(Plan, Vec<String>)> {
-        let look = |id: TensorId| -> Result<Option<TensorId>> {
+        let look = |id: TensorId, dest: u32| -> Result<Option<TensorId>> {
             let e = old.entry(id);
             match new.find(&e.name) {
                 None => Ok(None),
@@ -974,8 +974,14 @@ impl Plan {
                         return Err(Error::shape(
                             &new.shard(nid).path,
                             &e.name,
-                            None,
-                            format!("{} in the loaded checkpoint, {} here", e.dtype, ne.dtype),
+                            Some(&self.dests[dest as usize].name),
+                            format!(
+                                "the model was planned for {} {:?}, this tensor is {} {:?}",
+                                e.dtype,
+                                e.shape.as_slice(),
+                                ne.dtype,
+                                ne.shape.as_slice()
+                            ),
                             e.shape.to_vec(),
                             ne.shape.to_vec(),
                         ));
@@ -990,10 +996,10 @@ impl Plan {
         }
         let mut ops = Vec::with_capacity(self.ops.len());
         for op in &self.ops {
-            let src = look(op.src)?;
+            let src = look(op.src, op.dest)?;
             let scale_old = op.kind.scale();
             let scale_new = match scale_old {
-                Some(s) => look(s)?,
+                Some(s) => look(s, op.dest)?,
                 None => None,
             };
             match (src, scale_old, scale_new) {

@@ -1,4 +1,6 @@
-//! One safetensors file: its validated header and a private (copy-on-write) memory map.
+//! One safetensors file: its validated header and a private (copy-on-write) memory map;
+//! or, for updates handed over as tensors, a set of memory regions read in place
+//! ([`Shard::from_memory`]), behind the same [`Shard::read_at`].
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -17,11 +19,35 @@ thread_local! {
 }
 
 pub struct Shard {
+    /// the file, or for a memory shard its label (e.g. `<update_from_tensors>`)
     pub path: PathBuf,
-    pub file: File,
     pub file_len: u64,
     pub header: Header,
-    map: MmapRaw,
+    backing: Backing,
+}
+
+enum Backing {
+    File {
+        file: File,
+        map: MmapRaw,
+    },
+    /// `(start, end, address)`: the virtual offsets `start..end` (consecutive, like a
+    /// file's data section; the header's tensors, or views into them, lie inside) are the
+    /// bytes at `address..`.
+    Memory {
+        regions: Vec<(u64, u64, usize)>,
+        /// what keeps the regions alive (the caller's tensors); `None` once released
+        keep: std::sync::RwLock<Option<Box<dyn std::any::Any + Send + Sync>>>,
+    },
+}
+
+/// One tensor handed over in memory: [`Shard::from_memory`].
+pub struct MemTensor {
+    pub name: String,
+    pub dtype: crate::Dtype,
+    pub shape: Vec<u64>,
+    pub ptr: usize,
+    pub len: u64,
 }
 
 impl std::fmt::Debug for Shard {
@@ -103,21 +129,100 @@ impl Shard {
             .map_err(|e| Error::io(path, e))?;
         Ok(Shard {
             path: path.to_path_buf(),
-            file,
             file_len,
             header,
-            map: MmapRaw::from(map),
+            backing: Backing::File {
+                file,
+                map: MmapRaw::from(map),
+            },
         })
     }
 
-    /// Base address of the private mapping of the whole file (header included).
-    pub fn map_ptr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+    /// A shard whose tensors are memory regions read in place (no file, no copy).
+    /// Each tensor's `len` must be exactly its shape's bytes; names must be unique (the
+    /// checkpoint checks). `keep` is held until [`Shard::release`] or drop.
+    ///
+    /// # Safety
+    /// Every region `ptr..ptr + len` must stay valid for reads, and unchanged, until the
+    /// shard is released or dropped (`keep` is meant to own that memory).
+    pub unsafe fn from_memory(
+        label: &str,
+        tensors: Vec<MemTensor>,
+        keep: Box<dyn std::any::Any + Send + Sync>,
+    ) -> Result<Shard> {
+        let path = PathBuf::from(label);
+        let mut entries = Vec::with_capacity(tensors.len());
+        let mut regions = Vec::with_capacity(tensors.len());
+        let mut at = 0u64;
+        for t in tensors {
+            let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
+            let want = numel.and_then(|n| n.checked_mul(t.dtype.size()));
+            if want != Some(t.len) || (t.ptr == 0 && t.len > 0) {
+                return Err(Error::shape(
+                    &path,
+                    &t.name,
+                    None,
+                    format!("{} bytes of {} for this shape", t.len, t.dtype),
+                    t.shape.clone(),
+                    t.shape,
+                ));
+            }
+            let hash = crate::header::name_hash(&t.name);
+            entries.push(TensorEntry {
+                name: t.name.into_boxed_str(),
+                hash,
+                dtype: t.dtype,
+                shape: t.shape.into_iter().collect(),
+                start: at,
+                end: at + t.len,
+            });
+            regions.push((at, at + t.len, t.ptr));
+            at += t.len;
+        }
+        Ok(Shard {
+            path,
+            file_len: at,
+            header: Header {
+                tensors: entries,
+                metadata: Vec::new(),
+                data_start: 0,
+                data_len: at,
+            },
+            backing: Backing::Memory {
+                regions,
+                keep: std::sync::RwLock::new(Some(keep)),
+            },
+        })
     }
 
-    /// Length of the mapping (the file length at open time).
+    /// Drops what keeps a memory shard's regions alive; later reads fail (the names,
+    /// dtypes and shapes stay, for plans built against them). No-op for a file.
+    pub fn release(&self) {
+        if let Backing::Memory { keep, .. } = &self.backing {
+            keep.write().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+
+    /// Whether this shard reads memory regions rather than a file.
+    pub fn is_memory(&self) -> bool {
+        matches!(self.backing, Backing::Memory { .. })
+    }
+
+    /// Base address of the private mapping of the whole file (header included); null for
+    /// a memory shard.
+    pub fn map_ptr(&self) -> *mut u8 {
+        match &self.backing {
+            Backing::File { map, .. } => map.as_mut_ptr(),
+            Backing::Memory { .. } => std::ptr::null_mut(),
+        }
+    }
+
+    /// Length of the mapping (the file length at open time); 0 for a memory shard.
     pub fn map_len(&self) -> usize {
-        self.map.len()
+        match &self.backing {
+            Backing::File { map, .. } => map.len(),
+            Backing::Memory { .. } => 0,
+        }
     }
 
     /// Absolute file offset of a tensor's first byte.
@@ -125,9 +230,16 @@ impl Shard {
         self.header.data_start + t.start
     }
 
-    /// Reads `dst.len()` bytes at absolute file offset `offset` with `pread`.
+    /// Reads `dst.len()` bytes at absolute file offset `offset` with `pread` (for a
+    /// memory shard: copies them from the tensor's region; a read never spans tensors).
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
-        self.file.read_exact_at(dst, offset).map_err(|e| {
+        let file = match &self.backing {
+            Backing::File { file, .. } => file,
+            Backing::Memory { regions, keep } => {
+                return self.read_memory(regions, keep, offset, dst)
+            }
+        };
+        file.read_exact_at(dst, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::Io {
                     file: self.path.clone(),
@@ -145,5 +257,44 @@ impl Shard {
                 Error::io(&self.path, e)
             }
         })
+    }
+
+    fn read_memory(
+        &self,
+        regions: &[(u64, u64, usize)],
+        keep: &std::sync::RwLock<Option<Box<dyn std::any::Any + Send + Sync>>>,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<()> {
+        let k = regions.partition_point(|r| r.1 <= offset);
+        let end = offset + dst.len() as u64;
+        let Some(&(start, _, address)) = regions.get(k).filter(|r| r.0 <= offset && end <= r.1)
+        else {
+            return Err(Error::Internal {
+                reason: format!(
+                    "{}: read of bytes {offset}..{end} outside any tensor",
+                    self.path.display()
+                ),
+            });
+        };
+        // a read lock is held for the copy (readers share it), so `release` cannot free
+        // the memory under it
+        let alive = keep.read().unwrap_or_else(|p| p.into_inner());
+        if alive.is_none() {
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "{}: the tensors were released (the update they came with has ended)",
+                    self.path.display(),
+                ),
+            });
+        }
+        let src = address + (offset - start) as usize;
+        // SAFETY: `src..src + dst.len()` lies inside region `k` (checked above: offset..end
+        // within its start..end), which `from_memory`'s caller keeps valid and
+        // unchanged while `keep` holds it (the read lock held here keeps it from release); the
+        // region is the caller's memory and `dst` is ours, so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        drop(alive);
+        Ok(())
     }
 }

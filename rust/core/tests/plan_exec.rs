@@ -596,3 +596,56 @@ fn atomic_execution_is_all_or_nothing() {
         "a destination was written"
     );
 }
+
+#[test]
+fn memory_checkpoints_read_in_place_until_released() {
+    use kimi_loader_core::shard::MemTensor;
+    use kimi_loader_core::{Checkpoint, Dtype};
+
+    let a: Vec<u8> = (0..64u8).collect();
+    let b: Vec<u8> = (100..132u8).collect();
+    let t = |name: &str, v: &Vec<u8>, shape: Vec<u64>| MemTensor {
+        name: name.into(),
+        dtype: Dtype::BF16,
+        shape,
+        ptr: v.as_ptr() as usize,
+        len: v.len() as u64,
+    };
+    // SAFETY: `a` and `b` outlive the checkpoint and are not modified.
+    let ck = unsafe {
+        Checkpoint::from_memory(
+            "<mem>",
+            vec![t("a", &a, vec![4, 8]), t("b", &b, vec![16])],
+            Box::new(()),
+        )
+    }
+    .unwrap();
+    let (id, e) = ck.get("b").unwrap();
+    let mut out = vec![0u8; 8];
+    ck.shard(id)
+        .read_at(ck.shard(id).abs_offset(e) + 4, &mut out)
+        .unwrap();
+    assert_eq!(out, b[4..12]);
+    // a read past the tensor is refused, not served from the neighbour
+    let (ida, ea) = ck.get("a").unwrap();
+    let mut big = vec![0u8; 65];
+    assert!(ck
+        .shard(ida)
+        .read_at(ck.shard(ida).abs_offset(ea), &mut big)
+        .is_err());
+    ck.release();
+    let err = ck.shard(id).read_at(0, &mut out).unwrap_err().to_string();
+    assert!(err.contains("released"), "{err}");
+    // a wrong byte count, and a name given twice, are errors naming the tensor
+    let bad =
+        unsafe { Checkpoint::from_memory("<mem>", vec![t("a", &a, vec![4, 9])], Box::new(())) };
+    assert!(bad.unwrap_err().to_string().contains("'a'"));
+    let twice = unsafe {
+        Checkpoint::from_memory(
+            "<mem>",
+            vec![t("a", &a, vec![32]), t("a", &b, vec![16])],
+            Box::new(()),
+        )
+    };
+    assert!(twice.unwrap_err().to_string().contains("'a' given twice"));
+}

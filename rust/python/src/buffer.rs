@@ -162,6 +162,16 @@ pub fn live_tensor(
     })
 }
 
+/// The safetensors dtype of a `torch.dtype` spelling (`"torch.bfloat16"`).
+pub fn dtype_of_torch(name: &str) -> Option<Dtype> {
+    use Dtype::*;
+    [
+        Bool, U8, I8, U16, I16, U32, I32, U64, I64, F16, BF16, F32, F64, F8E4M3, F8E5M2, F8E8M0,
+    ]
+    .into_iter()
+    .find(|d| torch_name(*d) == name)
+}
+
 fn type_name(t: &Bound<'_, PyAny>) -> String {
     t.get_type()
         .name()

@@ -7,12 +7,15 @@ use std::sync::Arc;
 
 use kimi_loader_core::census::Census;
 use kimi_loader_core::exec::{hash_tensors, read_tasks, ReadOptions, ReadTask};
+use kimi_loader_core::shard::MemTensor;
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Error};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::buffer::{check_disjoint, check_writable, live_tensor, ShardBuffer};
-use crate::errors::{detached, to_pyerr};
+use crate::buffer::{
+    check_disjoint, check_writable, dtype_of_torch, live_tensor, LiveBuffer, ShardBuffer,
+};
+use crate::errors::{detached, invalid, to_pyerr};
 
 /// `(shard, dtype, shape, absolute offset, nbytes)` of one tensor.
 type Location = (usize, &'static str, Vec<u64>, u64, u64);
@@ -36,6 +39,67 @@ pub fn open(py: Python<'_>, paths: Vec<PathBuf>, threads: Option<usize>) -> PyRe
         threads,
     })
 }
+
+/// A checkpoint of in-memory tensors (contiguous CPU `torch.Tensor`s), read in place:
+/// what `update_from_tensors` plans against. The tensors' storages are held until
+/// `release()` (or until the checkpoint and every plan built from it are gone). `label`
+/// stands for the file in error messages.
+#[pyfunction]
+#[pyo3(signature = (label, names, tensors, threads=None))]
+pub fn from_tensors(
+    py: Python<'_>,
+    label: &str,
+    names: Vec<String>,
+    tensors: Vec<Bound<'_, PyAny>>,
+    threads: Option<usize>,
+) -> PyResult<Checkpoint> {
+    if names.len() != tensors.len() {
+        return Err(invalid(
+            py,
+            format!("{} names for {} tensors", names.len(), tensors.len()),
+        ));
+    }
+    let mut mem = Vec::with_capacity(names.len());
+    let mut keep = Vec::with_capacity(names.len());
+    for (name, t) in names.into_iter().zip(&tensors) {
+        let what = format!("{label}: tensor '{name}'");
+        let nbytes: u64 = t
+            .getattr("nbytes")
+            .and_then(|n| n.extract())
+            .map_err(|_| invalid(py, format!("{what}: expected a torch.Tensor")))?;
+        let live = live_tensor(t, nbytes, None, &what)?;
+        let found: String = t.getattr("dtype")?.str()?.extract()?;
+        let dtype = dtype_of_torch(&found).ok_or_else(|| {
+            invalid(
+                py,
+                format!("{what}: dtype {found} has no safetensors equivalent"),
+            )
+        })?;
+        let shape: Vec<u64> = t.getattr("shape")?.extract()?;
+        mem.push(MemTensor {
+            name,
+            dtype,
+            shape,
+            ptr: live.ptr,
+            len: live.len,
+        });
+        keep.push(live);
+    }
+    // SAFETY: every region is the data of a contiguous CPU tensor checked above, whose
+    // storage `keep` holds (the storages live as long as the checkpoint holds `keep`);
+    // callers must not modify the tensors while an update reads them (documented on
+    // `update_from_tensors`).
+    let inner = unsafe { CoreCheckpoint::from_memory(label, mem, Box::new(KeepAlive(keep))) }
+        .map_err(|e| to_pyerr(py, e))?;
+    Ok(Checkpoint {
+        inner: Arc::new(inner),
+        threads,
+    })
+}
+
+/// The storages of the tensors of a memory checkpoint (dropped without the GIL at
+/// worst: pyo3 defers the decrefs).
+struct KeepAlive(#[allow(dead_code)] Vec<LiveBuffer>);
 
 /// The thread count a call with `threads` would use (argument, env var, CPU count).
 #[pyfunction]
@@ -177,6 +241,12 @@ impl Checkpoint {
                 },
             ));
         }
+        if self.inner.shards[shard].is_memory() {
+            return Err(invalid(
+                py,
+                "tensors handed over in memory have no mapped file to view".into(),
+            ));
+        }
         Ok(ShardBuffer {
             ckpt: self.inner.clone(),
             shard,
@@ -241,6 +311,11 @@ impl Checkpoint {
             // the storages until this returns.
             unsafe { read_tasks(&inner, &tasks, &pool, opts) }
         })
+    }
+
+    /// Lets go of the tensors of a `from_tensors` checkpoint (later reads fail).
+    fn release(&self) {
+        self.inner.release();
     }
 
     /// What the checkpoint holds, counted in one pass (see `kimi_loader_core::census`):

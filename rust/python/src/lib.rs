@@ -24,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_THREADS", kimi_loader_core::threads::MAX_THREADS)?;
     m.add_function(wrap_pyfunction!(checkpoint::open, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::resolve_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::from_tensors, m)?)?;
     m.add_class::<checkpoint::Checkpoint>()?;
     m.add_class::<buffer::ShardBuffer>()?;
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;

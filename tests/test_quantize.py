@@ -1,0 +1,135 @@
+"""Quantize-on-sync's quantizers against the libraries that define the formats:
+compressed-tensors (int4 symmetric group quantizer, MXFP4), transformers' FineGrainedFP8
+weight quantization, and the published Kimi int4 QAT rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kimi_loader
+from kimi_loader.quant import (
+    dequant_int4,
+    dequant_mxfp4,
+    quantize_fp8_block,
+    quantize_int4,
+    quantize_mxfp4,
+    unpack_int4,
+)
+
+
+def _weights(out: int, inp: int, seed: int, dtype=torch.bfloat16) -> list[torch.Tensor]:
+    """Random weights plus the edge cases: an all-zero group, ties of the absmax (+m and
+    -m in one group), tiny and subnormal values, exact rounding ties."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * 0.05
+    w[0, :32] = 0.0  # an all-zero group
+    w[1, :32] = 0.0
+    w[1, 3], w[1, 7] = 0.25, -0.25  # absmax tie, opposite signs
+    w[2, :32] = torch.linspace(-1e-38, 1e-38, 32)  # subnormals in float32
+    w[3, :32] = torch.arange(32) * 0.5 - 8  # many exact .5 ties after scaling
+    w[4, :32] = 1e-7
+    # every E2M1 rounding tie, unscaled (absmax 6 -> shared scale 1)
+    ties = [6, 5, -5, 3.5, -3.5, 2.5, -2.5, 1.75, -1.75, 1.25, -1.25, 0.75, -0.75, 0.25, -0.25, 5.5]
+    w[5, :16] = torch.tensor(ties, dtype=torch.float32)
+    w[5, 16:32] = 0.0
+    return [w.to(dtype), (torch.randn(out, inp, generator=g) * 3).to(dtype)]
+
+
+def _ct_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' own path, as its compressor runs it: min/max qparams, then its
+    quantize() in the weight's dtype, int8 out."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group", group_size=32)
+    gw = w.float().reshape(w.shape[0], -1, 32)
+    scale, zp = calculate_qparams(gw.amin(-1), gw.amax(-1), args)
+    scale = scale.to(w.dtype)
+    q = quantize(w, scale, zp.to(w.dtype), args, dtype=torch.int8)
+    return q, scale
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_compressed_tensors_rule_is_bit_exact(dtype):
+    for w in _weights(8, 128, 0, dtype):
+        ours = quantize_int4(w, group=32, rule="compressed-tensors", scale_dtype=dtype)
+        q, scale = _ct_int4(w)
+        assert torch.equal(ours["weight_scale"], scale)
+        assert torch.equal(unpack_int4(ours["weight_packed"]), q)
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        assert torch.equal(ours["weight_packed"], pack_to_int32(q, num_bits=4))
+        assert ours["weight_shape"].tolist() == [8, 128]
+
+
+def test_int4_qat_rule_follows_the_published_formula():
+    for w in _weights(8, 64, 1):
+        ours = quantize_int4(w, group=32, rule="int4-qat")
+        gf = w.float().reshape(8, 2, 32)
+        scale = (gf.abs().amax(-1) / 7).clamp(min=1e-5)
+        assert torch.equal(ours["weight_scale"], scale.to(torch.bfloat16))
+        q = unpack_int4(ours["weight_packed"]).reshape(8, 2, 32)
+        want = torch.round(gf / ours["weight_scale"].float().unsqueeze(-1)).clamp(-7, 7)
+        assert torch.equal(q.float(), want) and q.min() >= -7
+        # dequantized = q * stored scale, what the server computes
+        assert torch.equal(
+            dequant_int4(ours["weight_packed"], ours["weight_scale"], torch.float32),
+            (want * ours["weight_scale"].float().unsqueeze(-1)).reshape(8, 64).to(torch.bfloat16).float(),
+        )
+
+
+def test_mxfp4_is_bit_exact_with_compressed_tensors():
+    from compressed_tensors.compressors.mx_utils import compress_mx_scale
+    from compressed_tensors.compressors.nvfp4.helpers import pack_fp4_to_uint8
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(
+        num_bits=4, type="float", symmetric=True, strategy="group", group_size=32, scale_dtype=torch.uint8
+    )
+    for w in _weights(8, 128, 2):
+        ours = quantize_mxfp4(w)
+        gw = w.float().reshape(8, -1, 32)
+        scale, _ = calculate_qparams(gw.amin(-1), gw.amax(-1), args)
+        q = quantize(w.float(), scale, None, args)
+        assert torch.equal(ours["weight_scale"], compress_mx_scale(scale, torch.uint8))
+        assert torch.equal(ours["weight"], pack_fp4_to_uint8(q))
+        # and Quark-style dequantization of ours gives CT's fake-quantized values
+        assert torch.equal(
+            dequant_mxfp4(ours["weight"], ours["weight_scale"], torch.float32),
+            (q * scale.repeat_interleave(32, -1)).float(),
+        )
+
+
+@pytest.mark.parametrize("fmt", ["float", "ue8m0"])
+def test_fp8_block_is_bit_exact_with_transformers(fmt):
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    op = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=(128, 128), scale_fmt=fmt)))
+    for w in _weights(256, 384, 3):
+        want = op._quantize_one("x.weight", w)
+        scale_dtype = want["x.weight_scale_inv"].dtype
+        ours = quantize_fp8_block(w, block=(128, 128), scale_dtype=scale_dtype)
+        assert torch.equal(ours["weight"].view(torch.uint8), want["x.weight"].view(torch.uint8))
+        assert torch.equal(ours["weight_scale_inv"].view(torch.uint8), want["x.weight_scale_inv"].view(torch.uint8))
+
+
+def test_nan_and_bad_shapes_are_refused_naming_the_tensor():
+    w = torch.randn(4, 64)
+    w[2, 5] = float("nan")
+    for fn in (
+        lambda: quantize_int4(w, group=32, what="a.weight"),
+        lambda: quantize_mxfp4(w, what="a.weight"),
+        lambda: quantize_fp8_block(w, what="a.weight"),
+    ):
+        with pytest.raises(kimi_loader.InvalidArgumentError, match=r"a\.weight.*NaN"):
+            fn()
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="multiple of the group"):
+        quantize_int4(torch.randn(4, 40), group=32, what="b.weight")
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="rule"):
+        quantize_int4(torch.randn(4, 64), group=32, rule="gptq")
