@@ -265,3 +265,160 @@ def test_update_from_tensors_reads_memory_in_place_and_names_dtype_errors(tmp_pa
         fresh.update_from_tensors([(norm, ckb.get_tensor(norm))], quantize=True)
     with pytest.raises(kimi_loader.InvalidArgumentError, match="quantize must be"):
         up.update_from_tensors([(norm, ckb.get_tensor(norm))], quantize="nf4")
+
+
+# -- streamed updates (metadata first, bucket by bucket) ---------------------------------
+def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, mode: str) -> None:
+    """Rank 0 streams checkpoint ``b`` (mode ``kill-*``: dies after two buckets; ``bad``:
+    one tensor with a wrong shape); ranks 1.. are TP receivers holding ``a``, that write
+    what they observed to ``out/rank{r}.pt``."""
+    import datetime
+    import json
+
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    if rank == 0:
+        ck = kimi_loader.open(b)
+        items = [(n, ck.get_tensor(n)) for n in ck.keys()]
+        if mode == "bad":
+            items[5] = (items[5][0], torch.zeros(3, 3, dtype=items[5][1].dtype))
+        if mode.startswith("kill"):
+            real, sent = dist.broadcast, [0]
+
+            def dying(t, *args, **kw):
+                sent[0] += 1
+                if sent[0] > 2:
+                    os._exit(3)  # the trainer dies mid-stream
+                return real(t, *args, **kw)
+
+            dist.broadcast = dying
+        broadcast_weights(items, bucket_bytes=32 << 10)
+        dist.destroy_process_group()
+        return
+    tp = world - 1
+    ck = kimi_loader.open(a)
+    model = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=tp)
+    kimi_loader.load_weights(model, ck, tp_rank=rank - 1, tp_size=tp)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    up = WeightUpdater(model, tp_rank=rank - 1, tp_size=tp, baseline=ck)
+    result: dict = {"mode": mode}
+    try:
+        report = up.update_from_distributed(atomic=not mode.endswith("streaming"))
+        result["changed"] = report.changed_tensors
+    except kimi_loader.KimiLoaderError as e:
+        result["error"] = type(e).__name__
+        result["message"] = str(e)
+    result["unchanged"] = all(torch.equal(as_bytes(p), as_bytes(before[n])) for n, p in model.named_parameters())
+    result["consistent"] = model.language_model.weights_consistent
+    result["version"] = up.version
+    try:  # (the CPU runtime refuses sharded models after checking the weights' state)
+        model(IDS)
+        result["runs"] = True
+    except kimi_loader.InconsistentWeightsError:
+        result["runs"] = False
+    except NotImplementedError:
+        result["runs"] = True
+    torch.save({n: p for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+    if not mode.startswith("kill"):
+        dist.destroy_process_group()
+
+
+def _run_stream(tmp_path, mode: str, world: int = 3) -> tuple[str, str, list[dict]]:
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0, moe_intermediate_size=64)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1, moe_intermediate_size=64)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(
+        _stream_worker,
+        args=(world, port, a, b, os.fspath(tmp_path), mode),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    for p in ctx.processes:
+        p.join(timeout=240)
+        assert not p.is_alive(), "a rank hung"
+    codes = [p.exitcode for p in ctx.processes]
+    for r in range(1, world):  # a receiver's traceback, if it failed
+        if codes[r] != 0 and os.path.exists(ctx.error_files[r]):
+            raise AssertionError(open(ctx.error_files[r], "rb").read()[-3000:])
+    assert codes[1:] == [0] * (world - 1), codes
+    assert codes[0] == (3 if mode.startswith("kill") else 0), codes
+    return a, b, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(1, world)]
+
+
+@pytest.mark.parametrize("mode", ["atomic", "streaming"])
+def test_a_streamed_update_equals_a_direct_load(tmp_path, mode):
+    _a, b, results = _run_stream(tmp_path, mode)
+    ck = kimi_loader.open(b)
+    for rank, res in enumerate(results, start=1):
+        assert "error" not in res and res["changed"] > 0 and res["consistent"] and res["runs"] and res["version"] == 1
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        want = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=2)
+        kimi_loader.load_weights(want, ck, tp_rank=rank - 1, tp_size=2)
+        for n, p in want.named_parameters():
+            assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
+@pytest.mark.parametrize("mode", ["kill-atomic", "kill-streaming"])
+def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
+    """atomic: every receiver's model is bitwise unchanged; streaming: the receivers that
+    applied a bucket are marked inconsistent (version not bumped) and refuse to run."""
+    _a, _b, results = _run_stream(tmp_path, mode)
+    for res in results:
+        assert res["error"] == "CheckpointIOError" and "broke after 2 of" in res["message"], res
+        assert res["version"] == 0
+        if mode == "kill-atomic":
+            assert res["unchanged"] and res["consistent"] and res["runs"]
+        else:
+            assert not res["unchanged"] and not res["consistent"] and not res["runs"]
+
+
+def test_a_stream_that_does_not_fit_the_plan_is_refused_before_a_byte_lands(tmp_path):
+    _a, _b, results = _run_stream(tmp_path, "bad")
+    for res in results:
+        assert res["error"] == "ShapeMismatchError" and "[3, 3]" in res["message"], res
+        assert res["unchanged"] and res["runs"] and res["version"] == 0
+
+
+def test_stage_then_commit_is_execute_atomic_in_two_halves(tmp_path):
+    from kimi_loader.loader import plan_for
+
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="ct-int4", seed=1)
+    model = kimi_loader.from_pretrained(a)
+    snap = _snapshot(model)
+    planned = plan_for(model, kimi_loader.open(b))
+    plan = planned.plan
+    which = list(range(len(plan)))
+    dests = [planned.dests[n] for n in plan.dest_names()]
+    targets = {d: dests[d] for d in set(plan.op_dests())}
+    need = plan.staged_bytes(which)
+    assert need == plan.bytes_written
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="staging arena"):
+        plan.stage(which, torch.empty(need - 1, dtype=torch.uint8))
+    arena = torch.empty(need, dtype=torch.uint8)
+    plan.stage(which, arena)
+    _assert_unchanged(model, snap)  # staging touches no destination
+    plan.commit(which, targets, arena)
+    model.post_load_weights()
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="given twice"):
+        plan.commit([0, 0], targets, arena)

@@ -17,6 +17,7 @@ __all__ = [
     "ConfigError",
     "HeaderError",
     "IncompleteLoadError",
+    "InconsistentWeightsError",
     "IndexMismatchError",
     "InternalError",
     "InvalidArgumentError",
@@ -119,6 +120,11 @@ class IncompleteLoadError(KimiLoaderError):
         super().__init__(message, **kwargs)
         self.missing: list = list(missing or [])
         self.unused: list = list(unused or [])
+
+
+class InconsistentWeightsError(KimiLoaderError, RuntimeError):
+    """The model holds parts of two weight versions: a streamed update with
+    ``atomic=False`` broke midway. It refuses to run until a complete update lands."""
 
 
 class InternalError(KimiLoaderError, RuntimeError):

@@ -25,6 +25,7 @@ new bytes for that update (the next update, whose hashes differ, repairs it).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -35,16 +36,19 @@ from typing import Any
 import torch
 
 from . import _validate
-from .errors import InvalidArgumentError, MissingTensorError
-from .formats import layer_index
+from .errors import InvalidArgumentError, KimiLoaderError, MissingTensorError, ShapeMismatchError
+from .formats import TORCH_DTYPES, layer_index
 from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
 
 __all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
 
-#: what errors name as the "file" of tensors handed over in memory
+#: what errors name as the "file" of tensors handed over in memory / streamed
 _LABEL = "<update_from_tensors>"
+_STREAM = "<weight stream>"
+#: the first object of a :func:`broadcast_weights` stream
+STREAM_FORMAT = "kimi-loader-stream/1"
 
 
 @dataclass
@@ -112,7 +116,7 @@ class WeightUpdater:
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
-        self._dests: dict[str, torch.Tensor] = {}
+        self._dests: list[torch.Tensor] = []  # by the plan's destination index
         self._hashes: dict[str, int] = {}
         # quantize-on-sync: the checkpoint the plan was compiled for (its names, dtypes and
         # shapes say how each module is stored) and the hashes of the unquantized sources
@@ -150,18 +154,19 @@ class WeightUpdater:
                 unused=planned.plan.unused(),
             )
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
-            self._plan, self._known, self._dests = planned.plan, set(ck.keys()), planned.dests
+            self._plan, self._known = planned.plan, set(ck.keys())
+            self._dests = [planned.dests[n] for n in planned.plan.dest_names()]
             self._compiled, self._fp8_block = ck, planned.fp8_block
         return planned
 
-    def _plan_for(self, ck: Checkpoint) -> tuple[Any, dict[str, torch.Tensor], bool]:
-        """``(plan, destinations, replanned)`` for checkpoint ``ck``."""
+    def _plan_for(self, ck: Checkpoint) -> tuple[Any, list[torch.Tensor], bool]:
+        """``(plan, destinations by index, replanned)`` for checkpoint ``ck``."""
         if self._plan is not None:
             plan, unread = self._plan.rebind(ck.core)
             if all(n in self._known for n in unread):
                 return plan, self._dests, False
         planned = self._compile(ck)
-        return planned.plan, planned.dests, True
+        return planned.plan, [planned.dests[n] for n in planned.plan.dest_names()], True
 
     def release_staging(self) -> None:
         """Frees the kept staging buffer (the next update allocates what it needs). Waits
@@ -263,16 +268,10 @@ class WeightUpdater:
 
         plan: list[tuple[int, str]] = []  # (index, format) of the tensors to quantize
         for k, (n, t) in enumerate(zip(names, tensors, strict=True)):
-            if not n.endswith(".weight") or not t.is_floating_point() or t.dim() != 2:
-                continue
-            base = n[: -len(".weight")]
-            stored = info(n)
-            if info(f"{base}.weight_packed") is not None:
-                plan.append((k, "ct-int4"))
-            elif info(f"{base}.weight_scale_inv") is not None and stored is not None and stored.st_dtype == "F8_E4M3":
-                plan.append((k, "fp8-block"))
-            elif info(f"{base}.weight_scale") is not None and stored is not None and stored.st_dtype == "U8":
-                plan.append((k, "quark-mxfp4"))
+            if n.endswith(".weight") and t.is_floating_point() and t.dim() == 2:
+                fmt = _quantized_module(ck, n[: -len(".weight")])
+                if fmt is not None:
+                    plan.append((k, fmt))
         if not plan:
             return names, tensors, {}
         sources = [names[k] for k, _ in plan]
@@ -314,10 +313,196 @@ class WeightUpdater:
                 out_tensors.append(v)
         return out_names, out_tensors, hashes
 
-    def update_from_distributed(self, group: Any = None, *, src: int = 0) -> UpdateReport:
-        """Receives a :func:`broadcast_weights` from rank ``src`` and applies it (this
-        rank keeps only its TP/EP part, through the plan)."""
-        return self.update_from_tensors(_receive(group, src))
+    def update_from_distributed(
+        self, group: Any = None, *, src: int = 0, atomic: bool = True, quantize: str | bool | None = None
+    ) -> UpdateReport:
+        """Receives a :func:`broadcast_weights` stream from rank ``src`` and applies it,
+        bucket by bucket as it arrives; this rank keeps only its TP/EP part.
+
+        The stream starts with every tensor's name, dtype, shape and xxh3; all of it is
+        checked against the compiled plan before the first bucket lands (a problem raises
+        after the stream is drained, the model untouched). Tensors whose hash equals what
+        the model holds are skipped. ``atomic=True``: changed bytes are staged and copied
+        into the model only when the whole stream arrived (extra memory: this rank's
+        changed bytes); a broken stream leaves the model bitwise unchanged.
+        ``atomic=False``: each bucket is applied as it arrives (extra memory: about two
+        buckets); a broken stream leaves ``model.weights_consistent`` false, the version
+        unchanged, and the model refuses to run until a complete update lands.
+        ``quantize``: as :meth:`update_from_tensors`. Needs the compiled plan (``baseline``
+        or an earlier complete update)."""
+        with self._lock:
+            return self._receive_stream(group, src, atomic, quantize)
+
+    def _bump_version(self) -> None:
+        from .hooks import hook_target
+
+        self.version += 1
+        self.model.weights_version = self.version
+        for m in {id(self.model): self.model, id(t := hook_target(self.model)[0]): t}.values():
+            if "weights_consistent" in vars(m):
+                m.weights_consistent = True
+
+    def _mark_inconsistent(self) -> None:
+        from .hooks import hook_target
+
+        self.model.weights_consistent = False
+        hook_target(self.model)[0].weights_consistent = False
+
+    def _check_stream(self, meta: list[Any], quantize: str | bool | None) -> None:
+        """Every streamed tensor has a place in the plan, with the dtype and shape it was
+        planned for (or is an unquantized weight of a quantized module, with ``quantize``);
+        the parts of a quantized weight come together."""
+        ck = self._compiled
+        if ck is None or self._plan is None:
+            raise InvalidArgumentError(
+                "a streamed update needs the compiled plan: create the WeightUpdater with baseline= "
+                "(or run one complete update first)"
+            )
+        names = set()
+        for name, st_dtype, shape, nbytes, _h in meta:
+            _validate.name(name)
+            if name in names:
+                raise InvalidArgumentError(f"{_STREAM}: tensor '{name}' sent twice", tensor=name)
+            names.add(name)
+            dtype = TORCH_DTYPES.get(st_dtype)
+            if dtype is None or nbytes != math.prod(shape) * dtype.itemsize:
+                raise InvalidArgumentError(f"{_STREAM}: tensor '{name}': bad dtype or size", tensor=name)
+            stored = ck.tensor_info(name) if name in ck else None
+            quantized = (
+                quantize
+                and name.endswith(".weight")
+                and dtype.is_floating_point
+                and len(shape) == 2
+                and _quantized_module(ck, name[: -len(".weight")]) is not None
+            )
+            if quantized:
+                continue
+            if stored is None:
+                raise IncompleteLoadError(
+                    f"{_STREAM}: tensor '{name}': the model has no place for it"
+                    + (
+                        " (an unquantized weight of a quantized module: pass quantize=)"
+                        if name.endswith(".weight")
+                        else ""
+                    ),
+                    tensor=name,
+                )
+            if stored.st_dtype != st_dtype or list(stored.shape) != list(shape):
+                raise ShapeMismatchError(
+                    f"{_STREAM}: tensor '{name}': the model was planned for {stored.st_dtype} "
+                    f"{list(stored.shape)}, the stream has {st_dtype} {list(shape)}",
+                    tensor=name,
+                    expected=tuple(stored.shape),
+                    found=tuple(shape),
+                )
+        _check_units(names, self._known)
+
+    def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
+        import torch.distributed as dist
+
+        from . import _core
+
+        t0 = time.perf_counter()
+        device = _comm_device(group)
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=src, group=group, device=device)
+        header = box[0]
+        if not isinstance(header, dict) or header.get("format") != STREAM_FORMAT:
+            raise InvalidArgumentError(f"{_STREAM}: not a {STREAM_FORMAT} stream (is the sender a matching version?)")
+        meta, buckets = header["meta"], header["buckets"]
+        sizes = [sum(meta[k][3] for k in b) for b in buckets]
+        try:
+            self._check_stream(meta, quantize)
+            problem: Exception | None = None
+        except KimiLoaderError as e:
+            problem = e
+        # what this rank holds: the hash of each source as last applied (for a quantized
+        # module synced unquantized, the hash of the unquantized source)
+        held = {**self._hashes, **self._source_hashes} if quantize else self._hashes
+        changed = {k for k, m in enumerate(meta) if held.get(m[0]) != m[4]}
+        staged: list[tuple[Any, list[int], dict[int, torch.Tensor], torch.Tensor]] = []
+        layers: set[int] = set()
+        report = UpdateReport(version=self.version, tensors=len(meta), changed_tensors=0)
+        new_hashes: dict[str, int] = {}
+        new_sources: dict[str, int] = {}
+        received = 0
+        try:
+            for b, size in zip(buckets, sizes, strict=True):
+                flat = torch.empty(size, dtype=torch.uint8, device=device)
+                dist.broadcast(flat, src=src, group=group)
+                received += 1
+                if problem is not None:
+                    continue  # drained, never applied
+                flat = flat.cpu()
+                names, tensors, off = [], [], 0
+                for k in b:
+                    name, st_dtype, shape, nbytes, _h = meta[k]
+                    if k in changed:
+                        names.append(name)
+                        tensors.append(flat[off : off + nbytes].view(TORCH_DTYPES[st_dtype]).view(shape))
+                    off += nbytes
+                if not names:
+                    continue
+                hashes = {meta[k][0]: meta[k][4] for k in b if k in changed}
+                if quantize:
+                    names, tensors, sources = self._quantize(names, tensors, quantize, _STREAM)
+                    new_sources.update(sources)
+                    hashes = {n: hashes[n] for n in names if n in hashes}
+                ck = Checkpoint(_core.from_tensors(_STREAM, names, tensors, self.threads), threads=self.threads)
+                try:
+                    plan, dests, _ = self._plan_for(ck)
+                    if quantize:  # the quantized parts' hashes are computed here
+                        qnames = [n for n in names if n not in hashes]
+                        hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
+                    ops, op_dests = plan.ops(), plan.op_dests()
+                    which = list(range(len(ops)))
+                    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
+                    layers.update(x for op in ops if (x := layer_index(op[1])) is not None)
+                    report.bytes_changed += sum(op[3] for op in ops)
+                    if atomic:
+                        arena = torch.empty(plan.staged_bytes(which), dtype=torch.uint8)
+                        plan.stage(which, arena)  # the model is not touched yet
+                        staged.append((plan, which, targets, arena))
+                    else:
+                        if which:
+                            self._mark_inconsistent()
+                        plan.execute_atomic(which, targets)  # this bucket, straight into the model
+                finally:
+                    ck.core.release()
+                new_hashes.update(hashes)
+                report.changed_tensors += len(hashes)
+        except KimiLoaderError:
+            raise
+        except Exception as e:  # the transport broke (the sender died, a timeout, ...)
+            from .errors import CheckpointIOError
+
+            state = (
+                "the model is unchanged"
+                if atomic or not new_hashes
+                else "the model holds a mix of versions and refuses to run until a complete update"
+            )
+            raise CheckpointIOError(
+                f"{_STREAM}: the weight stream broke after {received} of {len(buckets)} buckets "
+                f"({type(e).__name__}: {e}); {state}",
+                file=_STREAM,
+            ) from e
+        if problem is not None:
+            raise problem
+        for plan, which, targets, arena in staged:  # everything arrived: commit
+            plan.commit(which, targets, arena)
+        t_copy = time.perf_counter()
+        self._hashes.update(new_hashes)
+        self._source_hashes.update(new_sources)
+        self._bump_version()
+        post = getattr(self.model, "post_load_weights", None)
+        if post is not None and new_hashes:
+            post(layers=sorted(layers))
+        t_post = time.perf_counter()
+        report.version = self.version
+        report.layers_post_processed = sorted(layers) if new_hashes else []
+        report.bytes_hashed = sum(sizes)
+        report.seconds = {"receive_and_copy": t_copy - t0, "post_load": t_post - t_copy, "total": t_post - t0}
+        return report
 
     def _update(self, ck: Checkpoint, only: set[str] | None) -> UpdateReport:
         with self._lock:
@@ -344,15 +529,13 @@ class WeightUpdater:
         changed = {n for n, h in hashes.items() if self._hashes.get(n) != h}
         which = [k for k in keep if sources[k][0] in changed or sources[k][1] in changed]
         t_hash = time.perf_counter()
-        index = {name: i for i, name in enumerate(plan.dest_names())}
-        ops = plan.ops()
-        targets = {index[ops[k][1]]: dests[ops[k][1]] for k in which}
+        ops, op_dests = plan.ops(), plan.op_dests()
+        targets = {op_dests[k]: dests[op_dests[k]] for k in which}
         arena = self._staging(sum(ops[k][3] for k in which))
         plan.execute_atomic(which, targets, arena)  # all-or-nothing, buffers checked live
         t_copy = time.perf_counter()
         self._hashes.update({n: hashes[n] for n in changed})
-        self.version += 1
-        self.model.weights_version = self.version
+        self._bump_version()
         layers = sorted({x for k in which if (x := layer_index(ops[k][1])) is not None})
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and which:
@@ -376,14 +559,32 @@ class WeightUpdater:
         )
 
 
+def _quantized_module(ck: Checkpoint, base: str) -> str | None:
+    """The quantized format module ``base`` is stored in by checkpoint ``ck`` (``None``:
+    not quantized, or not there)."""
+    if f"{base}.weight_packed" in ck:
+        return "ct-int4"
+    weight = ck.tensor_info(f"{base}.weight") if f"{base}.weight" in ck else None
+    if weight is not None and weight.st_dtype == "F8_E4M3" and f"{base}.weight_scale_inv" in ck:
+        return "fp8-block"
+    if weight is not None and weight.st_dtype == "U8" and f"{base}.weight_scale" in ck:
+        return "quark-mxfp4"
+    return None
+
+
 # -- torch.distributed -----------------------------------------------------------------
 def broadcast_weights(
     named_tensors_or_path: Any, group: Any = None, *, src: int = 0, bucket_bytes: int = 64 << 20
 ) -> int:
-    """Trainer side: broadcasts ``(name, tensor)`` pairs (or every tensor of a checkpoint
-    path) from rank ``src`` to the group in buckets of about ``bucket_bytes``. Receivers
-    call :meth:`WeightUpdater.update_from_distributed`. Returns the bytes sent."""
+    """Trainer side: streams ``(name, tensor)`` pairs (or every tensor of a checkpoint
+    path) from rank ``src`` to the group: first every tensor's name, dtype, shape, size and
+    xxh3 (receivers check them all before a byte lands and skip what they already hold),
+    then buckets of about ``bucket_bytes`` (the parts of a quantized weight always share a
+    bucket). Receivers call :meth:`WeightUpdater.update_from_distributed`. Returns the
+    bytes sent."""
     import torch.distributed as dist
+
+    from . import _core
 
     if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
         # a checkpoint is read bucket by bucket with pread (never through the map, where a
@@ -393,26 +594,24 @@ def broadcast_weights(
             if isinstance(named_tensors_or_path, Checkpoint)
             else open_checkpoint(named_tensors_or_path)
         )
-        infos = [ck.tensor_info(n) for n in ck.keys()]
-        meta = [(i.name, str(i.dtype).removeprefix("torch."), list(i.shape), i.nbytes) for i in infos]
+        names = ck.keys()
+        infos = [ck.tensor_info(n) for n in names]
+        hashes = ck.core.hash_tensors(names)
+        meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
         items = None
     else:
-        items = [(n, t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
-        meta = [(n, str(t.dtype).removeprefix("torch."), list(t.shape), t.numel() * t.element_size()) for n, t in items]
-    buckets: list[list[int]] = []
-    cur: list[int] = []
-    size = 0
-    for k, m in enumerate(meta):
-        if cur and size + m[3] > bucket_bytes:
-            buckets.append(cur)
-            cur, size = [], 0
-        cur.append(k)
-        size += m[3]
-    if cur:
-        buckets.append(cur)
-    sizes = [sum(meta[k][3] for k in b) for b in buckets]
+        items = [(_validate.name(n), t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
+        mem = _core.from_tensors(_STREAM, [n for n, _ in items], [t for _, t in items])
+        try:
+            hashes = mem.hash_tensors([n for n, _ in items])
+            meta = [(n, mem.locate(n)[1], list(t.shape), t.nbytes, h) for (n, t), h in zip(items, hashes, strict=True)]
+        finally:
+            mem.release()
+    buckets = _buckets(meta, bucket_bytes)
     device = _comm_device(group)
-    dist.broadcast_object_list([(meta, sizes)], src=src, group=group, device=device)
+    header = {"format": STREAM_FORMAT, "meta": meta, "buckets": buckets}
+    dist.broadcast_object_list([header], src=src, group=group, device=device)
+    sent = 0
     for b in buckets:
         if items is None:
             got = ck.read_tensors([meta[k][0] for k in b])
@@ -423,7 +622,31 @@ def broadcast_weights(
             torch.cat([t.reshape(-1).view(torch.uint8) for t in parts]) if parts else torch.empty(0, dtype=torch.uint8)
         )
         dist.broadcast(flat.to(device), src=src, group=group)
-    return sum(sizes)
+        sent += flat.numel()
+    return sent
+
+
+def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
+    """Indices of ``meta`` in buckets of about ``bucket_bytes``; a quantized weight's parts
+    (same module, suffixes of one unit) are never split across buckets."""
+    units: dict[str, list[int]] = {}
+    for k, (name, *_rest) in enumerate(meta):
+        base, _, suffix = name.rpartition(".")
+        key = base if any(suffix in u for u in _UNITS) else name
+        units.setdefault(key, []).append(k)
+    buckets: list[list[int]] = []
+    cur: list[int] = []
+    size = 0
+    for ks in units.values():
+        n = sum(meta[k][3] for k in ks)
+        if cur and size + n > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.extend(ks)
+        size += n
+    if cur:
+        buckets.append(cur)
+    return buckets
 
 
 def _comm_device(group: Any) -> torch.device:
@@ -434,24 +657,3 @@ def _comm_device(group: Any) -> torch.device:
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def _receive(group: Any, src: int) -> list[tuple[str, torch.Tensor]]:
-    import torch.distributed as dist
-
-    box: list[Any] = [None]
-    device = _comm_device(group)
-    dist.broadcast_object_list(box, src=src, group=group, device=device)
-    meta, sizes = box[0]
-    out, k = [], 0
-    for size in sizes:
-        flat = torch.empty(size, dtype=torch.uint8, device=device)
-        dist.broadcast(flat, src=src, group=group)
-        flat = flat.cpu()
-        off = 0
-        while k < len(meta) and off + meta[k][3] <= size:
-            name, dtype, shape, nbytes = meta[k]
-            out.append((name, flat[off : off + nbytes].view(getattr(torch, dtype)).view(shape)))
-            off += nbytes
-            k += 1
-    return out

@@ -312,9 +312,20 @@ class DeepseekV3ForCausalLM(nn.Module):
             build_w_kc_w_vc(self, layers)
 
     # -- running ----------------------------------------------------------------------
+    #: False while a streamed update (``atomic=False``) is incomplete: the weights are a
+    #: mix of two versions and the model refuses to run until a complete update lands
+    weights_consistent: bool = True
+
     def runtime(self):
         from .runtime import Runtime
 
+        if not self.weights_consistent:
+            from ..errors import InconsistentWeightsError
+
+            raise InconsistentWeightsError(
+                "the weights are a mix of two versions (a streamed update broke midway); "
+                "run a complete update before using the model"
+            )
         rt = getattr(self, "_runtime", None)
         if rt is None:
             rt = self._runtime = Runtime(self)

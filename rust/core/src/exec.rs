@@ -451,17 +451,52 @@ pub unsafe fn execute_atomic(
     arena: Option<DestBuf>,
     pool: &ThreadPool,
 ) -> Result<()> {
-    let mut staged_plan = Plan {
-        dests: Vec::with_capacity(which.len()),
-        ..Plan::default()
+    let targets = staging_targets(plan, which, dests)?;
+    let total = staged_bytes(plan, which)?;
+    let mut owned: Vec<u8> = Vec::new();
+    let arena = match arena {
+        Some(a) if a.len >= total => a,
+        _ => {
+            owned.resize(total as usize, 0);
+            DestBuf {
+                ptr: owned.as_mut_ptr(),
+                len: total,
+            }
+        }
     };
+    // SAFETY: the arena is live, writable and disjoint from the destinations (caller's
+    // contract, or `owned`, ours); the destinations were checked by `staging_targets`.
+    unsafe {
+        stage_ops(ckpt, plan, which, arena, pool)?;
+        commit_staged(&targets, arena, pool);
+    }
+    Ok(())
+}
+
+/// Bytes the ops `which` stage: the sum of their outputs.
+pub fn staged_bytes(plan: &Plan, which: &[usize]) -> Result<u64> {
+    which.iter().try_fold(0u64, |acc, &k| {
+        let op = plan.ops.get(k).ok_or_else(|| Error::InvalidArgument {
+            reason: format!("op {k} out of range"),
+        })?;
+        Ok(acc + op.out_elems() * plan.dests[op.dest as usize].dtype.size())
+    })
+}
+
+/// `(destination buffer, byte offset, bytes)` of each op of `which`, checked against the
+/// plan's destinations.
+pub fn staging_targets(
+    plan: &Plan,
+    which: &[usize],
+    dests: &[Option<DestBuf>],
+) -> Result<Vec<(DestBuf, u64, u64)>> {
     let mut targets = Vec::with_capacity(which.len());
     for &k in which {
         let op = plan.ops.get(k).ok_or_else(|| Error::InvalidArgument {
             reason: format!("op {k} out of range"),
         })?;
         let spec = &plan.dests[op.dest as usize];
-        let Some(buf) = dests[op.dest as usize] else {
+        let Some(buf) = dests.get(op.dest as usize).copied().flatten() else {
             return Err(Error::InvalidArgument {
                 reason: format!("no buffer given for '{}'", spec.name),
             });
@@ -476,6 +511,39 @@ pub unsafe fn execute_atomic(
                 ),
             });
         }
+        targets.push((buf, op.dest_offset, op.out_elems() * spec.dtype.size()));
+    }
+    Ok(targets)
+}
+
+/// Executes the ops `which` into `arena`, each op's output contiguous and in `which`
+/// order (the layout [`commit_staged`] reads). Nothing but the arena is written.
+///
+/// # Safety
+/// `arena` must be writable, alive for the call, at least [`staged_bytes`] long and not
+/// overlap memory the checkpoint reads from.
+pub unsafe fn stage_ops(
+    ckpt: &Checkpoint,
+    plan: &Plan,
+    which: &[usize],
+    arena: DestBuf,
+    pool: &ThreadPool,
+) -> Result<()> {
+    let total = staged_bytes(plan, which)?;
+    if arena.len < total {
+        return Err(Error::InvalidArgument {
+            reason: format!("staging arena of {} bytes, {total} needed", arena.len),
+        });
+    }
+    let mut staged_plan = Plan {
+        dests: Vec::with_capacity(which.len()),
+        ..Plan::default()
+    };
+    let mut bufs = Vec::with_capacity(which.len());
+    let mut off = 0u64;
+    for &k in which {
+        let op = &plan.ops[k];
+        let spec = &plan.dests[op.dest as usize];
         let n = op.out_elems();
         // each op becomes the whole of a private one-op destination
         staged_plan.dests.push(crate::plan::DestSpec {
@@ -488,29 +556,14 @@ pub unsafe fn execute_atomic(
             dest_offset: 0,
             ..op.clone()
         });
-        targets.push((buf, op.dest_offset, n * spec.dtype.size()));
+        let len = n * spec.dtype.size();
+        // SAFETY: `off + len <= total <= arena.len`: inside the arena.
+        let ptr = unsafe { arena.ptr.add(off as usize) };
+        bufs.push(Some(DestBuf { ptr, len }));
+        off += len;
     }
-    let total: u64 = targets.iter().map(|t| t.2).sum();
-    let mut owned: Vec<u8> = Vec::new();
-    let base = match arena {
-        Some(a) if a.len >= total => a.ptr,
-        _ => {
-            owned.resize(total as usize, 0);
-            owned.as_mut_ptr()
-        }
-    };
-    let mut off = 0u64;
-    let bufs: Vec<Option<DestBuf>> = targets
-        .iter()
-        .map(|t| {
-            // SAFETY: `off + t.2 <= total`, inside the arena or the owned buffer.
-            let ptr = unsafe { base.add(off as usize) };
-            off += t.2;
-            Some(DestBuf { ptr, len: t.2 })
-        })
-        .collect();
-    // SAFETY: the staging ranges are disjoint slices of one live buffer that no destination
-    // overlaps (caller's contract for `arena`; `owned` is ours).
+    // SAFETY: the staging ranges are disjoint slices of the arena, which the caller
+    // guarantees live, writable and apart from every source.
     unsafe {
         execute_plan(
             ckpt,
@@ -519,20 +572,41 @@ pub unsafe fn execute_atomic(
             &bufs,
             pool,
             ReadOptions::default(),
-        )?
-    };
+        )
+    }
+}
+
+/// Copies what [`stage_ops`] left in `arena` into the destinations `targets` (from
+/// [`staging_targets`] of the same ops, same order), in parallel. Cannot fail.
+///
+/// # Safety
+/// `arena` holds the staged bytes (alive for the call); every target range lies in a
+/// live destination, and the ranges are pairwise disjoint (the plan's coverage proof
+/// makes the ranges of different ops disjoint).
+pub unsafe fn commit_staged(targets: &[(DestBuf, u64, u64)], arena: DestBuf, pool: &ThreadPool) {
+    let mut starts = Vec::with_capacity(targets.len());
+    let mut off = 0u64;
+    for t in targets {
+        starts.push(off);
+        off += t.2;
+    }
+    debug_assert!(off <= arena.len);
+    let base = arena.ptr as usize; // (an address is Sync; the pointer is not)
     pool.install(|| {
-        bufs.par_iter()
-            .zip(targets.par_iter())
-            .for_each(|(src, &(buf, off, len))| {
-                let src = src.expect("every op has a staging range");
-                // SAFETY: the staged bytes were fully written above; the destination range lies
-                // inside a destination the caller guarantees valid, and the plan's coverage proof
-                // makes the ranges of different ops disjoint.
+        targets
+            .par_iter()
+            .zip(starts.par_iter())
+            .for_each(|(&(buf, dst_off, len), &src_off)| {
+                // SAFETY: `src_off + len <= arena.len` (the staged layout); the destination
+                // range lies inside a live destination (caller's contract), disjoint from
+                // the other ops' ranges and from the arena.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(src.ptr, buf.ptr.add(off as usize), len as usize)
+                    std::ptr::copy_nonoverlapping(
+                        (base as *const u8).add(src_off as usize),
+                        buf.ptr.add(dst_off as usize),
+                        len as usize,
+                    )
                 };
             })
     });
-    Ok(())
 }

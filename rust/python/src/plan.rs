@@ -4,7 +4,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use kimi_loader_core::exec::{execute_atomic, execute_plan, DestBuf, ReadOptions};
+use kimi_loader_core::exec::{
+    commit_staged, execute_atomic, execute_plan, stage_ops, staged_bytes, staging_targets, DestBuf,
+    ReadOptions,
+};
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
 use kimi_loader_core::quant::QuantParams;
@@ -14,7 +17,7 @@ use pyo3::types::PyDict;
 
 use crate::buffer::{check_disjoint, check_writable, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
-use crate::errors::{detached, invalid as bad};
+use crate::errors::{detached, invalid as bad, to_pyerr};
 
 /// Bytes written between two checks for Ctrl-C in `Plan.execute`.
 const CHECK_BYTES: u64 = 256 << 20;
@@ -401,19 +404,7 @@ impl Plan {
         tensors: &Bound<'_, PyDict>,
         arena: Option<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let mut seen = vec![false; self.inner.ops.len()];
-        for &k in &which {
-            match seen.get_mut(k) {
-                None => {
-                    return Err(bad(
-                        py,
-                        format!("op index {k} out of range ({})", seen.len()),
-                    ))
-                }
-                Some(s) if *s => return Err(bad(py, format!("op index {k} given twice"))),
-                Some(s) => *s = true,
-            }
-        }
+        self.check_which(py, &which)?;
         let given = indexed(py, tensors)?;
         let (bufs, live) = self.live_buffers(py, given, arena.as_ref())?;
         let arena = arena.as_ref().map(|_| {
@@ -432,9 +423,96 @@ impl Plan {
             unsafe { execute_atomic(&ckpt, &plan, &which, &bufs, arena, &pool) }
         })
     }
+
+    /// Bytes that staging the ops `which` takes (the sum of their outputs).
+    fn staged_bytes(&self, py: Python<'_>, which: Vec<usize>) -> PyResult<u64> {
+        self.check_which(py, &which)?;
+        staged_bytes(&self.inner, &which).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// The first half of `execute_atomic`, for updates that arrive in parts: executes the
+    /// ops `which` into `arena` (a uint8 CPU tensor of at least `staged_bytes(which)`),
+    /// each op's output contiguous in `which` order; no destination is touched. GIL
+    /// released.
+    fn stage(&self, py: Python<'_>, which: Vec<usize>, arena: Bound<'_, PyAny>) -> PyResult<()> {
+        self.check_which(py, &which)?;
+        let nbytes: u64 = arena
+            .getattr("nbytes")
+            .and_then(|v| v.extract())
+            .unwrap_or(0);
+        let a = live_tensor(&arena, nbytes, None, "staging arena")?;
+        check_writable(py, &[("staging arena", a.ptr, a.len)])?;
+        let buf = DestBuf {
+            ptr: a.ptr as *mut u8,
+            len: a.len,
+        };
+        let (ckpt, plan, threads) = (self.ckpt.clone(), self.inner.clone(), self.threads);
+        detached(py, move || {
+            let pool = threads::pool(threads)?;
+            let _live = a;
+            // SAFETY: the arena is a live, writable CPU tensor held by `_live`; a fresh
+            // staging tensor is not memory the checkpoint reads from.
+            unsafe { stage_ops(&ckpt, &plan, &which, buf, &pool) }
+        })
+    }
+
+    /// The second half: copies what `stage(which, arena)` left in `arena` into
+    /// `tensors` (`{destination index: tensor}`, checked as in `execute`). GIL released.
+    fn commit(
+        &self,
+        py: Python<'_>,
+        which: Vec<usize>,
+        tensors: &Bound<'_, PyDict>,
+        arena: Bound<'_, PyAny>,
+    ) -> PyResult<()> {
+        self.check_which(py, &which)?;
+        let need = staged_bytes(&self.inner, &which).map_err(|e| to_pyerr(py, e))?;
+        let given = indexed(py, tensors)?;
+        let (bufs, live) = self.live_buffers(py, given, Some(&arena))?;
+        let a = live.last().expect("the arena is the last live buffer");
+        if a.len < need {
+            return Err(bad(
+                py,
+                format!("staging arena of {} bytes, {need} staged", a.len),
+            ));
+        }
+        let arena = DestBuf {
+            ptr: a.ptr as *mut u8,
+            len: a.len,
+        };
+        let targets = staging_targets(&self.inner, &which, &bufs).map_err(|e| to_pyerr(py, e))?;
+        let threads = self.threads;
+        detached(py, move || {
+            let pool = threads::pool(threads)?;
+            let _live = live;
+            // SAFETY: the targets lie in live, checked, pairwise disjoint destinations
+            // (the arena apart from them), storages held by `_live`; the arena holds what
+            // `stage` wrote for the same ops in the same order (the caller's protocol: a
+            // stale arena writes stale bytes, never out of bounds).
+            unsafe { commit_staged(&targets, arena, &pool) };
+            Ok(())
+        })
+    }
 }
 
 impl Plan {
+    fn check_which(&self, py: Python<'_>, which: &[usize]) -> PyResult<()> {
+        let mut seen = vec![false; self.inner.ops.len()];
+        for &k in which {
+            match seen.get_mut(k) {
+                None => {
+                    return Err(bad(
+                        py,
+                        format!("op index {k} out of range ({})", seen.len()),
+                    ))
+                }
+                Some(s) if *s => return Err(bad(py, format!("op index {k} given twice"))),
+                Some(s) => *s = true,
+            }
+        }
+        Ok(())
+    }
+
     /// Checked buffers for `given` `(destination index, tensor)` pairs (and the staging
     /// `arena`, returned last in the live list).
     fn live_buffers(
