@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from . import _validate
-from .errors import InvalidArgumentError, KimiLoaderError, MissingTensorError, ShapeMismatchError
+from . import _core, _validate
+from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError
 from .formats import TORCH_DTYPES, layer_index
 from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
 from .reader import Checkpoint
@@ -63,28 +63,9 @@ class UpdateReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-#: the tensors that make up one quantized weight, by the suffix that identifies them
+#: the tensors that make up one quantized weight (kept in one bucket of a stream; the
+#: Rust core checks an update sends all of them: ``kimi_loader_core::update::UNITS``)
 _UNITS = (("weight_packed", "weight_scale", "weight_shape"), ("weight", "weight_scale"), ("weight", "weight_scale_inv"))
-
-
-def _check_units(present: set[str], known: set[str]) -> None:
-    """A quantized weight is one unit: its data, scale (and ct-int4 shape) are updated
-    together or not at all. Raises :class:`MissingTensorError` naming the absent part."""
-    for name in present:
-        base, _, suffix = name.rpartition(".")
-        for unit in _UNITS:
-            if suffix not in unit:
-                continue
-            siblings = [f"{base}.{s}" for s in unit]
-            if sum(sib in known for sib in siblings) < 2:  # not this unit in this checkpoint
-                continue
-            for sib in siblings:
-                if sib in known and sib not in present:
-                    raise MissingTensorError(
-                        f"'{name}' is updated but '{sib}', which belongs to the same quantized weight, is not: "
-                        "the parts of a quantized weight are updated together",
-                        tensor=sib,
-                    )
 
 
 class WeightUpdater:
@@ -117,7 +98,8 @@ class WeightUpdater:
         self._plan = None  # the compiled plan (built for a complete checkpoint)
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
         self._dests: list[torch.Tensor] = []  # by the plan's destination index
-        self._hashes: dict[str, int] = {}
+        # the hash of every source tensor as the model holds it (kept in Rust)
+        self._state = _core.UpdateState()
         # quantize-on-sync: the checkpoint the plan was compiled for (its names, dtypes and
         # shapes say how each module is stored) and the hashes of the unquantized sources
         self._compiled: Checkpoint | None = None
@@ -131,8 +113,7 @@ class WeightUpdater:
         if baseline is not None:
             ck = baseline if isinstance(baseline, Checkpoint) else open_checkpoint(baseline, threads=threads)
             plan = self._compile(ck).plan
-            names = sorted({n for pair in plan.op_sources() for n in pair if n})
-            self._hashes = dict(zip(names, ck.core.hash_tensors(names), strict=True))
+            self._state.commit(self._state.select(plan, ck.core))
 
     def __repr__(self) -> str:
         p = self.parallel
@@ -225,7 +206,6 @@ class WeightUpdater:
     def _update_from_memory(
         self, names: list[str], tensors: list[torch.Tensor], quantize: str | bool | None, label: str = _LABEL
     ) -> UpdateReport:
-        from . import _core
 
         with self._lock:
             t0 = time.perf_counter()
@@ -250,7 +230,6 @@ class WeightUpdater:
         """Replaces each unquantized ``...weight`` whose module the model stores quantized
         by that format's tensors. Sources whose hash equals the last synced one are
         dropped before quantizing. Returns the names, tensors and the sources' hashes."""
-        from . import _core
         from .quant import INT4_RULES, quantize_fp8_block, quantize_int4, quantize_mxfp4
 
         rule = "compressed-tensors" if quantize is True else quantize
@@ -358,7 +337,8 @@ class WeightUpdater:
                 "a streamed update needs the compiled plan: create the WeightUpdater with baseline= "
                 "(or run one complete update first)"
             )
-        names = set()
+        names: set[str] = set()
+        plain: set[str] = set()  # the names that are not unquantized sources of quantized modules
         for name, st_dtype, shape, nbytes, _h in meta:
             _validate.name(name)
             if name in names:
@@ -377,6 +357,7 @@ class WeightUpdater:
             )
             if quantized:
                 continue
+            plain.add(name)
             if stored is None:
                 raise IncompleteLoadError(
                     f"{_STREAM}: tensor '{name}': the model has no place for it"
@@ -395,12 +376,10 @@ class WeightUpdater:
                     expected=tuple(stored.shape),
                     found=tuple(shape),
                 )
-        _check_units(names, self._known)
+        self._plan.check_units(ck.core, sorted(plain))
 
     def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
         import torch.distributed as dist
-
-        from . import _core
 
         t0 = time.perf_counter()
         device = _comm_device(group)
@@ -416,10 +395,15 @@ class WeightUpdater:
             problem: Exception | None = None
         except KimiLoaderError as e:
             problem = e
+
         # what this rank holds: the hash of each source as last applied (for a quantized
         # module synced unquantized, the hash of the unquantized source)
-        held = {**self._hashes, **self._source_hashes} if quantize else self._hashes
-        changed = {k for k, m in enumerate(meta) if held.get(m[0]) != m[4]}
+        def held(name: str) -> int | None:
+            if quantize and name in self._source_hashes:
+                return self._source_hashes[name]
+            return self._state.get(name)
+
+        changed = {k for k, m in enumerate(meta) if held(m[0]) != m[4]}
         staged: list[tuple[Any, list[int], dict[int, torch.Tensor], torch.Tensor]] = []
         layers: set[int] = set()
         report = UpdateReport(version=self.version, tensors=len(meta), changed_tensors=0)
@@ -491,7 +475,7 @@ class WeightUpdater:
         for plan, which, targets, arena in staged:  # everything arrived: commit
             plan.commit(which, targets, arena)
         t_copy = time.perf_counter()
-        self._hashes.update(new_hashes)
+        self._state.set(list(new_hashes.items()))
         self._source_hashes.update(new_sources)
         self._bump_version()
         post = getattr(self.model, "post_load_weights", None)
@@ -517,37 +501,29 @@ class WeightUpdater:
                     f"names not in the update checkpoint: {', '.join(absent[:5])}", tensor=absent[0]
                 )
         plan, dests, replanned = self._plan_for(ck)
-        _check_units(set(ck.keys()) if only is None else only, self._known or set(ck.keys()))
+        (self._plan or plan).check_units(ck.core, None if only is None else sorted(only))
         t_plan = time.perf_counter()
-        sources = plan.op_sources()
-        if only is not None:
-            keep = [k for k, (a, b) in enumerate(sources) if a in only or (b is not None and b in only)]
-        else:
-            keep = list(range(len(sources)))
-        names = sorted({n for k in keep for n in sources[k] if n})
-        hashes = dict(zip(names, ck.core.hash_tensors(names), strict=True))
-        changed = {n for n, h in hashes.items() if self._hashes.get(n) != h}
-        which = [k for k in keep if sources[k][0] in changed or sources[k][1] in changed]
+        sel = self._state.select(plan, ck.core, None if only is None else sorted(only))
+        which = sel.which
         t_hash = time.perf_counter()
-        ops, op_dests = plan.ops(), plan.op_dests()
+        op_dests = plan.op_dests()
         targets = {op_dests[k]: dests[op_dests[k]] for k in which}
-        arena = self._staging(sum(ops[k][3] for k in which))
-        plan.execute_atomic(which, targets, arena)  # all-or-nothing, buffers checked live
+        plan.execute_atomic(which, targets, self._staging(sel.bytes_changed))  # all-or-nothing
         t_copy = time.perf_counter()
-        self._hashes.update({n: hashes[n] for n in changed})
+        self._state.commit(sel)
         self._bump_version()
-        layers = sorted({x for k in which if (x := layer_index(ops[k][1])) is not None})
+        layers = sel.layers if which else []
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and which:
             post(layers=layers)
         t_post = time.perf_counter()
         return UpdateReport(
             version=self.version,
-            tensors=len(names),
-            changed_tensors=len(changed),
-            bytes_changed=sum(ops[k][3] for k in which),
-            bytes_hashed=sum(ck.tensor_info(n).nbytes for n in names),
-            layers_post_processed=layers if which else [],
+            tensors=sel.tensors,
+            changed_tensors=sel.changed,
+            bytes_changed=sel.bytes_changed,
+            bytes_hashed=sel.bytes_hashed,
+            layers_post_processed=layers,
             replanned=replanned,
             seconds={
                 "plan": t_plan - t0,
@@ -583,8 +559,6 @@ def broadcast_weights(
     bucket). Receivers call :meth:`WeightUpdater.update_from_distributed`. Returns the
     bytes sent."""
     import torch.distributed as dist
-
-    from . import _core
 
     if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
         # a checkpoint is read bucket by bucket with pread (never through the map, where a

@@ -14,6 +14,7 @@
 //! - [`quant`]: the quantized formats (one registry: tensors, scales, dequant op).
 //! - [`convert`]: dtype conversions and bit-exact dequantizers.
 //! - [`exec`]: parallel reads and plan execution into destination memory.
+//! - [`update`]: change selection for hot-reload (hash, compare, pick ops).
 //! - [`threads`]: thread pool sizing (`KIMI_LOADER_THREADS`).
 
 pub mod census;
@@ -30,6 +31,7 @@ pub mod plan;
 pub mod quant;
 pub mod shard;
 pub mod threads;
+pub mod update;
 
 pub use checkpoint::{Checkpoint, TensorId};
 pub use dtype::Dtype;

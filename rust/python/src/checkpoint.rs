@@ -114,6 +114,11 @@ impl Checkpoint {
         self.inner.clone()
     }
 
+    /// The thread count it was opened with.
+    pub fn threads(&self) -> Option<usize> {
+        self.threads
+    }
+
     fn locate_one(&self, name: &str) -> kimi_loader_core::Result<Location> {
         let (id, e) = self.inner.get(name)?;
         let shard = self.inner.shard(id);

@@ -1,7 +1,7 @@
 //! `plan()` and the `Plan` class: build a copy plan from rules given as plain data, then
 //! execute slices of it into destination buffers (GIL released).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kimi_loader_core::exec::{
@@ -11,6 +11,7 @@ use kimi_loader_core::exec::{
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
 use kimi_loader_core::quant::QuantParams;
+use kimi_loader_core::update::check_units;
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -424,6 +425,24 @@ impl Plan {
         })
     }
 
+    /// Refuses an update `ckpt` (only its tensors named in `only`, if given) that sends
+    /// part of a quantized weight this plan's checkpoint stores (`MissingTensorError`
+    /// naming the absent part).
+    #[pyo3(signature = (ckpt, only=None))]
+    fn check_units(
+        &self,
+        py: Python<'_>,
+        ckpt: &Checkpoint,
+        only: Option<Vec<String>>,
+    ) -> PyResult<()> {
+        let new = ckpt.core();
+        let present: HashSet<&str> = match &only {
+            Some(o) => o.iter().map(String::as_str).collect(),
+            None => new.iter().map(|(_, e)| &*e.name).collect(),
+        };
+        check_units(&present, &self.ckpt, &new.display_path()).map_err(|e| to_pyerr(py, e))
+    }
+
     /// Bytes that staging the ops `which` takes (the sum of their outputs).
     fn staged_bytes(&self, py: Python<'_>, which: Vec<usize>) -> PyResult<u64> {
         self.check_which(py, &which)?;
@@ -496,6 +515,11 @@ impl Plan {
 }
 
 impl Plan {
+    /// The core plan (for change selection).
+    pub fn core(&self) -> Arc<CorePlan> {
+        self.inner.clone()
+    }
+
     fn check_which(&self, py: Python<'_>, which: &[usize]) -> PyResult<()> {
         let mut seen = vec![false; self.inner.ops.len()];
         for &k in which {
