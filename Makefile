@@ -42,7 +42,7 @@ test-python: build
 test: test-rust test-python
 
 bench: build
-	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py
+	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py && ../$(PY) bench_rl_scale.py
 
 lint: build
 	cargo fmt --all -- --check

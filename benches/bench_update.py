@@ -4,7 +4,7 @@
    checkpoint;
 2. a ~5% delta update (a few experts changed) vs the full update: goal proportional to
    the changed bytes;
-3. broadcast throughput over loopback gloo, trainer -> one receiver (informational).
+(streamed gloo updates, memory and quantize-on-sync: ``bench_rl_scale.py``.)
 
 Run: ``make bench`` or ``python benches/bench_update.py``.
 """
@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 import kimi_loader
@@ -71,26 +69,6 @@ def delta_checkpoint(src: str, fraction: float) -> tuple[str, int]:
             save_file(t, os.path.join(dst, f), metadata={"format": "pt"})
         open(os.path.join(dst, ".complete"), "w").close()
     return dst, size
-
-
-def _receiver(rank: int, port: int, base: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from kimi_loader.rl import broadcast_weights
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    if rank == 0:
-        t = time.perf_counter()
-        n = broadcast_weights(base, bucket_bytes=64 << 20)
-        dist.barrier()
-        with open(out, "w") as f:
-            json.dump({"bytes": n, "seconds": time.perf_counter() - t}, f)
-    else:
-        from kimi_loader.rl import _receive
-
-        _receive(None, 0)
-        dist.barrier()
-    dist.destroy_process_group()
 
 
 def main() -> None:
@@ -162,17 +140,6 @@ def main() -> None:
             res["full"][0],
             f"wrote {r.bytes_changed / 1e6:.1f} MB, hashed {r.bytes_hashed / 1e6:.0f} MB",
         )
-    )
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = os.path.join(CACHE, "broadcast.json")
-    mp.start_processes(_receiver, args=(port, a, out), nprocs=2, join=True, start_method="spawn")
-    r = json.load(open(out))
-    print(
-        f"gloo broadcast over loopback, trainer -> 1 receiver: {r['bytes'] / 1e9:.2f} GB in "
-        f"{r['seconds']:.2f} s = {r['bytes'] / r['seconds'] / 1e9:.2f} GB/s (informational)"
     )
 
 

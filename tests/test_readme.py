@@ -70,11 +70,16 @@ def test_every_python_block_runs(paths):
         code = _substitute(block, paths)
         if "WeightUpdater" in code:  # the RL block continues the runtime block's `model`
             env["trainer_named_tensors"] = [("language_model.model.norm.weight", torch.ones(64, dtype=torch.bfloat16))]
+            expert = "language_model.model.layers.1.mlp.experts.0"  # the tiny preset's shapes
+            env["bf16_named_tensors"] = [
+                (f"{expert}.{p}.weight", torch.randn(shape).to(torch.bfloat16))
+                for p, shape in (("gate_proj", (32, 64)), ("up_proj", (32, 64)), ("down_proj", (64, 32)))
+            ]
             code = "\n".join(line for line in code.splitlines() if not any(m in line for m in MULTI_PROCESS))
         exec(compile(code, f"README block {ran}", "exec"), env)
         ran += 1
     assert ran == len(blocks)
-    assert env["report"].version >= 2  # the RL block's updates happened
+    assert env["report"].version >= 3  # the RL block's updates happened
 
 
 def test_every_cli_line_runs(paths, capsys):
