@@ -90,7 +90,15 @@ class WeightUpdater:
         threads: int | None = None,
         baseline: Any = None,
         keep_staging: bool = True,
+        executor: str = "auto",
     ) -> None:
+        if executor not in ("auto", "cpu", "triton"):
+            raise InvalidArgumentError(f"executor must be 'auto', 'cpu' or 'triton', got {executor!r}")
+        #: ``"cpu"``: the Rust executor (host memory); ``"triton"``: the plan's copy and
+        #: convert ops as batched Triton kernels (on the destinations' device; on CPU
+        #: tensors under ``TRITON_INTERPRET=1``); ``"auto"``: Triton when the update's
+        #: tensors are on a GPU, else the CPU executor
+        self.executor = executor
         self.model = model
         self.parallel = resolve_parallel(model, parallel, tp_rank, tp_size, ep_rank, ep_size)
         self.threads = _validate.threads(threads)
@@ -198,7 +206,10 @@ class WeightUpdater:
                     f"update tensor '{n}' must be a torch.Tensor with data, got {what}", tensor=n
                 )
             names.append(n)
-            tensors.append(t.detach().to("cpu").contiguous())  # no copy for CPU contiguous tensors
+            t = t.detach()
+            if t.device.type == "cpu" or self.executor == "cpu" or quantize:
+                t = t.to("cpu")  # (a device tensor: copied to the host for the CPU executor)
+            tensors.append(t.contiguous())  # no copy for contiguous tensors
         if not names:
             raise InvalidArgumentError("no tensors to update from")
         return self._update_from_memory(names, tensors, quantize)
@@ -213,9 +224,12 @@ class WeightUpdater:
             if quantize:
                 names, tensors, source_hashes = self._quantize(names, tensors, quantize, label)
             t_quant = time.perf_counter() - t0
-            ck = Checkpoint(_core.from_tensors(label, names, tensors, self.threads), threads=self.threads)
+            on_device = any(t.device.type != "cpu" for t in tensors)
+            ck = Checkpoint(
+                _core.from_tensors(label, names, tensors, self.threads, device=on_device), threads=self.threads
+            )
             try:
-                report = self._update_locked(ck, None)
+                report = self._update_locked(ck, None, on_device=on_device)
             finally:
                 ck.core.release()  # the plan keeps the names, never the caller's memory
             self._source_hashes.update(source_hashes)
@@ -492,7 +506,7 @@ class WeightUpdater:
         with self._lock:
             return self._update_locked(ck, only)
 
-    def _update_locked(self, ck: Checkpoint, only: set[str] | None) -> UpdateReport:
+    def _update_locked(self, ck: Checkpoint, only: set[str] | None, on_device: bool = False) -> UpdateReport:
         t0 = time.perf_counter()
         if only is not None:
             absent = sorted(n for n in only if n not in ck)
@@ -503,26 +517,45 @@ class WeightUpdater:
         plan, dests, replanned = self._plan_for(ck)
         (self._plan or plan).check_units(ck.core, None if only is None else sorted(only))
         t_plan = time.perf_counter()
-        sel = self._state.select(plan, ck.core, None if only is None else sorted(only))
-        which = sel.which
+        if on_device:  # device memory is not hashed on the host: every op of the given tensors runs
+            which = list(range(len(plan)))
+            sel = None
+        else:
+            sel = self._state.select(plan, ck.core, None if only is None else sorted(only))
+            which = sel.which
         t_hash = time.perf_counter()
-        op_dests = plan.op_dests()
-        targets = {op_dests[k]: dests[op_dests[k]] for k in which}
-        plan.execute_atomic(which, targets, self._staging(sel.bytes_changed))  # all-or-nothing
+        if on_device or self.executor == "triton":
+            from .kernels import plan_exec
+
+            # every check (op kinds, sources, destinations) runs before the first launch,
+            # and device reads do not fail midway: no staging is needed
+            plan_exec.execute(plan, which, dests)
+        else:
+            op_dests = plan.op_dests()
+            targets = {op_dests[k]: dests[op_dests[k]] for k in which}
+            assert sel is not None
+            plan.execute_atomic(which, targets, self._staging(sel.bytes_changed))  # all-or-nothing
         t_copy = time.perf_counter()
-        self._state.commit(sel)
+        if sel is not None:
+            self._state.commit(sel)
+        else:  # applied unhashed: what the model held for them is no longer known
+            self._state.forget(ck.keys())
         self._bump_version()
-        layers = sel.layers if which else []
+        if sel is not None:
+            layers = sel.layers if which else []
+        else:
+            layers = sorted({x for op in plan.ops() if (x := layer_index(op[1])) is not None})
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and which:
             post(layers=layers)
         t_post = time.perf_counter()
+        ops = plan.ops() if sel is None else []
         return UpdateReport(
             version=self.version,
-            tensors=sel.tensors,
-            changed_tensors=sel.changed,
-            bytes_changed=sel.bytes_changed,
-            bytes_hashed=sel.bytes_hashed,
+            tensors=len(ck) if sel is None else sel.tensors,
+            changed_tensors=len(ck) if sel is None else sel.changed,
+            bytes_changed=sum(op[3] for op in ops) if sel is None else sel.bytes_changed,
+            bytes_hashed=0 if sel is None else sel.bytes_hashed,
             layers_post_processed=layers,
             replanned=replanned,
             seconds={

@@ -368,9 +368,10 @@ impl Checkpoint {
         label: &str,
         tensors: Vec<crate::shard::MemTensor>,
         keep: Box<dyn std::any::Any + Send + Sync>,
+        on_device: bool,
     ) -> Result<Checkpoint> {
         // SAFETY: forwarded to our caller (see above).
-        let shards = vec![unsafe { Shard::from_memory(label, tensors, keep)? }];
+        let shards = vec![unsafe { Shard::from_memory(label, tensors, keep, on_device)? }];
         let names = NameTable::build(&shards).map_err(|(a, _)| Error::InvalidArgument {
             reason: format!("{label}: tensor '{}' given twice", entry(&shards, a).name),
         })?;

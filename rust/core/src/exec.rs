@@ -610,3 +610,72 @@ pub unsafe fn commit_staged(targets: &[(DestBuf, u64, u64)], arena: DestBuf, poo
             })
     });
 }
+
+/// Columns of one row of [`op_table`].
+pub const OP_TABLE_COLS: usize = 12;
+
+/// The dtype codes of [`op_table`]'s conversion columns.
+pub fn float_code(d: crate::Dtype) -> i64 {
+    match d {
+        crate::Dtype::BF16 => 1,
+        crate::Dtype::F16 => 2,
+        crate::Dtype::F32 => 3,
+        _ => 0,
+    }
+}
+
+/// The ops `which` as a descriptor table for a device executor, one row of
+/// [`OP_TABLE_COLS`] integers each: `[kind (0 copy, 1 convert), source address of element
+/// (row 0, col 0), source row bytes, r0, r1, c0, c1, source element bytes, destination
+/// element bytes, destination index, destination byte offset, (from code << 8) | to
+/// code]`. The output of an op is rows `r0..r1` x columns `c0..c1` of its source,
+/// contiguous at the destination offset. Only memory checkpoints have addresses, and
+/// dequantizing ops run on the CPU executor: both are errors naming the tensor.
+pub fn op_table(ckpt: &Checkpoint, plan: &Plan, which: &[usize]) -> Result<Vec<i64>> {
+    let mut out = Vec::with_capacity(which.len() * OP_TABLE_COLS);
+    for &k in which {
+        let op = plan.ops.get(k).ok_or_else(|| Error::InvalidArgument {
+            reason: format!("op {k} out of range"),
+        })?;
+        let e = ckpt.entry(op.src);
+        let shard = ckpt.shard(op.src);
+        let unsupported = |why: &str| Error::Unsupported {
+            file: shard.path.clone(),
+            reason: format!("tensor '{}': {why}", e.name),
+        };
+        let (kind, conv) = match op.kind {
+            OpKind::Copy => (0, 0),
+            OpKind::Convert { from, to } if float_code(from) > 0 && float_code(to) > 0 => {
+                (1, (float_code(from) << 8) | float_code(to))
+            }
+            OpKind::Convert { .. } => {
+                return Err(unsupported("this conversion has no device kernel"))
+            }
+            OpKind::Dequant(_) => {
+                return Err(unsupported(
+                    "dequantizing ops run on the CPU executor (no device kernel yet)",
+                ))
+            }
+        };
+        let addr = shard.address_at(shard.abs_offset(e)).ok_or_else(|| {
+            unsupported("the device executor reads tensors handed over in memory only")
+        })?;
+        let dest = &plan.dests[op.dest as usize];
+        let es = e.dtype.size();
+        out.extend_from_slice(&[
+            kind,
+            addr as i64,
+            (op.src_cols * es) as i64,
+            op.rows.0 as i64,
+            op.rows.1 as i64,
+            op.cols.0 as i64,
+            op.cols.1 as i64,
+            es as i64,
+            dest.dtype.size() as i64,
+            op.dest as i64,
+            op.dest_offset as i64,
+            conv,
+        ]);
+    }
+    Ok(out)
+}

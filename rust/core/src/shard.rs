@@ -38,6 +38,9 @@ enum Backing {
         regions: Vec<(u64, u64, usize)>,
         /// what keeps the regions alive (the caller's tensors); `None` once released
         keep: std::sync::RwLock<Option<Box<dyn std::any::Any + Send + Sync>>>,
+        /// the regions are device memory (CUDA): the host never reads them; only a device
+        /// executor does, from the addresses ([`Shard::address_at`])
+        on_device: bool,
     },
 }
 
@@ -149,6 +152,7 @@ impl Shard {
         label: &str,
         tensors: Vec<MemTensor>,
         keep: Box<dyn std::any::Any + Send + Sync>,
+        on_device: bool,
     ) -> Result<Shard> {
         let path = PathBuf::from(label);
         let mut entries = Vec::with_capacity(tensors.len());
@@ -191,6 +195,7 @@ impl Shard {
             backing: Backing::Memory {
                 regions,
                 keep: std::sync::RwLock::new(Some(keep)),
+                on_device,
             },
         })
     }
@@ -201,6 +206,29 @@ impl Shard {
         if let Backing::Memory { keep, .. } = &self.backing {
             keep.write().unwrap_or_else(|p| p.into_inner()).take();
         }
+    }
+
+    /// The address of the byte at virtual offset `offset` of a memory shard (`None`: a
+    /// file, released, or outside every region). For device executors.
+    pub fn address_at(&self, offset: u64) -> Option<usize> {
+        let Backing::Memory { regions, keep, .. } = &self.backing else {
+            return None;
+        };
+        keep.read().ok()?.as_ref()?;
+        let k = regions.partition_point(|r| r.1 <= offset);
+        let &(start, end, address) = regions.get(k)?;
+        (start <= offset && offset < end).then(|| address + (offset - start) as usize)
+    }
+
+    /// Whether this shard's memory is on a device.
+    pub fn on_device(&self) -> bool {
+        matches!(
+            self.backing,
+            Backing::Memory {
+                on_device: true,
+                ..
+            }
+        )
     }
 
     /// Whether this shard reads memory regions rather than a file.
@@ -235,7 +263,17 @@ impl Shard {
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         let file = match &self.backing {
             Backing::File { file, .. } => file,
-            Backing::Memory { regions, keep } => {
+            Backing::Memory {
+                on_device: true, ..
+            } => {
+                return Err(Error::InvalidArgument {
+                    reason: format!(
+                        "{}: the tensors are in device memory: only the device executor reads them",
+                        self.path.display()
+                    ),
+                })
+            }
+            Backing::Memory { regions, keep, .. } => {
                 return self.read_memory(regions, keep, offset, dst)
             }
         };

@@ -617,6 +617,7 @@ fn memory_checkpoints_read_in_place_until_released() {
             "<mem>",
             vec![t("a", &a, vec![4, 8]), t("b", &b, vec![16])],
             Box::new(()),
+            false,
         )
     }
     .unwrap();
@@ -637,14 +638,16 @@ fn memory_checkpoints_read_in_place_until_released() {
     let err = ck.shard(id).read_at(0, &mut out).unwrap_err().to_string();
     assert!(err.contains("released"), "{err}");
     // a wrong byte count, and a name given twice, are errors naming the tensor
-    let bad =
-        unsafe { Checkpoint::from_memory("<mem>", vec![t("a", &a, vec![4, 9])], Box::new(())) };
+    let bad = unsafe {
+        Checkpoint::from_memory("<mem>", vec![t("a", &a, vec![4, 9])], Box::new(()), false)
+    };
     assert!(bad.unwrap_err().to_string().contains("'a'"));
     let twice = unsafe {
         Checkpoint::from_memory(
             "<mem>",
             vec![t("a", &a, vec![32]), t("a", &b, vec![16])],
             Box::new(()),
+            false,
         )
     };
     assert!(twice.unwrap_err().to_string().contains("'a' given twice"));

@@ -172,6 +172,33 @@ pub fn dtype_of_torch(name: &str) -> Option<Dtype> {
     .find(|d| torch_name(*d) == name)
 }
 
+/// A contiguous tensor on a non-CPU device (its address is never dereferenced on the
+/// host), with its storage held.
+pub fn device_tensor(t: &Bound<'_, PyAny>, want: u64, what: &str) -> PyResult<LiveBuffer> {
+    let py = t.py();
+    let err = |reason: String| invalid(py, format!("{what}: {reason}"));
+    let device: String = t
+        .getattr("device")
+        .and_then(|d| d.getattr("type"))
+        .and_then(|d| d.extract())
+        .map_err(|_| err(format!("expected a torch.Tensor, got {}", type_name(t))))?;
+    if device == "cpu" || device == "meta" {
+        return Err(err(format!("must be on a device, found '{device}'")));
+    }
+    let contiguous: bool = t.getattr("is_contiguous")?.call0()?.extract()?;
+    let nbytes: u64 = t.getattr("nbytes")?.extract()?;
+    if !contiguous || nbytes != want {
+        return Err(err("must be contiguous".into()));
+    }
+    let ptr: usize = t.getattr("data_ptr")?.call0()?.extract()?;
+    let keep = t.getattr("untyped_storage")?.call0()?.unbind();
+    Ok(LiveBuffer {
+        ptr,
+        len: want,
+        _keep: keep,
+    })
+}
+
 fn type_name(t: &Bound<'_, PyAny>) -> String {
     t.get_type()
         .name()

@@ -13,7 +13,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::buffer::{
-    check_disjoint, check_writable, dtype_of_torch, live_tensor, LiveBuffer, ShardBuffer,
+    check_disjoint, check_writable, device_tensor, dtype_of_torch, live_tensor, LiveBuffer,
+    ShardBuffer,
 };
 use crate::errors::{detached, invalid, to_pyerr};
 
@@ -44,14 +45,19 @@ pub fn open(py: Python<'_>, paths: Vec<PathBuf>, threads: Option<usize>) -> PyRe
 /// what `update_from_tensors` plans against. The tensors' storages are held until
 /// `release()` (or until the checkpoint and every plan built from it are gone). `label`
 /// stands for the file in error messages.
+///
+/// With `device=True` the tensors are contiguous tensors of one non-CPU device: the host
+/// never reads them (hashing or the CPU executor fail, naming the checkpoint); plans
+/// built against them run on a device executor (`Plan.op_table`).
 #[pyfunction]
-#[pyo3(signature = (label, names, tensors, threads=None))]
+#[pyo3(signature = (label, names, tensors, threads=None, device=false))]
 pub fn from_tensors(
     py: Python<'_>,
     label: &str,
     names: Vec<String>,
     tensors: Vec<Bound<'_, PyAny>>,
     threads: Option<usize>,
+    device: bool,
 ) -> PyResult<Checkpoint> {
     if names.len() != tensors.len() {
         return Err(invalid(
@@ -67,7 +73,11 @@ pub fn from_tensors(
             .getattr("nbytes")
             .and_then(|n| n.extract())
             .map_err(|_| invalid(py, format!("{what}: expected a torch.Tensor")))?;
-        let live = live_tensor(t, nbytes, None, &what)?;
+        let live = if device {
+            device_tensor(t, nbytes, &what)?
+        } else {
+            live_tensor(t, nbytes, None, &what)?
+        };
         let found: String = t.getattr("dtype")?.str()?.extract()?;
         let dtype = dtype_of_torch(&found).ok_or_else(|| {
             invalid(
@@ -89,8 +99,9 @@ pub fn from_tensors(
     // storage `keep` holds (the storages live as long as the checkpoint holds `keep`);
     // callers must not modify the tensors while an update reads them (documented on
     // `update_from_tensors`).
-    let inner = unsafe { CoreCheckpoint::from_memory(label, mem, Box::new(KeepAlive(keep))) }
-        .map_err(|e| to_pyerr(py, e))?;
+    let inner =
+        unsafe { CoreCheckpoint::from_memory(label, mem, Box::new(KeepAlive(keep)), device) }
+            .map_err(|e| to_pyerr(py, e))?;
     Ok(Checkpoint {
         inner: Arc::new(inner),
         threads,

@@ -24,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_HEADER_LEN", kimi_loader_core::MAX_HEADER_LEN)?;
     m.add("THREADS_ENV", kimi_loader_core::threads::THREADS_ENV)?;
     m.add("MAX_THREADS", kimi_loader_core::threads::MAX_THREADS)?;
+    m.add("OP_TABLE_COLS", kimi_loader_core::exec::OP_TABLE_COLS)?;
     m.add_function(wrap_pyfunction!(checkpoint::open, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::resolve_threads, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::from_tensors, m)?)?;

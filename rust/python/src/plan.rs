@@ -5,8 +5,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use kimi_loader_core::exec::{
-    commit_staged, execute_atomic, execute_plan, stage_ops, staged_bytes, staging_targets, DestBuf,
-    ReadOptions,
+    commit_staged, execute_atomic, execute_plan, op_table, stage_ops, staged_bytes,
+    staging_targets, DestBuf, ReadOptions,
 };
 use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
@@ -14,7 +14,7 @@ use kimi_loader_core::quant::QuantParams;
 use kimi_loader_core::update::check_units;
 use kimi_loader_core::{threads, Checkpoint as CoreCheckpoint, Dtype};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict};
 
 use crate::buffer::{check_disjoint, check_writable, live_tensor, LiveBuffer};
 use crate::checkpoint::Checkpoint;
@@ -441,6 +441,15 @@ impl Plan {
             None => new.iter().map(|(_, e)| &*e.name).collect(),
         };
         check_units(&present, &self.ckpt, &new.display_path()).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// The ops `which` as a device executor's descriptor table: little-endian int64 rows of
+    /// `OP_TABLE_COLS` columns (see `kimi_loader_core::exec::op_table`).
+    fn op_table<'py>(&self, py: Python<'py>, which: Vec<usize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_which(py, &which)?;
+        let rows = op_table(&self.ckpt, &self.inner, &which).map_err(|e| to_pyerr(py, e))?;
+        let bytes: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(PyBytes::new(py, &bytes))
     }
 
     /// Bytes that staging the ops `which` takes (the sum of their outputs).

@@ -52,6 +52,15 @@ impl UpdateState {
         self.lock().get(name).copied()
     }
 
+    /// Forgets what is held for `names` (their next update is taken as a change): for
+    /// updates applied without hashing (device memory).
+    fn forget(&self, names: Vec<String>) {
+        let mut held = self.lock();
+        for n in names {
+            held.remove(&n);
+        }
+    }
+
     /// Records `(name, hash)` pairs (e.g. a streamed update's, once applied).
     fn set(&self, items: Vec<(String, u64)>) {
         self.lock().extend(items);

@@ -1,0 +1,10 @@
+"""GPU kernels in Triton, one module per family, each with its torch / CPU reference.
+
+Triton kernels run on CPU tensors under ``TRITON_INTERPRET=1``: that is how the test suite
+checks them on machines without a GPU (in fp32 / fp16: the interpreter computes bf16
+wrongly). Importing :mod:`kimi_loader` never imports Triton; these modules do, when used.
+
+- :mod:`~kimi_loader.kernels.plan_exec`: a copy plan's copy and convert ops as batched
+  kernels (one launch per op kind, a descriptor table of sources, destinations and
+  sizes): the device executor of hot-reload. Reference: the Rust CPU executor.
+"""

@@ -1,0 +1,121 @@
+"""The device executor (Triton, batched per op kind) against the Rust CPU executor, bit
+for bit, on every op kind it runs: whole and sliced copies, conversions. Runs under
+TRITON_INTERPRET=1 on CPU tensors (fp16 / fp32: the interpreter computes bf16 wrongly)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import as_bytes
+
+import kimi_loader
+from kimi_loader import _core
+from kimi_loader.loader import plan_for
+from kimi_loader.models import for_config
+from kimi_loader.reader import Checkpoint
+
+pytest.importorskip("triton")
+from kimi_loader.kernels import plan_exec
+
+
+def _memory_checkpoint(path: str, float_dtype: torch.dtype) -> tuple[Checkpoint, dict]:
+    ck = kimi_loader.open(path)
+    tensors = {n: ck.get_tensor(n) for n in ck.keys()}
+    tensors = {n: (t.to(float_dtype) if t.dtype == torch.bfloat16 else t.clone()) for n, t in tensors.items()}
+    mem = _core.from_tensors("<test>", list(tensors), list(tensors.values()))
+    return Checkpoint(mem), ck.config
+
+
+@pytest.mark.parametrize(
+    ("source", "model_dtype", "tp"),
+    [
+        (torch.float16, torch.float32, 1),  # convert f16 -> f32 (and f32 biases: copies)
+        (torch.float16, torch.float16, 2),  # copies, row and column slices of TP rank 1
+        (torch.float32, torch.float16, 2),  # convert f32 -> f16, sliced
+    ],
+)
+def test_device_executor_equals_the_cpu_executor(synth_dir, source, model_dtype, tp):
+    ck, config = _memory_checkpoint(synth_dir("kimi-k2.5-tiny", "bf16"), source)
+    model = for_config(config, dtype=model_dtype, device="meta", tp_rank=tp - 1, tp_size=tp)
+    planned = plan_for(model, ck)
+    plan = planned.plan
+    kinds = plan.op_counts()
+    assert set(kinds) <= {"copy", "convert"} and kinds
+    names = plan.dest_names()
+    which = list(range(len(plan)))
+    shapes = {n: (t.shape, t.dtype) for n, t in planned.dests.items()}
+    ref = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    got = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    plan.execute({i: t for i, t in enumerate(ref)})
+    plan_exec.execute(plan, which, got)
+    for n, a, b in zip(names, ref, got, strict=True):
+        assert torch.equal(as_bytes(a), as_bytes(b)), n
+    assert not any(torch.isnan(t).any() for t in got if t.is_floating_point())  # every element written
+
+
+def test_device_executor_refuses_dequantizing_ops_and_file_sources(synth_dir, tmp_path):
+    from kimi_loader.models.hf import empty_model
+
+    path = synth_dir("deepseek-v3-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    hf = empty_model(path, dtype=torch.float32, device="meta")
+    planned = plan_for(hf, ck)  # dense destinations: int4 is dequantized
+    with pytest.raises(kimi_loader.UnsupportedFormatError, match=r"handed over in memory|dequantizing"):
+        planned.plan.op_table(list(range(len(planned.plan))))
+    mem, _ = _memory_checkpoint(path, torch.float16)
+    planned = plan_for(hf, mem)
+    with pytest.raises(kimi_loader.UnsupportedFormatError, match="dequantizing ops run on the CPU executor"):
+        plan_exec.execute(planned.plan, list(range(len(planned.plan))), [None] * len(planned.plan.dest_names()))
+
+
+def test_weight_updater_with_the_triton_executor_equals_the_cpu_one(tmp_path):
+    """`executor="triton"` (the device executor; here on CPU tensors in the interpreter)
+    updates the model to the same bytes as the CPU executor, deltas included."""
+    from kimi_loader.rl import WeightUpdater
+    from kimi_loader.synth import make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    tensors = [
+        (n, ckb.get_tensor(n).to(torch.float16) if ckb.get_tensor(n).dtype == torch.bfloat16 else ckb.get_tensor(n))
+        for n in ckb.keys()
+    ]
+    models = {}
+    for executor in ("cpu", "triton"):
+        model = kimi_loader.from_pretrained(a, dtype=torch.float32)
+        # a float16 trainer (the interpreter computes bf16 wrongly): the plan is compiled
+        # from the first update itself
+        up = WeightUpdater(model, executor=executor)
+        report = up.update_from_tensors(tensors)
+        assert report.changed_tensors == report.tensors > 80 and up.version == 1
+        # a delta: one tensor changed, found by its hash, applied by the same executor
+        norm = "language_model.model.norm.weight"
+        report = up.update_from_tensors([(norm, torch.full((64,), 0.5, dtype=torch.float16))])
+        assert report.changed_tensors == 1 and report.layers_post_processed == []
+        models[executor] = model
+    for (n, p), (_, q) in zip(models["cpu"].state_dict().items(), models["triton"].state_dict().items(), strict=True):
+        assert torch.equal(as_bytes(p), as_bytes(q)), n
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="executor"):
+        WeightUpdater(models["cpu"], executor="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_update_from_cuda_tensors_runs_on_the_device(tmp_path):
+    """On a GPU: CUDA sources into a CUDA model, bf16, through the Triton executor (no
+    host round trip), equal to the CPU executor's result moved to the GPU."""
+    from kimi_loader.rl import WeightUpdater
+    from kimi_loader.synth import make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    want = kimi_loader.from_pretrained(a, dtype=torch.bfloat16)
+    WeightUpdater(want, baseline=a).update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()])
+    model = kimi_loader.from_pretrained(a, dtype=torch.bfloat16, device="cuda")
+    up = WeightUpdater(model, baseline=a)
+    report = up.update_from_tensors([(n, ckb.get_tensor(n).cuda()) for n in ckb.keys()])
+    assert report.bytes_hashed == 0 and report.changed_tensors > 0
+    for (n, p), (_, q) in zip(want.state_dict().items(), model.state_dict().items(), strict=True):
+        assert torch.equal(as_bytes(p), as_bytes(q.cpu())), n
