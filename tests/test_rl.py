@@ -422,3 +422,113 @@ def test_stage_then_commit_is_execute_atomic_in_two_halves(tmp_path):
     assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
     with pytest.raises(kimi_loader.InvalidArgumentError, match="given twice"):
         plan.commit([0, 0], targets, arena)
+
+
+def _memory_worker(rank: int, port: int, a: str, b: str, out: str, atomic: bool) -> None:
+    import json
+    import threading
+    import time
+
+    import psutil
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        ck = kimi_loader.open(b)
+        broadcast_weights([(n, ck.get_tensor(n)) for n in ck.keys()], bucket_bytes=4 << 20)
+    else:
+        model = kimi_loader.from_pretrained(a, dtype=torch.bfloat16)
+        up = WeightUpdater(model, baseline=a)
+        proc = psutil.Process()
+        before = peak = proc.memory_info().rss
+        stop = False
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop:
+                peak = max(peak, proc.memory_info().rss)
+                time.sleep(0.0005)
+
+        th = threading.Thread(target=sample)
+        th.start()
+        report = up.update_from_distributed(atomic=atomic)
+        stop = True
+        th.join()
+        with open(out, "w") as fh:
+            json.dump({"extra": peak - before, "changed": report.bytes_changed}, fh)
+    dist.destroy_process_group()
+
+
+def test_streamed_receiver_memory_does_not_grow_with_the_model(tmp_path):
+    """The receive-all path held ~2x the checkpoint per receiver. Measured on two model
+    sizes (8x apart): streaming needs about two 4 MiB buckets plus post-load temporaries,
+    atomic about the changed bytes it stages."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    extra = {}
+    for layers in (2, 12):
+        shape = dict(quant="bf16", hidden_size=256, moe_intermediate_size=256, n_routed_experts=16, vocab_size=2048)
+        a = make_checkpoint(tmp_path / f"a{layers}", seed=0, num_hidden_layers=layers, **shape)
+        b = make_checkpoint(tmp_path / f"b{layers}", seed=1, num_hidden_layers=layers, **shape)
+        size = kimi_loader.open(a).data_bytes
+        for atomic in (False, True):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            out = os.fspath(tmp_path / "mem.json")
+            mp.start_processes(
+                _memory_worker, args=(port, a, b, out, atomic), nprocs=2, join=True, start_method="spawn"
+            )
+            extra[(layers, atomic)] = (json.loads(open(out).read()), size)
+    (small, s_size), (large, l_size) = extra[(2, False)], extra[(12, False)]
+    assert l_size > 5 * s_size > 0
+    slack = 24 << 20  # allocator and post-load temporaries
+    assert large["extra"] < 2 * (4 << 20) + slack < l_size, (small, large, l_size)
+    for layers in (2, 12):
+        got, size = extra[(layers, True)]
+        assert got["extra"] < got["changed"] + slack, (layers, got)
+
+
+def _quantize_worker(rank: int, port: int, a: str, b: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        ck = kimi_loader.open(b)
+        broadcast_weights([(n, ck.get_tensor(n)) for n in ck.keys()], bucket_bytes=64 << 10)
+    else:
+        model = kimi_loader.from_pretrained(a)
+        up = WeightUpdater(model, baseline=a)
+        first = up.update_from_distributed(quantize=True)
+        torch.save({n: p for n, p in model.named_parameters()}, out)
+        assert first.changed_tensors > 0
+    dist.destroy_process_group()
+
+
+def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tensors(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)  # the trainer's bf16 weights
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.fspath(tmp_path / "streamed.pt")
+    mp.start_processes(_quantize_worker, args=(port, a, b, out), nprocs=2, join=True, start_method="spawn")
+    ckb = kimi_loader.open(b)
+    want = kimi_loader.from_pretrained(a)
+    WeightUpdater(want, baseline=a).update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()], quantize=True)
+    got = torch.load(out)
+    experts = want.language_model.model.layers[1].mlp.experts
+    assert experts.format == "ct-int4"
+    for n, p in want.named_parameters():
+        assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
