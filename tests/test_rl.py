@@ -297,6 +297,9 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
             def dying(t, *args, **kw):
                 sent[0] += 1
                 if sent[0] > 2:
+                    import time
+
+                    time.sleep(2)  # (let the receivers drain buckets 1-2 before the sockets reset)
                     os._exit(3)  # the trainer dies mid-stream
                 return real(t, *args, **kw)
 
@@ -487,11 +490,11 @@ def test_streamed_receiver_memory_does_not_grow_with_the_model(tmp_path):
             extra[(layers, atomic)] = (json.loads(open(out).read()), size)
     (small, s_size), (large, l_size) = extra[(2, False)], extra[(12, False)]
     assert l_size > 5 * s_size > 0
-    slack = 24 << 20  # allocator and post-load temporaries
+    slack = 32 << 20  # allocator and post-load temporaries
     assert large["extra"] < 2 * (4 << 20) + slack < l_size, (small, large, l_size)
     for layers in (2, 12):
         got, size = extra[(layers, True)]
-        assert got["extra"] < got["changed"] + slack, (layers, got)
+        assert got["extra"] < got["changed"] + 2 * (4 << 20) + slack, (layers, got)
 
 
 def _quantize_worker(rank: int, port: int, a: str, b: str, out: str) -> None:
@@ -532,3 +535,50 @@ def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tens
     assert experts.format == "ct-int4"
     for n, p in want.named_parameters():
         assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_the_seven_reload_failure_classes(tmp_path, quant):
+    """vLLM's list of what goes wrong when weights are reloaded, each checked in every
+    format: stable addresses (derived buffers too), refreshed derived values, the loader's
+    lifecycle, state preserved, routing / sharding per rank, name mapping (the Kimi
+    wrapper's names) and cache coherence."""
+    a = make_checkpoint(tmp_path / "a", quant=quant, seed=0)
+    b = make_checkpoint(tmp_path / "b", quant=quant, seed=1)
+    model, fresh = kimi_loader.from_pretrained(a), kimi_loader.from_pretrained(b)
+    cache = model.new_cache()
+    model(IDS, cache)  # the runtime and a KV cache warmed on the old weights
+    addresses = _addresses(model)
+    up = WeightUpdater(model, baseline=a)
+    report = up.update_from_disk(b)  # (name mapping: the checkpoint's language_model.* names)
+    # 1. stable addresses, w_kc / w_vc included
+    assert _addresses(model) == addresses
+    # 2. derived values refreshed: w_kc / w_vc (and every buffer) as a fresh load computes them
+    want = dict(fresh.named_buffers())
+    for n, buf in model.named_buffers():
+        assert torch.equal(as_bytes(buf), as_bytes(want[n])), n
+    # 7. cache coherence: new forwards see the new weights; a KV cache of the old ones is refused
+    assert torch.equal(model(IDS), fresh(IDS))
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="stale"):
+        model(IDS[:, :1], cache)
+    # 4. state preserved: a one-tensor update leaves every other parameter as it was
+    snap = _snapshot(model)
+    norm = "language_model.model.norm.weight"
+    again = up.update_from_tensors([(norm, torch.ones(64, dtype=kimi_loader.open(a).tensor_info(norm).dtype))])
+    for n, t in model.named_parameters():
+        if n != "language_model.model.norm.weight":
+            assert torch.equal(as_bytes(t), as_bytes(snap[n])), n
+    # 3. lifecycle: the compiled plan is replayed, the version counts every update
+    assert not report.replanned and not again.replanned
+    assert up.version == 2 == model.weights_version == model.language_model.weights_version
+    # 5. routing and sharding per rank: an expert-parallel rank's update (its experts
+    # only; quantization groups keep tiny TP slices from every format) equals loading it
+    layout = kimi_loader.ParallelLayout.of(0, 1, 1, 2, independent=True)
+    ck_b = kimi_loader.open(b)
+    rank = kimi_loader.models.for_config(kimi_loader.open(a).config, parallel=layout)
+    kimi_loader.load_weights(rank, a)
+    WeightUpdater(rank, baseline=a).update_from_disk(b)
+    direct = kimi_loader.models.for_config(ck_b.config, parallel=layout)
+    kimi_loader.load_weights(direct, ck_b)
+    for (n, p), (_, q) in zip(rank.named_parameters(), direct.named_parameters(), strict=True):
+        assert torch.equal(as_bytes(p), as_bytes(q)), n

@@ -330,8 +330,8 @@ class WeightUpdater:
         from .hooks import hook_target
 
         self.version += 1
-        self.model.weights_version = self.version
         for m in {id(self.model): self.model, id(t := hook_target(self.model)[0]): t}.values():
+            m.weights_version = self.version  # (the runtime's KV caches check it)
             if "weights_consistent" in vars(m):
                 m.weights_consistent = True
 

@@ -105,6 +105,9 @@ class KVCache:
 
     latent: list[torch.Tensor | None] = field(default_factory=list)
     k_rope: list[torch.Tensor | None] = field(default_factory=list)
+    #: the model's ``weights_version`` when the cache was made: keys and values computed
+    #: with older weights are stale after a hot-reload, and the model refuses them
+    weights_version: int = 0
 
     @property
     def length(self) -> int:
@@ -227,12 +230,22 @@ class Runtime:
     # -- the model ---------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         n = self.c["num_hidden_layers"]
-        return KVCache([None] * n, [None] * n)
+        return KVCache([None] * n, [None] * n, getattr(self.m, "weights_version", 0))
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         if self.m.ep_size != 1:
             raise NotImplementedError("the CPU runtime runs unsharded models only (ep_size=1)")
         cache = cache if cache is not None else self.new_cache()
+        version = getattr(self.m, "weights_version", 0)
+        if not cache.length:
+            cache.weights_version = version
+        elif cache.weights_version != version:
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError(
+                f"this KV cache holds keys and values of weights version {cache.weights_version}, the model "
+                f"was updated to version {version}: they are stale; start a new cache (model.new_cache())"
+            )
         b, t = input_ids.shape
         positions = (torch.arange(t) + cache.length).expand(b, t)
         x = F.embedding(input_ids, self.m.model.embed_tokens.weight)
