@@ -53,19 +53,41 @@ def test_device_executor_equals_the_cpu_executor(synth_dir, source, model_dtype,
     assert not any(torch.isnan(t).any() for t in got if t.is_floating_point())  # every element written
 
 
-def test_device_executor_refuses_dequantizing_ops_and_file_sources(synth_dir, tmp_path):
+@pytest.mark.parametrize("quant", ["ct-int4", "quark-mxfp4", "fp8-block"])
+@pytest.mark.parametrize("out", [torch.float32, torch.float16])
+def test_device_dequantization_equals_the_cpu_executor(synth_dir, quant, out):
+    """Dense destinations (transformers' model): every quantized weight is a dequantizing
+    op; the kernel's bytes equal the Rust executor's (bf16 scales decoded with integer
+    operations, so the interpreter computes them exactly)."""
+    from kimi_loader.models.hf import empty_model
+
+    path = synth_dir("deepseek-v3-tiny", quant)
+    mem, _ = _memory_checkpoint(path, torch.bfloat16)  # (bf16 stays bf16: only copies of it)
+    hf = empty_model(path, dtype=out, device="meta")
+    planned = plan_for(hf, mem)
+    plan = planned.plan
+    counts = plan.op_counts()
+    assert any(k.startswith("dequant") for k in counts), counts
+    names = plan.dest_names()
+    which = [k for k, d in enumerate(plan.op_dests()) if planned.dests[names[d]].dtype == out]
+    shapes = {n: (t.shape, t.dtype) for n, t in planned.dests.items()}
+    ref = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    got = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    plan.execute({i: t for i, t in enumerate(ref)})
+    plan_exec.execute(plan, which, got)
+    done = {plan.op_dests()[k] for k in which}
+    for d in done:
+        assert torch.equal(as_bytes(ref[d]), as_bytes(got[d])), names[d]
+
+
+def test_device_executor_refuses_file_sources(synth_dir):
     from kimi_loader.models.hf import empty_model
 
     path = synth_dir("deepseek-v3-tiny", "ct-int4")
-    ck = kimi_loader.open(path)
     hf = empty_model(path, dtype=torch.float32, device="meta")
-    planned = plan_for(hf, ck)  # dense destinations: int4 is dequantized
-    with pytest.raises(kimi_loader.UnsupportedFormatError, match=r"handed over in memory|dequantizing"):
+    planned = plan_for(hf, kimi_loader.open(path))
+    with pytest.raises(kimi_loader.UnsupportedFormatError, match="handed over in memory"):
         planned.plan.op_table(list(range(len(planned.plan))))
-    mem, _ = _memory_checkpoint(path, torch.float16)
-    planned = plan_for(hf, mem)
-    with pytest.raises(kimi_loader.UnsupportedFormatError, match="dequantizing ops run on the CPU executor"):
-        plan_exec.execute(planned.plan, list(range(len(planned.plan))), [None] * len(planned.plan.dest_names()))
 
 
 def test_weight_updater_with_the_triton_executor_equals_the_cpu_one(tmp_path):

@@ -8,9 +8,13 @@ Addresses are passed as byte offsets from one base tensor, so any number of sour
 destination tensors are reached from one kernel argument.
 
 Copy ops move bytes; convert ops load in the source dtype and store in the destination
-dtype (round to nearest even, as the CPU executor). Dequantizing ops have no kernel yet:
-a plan with them is refused before anything runs (:class:`UnsupportedFormatError`).
-Reference: the Rust CPU executor (``Plan.execute``), equal bit for bit in the tests.
+dtype (round to nearest even, as the CPU executor); dequantizing ops read the stored
+data (ct-int4 / MXFP4 nibbles, FP8 e4m3 bytes) and their scales and compute exactly what
+the CPU executor computes: ct-int4 ``(q - 8) * scale`` in float32 rounded to the scale's
+dtype, MXFP4 ``e2m1 * 2^(e - 127)``, FP8 ``e4m3 * scale_inv`` in float32. The bf16 and
+fp8 decodes are done with integer bit operations (exact everywhere, the Triton
+interpreter included). Reference: the Rust CPU executor (``Plan.execute``), equal bit for
+bit in the tests.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 
 from .. import _core
 from ..errors import InvalidArgumentError
@@ -29,73 +35,167 @@ _COLS = _core.OP_TABLE_COLS
 _ROWS = 16  # rows of one op per program
 _BLOCK = 256  # elements per inner step
 
-_kernels: dict[str, Any] = {}
+
+@triton.jit
+def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    op = tl.program_id(0)
+    rb = tl.program_id(1)
+    row = table + op * COLS
+    src = tl.load(row + 1)
+    stride = tl.load(row + 2)
+    r0 = tl.load(row + 3)
+    r1 = tl.load(row + 4)
+    c0 = tl.load(row + 5)
+    c1 = tl.load(row + 6)
+    es = tl.load(row + 7)
+    dst = tl.load(row + 10)
+    nbytes = (c1 - c0) * es
+    first = r0 + rb * ROWS
+    last = tl.minimum(first + ROWS, r1)
+    offs = tl.arange(0, BLOCK)
+    for r in range(first, last):
+        s = src + r * stride + c0 * es
+        d = dst + (r - r0) * nbytes
+        for start in range(0, nbytes, BLOCK):
+            m = start + offs < nbytes
+            v = tl.load(base + s + start + offs, mask=m)
+            tl.store(base + d + start + offs, v, mask=m)
 
 
-def _build() -> dict[str, Any]:
-    if _kernels:
-        return _kernels
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-        op = tl.program_id(0)
-        rb = tl.program_id(1)
-        row = table + op * COLS
-        src = tl.load(row + 1)
-        stride = tl.load(row + 2)
-        r0 = tl.load(row + 3)
-        r1 = tl.load(row + 4)
-        c0 = tl.load(row + 5)
-        c1 = tl.load(row + 6)
-        es = tl.load(row + 7)
-        dst = tl.load(row + 10)
-        nbytes = (c1 - c0) * es
-        first = r0 + rb * ROWS
-        last = tl.minimum(first + ROWS, r1)
-        offs = tl.arange(0, BLOCK)
-        for r in range(first, last):
-            s = src + r * stride + c0 * es
-            d = dst + (r - r0) * nbytes
-            for start in range(0, nbytes, BLOCK):
-                m = start + offs < nbytes
-                v = tl.load(base + s + start + offs, mask=m)
-                tl.store(base + d + start + offs, v, mask=m)
-
-    @triton.jit
-    def convert_ops(
-        base, table, SRC: tl.constexpr, DST: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
-    ):
-        op = tl.program_id(0)
-        rb = tl.program_id(1)
-        row = table + op * COLS
-        src = tl.load(row + 1)
-        stride = tl.load(row + 2)
-        r0 = tl.load(row + 3)
-        r1 = tl.load(row + 4)
-        c0 = tl.load(row + 5)
-        c1 = tl.load(row + 6)
-        es = tl.load(row + 7)
-        os = tl.load(row + 8)
-        dst = tl.load(row + 10)
-        n = c1 - c0
-        first = r0 + rb * ROWS
-        last = tl.minimum(first + ROWS, r1)
-        offs = tl.arange(0, BLOCK)
-        for r in range(first, last):
-            sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
-            dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
-            for start in range(0, n, BLOCK):
-                m = start + offs < n
-                v = tl.load(sp + start + offs, mask=m)
-                tl.store(dp + start + offs, v.to(DST), mask=m)
-
-    _kernels.update(copy=copy_ops, convert=convert_ops, tl=tl)
-    return _kernels
+@triton.jit
+def convert_ops(
+    base, table, SRC: tl.constexpr, DST: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+):
+    op = tl.program_id(0)
+    rb = tl.program_id(1)
+    row = table + op * COLS
+    src = tl.load(row + 1)
+    stride = tl.load(row + 2)
+    r0 = tl.load(row + 3)
+    r1 = tl.load(row + 4)
+    c0 = tl.load(row + 5)
+    c1 = tl.load(row + 6)
+    es = tl.load(row + 7)
+    os = tl.load(row + 8)
+    dst = tl.load(row + 10)
+    n = c1 - c0
+    first = r0 + rb * ROWS
+    last = tl.minimum(first + ROWS, r1)
+    offs = tl.arange(0, BLOCK)
+    for r in range(first, last):
+        sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
+        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+        for start in range(0, n, BLOCK):
+            m = start + offs < n
+            v = tl.load(sp + start + offs, mask=m)
+            tl.store(dp + start + offs, v.to(DST), mask=m)
 
 
-def _dtype(code: int, tl: Any) -> Any:
+@triton.jit
+def _bf16_to_f32(u16):
+    return (u16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _round_bf16(v):  # float32 -> the nearest bf16 value (ties to even), as float32
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0(e):
+    bits = tl.where(e == 0, 1 << 22, e.to(tl.uint32) << 23)
+    v = bits.to(tl.float32, bitcast=True)
+    return tl.where(e == 255, float("nan"), v)
+
+
+@triton.jit
+def _e4m3(b):
+    b = b.to(tl.int32)
+    sign = tl.where((b & 0x80) != 0, -1.0, 1.0)
+    exp = (b >> 3) & 0xF
+    man = (b & 7).to(tl.float32)
+    normal = (1.0 + man / 8.0) * tl.exp2((exp - 7).to(tl.float32))
+    sub = man * 0.001953125  # 2^-9
+    v = tl.where(exp == 0, sub, normal)
+    v = tl.where((exp == 15) & ((b & 7) == 7), float("nan"), v)
+    return sign * v
+
+
+@triton.jit
+def _e2m1(code):
+    mag = code & 7
+    e = mag >> 1
+    m = (mag & 1).to(tl.float32)
+    v = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    return tl.where((code & 8) != 0, -v, v)
+
+
+@triton.jit
+def dequant_ops(
+    base,
+    table,
+    FMT: tl.constexpr,
+    SDT: tl.constexpr,
+    DST: tl.constexpr,
+    COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    op = tl.program_id(0)
+    rb = tl.program_id(1)
+    row = table + op * COLS
+    src = tl.load(row + 1)
+    stride = tl.load(row + 2)
+    r0 = tl.load(row + 3)
+    r1 = tl.load(row + 4)
+    c0 = tl.load(row + 5)
+    c1 = tl.load(row + 6)
+    os = tl.load(row + 8)
+    dst = tl.load(row + 10)
+    sc = tl.load(row + 12)
+    srow = tl.load(row + 13)
+    br = tl.load(row + 14)
+    bc = tl.load(row + 15)
+    n = c1 - c0
+    first = r0 + rb * ROWS
+    last = tl.minimum(first + ROWS, r1)
+    offs = tl.arange(0, BLOCK)
+    for r in range(first, last):
+        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+        for start in range(0, n, BLOCK):
+            m = start + offs < n
+            c = c0 + start + offs
+            srow_at = base + sc + (r // br) * srow
+            if FMT == 3:
+                b = tl.load(base + src + r * stride + c, mask=m, other=0)
+                w = _e4m3(b)
+            else:
+                byte = tl.load(base + src + r * stride + c // 2, mask=m, other=0).to(tl.int32)
+                code = (byte >> ((c % 2) * 4)) & 0xF
+            if SDT == 1:
+                s = _bf16_to_f32(tl.load((srow_at + (c // bc) * 2).to(tl.pointer_type(tl.uint16)), mask=m, other=0))
+            elif SDT == 2:
+                s = tl.load((srow_at + (c // bc) * 2).to(tl.pointer_type(tl.float16)), mask=m, other=0).to(tl.float32)
+            elif SDT == 3:
+                s = tl.load((srow_at + (c // bc) * 4).to(tl.pointer_type(tl.float32)), mask=m, other=0)
+            else:
+                s = _e8m0(tl.load(srow_at + (c // bc), mask=m, other=0))
+            if FMT == 1:
+                v = (code - 8).to(tl.float32) * s
+                if SDT == 1:
+                    v = _round_bf16(v)
+                elif SDT == 2:
+                    v = v.to(tl.float16).to(tl.float32)
+            elif FMT == 2:
+                v = _e2m1(code) * s
+            else:
+                v = w * s
+            tl.store(dp + start + offs, v.to(DST), mask=m)
+
+
+def _dtype(code: int) -> Any:
     return {1: tl.bfloat16, 2: tl.float16, 3: tl.float32}[code]
 
 
@@ -124,17 +224,23 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
     addr = torch.tensor([dests[d].data_ptr() for d in dest_ids], dtype=torch.int64)  # type: ignore[union-attr]
     table[:, 1] -= origin
     table[:, 10] = addr + table[:, 10] - origin
-    k = _build()
-    tl = k["tl"]
+    table[:, 12] = torch.where(table[:, 0] == 2, table[:, 12] - origin, table[:, 12])
     rows = (table[:, 4] - table[:, 3]).max().item()
     grid_rows = -(-int(rows) // _ROWS)
     kinds = table[:, 0]
     copies = table[kinds == 0]
     if len(copies):
         t = copies.contiguous().to(device)
-        k["copy"][(len(copies), grid_rows)](base_u8, t, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
+        copy_ops[(len(copies), grid_rows)](base_u8, t, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
     converts = table[kinds == 1]
     for conv in sorted(set(converts[:, 11].tolist())):
         sel = converts[converts[:, 11] == conv].contiguous().to(device)
-        src, dst = _dtype(conv >> 8, tl), _dtype(conv & 0xFF, tl)
-        k["convert"][(len(sel), grid_rows)](base_u8, sel, SRC=src, DST=dst, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
+        src, dst = _dtype(conv >> 8), _dtype(conv & 0xFF)
+        convert_ops[(len(sel), grid_rows)](base_u8, sel, SRC=src, DST=dst, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
+    deq = table[kinds == 2]
+    for key in sorted({(f, sdt, to) for f, sdt, to in deq[:, [16, 17, 11]].tolist()}):
+        f, sdt, to = key
+        sel = deq[(deq[:, 16] == f) & (deq[:, 17] == sdt) & (deq[:, 11] == to)].contiguous().to(device)
+        dequant_ops[(len(sel), grid_rows)](
+            base_u8, sel, FMT=f, SDT=sdt, DST=_dtype(to), COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK
+        )

@@ -612,25 +612,28 @@ pub unsafe fn commit_staged(targets: &[(DestBuf, u64, u64)], arena: DestBuf, poo
 }
 
 /// Columns of one row of [`op_table`].
-pub const OP_TABLE_COLS: usize = 12;
+pub const OP_TABLE_COLS: usize = 18;
 
-/// The dtype codes of [`op_table`]'s conversion columns.
+/// The dtype codes of [`op_table`]'s dtype columns.
 pub fn float_code(d: crate::Dtype) -> i64 {
     match d {
         crate::Dtype::BF16 => 1,
         crate::Dtype::F16 => 2,
         crate::Dtype::F32 => 3,
+        crate::Dtype::U8 | crate::Dtype::F8E8M0 => 4,
         _ => 0,
     }
 }
 
 /// The ops `which` as a descriptor table for a device executor, one row of
-/// [`OP_TABLE_COLS`] integers each: `[kind (0 copy, 1 convert), source address of element
-/// (row 0, col 0), source row bytes, r0, r1, c0, c1, source element bytes, destination
-/// element bytes, destination index, destination byte offset, (from code << 8) | to
-/// code]`. The output of an op is rows `r0..r1` x columns `c0..c1` of its source,
-/// contiguous at the destination offset. Only memory checkpoints have addresses, and
-/// dequantizing ops run on the CPU executor: both are errors naming the tensor.
+/// [`OP_TABLE_COLS`] integers each: `[kind (0 copy, 1 convert, 2 dequantize), source
+/// address of row 0, source row bytes, r0, r1, c0, c1, source element bytes,
+/// destination element bytes, destination index, destination byte offset, (from code
+/// << 8) | to code, scale address of row 0, scale row bytes, block rows, block columns,
+/// format (1 ct-int4, 2 MXFP4, 3 FP8 block), scale dtype code]`. The output of an op is
+/// rows `r0..r1` x (logical) columns `c0..c1` of its source, contiguous at the
+/// destination offset. Only memory checkpoints have addresses: other sources are an
+/// error naming the tensor.
 pub fn op_table(ckpt: &Checkpoint, plan: &Plan, which: &[usize]) -> Result<Vec<i64>> {
     let mut out = Vec::with_capacity(which.len() * OP_TABLE_COLS);
     for &k in which {
@@ -643,29 +646,54 @@ pub fn op_table(ckpt: &Checkpoint, plan: &Plan, which: &[usize]) -> Result<Vec<i
             file: shard.path.clone(),
             reason: format!("tensor '{}': {why}", e.name),
         };
-        let (kind, conv) = match op.kind {
-            OpKind::Copy => (0, 0),
-            OpKind::Convert { from, to } if float_code(from) > 0 && float_code(to) > 0 => {
-                (1, (float_code(from) << 8) | float_code(to))
-            }
+        let address = |id: crate::checkpoint::TensorId| {
+            let sh = ckpt.shard(id);
+            sh.address_at(sh.abs_offset(ckpt.entry(id))).ok_or_else(|| {
+                unsupported("the device executor reads tensors handed over in memory only")
+            })
+        };
+        let dest = &plan.dests[op.dest as usize];
+        let es = e.dtype.size();
+        let mut scale = [0i64; 6];
+        let (kind, conv, row_bytes) = match op.kind {
+            OpKind::Copy => (0, 0, op.src_cols * es),
+            OpKind::Convert { from, to } if float_code(from) > 0 && float_code(to) > 0 => (
+                1,
+                (float_code(from) << 8) | float_code(to),
+                op.src_cols * es,
+            ),
             OpKind::Convert { .. } => {
                 return Err(unsupported("this conversion has no device kernel"))
             }
-            OpKind::Dequant(_) => {
-                return Err(unsupported(
-                    "dequantizing ops run on the CPU executor (no device kernel yet)",
-                ))
+            OpKind::Dequant(q) => {
+                let (fmt, sdt) = (
+                    match q.format {
+                        crate::quant::QuantFormat::Int4 => 1,
+                        crate::quant::QuantFormat::Mxfp4 => 2,
+                        crate::quant::QuantFormat::Fp8Block => 3,
+                    },
+                    float_code(q.scale_dtype),
+                );
+                if sdt == 0 || float_code(q.to) == 0 {
+                    return Err(unsupported("this dequantization has no device kernel"));
+                }
+                let se = ckpt.entry(q.scale);
+                let scale_cols = se.shape.get(1).copied().unwrap_or(1);
+                scale = [
+                    address(q.scale)? as i64,
+                    (scale_cols * q.scale_dtype.size()) as i64,
+                    q.block.0 as i64,
+                    q.block.1 as i64,
+                    fmt,
+                    sdt,
+                ];
+                (2, float_code(q.to), q.format.data_bytes(op.src_cols))
             }
         };
-        let addr = shard.address_at(shard.abs_offset(e)).ok_or_else(|| {
-            unsupported("the device executor reads tensors handed over in memory only")
-        })?;
-        let dest = &plan.dests[op.dest as usize];
-        let es = e.dtype.size();
         out.extend_from_slice(&[
             kind,
-            addr as i64,
-            (op.src_cols * es) as i64,
+            address(op.src)? as i64,
+            row_bytes as i64,
             op.rows.0 as i64,
             op.rows.1 as i64,
             op.cols.0 as i64,
@@ -676,6 +704,7 @@ pub fn op_table(ckpt: &Checkpoint, plan: &Plan, which: &[usize]) -> Result<Vec<i
             op.dest_offset as i64,
             conv,
         ]);
+        out.extend_from_slice(&scale);
     }
     Ok(out)
 }
