@@ -141,3 +141,24 @@ def test_bf16_update_from_cuda_tensors_runs_on_the_device(tmp_path):
     assert report.bytes_hashed == 0 and report.changed_tensors > 0
     for (n, p), (_, q) in zip(want.state_dict().items(), model.state_dict().items(), strict=True):
         assert torch.equal(as_bytes(p), as_bytes(q.cpu())), n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_quantize_on_sync_on_the_device_equals_the_host(tmp_path):
+    """On a GPU: bf16 CUDA weights quantized on the device into an int4 CUDA model equal
+    the host path (same quantizer, bit-exact with compressed-tensors)."""
+    from kimi_loader.rl import WeightUpdater
+    from kimi_loader.synth import make_checkpoint
+
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    host = kimi_loader.from_pretrained(a, dtype=torch.bfloat16)
+    WeightUpdater(host, baseline=a).update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()], quantize=True)
+    dev = kimi_loader.from_pretrained(a, dtype=torch.bfloat16, device="cuda")
+    WeightUpdater(dev, baseline=a).update_from_tensors(
+        [(n, ckb.get_tensor(n).cuda()) for n in ckb.keys()], quantize=True
+    )
+    for (n, p), (_, q) in zip(host.state_dict().items(), dev.state_dict().items(), strict=True):
+        assert torch.equal(as_bytes(p), as_bytes(q.cpu())), n

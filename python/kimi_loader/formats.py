@@ -141,7 +141,7 @@ def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """
     v = values.float()
     mag = v.abs()
-    table = E2M1_VALUES[:8]
+    table = E2M1_VALUES[:8].to(v.device)
     idx = torch.searchsorted(table, mag.contiguous())
     idx = idx.clamp(max=7)
     if not torch.equal(table[idx], mag):

@@ -143,7 +143,7 @@ def quantize_int4(
     return {
         "weight_packed": pack_int4(q8),
         "weight_scale": scale.contiguous(),
-        "weight_shape": torch.tensor([out, inp], dtype=torch.int32),
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int32, device=w.device),
     }
 
 
@@ -151,12 +151,12 @@ def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value, ties to even, saturating at 6 (x float32)."""
     mag = x.abs()
     # the midpoints between consecutive E2M1 magnitudes; at a tie, the even one wins
-    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    bounds = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], device=x.device)
     idx = torch.bucketize(mag, bounds, right=False)  # mag == bound -> the lower value
-    up_at_tie = torch.tensor([False, True, False, True, False, True, False])  # 0.75->1, 1.75->2, 3.5->4
+    up_at_tie = torch.tensor([False, True, False, True, False, True, False], device=x.device)  # 0.75->1 ...
     tie = (idx < 7) & (mag == bounds[idx.clamp(max=6)])
     idx = idx + (tie & up_at_tie[idx.clamp(max=6)]).to(idx.dtype)
-    return E2M1_VALUES[:8][idx] * torch.sign(x)
+    return E2M1_VALUES[:8].to(x.device)[idx] * torch.sign(x)
 
 
 def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, torch.Tensor]:
@@ -192,7 +192,7 @@ def quantize_fp8_block(
     out, inp = w.shape
     br, bc = block
     ob, ib = math.ceil(out / br), math.ceil(inp / bc)
-    padded = torch.zeros(ob * br, ib * bc)
+    padded = torch.zeros(ob * br, ib * bc, device=w.device)
     padded[:out, :inp] = w.float()
     tiles = padded.reshape(ob, br, ib, bc)
     fmax = torch.finfo(torch.float8_e4m3fn).max

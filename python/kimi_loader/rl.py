@@ -207,7 +207,7 @@ class WeightUpdater:
                 )
             names.append(n)
             t = t.detach()
-            if t.device.type == "cpu" or self.executor == "cpu" or quantize:
+            if t.device.type == "cpu" or self.executor == "cpu":
                 t = t.to("cpu")  # (a device tensor: copied to the host for the CPU executor)
             tensors.append(t.contiguous())  # no copy for contiguous tensors
         if not names:
@@ -268,11 +268,13 @@ class WeightUpdater:
         if not plan:
             return names, tensors, {}
         sources = [names[k] for k, _ in plan]
-        hashed = _core.from_tensors(label, sources, [tensors[k] for k, _ in plan], self.threads)
-        try:
-            hashes = dict(zip(sources, hashed.hash_tensors(sources), strict=True))
-        finally:
-            hashed.release()
+        hashes: dict[str, int] = {}
+        if all(tensors[k].device.type == "cpu" for k, _ in plan):  # (device memory is not hashed)
+            hashed = _core.from_tensors(label, sources, [tensors[k] for k, _ in plan], self.threads)
+            try:
+                hashes = dict(zip(sources, hashed.hash_tensors(sources), strict=True))
+            finally:
+                hashed.release()
         out_names: list[str] = []
         out_tensors: list[torch.Tensor] = []
         formats = dict(plan)
@@ -282,7 +284,7 @@ class WeightUpdater:
                 out_names.append(n)
                 out_tensors.append(t)
                 continue
-            if self._source_hashes.get(n) == hashes[n]:
+            if n in hashes and self._source_hashes.get(n) == hashes[n]:
                 continue  # unchanged since the last sync: not quantized, not copied
             base = n[: -len(".weight")]
             if fmt == "ct-int4":
