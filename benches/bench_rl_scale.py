@@ -28,31 +28,14 @@ import time
 import psutil
 import torch
 import torch.multiprocessing as mp
+from bench_update import SHAPE as UPDATE_SHAPE
 
 import kimi_loader
 from _common import CACHE, checkpoint
 from kimi_loader.rl import WeightUpdater
 
-BASE = dict(
-    preset="deepseek-v3-tiny",
-    num_shards=4,
-    hidden_size=1024,
-    intermediate_size=2048,
-    moe_intermediate_size=512,
-    n_routed_experts=8,
-    first_k_dense_replace=1,
-    vocab_size=8192,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    num_nextn_predict_layers=0,
-    n_group=4,
-    topk_group=2,
-)
+# bench_update's DeepSeek-V3 layout, with the layer count and format set per measurement
+BASE = {k: v for k, v in UPDATE_SHAPE.items() if k not in ("quant", "num_hidden_layers")} | {"num_shards": 4}
 SIZES = {"S": 6, "L": 24}  # decoder layers
 BUCKET = 16 << 20
 

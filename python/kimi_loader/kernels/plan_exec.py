@@ -37,21 +37,33 @@ _BLOCK = 256  # elements per inner step
 
 
 @triton.jit
-def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    op = tl.program_id(0)
-    rb = tl.program_id(1)
-    row = table + op * COLS
-    src = tl.load(row + 1)
-    stride = tl.load(row + 2)
+def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
+    """This program's op (axis 0) from the descriptor table, and its block of rows (axis
+    1): ``(row pointer, src, stride, r0, c0, c1, src elem bytes, dst elem bytes, dst,
+    first row, end row)``."""
+    row = table + tl.program_id(0) * COLS
     r0 = tl.load(row + 3)
-    r1 = tl.load(row + 4)
-    c0 = tl.load(row + 5)
-    c1 = tl.load(row + 6)
-    es = tl.load(row + 7)
-    dst = tl.load(row + 10)
+    first = r0 + tl.program_id(1) * ROWS
+    last = tl.minimum(first + ROWS, tl.load(row + 4))
+    return (
+        row,
+        tl.load(row + 1),
+        tl.load(row + 2),
+        r0,
+        tl.load(row + 5),
+        tl.load(row + 6),
+        tl.load(row + 7),
+        tl.load(row + 8),
+        tl.load(row + 10),
+        first,
+        last,
+    )
+
+
+@triton.jit
+def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    _row, src, stride, r0, c0, c1, es, _os, dst, first, last = _descriptor(table, COLS, ROWS)
     nbytes = (c1 - c0) * es
-    first = r0 + rb * ROWS
-    last = tl.minimum(first + ROWS, r1)
     offs = tl.arange(0, BLOCK)
     for r in range(first, last):
         s = src + r * stride + c0 * es
@@ -66,21 +78,8 @@ def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.cons
 def convert_ops(
     base, table, SRC: tl.constexpr, DST: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
-    op = tl.program_id(0)
-    rb = tl.program_id(1)
-    row = table + op * COLS
-    src = tl.load(row + 1)
-    stride = tl.load(row + 2)
-    r0 = tl.load(row + 3)
-    r1 = tl.load(row + 4)
-    c0 = tl.load(row + 5)
-    c1 = tl.load(row + 6)
-    es = tl.load(row + 7)
-    os = tl.load(row + 8)
-    dst = tl.load(row + 10)
+    _row, src, stride, r0, c0, c1, es, os, dst, first, last = _descriptor(table, COLS, ROWS)
     n = c1 - c0
-    first = r0 + rb * ROWS
-    last = tl.minimum(first + ROWS, r1)
     offs = tl.arange(0, BLOCK)
     for r in range(first, last):
         sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
@@ -143,24 +142,12 @@ def dequant_ops(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    op = tl.program_id(0)
-    rb = tl.program_id(1)
-    row = table + op * COLS
-    src = tl.load(row + 1)
-    stride = tl.load(row + 2)
-    r0 = tl.load(row + 3)
-    r1 = tl.load(row + 4)
-    c0 = tl.load(row + 5)
-    c1 = tl.load(row + 6)
-    os = tl.load(row + 8)
-    dst = tl.load(row + 10)
+    row, src, stride, r0, c0, c1, _es, os, dst, first, last = _descriptor(table, COLS, ROWS)
     sc = tl.load(row + 12)
     srow = tl.load(row + 13)
     br = tl.load(row + 14)
     bc = tl.load(row + 15)
     n = c1 - c0
-    first = r0 + rb * ROWS
-    last = tl.minimum(first + ROWS, r1)
     offs = tl.arange(0, BLOCK)
     for r in range(first, last):
         dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
