@@ -182,8 +182,10 @@ class WeightUpdater:
     ) -> UpdateReport:
         """Updates from ``(checkpoint_name, tensor)`` pairs, through the same mappings (fused,
         expert, scale, TP/EP slicing). CPU tensors are read where they are (no file, no
-        extra copy; do not modify them while the call runs); tensors on another device are
-        copied to the host first. A dtype or shape that differs from what the model was
+        extra copy; do not modify them while the call runs). GPU tensors for a model on
+        that GPU are applied there by the Triton executor (``executor="auto"``; no host
+        round trip, no hash skipping); otherwise they are copied to the host first (CPU
+        tensors of a mixed update go to the GPU). A dtype or shape that differs from what the model was
         planned for raises :class:`~kimi_loader.ShapeMismatchError` naming the tensor, the
         parameter and both.
 
@@ -206,18 +208,29 @@ class WeightUpdater:
                     f"update tensor '{n}' must be a torch.Tensor with data, got {what}", tensor=n
                 )
             names.append(n)
-            t = t.detach()
-            if t.device.type == "cpu" or self.executor == "cpu":
-                t = t.to("cpu")  # (a device tensor: copied to the host for the CPU executor)
-            tensors.append(t.contiguous())  # no copy for contiguous tensors
+            tensors.append(t.detach())
+        target = self._target_device(tensors)
+        tensors = [t.to(target).contiguous() for t in tensors]  # no copy where already so
         if not names:
             raise InvalidArgumentError("no tensors to update from")
         return self._update_from_memory(names, tensors, quantize)
 
+    def _target_device(self, tensors: list[torch.Tensor]) -> torch.device:
+        """Where an update's tensors are applied: the GPU they are on when the model lives
+        there too (and the executor allows it), else the host."""
+        on = {t.device for t in tensors if t.device.type != "cpu"}
+        if not on or self.executor == "cpu":
+            return torch.device("cpu")
+        model_device = next(iter(self._dests), None)
+        if model_device is None:
+            model_device = next(self.model.parameters(), None)
+        if len(on) == 1 and model_device is not None and model_device.device in on:
+            return model_device.device
+        return torch.device("cpu")
+
     def _update_from_memory(
         self, names: list[str], tensors: list[torch.Tensor], quantize: str | bool | None, label: str = _LABEL
     ) -> UpdateReport:
-
         with self._lock:
             t0 = time.perf_counter()
             source_hashes: dict[str, int] = {}
