@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all venv build demo test test-rust test-python bench lint fmt clean
+.PHONY: all venv build demo test test-rust test-python bench gpu-check lint fmt clean
 
 all: build
 
@@ -40,6 +40,13 @@ test-python: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: test-rust test-python
+
+# On a GPU machine: the gpu-marked tests (bf16 on the device) and the kernel benchmarks,
+# results under benches/results/ (it says so and stops where there is no CUDA device)
+gpu-check: build
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
+	KIMI_LOADER_GPU_TESTS=1 $(PY) -m pytest -m gpu -v
+	cd benches && ../$(PY) bench_kernels.py
 
 bench: build
 	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py && ../$(PY) bench_rl_scale.py

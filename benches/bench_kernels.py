@@ -1,0 +1,103 @@
+"""The Triton kernels on a GPU, each next to its torch reference and the memory floor:
+
+- ``moe_int4`` (decode: 1, 8, 64 tokens; Kimi-K2.5's expert shapes, 384 experts, top-8)
+  vs ``moe_int4_reference`` and vs the HBM floor (bytes of the active experts' int4
+  weights and scales / a measured device-to-device copy bandwidth);
+- ``route_noaux_tc`` vs its reference;
+- the device executor (``plan_exec``) copying / dequantizing a hot-reload vs a plain
+  device-to-device copy of the same bytes.
+
+Needs CUDA (the Triton interpreter is not a benchmark): without one it says so and exits
+0. ``make gpu-check`` runs it and writes ``benches/results/gpu-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+
+def _time(fn, repeat: int = 20) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
+        return 0
+    from kimi_loader.kernels.moe import moe_int4, moe_int4_reference, route_noaux_tc, route_noaux_tc_reference
+
+    dev = torch.device("cuda")
+    results: dict = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": {}}
+    n = 1 << 30
+    a, b = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
+    copy_bw = 2 * n / _time(lambda: b.copy_(a))  # read + write
+    results["d2d_copy_GBps"] = copy_bw / 1e9
+    experts, hidden, inter, top_k = 384, 7168, 2048, 8
+    g = torch.Generator(device=dev).manual_seed(0)
+    w13 = torch.randint(
+        -(2**31), 2**31 - 1, (experts, 2 * inter, hidden // 8), dtype=torch.int32, device=dev, generator=g
+    )
+    s13 = (torch.rand(experts, 2 * inter, hidden // 32, device=dev, generator=g) * 0.01).to(torch.bfloat16)
+    w2 = torch.randint(-(2**31), 2**31 - 1, (experts, hidden, inter // 8), dtype=torch.int32, device=dev, generator=g)
+    s2 = (torch.rand(experts, hidden, inter // 32, device=dev, generator=g) * 0.01).to(torch.bfloat16)
+    per_expert = w13[0].nbytes + s13[0].nbytes + w2[0].nbytes + s2[0].nbytes
+    for tokens in (1, 8, 64):
+        x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, generator=g)
+        logits = torch.randn(tokens, experts, device=dev, generator=g)
+        bias = torch.zeros(experts, device=dev)
+        ids, w = route_noaux_tc(logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827)
+        active = len(torch.unique(ids))
+        floor = active * per_expert / copy_bw * 2  # the bytes read once at copy speed (copy_bw counts 2x)
+        ours = _time(lambda x=x, ids=ids, w=w: moe_int4(x, ids, w, w13, s13, w2, s2))
+        ref = _time(lambda x=x, ids=ids, w=w: moe_int4_reference(x, ids, w, w13, s13, w2, s2), repeat=5)
+        route = _time(
+            lambda logits=logits, bias=bias: route_noaux_tc(
+                logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827
+            )
+        )
+        route_ref = _time(
+            lambda logits=logits, bias=bias: route_noaux_tc_reference(
+                logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827
+            )
+        )
+        row = {
+            "moe_s": ours,
+            "moe_reference_s": ref,
+            "hbm_floor_s": floor,
+            "floor_ratio": floor / ours,
+            "route_s": route,
+            "route_reference_s": route_ref,
+            "active_experts": active,
+        }
+        results["rows"][f"moe_decode_{tokens}"] = row
+        print(
+            f"moe int4, {tokens} tokens ({active} experts): {ours * 1e3:.3f} ms, {ref / ours:.1f}x the torch "
+            f"reference, {floor / ours:.2f}x of the HBM floor; routing {route * 1e6:.0f} us ({route_ref / route:.1f}x)"
+        )
+    out = os.path.join(os.path.dirname(__file__), "results", f"gpu-kernels-{results['date']}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Fused MoE for decode and small prefill batches, reading ct-int4 experts in checkpoint
+layout (W4A16): no repacking, so hot-reloads stay plain byte copies.
+
+Weights as the serving layout holds them: ``w13_weight_packed`` int32 ``[E, 2I, H/8]``
+(each expert's gate rows, then its up rows; value + 8 in bits ``4j..4j+4`` of a word),
+``w13_weight_scale`` ``[E, 2I, H/group]``, ``w2_weight_packed`` ``[E, H, I/8]``,
+``w2_weight_scale`` ``[E, H, I/group]``. Dequantization is compressed-tensors'
+``(q - 8) * scale`` rounded to the scale's dtype (bf16 decoded with integer operations,
+so the Triton interpreter computes it exactly); products accumulate in float32.
+
+Two launches: ``gate_up`` (one program per (token, slot) x block of ``I``: ``silu(gate) *
+up``), then ``down`` (one program per (token, slot) x block of ``H``, scaled by the
+routing weight); the ``K`` slots of a token are summed by one ``sum``. Reference:
+:func:`moe_int4_reference` (dense dequantization + ``torch`` matmuls).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .plan_exec import _bf16_to_f32, _round_bf16
+
+__all__ = ["moe_int4", "moe_int4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
+
+_SCALE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
+@triton.jit
+def _w4(packed_row, scale_row, k, mask, SDT: tl.constexpr, GROUP: tl.constexpr):
+    """Dequantized int4 values at columns ``k`` of one weight row (float32)."""
+    word = tl.load(packed_row + k // 8, mask=mask, other=0)
+    q = (word >> ((k % 8) * 4)) & 0xF
+    if SDT == 1:
+        s = _bf16_to_f32(tl.load(scale_row.to(tl.pointer_type(tl.uint16)) + k // GROUP, mask=mask, other=0))
+    elif SDT == 2:
+        s = tl.load(scale_row.to(tl.pointer_type(tl.float16)) + k // GROUP, mask=mask, other=0).to(tl.float32)
+    else:
+        s = tl.load(scale_row.to(tl.pointer_type(tl.float32)) + k // GROUP, mask=mask, other=0)
+    v = (q - 8).to(tl.float32) * s
+    if SDT == 1:
+        v = _round_bf16(v)
+    elif SDT == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _gate_up(
+    x,
+    ids,
+    packed,
+    scale,
+    out,
+    H,
+    INTER,
+    K: tl.constexpr,
+    GROUP: tl.constexpr,
+    SDT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)  # token * K + slot
+    nb = tl.program_id(1)
+    t = pair // K
+    e = tl.load(ids + pair).to(tl.int64)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < INTER
+    gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    up = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    words = H // 8
+    groups = H // GROUP
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < H
+        xv = tl.load(x + t * H + k, mask=kmask, other=0.0).to(tl.float32)
+        m2 = nmask[:, None] & kmask[None, :]
+        g_rows = (e * 2 * INTER + n)[:, None]
+        u_rows = (e * 2 * INTER + INTER + n)[:, None]
+        wg = _w4(packed + g_rows * words, scale + g_rows * groups, k[None, :], m2, SDT, GROUP)
+        wu = _w4(packed + u_rows * words, scale + u_rows * groups, k[None, :], m2, SDT, GROUP)
+        gate += tl.sum(wg * xv[None, :], axis=1)
+        up += tl.sum(wu * xv[None, :], axis=1)
+    h = gate / (1.0 + tl.exp(-gate)) * up
+    tl.store(out + pair * INTER + n, h, mask=nmask)
+
+
+@triton.jit
+def _down(
+    h,
+    ids,
+    weights,
+    packed,
+    scale,
+    out,
+    H,
+    INTER,
+    GROUP: tl.constexpr,
+    SDT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    nb = tl.program_id(1)
+    e = tl.load(ids + pair).to(tl.int64)
+    w = tl.load(weights + pair).to(tl.float32)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < H
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    words = INTER // 8
+    groups = INTER // GROUP
+    for k0 in range(0, INTER, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        kmask = k < INTER
+        hv = tl.load(h + pair * INTER + k, mask=kmask, other=0.0)
+        rows = (e * H + n)[:, None]
+        wd = _w4(packed + rows * words, scale + rows * groups, k[None, :], nmask[:, None] & kmask[None, :], SDT, GROUP)
+        acc += tl.sum(wd * hv[None, :], axis=1)
+    tl.store(out + pair * H + n, acc * w, mask=nmask)
+
+
+def moe_int4(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e =
+    topk_ids[t, k]``, for ``x`` ``[T, H]``; returns ``[T, H]`` in ``x``'s dtype."""
+    t, hidden = x.shape
+    k = topk_ids.shape[1]
+    e, two_i, words = w13_packed.shape
+    inter = two_i // 2
+    group = hidden // w13_scale.shape[-1]
+    if words * 8 != hidden or w2_packed.shape != (e, hidden, inter // 8) or inter // w2_scale.shape[-1] != group:
+        raise ValueError("expert tensors do not match x / each other")
+    sdt = _SCALE_CODES[w13_scale.dtype]
+    x = x.contiguous()
+    ids = topk_ids.to(torch.int32).contiguous()
+    h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
+    block_n, block_k = 32, 32
+    _gate_up[(t * k, triton.cdiv(inter, block_n))](
+        x, ids, w13_packed, w13_scale, h, hidden, inter, K=k, GROUP=group, SDT=sdt, BLOCK_N=block_n, BLOCK_K=block_k
+    )
+    partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
+    _down[(t * k, triton.cdiv(hidden, block_n))](
+        h,
+        ids,
+        topk_weights.to(torch.float32).contiguous(),
+        w2_packed,
+        w2_scale,
+        partial,
+        hidden,
+        inter,
+        GROUP=group,
+        SDT=sdt,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+    return partial.view(t, k, hidden).sum(1).to(x.dtype)
+
+
+def moe_int4_reference(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w13_packed: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2_packed: torch.Tensor,
+    w2_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The same in torch: each expert dequantized densely (compressed-tensors' rule), the
+    matmuls in float32."""
+    from ..quant import dequant_int4
+
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    xf = x.float()
+    for e in topk_ids.unique().tolist():
+        tok, slot = torch.where(topk_ids == e)
+        w13 = dequant_int4(w13_packed[e], w13_scale[e]).float()
+        w2 = dequant_int4(w2_packed[e], w2_scale[e]).float()
+        gate, up = (xf[tok] @ w13.t()).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ w2.t()
+        out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
+    return out.to(x.dtype)
+
+
+# -- routing -------------------------------------------------------------------------------
+@triton.jit
+def _route(
+    logits,
+    bias,
+    ids,
+    weights,
+    E,
+    scaling,
+    GS: tl.constexpr,  # experts per group
+    NG: tl.constexpr,  # groups (a power of two here: padded)
+    NG_REAL,
+    TOPK_GROUP: tl.constexpr,
+    K: tl.constexpr,
+    RENORM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    t = tl.program_id(0)
+    g = tl.arange(0, NG)[:, None]
+    j = tl.arange(0, BLOCK_G)[None, :]
+    e = g * GS + j
+    valid = (j < GS) & (g < NG_REAL)
+    x = tl.load(logits + t * E + e, mask=valid, other=0.0).to(tl.float32)
+    score = 1.0 / (1.0 + tl.exp(-x))
+    choice = tl.where(valid, score + tl.load(bias + e, mask=valid, other=0.0).to(tl.float32), float("-inf"))
+    # each group's score: the sum of its two best choices
+    best = tl.max(choice, axis=1)
+    at = tl.argmax(choice, axis=1)
+    second = tl.max(tl.where(j == at[:, None], float("-inf"), choice), axis=1)
+    group_score = tl.where(tl.arange(0, NG) < NG_REAL, best + second, float("-inf"))
+    keep = tl.zeros((NG,), dtype=tl.int1)
+    for _ in range(TOPK_GROUP):
+        pick = tl.argmax(group_score, axis=0)
+        keep = keep | (tl.arange(0, NG) == pick)
+        group_score = tl.where(tl.arange(0, NG) == pick, float("-inf"), group_score)
+    choice = tl.where(keep[:, None], choice, float("-inf"))
+    flat_choice = tl.reshape(choice, (NG * BLOCK_G,))
+    flat_score = tl.reshape(score, (NG * BLOCK_G,))
+    flat_e = tl.reshape(e, (NG * BLOCK_G,))
+    total = 0.0
+    for k in range(K):
+        pick = tl.argmax(flat_choice, axis=0)
+        hit = tl.arange(0, NG * BLOCK_G) == pick
+        w = tl.sum(tl.where(hit, flat_score, 0.0), axis=0)
+        tl.store(ids + t * K + k, tl.sum(tl.where(hit, flat_e, 0), axis=0))
+        tl.store(weights + t * K + k, w)
+        total += w
+        flat_choice = tl.where(hit, float("-inf"), flat_choice)
+    if RENORM:
+        for k in range(K):
+            w = tl.load(weights + t * K + k)
+            tl.store(weights + t * K + k, w / (total + 1e-20) * scaling)
+    else:
+        for k in range(K):
+            w = tl.load(weights + t * K + k)
+            tl.store(weights + t * K + k, w * scaling)
+
+
+def route_noaux_tc(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / Kimi-K2 routing: sigmoid scores, plus the correction bias to choose;
+    groups ranked by the sum of their two best choices, the best ``topk_group`` kept
+    (the others masked to -inf), the ``top_k`` best experts among them; weights are the
+    scores (without the bias), renormalized and scaled. Returns ``(ids int32 [T, K],
+    weights float32 [T, K])``, one program per token."""
+    t, e = router_logits.shape
+    if e % n_group or topk_group > n_group or top_k > e:
+        raise ValueError(f"{e} experts, {n_group} groups, topk_group={topk_group}, top_k={top_k}")
+    gs = e // n_group
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
+    weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
+    _route[(t,)](
+        router_logits.contiguous(),
+        correction_bias.contiguous(),
+        ids,
+        weights,
+        e,
+        float(routed_scaling_factor),
+        GS=gs,
+        NG=triton.next_power_of_2(n_group),
+        NG_REAL=n_group,
+        TOPK_GROUP=topk_group,
+        K=top_k,
+        RENORM=renormalize,
+        BLOCK_G=triton.next_power_of_2(gs),
+    )
+    return ids, weights
+
+
+def route_noaux_tc_reference(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in torch (the CPU runtime's routing, as transformers computes it)."""
+    t, e = router_logits.shape
+    scores = router_logits.float().sigmoid()
+    choice = scores + correction_bias.float()
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    mask = mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(t, e)
+    choice = choice.masked_fill(~mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids.to(torch.int32), w * routed_scaling_factor
