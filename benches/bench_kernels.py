@@ -1,7 +1,7 @@
 """The Triton kernels on a GPU, each next to its torch reference and the memory floor:
 
-- ``moe_int4`` (decode: 1, 8, 64 tokens; Kimi-K2.5's expert shapes, 384 experts, top-8)
-  vs ``moe_int4_reference`` and vs the HBM floor (bytes of the active experts' int4
+- ``moe_w4`` (ct-int4; decode: 1, 8, 64 tokens; Kimi-K2.5's expert shapes, 384 experts, top-8)
+  vs ``moe_w4_reference`` and vs the HBM floor (bytes of the active experts' int4
   weights and scales / a measured device-to-device copy bandwidth);
 - ``route_noaux_tc`` vs its reference;
 - the device executor (``plan_exec``) copying / dequantizing a hot-reload vs a plain
@@ -41,7 +41,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
         return 0
-    from kimi_loader.kernels.moe import moe_int4, moe_int4_reference, route_noaux_tc, route_noaux_tc_reference
+    from kimi_loader.kernels.moe import moe_w4, moe_w4_reference, route_noaux_tc, route_noaux_tc_reference
 
     dev = torch.device("cuda")
     results: dict = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": {}}
@@ -65,8 +65,8 @@ def main() -> int:
         ids, w = route_noaux_tc(logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827)
         active = len(torch.unique(ids))
         floor = active * per_expert / copy_bw * 2  # the bytes read once at copy speed (copy_bw counts 2x)
-        ours = _time(lambda x=x, ids=ids, w=w: moe_int4(x, ids, w, w13, s13, w2, s2))
-        ref = _time(lambda x=x, ids=ids, w=w: moe_int4_reference(x, ids, w, w13, s13, w2, s2), repeat=5)
+        ours = _time(lambda x=x, ids=ids, w=w: moe_w4(x, ids, w, w13, s13, w2, s2))
+        ref = _time(lambda x=x, ids=ids, w=w: moe_w4_reference(x, ids, w, w13, s13, w2, s2), repeat=5)
         route = _time(
             lambda logits=logits, bias=bias: route_noaux_tc(
                 logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827

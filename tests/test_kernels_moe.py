@@ -1,4 +1,4 @@
-"""The fused int4 MoE kernel (Triton) against its torch reference, on fresh random
+"""The fused 4-bit (ct-int4, MXFP4) MoE kernel (Triton) against its torch reference, on fresh random
 inputs of several shapes, under TRITON_INTERPRET=1 on CPU (fp32 / fp16 activations; the
 interpreter computes bf16 wrongly), outputs poisoned first. Tolerances: fp32 1e-5
 relative (summation order only), fp16 2e-3."""
@@ -9,11 +9,15 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from kimi_loader.kernels.moe import moe_int4, moe_int4_reference
-from kimi_loader.quant import quantize_int4
+from kimi_loader.kernels.moe import moe_w4, moe_w4_reference
+from kimi_loader.quant import quantize_int4, quantize_mxfp4
 
 
 def _experts(e: int, rows: int, cols: int, group: int, scale_dtype, g) -> tuple[torch.Tensor, torch.Tensor]:
+    """``e`` random experts quantized by the real quantizers (``scale_dtype`` None: MXFP4)."""
+    if scale_dtype is None:
+        parts = [quantize_mxfp4(torch.randn(rows, cols, generator=g) * 0.1) for _ in range(e)]
+        return torch.stack([p["weight"] for p in parts]), torch.stack([p["weight_scale"] for p in parts])
     parts = [
         quantize_int4(torch.randn(rows, cols, generator=g) * 0.1, group=group, scale_dtype=scale_dtype)
         for _ in range(e)
@@ -28,30 +32,35 @@ def _experts(e: int, rows: int, cols: int, group: int, scale_dtype, g) -> tuple[
         (5, 16, 8, 96, 64, 32, torch.bfloat16, torch.float32),  # top-8, odd token count
         (3, 4, 1, 128, 96, 32, torch.float32, torch.float32),
         (7, 8, 4, 64, 64, 32, torch.float16, torch.float16),  # fp16 activations and scales
+        (1, 8, 2, 64, 32, 32, None, torch.float32),  # MXFP4 (e8m0 scales)
+        (6, 16, 8, 128, 64, 32, None, torch.float16),
     ],
 )
-def test_moe_int4_matches_the_torch_reference(tokens, experts, top_k, hidden, inter, group, scale_dtype, act):
+def test_moe_w4_matches_the_torch_reference(tokens, experts, top_k, hidden, inter, group, scale_dtype, act):
     g = torch.Generator().manual_seed(tokens * 100 + experts)
     w13, s13 = _experts(experts, 2 * inter, hidden, group, scale_dtype, g)
     w2, s2 = _experts(experts, hidden, inter, group, scale_dtype, g)
     x = torch.randn(tokens, hidden, generator=g).to(act)
     ids = torch.stack([torch.randperm(experts, generator=g)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=g)
-    want = moe_int4_reference(x, ids, weights, w13, s13, w2, s2)
-    got = moe_int4(x, ids, weights, w13, s13, w2, s2)
+    fmt = "quark-mxfp4" if scale_dtype is None else "ct-int4"
+    want = moe_w4_reference(x, ids, weights, w13, s13, w2, s2, fmt)
+    got = moe_w4(x, ids, weights, w13, s13, w2, s2, fmt)
     assert got.dtype == act and got.shape == want.shape and torch.isfinite(got).all()
     tol = 1e-5 if act == torch.float32 else 2e-3
     err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
     assert err < tol, err
 
 
-def test_moe_int4_refuses_mismatched_experts():
+def test_moe_w4_refuses_mismatched_experts():
     g = torch.Generator().manual_seed(0)
     w13, s13 = _experts(2, 64, 64, 32, torch.bfloat16, g)
     w2, s2 = _experts(2, 32, 32, 32, torch.bfloat16, g)  # wrong hidden size
     x = torch.randn(1, 64)
     with pytest.raises(ValueError, match="do not match"):
-        moe_int4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2)
+        moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2)
+    with pytest.raises(ValueError, match="fmt"):
+        moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, "nf4")
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Fused MoE for decode and small prefill batches, reading ct-int4 experts in checkpoint
-layout (W4A16): no repacking, so hot-reloads stay plain byte copies.
+"""Fused MoE for decode and small prefill batches, reading ct-int4 or MXFP4 experts in
+checkpoint layout (W4A16): no repacking, so hot-reloads stay plain byte copies.
 
 Weights as the serving layout holds them: ``w13_weight_packed`` int32 ``[E, 2I, H/8]``
 (each expert's gate rows, then its up rows; value + 8 in bits ``4j..4j+4`` of a word),
@@ -10,8 +10,8 @@ so the Triton interpreter computes it exactly); products accumulate in float32.
 
 Two launches: ``gate_up`` (one program per (token, slot) x block of ``I``: ``silu(gate) *
 up``), then ``down`` (one program per (token, slot) x block of ``H``, scaled by the
-routing weight); the ``K`` slots of a token are summed by one ``sum``. Reference:
-:func:`moe_int4_reference` (dense dequantization + ``torch`` matmuls).
+routing weight); the ``K`` slots of a token are summed by one ``sum``. MXFP4 experts
+(``w13_weight`` uint8 ``[E, 2I, H/2]`` + e8m0 scales) are read the same way. Reference: :func:`moe_w4_reference` (dense dequantization + ``torch`` matmuls).
 """
 
 from __future__ import annotations
@@ -20,16 +20,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan_exec import _bf16_to_f32, _round_bf16
+from .plan_exec import _bf16_to_f32, _e2m1, _e8m0, _round_bf16
 
-__all__ = ["moe_int4", "moe_int4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
+__all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
 
 _SCALE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 @triton.jit
-def _w4(packed_row, scale_row, k, mask, SDT: tl.constexpr, GROUP: tl.constexpr):
-    """Dequantized int4 values at columns ``k`` of one weight row (float32)."""
+def _w4(packed_row, scale_row, k, mask, SDT: tl.constexpr, GROUP: tl.constexpr, FMT: tl.constexpr):
+    """Dequantized 4-bit values at columns ``k`` of one weight row (float32): ct-int4
+    (``FMT`` 1: int32 words, ``(q - 8) * scale`` in the scale's dtype) or MXFP4 (``FMT`` 2:
+    bytes of two E2M1 codes, times ``2^(e - 127)``)."""
+    if FMT == 2:
+        byte = tl.load(packed_row + k // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((k % 2) * 4)) & 0xF
+        return _e2m1(code) * _e8m0(tl.load(scale_row + k // GROUP, mask=mask, other=0))
     word = tl.load(packed_row + k // 8, mask=mask, other=0)
     q = (word >> ((k % 8) * 4)) & 0xF
     if SDT == 1:
@@ -55,9 +61,12 @@ def _gate_up(
     out,
     H,
     INTER,
+    WORDS,
+    GROUPS,
     K: tl.constexpr,
     GROUP: tl.constexpr,
     SDT: tl.constexpr,
+    FMT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -69,8 +78,6 @@ def _gate_up(
     nmask = n < INTER
     gate = tl.zeros((BLOCK_N,), dtype=tl.float32)
     up = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    words = H // 8
-    groups = H // GROUP
     for k0 in range(0, H, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < H
@@ -78,8 +85,8 @@ def _gate_up(
         m2 = nmask[:, None] & kmask[None, :]
         g_rows = (e * 2 * INTER + n)[:, None]
         u_rows = (e * 2 * INTER + INTER + n)[:, None]
-        wg = _w4(packed + g_rows * words, scale + g_rows * groups, k[None, :], m2, SDT, GROUP)
-        wu = _w4(packed + u_rows * words, scale + u_rows * groups, k[None, :], m2, SDT, GROUP)
+        wg = _w4(packed + g_rows * WORDS, scale + g_rows * GROUPS, k[None, :], m2, SDT, GROUP, FMT)
+        wu = _w4(packed + u_rows * WORDS, scale + u_rows * GROUPS, k[None, :], m2, SDT, GROUP, FMT)
         gate += tl.sum(wg * xv[None, :], axis=1)
         up += tl.sum(wu * xv[None, :], axis=1)
     h = gate / (1.0 + tl.exp(-gate)) * up
@@ -96,8 +103,11 @@ def _down(
     out,
     H,
     INTER,
+    WORDS,
+    GROUPS,
     GROUP: tl.constexpr,
     SDT: tl.constexpr,
+    FMT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -108,83 +118,109 @@ def _down(
     n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = n < H
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    words = INTER // 8
-    groups = INTER // GROUP
     for k0 in range(0, INTER, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         kmask = k < INTER
         hv = tl.load(h + pair * INTER + k, mask=kmask, other=0.0)
         rows = (e * H + n)[:, None]
-        wd = _w4(packed + rows * words, scale + rows * groups, k[None, :], nmask[:, None] & kmask[None, :], SDT, GROUP)
+        wd = _w4(
+            packed + rows * WORDS, scale + rows * GROUPS, k[None, :], nmask[:, None] & kmask[None, :], SDT, GROUP, FMT
+        )
         acc += tl.sum(wd * hv[None, :], axis=1)
     tl.store(out + pair * H + n, acc * w, mask=nmask)
 
 
-def moe_int4(
+def moe_w4(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    w13_packed: torch.Tensor,
+    w13: torch.Tensor,
     w13_scale: torch.Tensor,
-    w2_packed: torch.Tensor,
+    w2: torch.Tensor,
     w2_scale: torch.Tensor,
+    fmt: str = "ct-int4",
 ) -> torch.Tensor:
     """``sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e =
-    topk_ids[t, k]``, for ``x`` ``[T, H]``; returns ``[T, H]`` in ``x``'s dtype."""
+    topk_ids[t, k]``, for ``x`` ``[T, H]``; returns ``[T, H]`` in ``x``'s dtype. ``fmt``:
+    ``"ct-int4"`` (``w13`` int32 ``[E, 2I, H/8]``, scales bf16 / f16 / f32) or
+    ``"quark-mxfp4"`` (``w13`` uint8 ``[E, 2I, H/2]``, e8m0 uint8 scales, group 32)."""
+    per = {"ct-int4": 8, "quark-mxfp4": 2}.get(fmt)
+    if per is None:
+        raise ValueError(f"fmt must be 'ct-int4' or 'quark-mxfp4', got {fmt!r}")
     t, hidden = x.shape
     k = topk_ids.shape[1]
-    e, two_i, words = w13_packed.shape
+    e, two_i, row = w13.shape
     inter = two_i // 2
     group = hidden // w13_scale.shape[-1]
-    if words * 8 != hidden or w2_packed.shape != (e, hidden, inter // 8) or inter // w2_scale.shape[-1] != group:
+    if row * per != hidden or w2.shape != (e, hidden, inter // per) or inter // w2_scale.shape[-1] != group:
         raise ValueError("expert tensors do not match x / each other")
-    sdt = _SCALE_CODES[w13_scale.dtype]
+    sdt = 4 if fmt == "quark-mxfp4" else _SCALE_CODES[w13_scale.dtype]
+    code = 2 if fmt == "quark-mxfp4" else 1
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
     block_n, block_k = 32, 32
     _gate_up[(t * k, triton.cdiv(inter, block_n))](
-        x, ids, w13_packed, w13_scale, h, hidden, inter, K=k, GROUP=group, SDT=sdt, BLOCK_N=block_n, BLOCK_K=block_k
+        x,
+        ids,
+        w13,
+        w13_scale,
+        h,
+        hidden,
+        inter,
+        w13.shape[-1],
+        w13_scale.shape[-1],
+        K=k,
+        GROUP=group,
+        SDT=sdt,
+        FMT=code,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
     _down[(t * k, triton.cdiv(hidden, block_n))](
         h,
         ids,
         topk_weights.to(torch.float32).contiguous(),
-        w2_packed,
+        w2,
         w2_scale,
         partial,
         hidden,
         inter,
+        w2.shape[-1],
+        w2_scale.shape[-1],
         GROUP=group,
         SDT=sdt,
+        FMT=code,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
     )
     return partial.view(t, k, hidden).sum(1).to(x.dtype)
 
 
-def moe_int4_reference(
+def moe_w4_reference(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    w13_packed: torch.Tensor,
+    w13: torch.Tensor,
     w13_scale: torch.Tensor,
-    w2_packed: torch.Tensor,
+    w2: torch.Tensor,
     w2_scale: torch.Tensor,
+    fmt: str = "ct-int4",
 ) -> torch.Tensor:
-    """The same in torch: each expert dequantized densely (compressed-tensors' rule), the
-    matmuls in float32."""
-    from ..quant import dequant_int4
+    """The same in torch: each expert dequantized densely (:func:`kimi_loader.quant.dequantize`,
+    the format's reference rule), the matmuls in float32."""
+    from ..quant import dequantize
 
+    data = "weight_packed" if fmt == "ct-int4" else "weight"
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     xf = x.float()
     for e in topk_ids.unique().tolist():
         tok, slot = torch.where(topk_ids == e)
-        w13 = dequant_int4(w13_packed[e], w13_scale[e]).float()
-        w2 = dequant_int4(w2_packed[e], w2_scale[e]).float()
-        gate, up = (xf[tok] @ w13.t()).chunk(2, dim=-1)
-        y = (torch.nn.functional.silu(gate) * up) @ w2.t()
+        d13 = dequantize(fmt, {data: w13[e], "weight_scale": w13_scale[e]}, torch.float32)
+        d2 = dequantize(fmt, {data: w2[e], "weight_scale": w2_scale[e]}, torch.float32)
+        gate, up = (xf[tok] @ d13.t()).chunk(2, dim=-1)
+        y = (torch.nn.functional.silu(gate) * up) @ d2.t()
         out.index_add_(0, tok, y * topk_weights[tok, slot, None].float())
     return out.to(x.dtype)
 
