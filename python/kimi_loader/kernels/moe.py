@@ -11,7 +11,8 @@ so the Triton interpreter computes it exactly); products accumulate in float32.
 Two launches: ``gate_up`` (one program per (token, slot) x block of ``I``: ``silu(gate) *
 up``), then ``down`` (one program per (token, slot) x block of ``H``, scaled by the
 routing weight); the ``K`` slots of a token are summed by one ``sum``. MXFP4 experts
-(``w13_weight`` uint8 ``[E, 2I, H/2]`` + e8m0 scales) are read the same way. Reference: :func:`moe_w4_reference` (dense dequantization + ``torch`` matmuls).
+(``w13_weight`` uint8 ``[E, 2I, H/2]`` + e8m0 scales) are read the same way.
+Reference: :func:`moe_w4_reference` (dense dequantization + ``torch`` matmuls).
 """
 
 from __future__ import annotations
