@@ -104,11 +104,14 @@ def from_pretrained(
     ep_size: int = 1,
     threads: int | None = None,
     progress=None,
+    kernels: str | None = None,
 ):
     """Builds the serving-layout model from ``config.json`` on the meta device,
     materializes it on ``device``, loads it with :func:`load_weights` and runs
     ``post_load_weights``. ``dtype`` (default float32) is the compute dtype of dense
-    weights; quantized weights stay in their checkpoint format."""
+    weights; quantized weights stay in their checkpoint format. ``kernels``: ``"torch"``
+    (the reference runtime) or ``"triton"`` (routing and the 4-bit MoE as Triton kernels,
+    :mod:`kimi_loader.kernels`); default ``"triton"`` on a GPU, else ``"torch"``."""
     import torch
 
     from .loader import load_weights
@@ -128,6 +131,11 @@ def from_pretrained(
         ep_size=ep_size,
         checkpoint=ckpt,
     )
+    if kernels is None:
+        kernels = "triton" if torch.device(device).type == "cuda" else "torch"
+    if kernels not in ("torch", "triton"):
+        raise InvalidArgumentError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
+    getattr(model, "language_model", model).kernels = kernels
     model.to_empty(device=device)
     load_weights(
         model,

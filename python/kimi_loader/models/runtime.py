@@ -178,17 +178,9 @@ class Runtime:
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
 
-    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        c, mlp = self.c, self.m.model.layers[i].mlp
-        if not hasattr(mlp, "experts"):
-            return self._mlp(
-                x,
-                dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
-                dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block),
-            )
-        shape = x.shape
-        h = x.reshape(-1, shape[-1])
-        e_total = c["n_routed_experts"]
+    def _route(self, h: torch.Tensor, mlp: Any, e_total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """noaux_tc routing in torch: ``(expert ids, weights)`` ``[T, top_k]``."""
+        c = self.c
         scores = F.linear(h.float(), mlp.gate.weight.float()).sigmoid()
         choice = scores + mlp.gate.e_score_correction_bias
         n_group, topk_group = c.get("n_group") or 1, c.get("topk_group") or 1
@@ -202,15 +194,65 @@ class Runtime:
         if c.get("norm_topk_prob", True):
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
         top_w = top_w * c["routed_scaling_factor"]
+        return top_idx, top_w
+
+    def _moe_torch(self, h: torch.Tensor, mlp: Any, e_total: int) -> torch.Tensor:
+        top_idx, top_w = self._route(h, mlp, e_total)
+        experts = mlp.experts
         lo = self.m.ep_rank * e_total // self.m.ep_size
         out = torch.zeros_like(h)
-        experts = mlp.experts
         for e in top_idx.unique().tolist():
             tok, slot = torch.where(top_idx == e)
             w13 = dense(experts, self.dtype, e - lo, "w13_", self.m.fp8_block)
             w2 = dense(experts, self.dtype, e - lo, "w2_", self.m.fp8_block)
             y = self._mlp(h[tok], w13, w2) * top_w[tok, slot, None].to(self.dtype)
             out.index_add_(0, tok, y)
+        return out
+
+    def _moe_triton(self, h: torch.Tensor, mlp: Any, e_total: int) -> torch.Tensor:
+        """The same with the Triton kernels (:mod:`kimi_loader.kernels.moe`): routing and
+        the fused 4-bit experts read in checkpoint layout."""
+        from ..kernels.moe import moe_w4, route_noaux_tc
+
+        c, experts = self.c, mlp.experts
+        logits = F.linear(h.float(), mlp.gate.weight.float())
+        ids, w = route_noaux_tc(
+            logits,
+            mlp.gate.e_score_correction_bias,
+            top_k=c["num_experts_per_tok"],
+            n_group=c.get("n_group") or 1,
+            topk_group=c.get("topk_group") or 1,
+            routed_scaling_factor=c["routed_scaling_factor"],
+            renormalize=c.get("norm_topk_prob", True),
+        )
+        data = "weight_packed" if experts.format == "ct-int4" else "weight"
+        return moe_w4(
+            h,
+            ids,
+            w,
+            getattr(experts, f"w13_{data}"),
+            experts.w13_weight_scale,
+            getattr(experts, f"w2_{data}"),
+            experts.w2_weight_scale,
+            experts.format,
+        )
+
+    def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        c, mlp = self.c, self.m.model.layers[i].mlp
+        if not hasattr(mlp, "experts"):
+            return self._mlp(
+                x,
+                dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
+                dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block),
+            )
+        shape = x.shape
+        h = x.reshape(-1, shape[-1])
+        e_total = c["n_routed_experts"]
+        experts = mlp.experts
+        if getattr(self.m, "kernels", "torch") == "triton" and experts.format in ("ct-int4", "quark-mxfp4"):
+            out = self._moe_triton(h, mlp, e_total)
+        else:
+            out = self._moe_torch(h, mlp, e_total)
         if self.m.num_fused_shared_experts:  # the fused slot (the last), always selected with weight 1
             slot = next(t for n, t in experts.named_parameters() if n.startswith("w13_")).shape[0] - 1
             out = out + self._mlp(
