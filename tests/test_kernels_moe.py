@@ -91,9 +91,9 @@ def test_noaux_tc_routing_matches_the_reference(tokens, experts, n_group, topk_g
 
 @pytest.mark.parametrize("quant", ["ct-int4", "quark-mxfp4"])
 def test_from_pretrained_with_triton_kernels_matches_the_torch_runtime(synth_dir, quant, monkeypatch):
-    """End to end: the runtime's MoE through the Triton routing and fused 4-bit kernels
-    (interpreter, float32) gives the torch runtime's logits (< 1e-5 relative) and the same
-    greedy tokens."""
+    """End to end: the runtime's MoE through the Triton routing and fused 4-bit kernels,
+    and its decode steps through the MLA kernel (interpreter, float32), give the torch
+    runtime's logits (< 1e-5 relative) and the same greedy tokens."""
     import kimi_loader
     import kimi_loader.kernels.moe as kernels
 
@@ -107,7 +107,12 @@ def test_from_pretrained_with_triton_kernels_matches_the_torch_runtime(synth_dir
     assert tri.language_model.kernels == "triton"
     want, got = ref(ids), tri(ids)
     assert calls  # the kernels ran, once per MoE layer
+    cache_t, cache_r = tri.new_cache(), ref.new_cache()
+    tri(ids, cache_t), ref(ids, cache_r)
+    step = ids[:, -1:]
+    got_step, want_step = tri(step, cache_t), ref(step, cache_r)  # one decode token, MLA kernel
+    assert ((got_step - want_step).abs().max() / want_step.abs().max()).item() < 1e-5
     assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5
-    assert torch.equal(tri.generate(ids[:1], 4), ref.generate(ids[:1], 4))
+    assert torch.equal(tri.generate(ids[:1], 4), ref.generate(ids[:1], 4))  # decode steps: the MLA kernel
     with pytest.raises(kimi_loader.InvalidArgumentError, match="kernels"):
         kimi_loader.from_pretrained(path, kernels="cuda")

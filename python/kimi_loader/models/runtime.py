@@ -163,6 +163,13 @@ class Runtime:
         cache.latent[i], cache.k_rope[i] = latent, k_rope
         # absorbed attention over the latent cache
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, attn.w_kc)
+        if t == 1 and getattr(self.m, "kernels", "torch") == "triton":  # decode: the Triton MLA kernel
+            from ..kernels.mla import mla_decode
+
+            lens = torch.full((b,), latent.shape[1], dtype=torch.int32, device=x.device)
+            out_latent = mla_decode(q_latent[:, 0], q_rope[:, 0], latent, k_rope, lens, self.scale)[:, None]
+            out = torch.einsum("bthc,hcv->bthv", out_latent, attn.w_vc).reshape(b, t, -1)
+            return self._linear(out, attn.o_proj)
         scores = torch.einsum("bthc,bsc->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
         scores = scores * self.scale
         s = latent.shape[1]
