@@ -4,6 +4,8 @@
   vs ``moe_w4_reference`` and vs the HBM floor (bytes of the active experts' int4
   weights and scales / a measured device-to-device copy bandwidth);
 - ``route_noaux_tc`` vs its reference;
+- ``mla_decode`` at 8 and 64 heads (Kimi-K2.5's latent 512 + rope 64, 4k-token caches)
+  vs its torch reference;
 - the device executor (``plan_exec``) copying / dequantizing a hot-reload vs a plain
   device-to-device copy of the same bytes.
 
@@ -90,6 +92,21 @@ def main() -> int:
         print(
             f"moe int4, {tokens} tokens ({active} experts): {ours * 1e3:.3f} ms, {ref / ours:.1f}x the torch "
             f"reference, {floor / ours:.2f}x of the HBM floor; routing {route * 1e6:.0f} us ({route_ref / route:.1f}x)"
+        )
+    from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
+
+    for heads in (8, 64):
+        b, s, lora, rope = 8, 4096, 512, 64
+        q = torch.randn(b, heads, lora, device=dev, dtype=torch.bfloat16, generator=g)
+        qr = torch.randn(b, heads, rope, device=dev, dtype=torch.bfloat16, generator=g)
+        lat = torch.randn(b, s, lora, device=dev, dtype=torch.bfloat16, generator=g)
+        kr = torch.randn(b, s, rope, device=dev, dtype=torch.bfloat16, generator=g)
+        lens = torch.full((b,), s, device=dev)
+        ours = _time(lambda q=q, qr=qr, lat=lat, kr=kr, lens=lens: mla_decode(q, qr, lat, kr, lens, 0.04))
+        ref = _time(lambda q=q, qr=qr, lat=lat, kr=kr, lens=lens: mla_decode_reference(q, qr, lat, kr, lens, 0.04), 5)
+        results["rows"][f"mla_decode_{heads}_heads"] = {"mla_s": ours, "mla_reference_s": ref}
+        print(
+            f"mla decode, {heads} heads, {b} x {s} tokens: {ours * 1e3:.3f} ms, {ref / ours:.1f}x the torch reference"
         )
     out = os.path.join(os.path.dirname(__file__), "results", f"gpu-kernels-{results['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
