@@ -160,7 +160,8 @@ def moe_w4(
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
-    block_n, block_k = 32, 32
+    block_n = 32
+    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=32)  # both launches
     _gate_up[(t * k, triton.cdiv(inter, block_n))](
         x,
         ids,
@@ -172,11 +173,7 @@ def moe_w4(
         w13.shape[-1],
         w13_scale.shape[-1],
         K=k,
-        GROUP=group,
-        SDT=sdt,
-        FMT=code,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
     _down[(t * k, triton.cdiv(hidden, block_n))](
@@ -190,11 +187,7 @@ def moe_w4(
         inter,
         w2.shape[-1],
         w2_scale.shape[-1],
-        GROUP=group,
-        SDT=sdt,
-        FMT=code,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
+        **meta,
     )
     return partial.view(t, k, hidden).sum(1).to(x.dtype)
 
