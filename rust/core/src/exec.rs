@@ -26,6 +26,11 @@ pub struct ReadOptions {
     /// 4 KiB (what numpy does for its own large arrays); already-populated memory is
     /// unaffected. Advisory only: failures are ignored.
     pub huge_pages: bool,
+    /// Fault every destination page in (`MADV_POPULATE_WRITE`, in parallel slices)
+    /// before reading into it, instead of one page fault at a time inside each `pread`.
+    /// Advisory: kernels without it (before 5.14) ignore it. `KIMI_LOADER_PREFAULT=0`
+    /// turns it off (for measurements).
+    pub prefault: bool,
 }
 
 impl Default for ReadOptions {
@@ -33,8 +38,43 @@ impl Default for ReadOptions {
         ReadOptions {
             chunk: DEFAULT_CHUNK,
             huge_pages: true,
+            prefault: std::env::var("KIMI_LOADER_PREFAULT").map_or(true, |v| v != "0"),
         }
     }
+}
+
+/// Op outputs smaller than this are not prefaulted.
+const PREFAULT_MIN: usize = 1 << 20;
+
+/// Slice of a destination faulted in by one task of [`prefault`].
+const PREFAULT_SLICE: usize = 32 << 20;
+
+/// Faults in every page of the `(address, len)` ranges, in parallel slices, with
+/// `MADV_POPULATE_WRITE` (contents unchanged). Errors (an old kernel) are ignored.
+fn prefault(ranges: &[(usize, usize)], pool: &ThreadPool) {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    let page = 4096usize;
+    let mut slices = Vec::new();
+    for &(addr, len) in ranges {
+        let (start, end) = (addr / page * page, (addr + len).next_multiple_of(page));
+        let mut at = start;
+        while at < end {
+            let next = (at + PREFAULT_SLICE).min(end);
+            slices.push((at, next - at));
+            at = next;
+        }
+    }
+    pool.install(|| {
+        slices.par_iter().for_each(|&(at, len)| {
+            // SAFETY: MADV_POPULATE_WRITE only faults pages in as if written, without
+            // changing their contents; the pages lie in (or share a page with) a
+            // destination the caller guarantees mapped and writable. An unmapped page
+            // makes the call fail, which is ignored.
+            unsafe {
+                libc::madvise(at as *mut libc::c_void, len, MADV_POPULATE_WRITE);
+            }
+        })
+    });
 }
 
 /// Advises huge pages for the 2 MiB-aligned part of `[addr, addr + len)`.
@@ -349,6 +389,20 @@ pub unsafe fn execute_plan(
         {
             advise_huge_pages(d.ptr as usize, d.len as usize);
         }
+    }
+    if opts.prefault {
+        // the bytes these ops write (a batch of a larger load faults in only its own);
+        // small outputs are left to fault as they are written (a call each costs more)
+        let ranges: Vec<(usize, usize)> = ops
+            .iter()
+            .filter_map(|op| {
+                let d = dests[op.dest as usize]?;
+                let len = op.out_elems() * plan.dests[op.dest as usize].dtype.size();
+                (len >= PREFAULT_MIN as u64)
+                    .then(|| (d.ptr as usize + op.dest_offset as usize, len as usize))
+            })
+            .collect();
+        prefault(&ranges, pool);
     }
     // work items: (op index, first row, end row)
     let mut items: Vec<(usize, u64, u64)> = Vec::with_capacity(ops.len());

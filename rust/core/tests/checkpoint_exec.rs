@@ -96,7 +96,7 @@ fn reads_every_tensor_exactly() {
     let pool = threads::pool(Some(2)).unwrap();
     let opts = ReadOptions {
         chunk: 64 << 10,
-        huge_pages: true,
+        ..ReadOptions::default()
     };
     // SAFETY: each destination is a distinct Vec of exactly `len` bytes, alive and
     // untouched for the duration of the call.
