@@ -582,3 +582,20 @@ def test_the_seven_reload_failure_classes(tmp_path, quant):
     kimi_loader.load_weights(direct, ck_b)
     for (n, p), (_, q) in zip(rank.named_parameters(), direct.named_parameters(), strict=True):
         assert torch.equal(as_bytes(p), as_bytes(q)), n
+
+
+def test_quantize_on_sync_refuses_a_source_of_the_wrong_shape(tmp_path):
+    """A bf16 weight whose shape is not the stored linear's was quantized with a group
+    derived from it (a ZeroDivisionError for a narrow one); now it is refused, naming it,
+    before anything is quantized or copied."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    model = kimi_loader.from_pretrained(a)
+    snap = _snapshot(model)
+    up = WeightUpdater(model, baseline=a)
+    name = "language_model.model.layers.1.mlp.experts.0.gate_proj.weight"
+    for shape in ((32, 1), (64, 32)):
+        with pytest.raises(ShapeMismatchError, match=name) as e:
+            up.update_from_tensors([(name, torch.zeros(shape, dtype=torch.bfloat16))], quantize=True)
+        assert e.value.expected == (32, 64) and e.value.found == shape
+    _assert_unchanged(model, snap)
+    assert up.version == 0

@@ -78,6 +78,18 @@ def detect_quant_format(config: dict[str, Any] | None, *, file: str | None = Non
 _FORMAT_SUFFIXES = tuple(dict.fromkeys(s for f in FORMATS.values() for s in f.suffixes if s != "weight_shape"))
 
 
+def stored_suffixes(ck: Any, name: str) -> dict[str, str]:
+    """Suffix -> safetensors dtype of the tensors checkpoint ``ck`` stores for the linear
+    whose checkpoint name is ``name`` (``{}``: none)."""
+    return {s: ck.tensor_info(f"{name}.{s}").st_dtype for s in _FORMAT_SUFFIXES if f"{name}.{s}" in ck}
+
+
+def format_matching(stored: dict[str, str]) -> Any:
+    """The :class:`~kimi_loader.registry.Format` a linear stored as ``stored`` (suffix ->
+    dtype) is in, or ``None``."""
+    return next((f for f in FORMATS.values() if f.matches(stored)), None)
+
+
 class ModuleFormats:
     """The storage format of every linear, decided in one place.
 
@@ -99,9 +111,8 @@ class ModuleFormats:
         self.checkpoint = checkpoint
 
     def _stored(self, module: str) -> dict[str, str] | None:
-        ck = self.checkpoint
         for name in checkpoint_names(module):
-            found = {s: ck.tensor_info(f"{name}.{s}").st_dtype for s in _FORMAT_SUFFIXES if f"{name}.{s}" in ck}
+            found = stored_suffixes(self.checkpoint, name)
             if found:
                 return found
         return None
@@ -114,7 +125,8 @@ class ModuleFormats:
         stored = self._stored(module)
         if stored is None:
             return configured  # absent: the planner reports it missing
-        fmt = next((f.name for f in FORMATS.values() if f.matches(stored)), None)
+        found = format_matching(stored)
+        fmt = None if found is None else found.name
         if fmt is None:
             raise UnsupportedFormatError(
                 f"linear '{module}' is stored as {sorted(stored.items())}, which is no format this library knows",

@@ -41,6 +41,14 @@ class Format:
     #: other suffixes that must be present to tell this format from another
     needed: tuple[str, ...] = ()
 
+    #: the suffix of the stored data, and how many logical values one stored element holds
+    DATA = "weight"
+    PER_ELEMENT = 1
+
+    def logical_shape(self, data_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The ``[out, in]`` of a linear whose stored data tensor has ``data_shape``."""
+        return (*data_shape[:-1], data_shape[-1] * self.PER_ELEMENT) if data_shape else data_shape
+
     @property
     def quantized(self) -> bool:
         return self.name != "bf16"
@@ -95,9 +103,6 @@ class Format:
 class _PerGroup(Format):
     """A format with one scale per ``group`` input columns: its data tensor packs
     ``PER_ELEMENT`` values per stored element."""
-
-    DATA = "weight"
-    PER_ELEMENT = 1
 
     def shard_shapes(self, out, inp, *, split="replicated", tp=1, fp8_block=(128, 128), group=None):
         o, i = self.local_dims(out, inp, split, tp)

@@ -37,7 +37,7 @@ import torch
 
 from . import _core, _validate
 from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError
-from .formats import TORCH_DTYPES, layer_index
+from .formats import TORCH_DTYPES, format_matching, layer_index, stored_suffixes
 from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
@@ -272,7 +272,7 @@ class WeightUpdater:
         def info(name: str) -> Any:
             return ck.tensor_info(name) if name in ck else None
 
-        plan: list[tuple[int, str]] = []  # (index, format) of the tensors to quantize
+        plan: list[tuple[int, Any]] = []  # (index, Format) of the tensors to quantize
         for k, (n, t) in enumerate(zip(names, tensors, strict=True)):
             if n.endswith(".weight") and t.is_floating_point() and t.dim() == 2:
                 fmt = _quantized_module(ck, n[: -len(".weight")])
@@ -300,22 +300,20 @@ class WeightUpdater:
             if n in hashes and self._source_hashes.get(n) == hashes[n]:
                 continue  # unchanged since the last sync: not quantized, not copied
             base = n[: -len(".weight")]
-            if fmt == "ct-int4":
+            _check_source(ck, base, fmt, t.shape, label)
+            if fmt.name == "ct-int4":
                 scale = ck.tensor_info(f"{base}.weight_scale")
-                group = t.shape[1] // scale.shape[1] if scale.shape and scale.shape[1] else 0
-                parts = quantize_int4(t, group=group, rule=rule, scale_dtype=scale.dtype, what=n)
+                parts = quantize_int4(t, group=t.shape[1] // scale.shape[1], rule=rule, scale_dtype=scale.dtype, what=n)
                 shape_info = info(f"{base}.weight_shape")
                 if shape_info is not None:
                     parts["weight_shape"] = parts["weight_shape"].to(shape_info.dtype)
                 else:
                     del parts["weight_shape"]
-            elif fmt == "fp8-block":
+            elif fmt.name == "fp8-block":
                 scale_dtype = ck.tensor_info(f"{base}.weight_scale_inv").dtype
                 parts = quantize_fp8_block(t, block=self._fp8_block, scale_dtype=scale_dtype, what=n)
             else:
-                parts = quantize_mxfp4(
-                    t, group=t.shape[1] // max(ck.tensor_info(f"{base}.weight_scale").shape[1], 1), what=n
-                )
+                parts = quantize_mxfp4(t, group=t.shape[1] // ck.tensor_info(f"{base}.weight_scale").shape[1], what=n)
             for suffix, v in parts.items():
                 out_names.append(f"{base}.{suffix}")
                 out_tensors.append(v)
@@ -377,14 +375,14 @@ class WeightUpdater:
             if dtype is None or nbytes != math.prod(shape) * dtype.itemsize:
                 raise InvalidArgumentError(f"{_STREAM}: tensor '{name}': bad dtype or size", tensor=name)
             stored = ck.tensor_info(name) if name in ck else None
-            quantized = (
-                quantize
-                and name.endswith(".weight")
-                and dtype.is_floating_point
-                and len(shape) == 2
-                and _quantized_module(ck, name[: -len(".weight")]) is not None
+            base = name[: -len(".weight")]
+            fmt = (
+                _quantized_module(ck, base)
+                if quantize and name.endswith(".weight") and dtype.is_floating_point and len(shape) == 2
+                else None
             )
-            if quantized:
+            if fmt is not None:
+                _check_source(ck, base, fmt, shape, _STREAM)
                 continue
             plain.add(name)
             if stored is None:
@@ -583,17 +581,25 @@ class WeightUpdater:
         )
 
 
-def _quantized_module(ck: Checkpoint, base: str) -> str | None:
-    """The quantized format module ``base`` is stored in by checkpoint ``ck`` (``None``:
-    not quantized, or not there)."""
-    if f"{base}.weight_packed" in ck:
-        return "ct-int4"
-    weight = ck.tensor_info(f"{base}.weight") if f"{base}.weight" in ck else None
-    if weight is not None and weight.st_dtype == "F8_E4M3" and f"{base}.weight_scale_inv" in ck:
-        return "fp8-block"
-    if weight is not None and weight.st_dtype == "U8" and f"{base}.weight_scale" in ck:
-        return "quark-mxfp4"
-    return None
+def _quantized_module(ck: Checkpoint, base: str) -> Any:
+    """The quantized :class:`~kimi_loader.registry.Format` checkpoint ``ck`` stores linear
+    ``base`` in (``None``: not quantized, or not there): the registry decides, as for loads."""
+    fmt = format_matching(stored_suffixes(ck, base))
+    return fmt if fmt is not None and fmt.quantized else None
+
+
+def _check_source(ck: Checkpoint, base: str, fmt: Any, shape: Any, what: str) -> None:
+    """An unquantized weight sent for quantized linear ``base`` has the ``[out, in]`` its
+    stored data implies (:class:`ShapeMismatchError` naming it otherwise)."""
+    want = fmt.logical_shape(ck.tensor_info(f"{base}.{fmt.DATA}").shape)
+    if tuple(shape) != tuple(want):
+        raise ShapeMismatchError(
+            f"{what}: tensor '{base}.weight': the model stores this linear as {fmt.name} of "
+            f"{list(want)}, the update is {list(shape)}",
+            tensor=f"{base}.weight",
+            expected=tuple(want),
+            found=tuple(shape),
+        )
 
 
 # -- torch.distributed -----------------------------------------------------------------
