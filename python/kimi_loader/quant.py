@@ -107,6 +107,18 @@ def _finite(w: torch.Tensor, what: str) -> None:
         raise InvalidArgumentError(f"{what}: holds NaN or infinite values; refusing to quantize it", tensor=what)
 
 
+def _grouped(w: torch.Tensor, group: int, what: str) -> tuple[int, int]:
+    """``[out, in]`` of a weight quantized per group of ``group`` input columns, checked:
+    finite, and ``in`` a multiple of the group."""
+    from .errors import InvalidArgumentError
+
+    out, inp = w.shape
+    if group < 1 or inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    _finite(w, what)
+    return out, inp
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., in]`` in -8..7 -> int32 ``[..., in/8]`` (value + 8 in bits
     ``[4j, 4j+4)``; the inverse of :func:`unpack_int4`)."""
@@ -123,10 +135,7 @@ def quantize_int4(
 
     if rule not in INT4_RULES:
         raise InvalidArgumentError(f"int4 quantization rule must be one of {INT4_RULES}, got {rule!r}")
-    out, inp = w.shape
-    if inp % group:
-        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
-    _finite(w, what)
+    out, inp = _grouped(w, group, what)
     g = w.reshape(out, inp // group, group)
     gf = g.float()
     if rule == "compressed-tensors":
@@ -162,13 +171,9 @@ def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
 def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, torch.Tensor]:
     """``w`` ``[out, in]`` -> ``weight`` uint8 (two E2M1 codes a byte, low nibble first)
     and ``weight_scale`` uint8 (e8m0)."""
-    from .errors import InvalidArgumentError
     from .formats import pack_mxfp4
 
-    out, inp = w.shape
-    if inp % group:
-        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
-    _finite(w, what)
+    out, inp = _grouped(w, group, what)
     g = w.float().reshape(out, inp // group, group)
     amax = torch.maximum(g.amin(-1).clamp(max=0).abs(), g.amax(-1).clamp(min=0))
     # round to a power of two with E2M1's 1 mantissa bit: add half an E2M1 ulp, keep sign + exponent

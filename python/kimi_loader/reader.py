@@ -294,14 +294,15 @@ class Checkpoint:
         import hashlib
         from concurrent.futures import ThreadPoolExecutor
 
-        def sha256(name: str) -> str:  # hashlib releases the GIL on large buffers
-            shard, _dtype, _shape, offset, nbytes = self.core.locate(name)
-            return hashlib.sha256(memoryview(cast(Any, self._buffer(shard)))[offset : offset + nbytes]).hexdigest()
+        located = [self.core.locate(n) for n in names]
+        views = {shard: memoryview(cast(Any, self._buffer(shard))) for shard, *_ in located}  # mapped once
 
-        for shard in {self.core.locate(n)[0] for n in names}:
-            self._buffer(shard)  # mapped once, before the threads start
+        def sha256(where: tuple) -> str:  # hashlib releases the GIL on large buffers
+            shard, _dtype, _shape, offset, nbytes = where
+            return hashlib.sha256(views[shard][offset : offset + nbytes]).hexdigest()
+
         with ThreadPoolExecutor(_core.resolve_threads(self._threads)) as pool:
-            return dict(zip(names, pool.map(sha256, names), strict=True))
+            return dict(zip(names, pool.map(sha256, located), strict=True))
 
     def read_tensors(
         self,

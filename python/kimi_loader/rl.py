@@ -554,15 +554,15 @@ class WeightUpdater:
         else:  # applied unhashed: what the model held for them is no longer known
             self._state.forget(ck.keys())
         self._bump_version()
+        ops = plan.ops() if sel is None else []  # (unhashed: every op of the given tensors ran)
         if sel is not None:
             layers = sel.layers if which else []
         else:
-            layers = sorted({x for op in plan.ops() if (x := layer_index(op[1])) is not None})
+            layers = sorted({x for op in ops if (x := layer_index(op[1])) is not None})
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and which:
             post(layers=layers)
         t_post = time.perf_counter()
-        ops = plan.ops() if sel is None else []
         return UpdateReport(
             version=self.version,
             tensors=len(ck) if sel is None else sel.tensors,

@@ -118,6 +118,22 @@ pub fn live_tensor(
     dtype: Option<Dtype>,
     what: &str,
 ) -> PyResult<LiveBuffer> {
+    checked_tensor(t, want, dtype, what, false)
+}
+
+/// The same for a contiguous tensor on a non-CPU device (its address is never
+/// dereferenced on the host).
+pub fn device_tensor(t: &Bound<'_, PyAny>, want: u64, what: &str) -> PyResult<LiveBuffer> {
+    checked_tensor(t, want, None, what, true)
+}
+
+fn checked_tensor(
+    t: &Bound<'_, PyAny>,
+    want: u64,
+    dtype: Option<Dtype>,
+    what: &str,
+    on_device: bool,
+) -> PyResult<LiveBuffer> {
     let py = t.py();
     let err = |reason: String| invalid(py, format!("{what}: {reason}"));
     let attr = |name: &str| {
@@ -128,10 +144,13 @@ pub fn live_tensor(
         .getattr("type")
         .and_then(|d| d.extract())
         .map_err(|_| err("has no device type".into()))?;
-    if device != "cpu" {
+    if !on_device && device != "cpu" {
         return Err(err(format!(
             "must be a CPU tensor, found device '{device}'"
         )));
+    }
+    if on_device && (device == "cpu" || device == "meta") {
+        return Err(err(format!("must be on a device, found '{device}'")));
     }
     let contiguous: bool = attr("is_contiguous")?.call0()?.extract()?;
     if !contiguous {
@@ -170,33 +189,6 @@ pub fn dtype_of_torch(name: &str) -> Option<Dtype> {
     ]
     .into_iter()
     .find(|d| torch_name(*d) == name)
-}
-
-/// A contiguous tensor on a non-CPU device (its address is never dereferenced on the
-/// host), with its storage held.
-pub fn device_tensor(t: &Bound<'_, PyAny>, want: u64, what: &str) -> PyResult<LiveBuffer> {
-    let py = t.py();
-    let err = |reason: String| invalid(py, format!("{what}: {reason}"));
-    let device: String = t
-        .getattr("device")
-        .and_then(|d| d.getattr("type"))
-        .and_then(|d| d.extract())
-        .map_err(|_| err(format!("expected a torch.Tensor, got {}", type_name(t))))?;
-    if device == "cpu" || device == "meta" {
-        return Err(err(format!("must be on a device, found '{device}'")));
-    }
-    let contiguous: bool = t.getattr("is_contiguous")?.call0()?.extract()?;
-    let nbytes: u64 = t.getattr("nbytes")?.extract()?;
-    if !contiguous || nbytes != want {
-        return Err(err("must be contiguous".into()));
-    }
-    let ptr: usize = t.getattr("data_ptr")?.call0()?.extract()?;
-    let keep = t.getattr("untyped_storage")?.call0()?.unbind();
-    Ok(LiveBuffer {
-        ptr,
-        len: want,
-        _keep: keep,
-    })
 }
 
 fn type_name(t: &Bound<'_, PyAny>) -> String {

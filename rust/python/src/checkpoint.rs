@@ -95,8 +95,9 @@ pub fn from_tensors(
         });
         keep.push(live);
     }
-    // SAFETY: every region is the data of a contiguous CPU tensor checked above, whose
-    // storage `keep` holds (the storages live as long as the checkpoint holds `keep`);
+    // SAFETY: every region is the data of a contiguous tensor checked above (on the CPU,
+    // or with `device` on a device: such a checkpoint is marked so and the host never
+    // reads it), whose storage `keep` holds as long as the checkpoint holds `keep`;
     // callers must not modify the tensors while an update reads them (documented on
     // `update_from_tensors`).
     let inner =
