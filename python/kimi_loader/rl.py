@@ -41,6 +41,7 @@ from .formats import TORCH_DTYPES, format_matching, layer_index, stored_suffixes
 from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
+from .registry import FORMATS
 
 __all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
 
@@ -63,9 +64,9 @@ class UpdateReport:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-#: the tensors that make up one quantized weight (kept in one bucket of a stream; the
-#: Rust core checks an update sends all of them: ``kimi_loader_core::update::UNITS``)
-_UNITS = (("weight_packed", "weight_scale", "weight_shape"), ("weight", "weight_scale"), ("weight", "weight_scale_inv"))
+#: the tensors that make up one quantized weight, per format (kept in one bucket of a
+#: stream; the Rust core checks that an update sends all of them)
+_UNITS = tuple(f.suffixes for f in FORMATS.values() if f.quantized)
 
 
 class WeightUpdater:

@@ -86,6 +86,20 @@ impl Default for QuantParams {
 }
 
 impl QuantFormat {
+    /// Every format.
+    pub const ALL: [QuantFormat; 3] =
+        [QuantFormat::Int4, QuantFormat::Mxfp4, QuantFormat::Fp8Block];
+
+    /// The checkpoint suffixes of one quantized linear in this format: the tensors that
+    /// are updated together or not at all.
+    pub fn suffixes(self) -> &'static [&'static str] {
+        match self {
+            QuantFormat::Int4 => &["weight_packed", "weight_scale", "weight_shape"],
+            QuantFormat::Mxfp4 => &["weight", "weight_scale"],
+            QuantFormat::Fp8Block => &["weight", "weight_scale_inv"],
+        }
+    }
+
     /// The format whose stored weight has dtype `d`, if any.
     pub fn of_data(d: Dtype) -> Option<QuantFormat> {
         match d {

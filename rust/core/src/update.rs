@@ -11,34 +11,27 @@ use rayon::ThreadPool;
 use crate::checkpoint::TensorId;
 use crate::exec::hash_tensors;
 use crate::plan::Plan;
+use crate::quant::QuantFormat;
 use crate::{Checkpoint, Error, Result};
 
-/// The tensors that make up one quantized weight (by suffix): updated together or not at
-/// all.
-pub const UNITS: [&[&str]; 3] = [
-    &["weight_packed", "weight_scale", "weight_shape"],
-    &["weight", "weight_scale"],
-    &["weight", "weight_scale_inv"],
-];
-
 /// Refuses an update that sends part of a quantized weight: for every name in `present`
-/// whose suffix belongs to a unit that `known` stores (at least two of its parts), every
-/// part `known` has must be present. The error names the absent part. One pass over the
-/// names, then at most five lookups per module.
+/// whose suffix belongs to a format's tensors ([`QuantFormat::suffixes`]) that `known`
+/// stores (at least two of them), every part `known` has must be present. The error
+/// names the absent part. One pass over the names, then a few lookups per module.
 pub fn check_units(
     present: &HashSet<&str>,
     known: &Checkpoint,
     file: &std::path::Path,
 ) -> Result<()> {
-    const SUFFIXES: [&str; 5] = [
-        "weight_packed",
-        "weight_scale",
-        "weight_shape",
-        "weight",
-        "weight_scale_inv",
-    ];
-    let bit = |suffix: &str| SUFFIXES.iter().position(|s| *s == suffix).map(|i| 1u8 << i);
-    let unit_mask = |unit: &[&str]| unit.iter().filter_map(|s| bit(s)).fold(0u8, |a, b| a | b);
+    // every suffix of every format, one bit each
+    let mut suffixes: Vec<&str> = Vec::new();
+    for s in QuantFormat::ALL.iter().flat_map(|f| f.suffixes()) {
+        if !suffixes.contains(s) {
+            suffixes.push(s);
+        }
+    }
+    debug_assert!(suffixes.len() <= 8);
+    let bit = |suffix: &str| suffixes.iter().position(|s| *s == suffix).map(|i| 1u8 << i);
     let mut by_base: HashMap<&str, u8> = HashMap::new();
     for &name in present {
         if let Some((base, suffix)) = name.rsplit_once('.') {
@@ -50,7 +43,7 @@ pub fn check_units(
     let mut buf = String::new();
     for (base, sent) in by_base {
         let mut stored = 0u8;
-        for (i, s) in SUFFIXES.iter().enumerate() {
+        for (i, s) in suffixes.iter().enumerate() {
             buf.clear();
             buf.push_str(base);
             buf.push('.');
@@ -59,16 +52,20 @@ pub fn check_units(
                 stored |= 1 << i;
             }
         }
-        for unit in UNITS {
-            let u = unit_mask(unit);
+        for format in QuantFormat::ALL {
+            let u = format
+                .suffixes()
+                .iter()
+                .filter_map(|s| bit(s))
+                .fold(0u8, |a, b| a | b);
             let parts = stored & u;
             if sent & u == 0 || parts.count_ones() < 2 {
-                continue; // not sent, or not this unit in this checkpoint
+                continue; // not sent, or not this format in this checkpoint
             }
             let absent = parts & !sent;
             if absent != 0 {
-                let missing = SUFFIXES[absent.trailing_zeros() as usize];
-                let given = SUFFIXES[(parts & sent).trailing_zeros() as usize];
+                let missing = suffixes[absent.trailing_zeros() as usize];
+                let given = suffixes[(parts & sent).trailing_zeros() as usize];
                 return Err(Error::MissingTensor {
                     file: file.to_path_buf(),
                     tensor: format!("{base}.{missing}"),
