@@ -80,6 +80,23 @@ def test_device_dequantization_equals_the_cpu_executor(synth_dir, quant, out):
         assert torch.equal(as_bytes(ref[d]), as_bytes(got[d])), names[d]
 
 
+def test_device_executor_checks_every_destination_before_a_launch(synth_dir):
+    """A destination too small for its ops, or of another element size, is refused before
+    anything runs (it would be written out of bounds or reinterpreted)."""
+    ck, config = _memory_checkpoint(synth_dir("kimi-k2.5-tiny", "bf16"), torch.float16)
+    model = for_config(config, dtype=torch.float16, device="meta")
+    planned = plan_for(model, ck)
+    plan, names = planned.plan, planned.plan.dest_names()
+    shapes = {n: (t.shape, t.dtype) for n, t in planned.dests.items()}
+    good = [torch.zeros(shapes[n][0], dtype=shapes[n][1]) for n in names]
+    which = list(range(len(plan)))
+    for bad in (torch.zeros(3, dtype=torch.float16), torch.zeros(shapes[names[0]][0], dtype=torch.float32)):
+        dests = [bad, *good[1:]]
+        with pytest.raises(kimi_loader.InvalidArgumentError, match="destination 0"):
+            plan_exec.execute(plan, which, dests)
+        assert not any(t.any() for t in good[1:])  # nothing ran
+
+
 def test_device_executor_refuses_file_sources(synth_dir):
     from kimi_loader.models.hf import empty_model
 

@@ -90,15 +90,14 @@ def run(path: str, *, repeat: int = 5, max_bytes: int = 2 << 30, threads: int | 
         del model
 
     names: list[str] = []
+    by_file: dict[str, list[str]] = {}  # the same names, per shard (safetensors opens each)
     nbytes = 0
     for info in sorted(ck.infos(), key=lambda i: (i.file, i.offset)):
         if nbytes + info.nbytes > max_bytes and names:
             break
         names.append(info.name)
+        by_file.setdefault(info.file, []).append(info.name)
         nbytes += info.nbytes
-    by_file: dict[str, list[str]] = {}
-    for n in names:
-        by_file.setdefault(ck.tensor_info(n).file, []).append(n)
     views = {n: ck.get_tensor(n) for n in names}
     faulted = {n: torch.empty_like(v).zero_() for n, v in views.items()}
 

@@ -190,7 +190,8 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
     """Runs the ops ``which`` of ``plan`` (built against a checkpoint of tensors handed
     over in memory, :func:`kimi_loader._core.from_tensors`) into ``dests`` (the plan's
     destinations by index), on the device the destinations are on. Every destination an
-    op writes must be given, contiguous, and of the plan's size; checked before a launch."""
+    op writes must be given, contiguous, of the plan's element size and large enough for
+    every op's range; all checked before the first launch."""
     if not which:
         return
     table = torch.frombuffer(bytearray(plan.op_table(which)), dtype=torch.int64).view(-1, _COLS).clone()
@@ -204,6 +205,17 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
     if len(devices) != 1:
         raise InvalidArgumentError(f"the destinations are on several devices: {sorted(map(str, devices))}")
     device = devices.pop()
+    given = [dests[d] for d in dest_ids]
+    size = torch.tensor([t.nbytes for t in given], dtype=torch.int64)  # type: ignore[union-attr]
+    elem = torch.tensor([t.element_size() for t in given], dtype=torch.int64)  # type: ignore[union-attr]
+    end = table[:, 10] + (table[:, 4] - table[:, 3]) * (table[:, 6] - table[:, 5]) * table[:, 8]
+    bad = ((end > size) | (elem != table[:, 8])).nonzero()
+    if len(bad):
+        k = int(bad[0])
+        raise InvalidArgumentError(
+            f"destination {dest_ids[k]} of the plan: {int(size[k])} bytes of {int(elem[k])}-byte elements, "
+            f"an op writes up to byte {int(end[k])} in {int(table[k, 8])}-byte elements"
+        )
     base = dests[dest_ids[0]]
     assert base is not None
     base_u8 = base.view(-1).view(torch.uint8) if base.numel() else base
