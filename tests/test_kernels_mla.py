@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kimi_loader.errors import InvalidArgumentError
+
 pytest.importorskip("triton")
 from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
 
@@ -41,5 +43,5 @@ def test_mla_decode_matches_the_reference(heads, lens, lora, rope, dtype):
 
 def test_mla_decode_refuses_bad_lengths():
     q = torch.zeros(2, 4, 8)
-    with pytest.raises(ValueError, match="seq_lens"):
+    with pytest.raises(InvalidArgumentError, match="seq_lens"):
         mla_decode(q, torch.zeros(2, 4, 4), torch.zeros(2, 3, 8), torch.zeros(2, 3, 4), torch.tensor([1, 4]), 1.0)

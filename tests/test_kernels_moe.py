@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kimi_loader.errors import InvalidArgumentError
+
 pytest.importorskip("triton")
 from kimi_loader.kernels.moe import moe_w4, moe_w4_reference
 from kimi_loader.quant import quantize_int4, quantize_mxfp4
@@ -57,9 +59,9 @@ def test_moe_w4_refuses_mismatched_experts():
     w13, s13 = _experts(2, 64, 64, 32, torch.bfloat16, g)
     w2, s2 = _experts(2, 32, 32, 32, torch.bfloat16, g)  # wrong hidden size
     x = torch.randn(1, 64)
-    with pytest.raises(ValueError, match="do not match"):
+    with pytest.raises(InvalidArgumentError, match="do not match"):
         moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2)
-    with pytest.raises(ValueError, match="fmt"):
+    with pytest.raises(InvalidArgumentError, match="fmt"):
         moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, "nf4")
 
 

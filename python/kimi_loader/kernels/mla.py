@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InvalidArgumentError
+
 __all__ = ["mla_decode", "mla_decode_reference"]
 
 
@@ -82,10 +84,10 @@ def mla_decode(
     rope = q_rope.shape[-1]
     s = latent.shape[1]
     if latent.shape != (b, s, lat) or k_rope.shape != (b, s, rope) or q_rope.shape[:2] != (b, h):
-        raise ValueError("query and cache shapes do not match")
+        raise InvalidArgumentError("query and cache shapes do not match")
     lens = seq_lens.to(torch.int32).contiguous()
     if len(lens) != b or bool((lens < 1).any()) or bool((lens > s).any()):
-        raise ValueError(f"seq_lens must be {b} lengths in 1..{s}")
+        raise InvalidArgumentError(f"seq_lens must be {b} lengths in 1..{s}")
     out = torch.empty(b, h, lat, dtype=torch.float32, device=q_nope.device)
     _mla_decode[(b, h)](
         q_nope.contiguous(),

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..errors import InvalidArgumentError
 from .plan_exec import _bf16_to_f32, _e2m1, _e8m0, _round_bf16
 
 __all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
@@ -147,14 +148,14 @@ def moe_w4(
     ``"quark-mxfp4"`` (``w13`` uint8 ``[E, 2I, H/2]``, e8m0 uint8 scales, group 32)."""
     per = {"ct-int4": 8, "quark-mxfp4": 2}.get(fmt)
     if per is None:
-        raise ValueError(f"fmt must be 'ct-int4' or 'quark-mxfp4', got {fmt!r}")
+        raise InvalidArgumentError(f"fmt must be 'ct-int4' or 'quark-mxfp4', got {fmt!r}")
     t, hidden = x.shape
     k = topk_ids.shape[1]
     e, two_i, row = w13.shape
     inter = two_i // 2
     group = hidden // w13_scale.shape[-1]
     if row * per != hidden or w2.shape != (e, hidden, inter // per) or inter // w2_scale.shape[-1] != group:
-        raise ValueError("expert tensors do not match x / each other")
+        raise InvalidArgumentError("expert tensors do not match x / each other")
     sdt = 4 if fmt == "quark-mxfp4" else _SCALE_CODES[w13_scale.dtype]
     code = 2 if fmt == "quark-mxfp4" else 1
     x = x.contiguous()
@@ -294,7 +295,7 @@ def route_noaux_tc(
     weights float32 [T, K])``, one program per token."""
     t, e = router_logits.shape
     if e % n_group or topk_group > n_group or top_k > e:
-        raise ValueError(f"{e} experts, {n_group} groups, topk_group={topk_group}, top_k={top_k}")
+        raise InvalidArgumentError(f"{e} experts, {n_group} groups, topk_group={topk_group}, top_k={top_k}")
     gs = e // n_group
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
