@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from ..models.runtime import route_noaux_tc as _runtime_route
 from .plan_exec import _bf16_to_f32, _e2m1, _e8m0, _round_bf16
 
 __all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
@@ -317,27 +318,5 @@ def route_noaux_tc(
     return ids, weights
 
 
-def route_noaux_tc_reference(
-    router_logits: torch.Tensor,
-    correction_bias: torch.Tensor,
-    *,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    routed_scaling_factor: float,
-    renormalize: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in torch (the CPU runtime's routing, as transformers computes it)."""
-    t, e = router_logits.shape
-    scores = router_logits.float().sigmoid()
-    choice = scores + correction_bias.float()
-    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-    mask = mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(t, e)
-    choice = choice.masked_fill(~mask.bool(), float("-inf"))
-    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
-    w = scores.gather(1, ids)
-    if renormalize:
-        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-    return ids.to(torch.int32), w * routed_scaling_factor
+#: the kernel's reference: the CPU runtime's routing (transformers' computation)
+route_noaux_tc_reference = _runtime_route

@@ -114,6 +114,36 @@ class KVCache:
         return 0 if not self.latent or self.latent[0] is None else self.latent[0].shape[1]
 
 
+def route_noaux_tc(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    *,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float,
+    renormalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 / Kimi-K2 routing as transformers computes it: sigmoid scores, plus the
+    correction bias to choose; groups ranked by the sum of their two best choices, the
+    best ``topk_group`` kept (the others masked to -inf), the ``top_k`` best experts among
+    them; weights are the scores (without the bias), renormalized and scaled. Returns
+    ``(ids [T, K], weights float32 [T, K])``. The reference of the Triton kernel."""
+    t, e = router_logits.shape
+    scores = router_logits.float().sigmoid()
+    choice = scores + correction_bias.float()
+    group_scores = choice.view(t, n_group, e // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    mask = mask.unsqueeze(-1).expand(-1, n_group, e // n_group).reshape(t, e)
+    choice = choice.masked_fill(~mask.bool(), float("-inf"))
+    ids = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    w = scores.gather(1, ids)
+    if renormalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return ids, w * routed_scaling_factor
+
+
 class Runtime:
     """Forward pass over a :class:`~kimi_loader.models.DeepseekV3ForCausalLM`'s parameters."""
 
@@ -185,26 +215,20 @@ class Runtime:
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
 
-    def _route(self, h: torch.Tensor, mlp: Any, e_total: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """noaux_tc routing in torch: ``(expert ids, weights)`` ``[T, top_k]``."""
+    def _route(self, h: torch.Tensor, mlp: Any) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.c
-        scores = F.linear(h.float(), mlp.gate.weight.float()).sigmoid()
-        choice = scores + mlp.gate.e_score_correction_bias
-        n_group, topk_group = c.get("n_group") or 1, c.get("topk_group") or 1
-        group_scores = choice.view(-1, n_group, e_total // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
-        score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, e_total // n_group).reshape(-1, e_total)
-        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))  # as transformers
-        top_idx = torch.topk(choice, k=c["num_experts_per_tok"], dim=-1, sorted=False)[1]
-        top_w = scores.gather(1, top_idx)
-        if c.get("norm_topk_prob", True):
-            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
-        top_w = top_w * c["routed_scaling_factor"]
-        return top_idx, top_w
+        return route_noaux_tc(
+            F.linear(h.float(), mlp.gate.weight.float()),
+            mlp.gate.e_score_correction_bias,
+            top_k=c["num_experts_per_tok"],
+            n_group=c.get("n_group") or 1,
+            topk_group=c.get("topk_group") or 1,
+            routed_scaling_factor=c["routed_scaling_factor"],
+            renormalize=c.get("norm_topk_prob", True),
+        )
 
     def _moe_torch(self, h: torch.Tensor, mlp: Any, e_total: int) -> torch.Tensor:
-        top_idx, top_w = self._route(h, mlp, e_total)
+        top_idx, top_w = self._route(h, mlp)
         experts = mlp.experts
         lo = self.m.ep_rank * e_total // self.m.ep_size
         out = torch.zeros_like(h)
@@ -216,15 +240,15 @@ class Runtime:
             out.index_add_(0, tok, y)
         return out
 
-    def _moe_triton(self, h: torch.Tensor, mlp: Any, e_total: int) -> torch.Tensor:
+    def _moe_triton(self, h: torch.Tensor, mlp: Any) -> torch.Tensor:
         """The same with the Triton kernels (:mod:`kimi_loader.kernels.moe`): routing and
         the fused 4-bit experts read in checkpoint layout."""
-        from ..kernels.moe import moe_w4, route_noaux_tc
+        from ..kernels.moe import moe_w4
+        from ..kernels.moe import route_noaux_tc as route_kernel
 
         c, experts = self.c, mlp.experts
-        logits = F.linear(h.float(), mlp.gate.weight.float())
-        ids, w = route_noaux_tc(
-            logits,
+        ids, w = route_kernel(
+            F.linear(h.float(), mlp.gate.weight.float()),
             mlp.gate.e_score_correction_bias,
             top_k=c["num_experts_per_tok"],
             n_group=c.get("n_group") or 1,
@@ -257,7 +281,7 @@ class Runtime:
         e_total = c["n_routed_experts"]
         experts = mlp.experts
         if getattr(self.m, "kernels", "torch") == "triton" and experts.format in ("ct-int4", "quark-mxfp4"):
-            out = self._moe_triton(h, mlp, e_total)
+            out = self._moe_triton(h, mlp)
         else:
             out = self._moe_torch(h, mlp, e_total)
         if self.m.num_fused_shared_experts:  # the fused slot (the last), always selected with weight 1
