@@ -286,6 +286,7 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
         world_size=world,
         timeout=datetime.timedelta(seconds=60),
     )
+    tp_group = dist.new_group(list(range(1, world)))  # the receivers' TP group (every rank makes it)
     if rank == 0:
         ck = kimi_loader.open(b)
         items = [(n, ck.get_tensor(n)) for n in ck.keys()]
@@ -323,13 +324,12 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
     result["unchanged"] = all(torch.equal(as_bytes(p), as_bytes(before[n])) for n, p in model.named_parameters())
     result["consistent"] = model.language_model.weights_consistent
     result["version"] = up.version
-    try:  # (the CPU runtime refuses sharded models after checking the weights' state)
-        model(IDS)
+    model.process_group = tp_group  # the sharded runtime's collectives run among the receivers
+    try:
+        result["logits_finite"] = bool(torch.isfinite(model(IDS)).all())
         result["runs"] = True
     except kimi_loader.InconsistentWeightsError:
         result["runs"] = False
-    except NotImplementedError:
-        result["runs"] = True
     torch.save({n: p for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)

@@ -105,13 +105,6 @@ def test_post_load_weights_rebuilds_exactly_the_given_layers(synth_dir):
     assert torch.equal(layers[1].self_attn.w_vc, kv_b[:, c["qk_nope_head_dim"] :].transpose(1, 2))
 
 
-def test_sharded_models_refuse_to_run(synth_dir):
-    path = synth_dir("deepseek-v3-tiny", "bf16")
-    model = kimi_loader.from_pretrained(path, tp_rank=0, tp_size=2)
-    with pytest.raises(NotImplementedError, match="tp_size=1"):
-        model(torch.zeros(1, 2, dtype=torch.long))
-
-
 def test_logits_match_transformers_kimi_k25_class(synth_dir):
     """transformers' Kimi-K2.5 class as the reference (text-only input: its language model
     and head; the vision tower is declared not loaded)."""

@@ -100,18 +100,22 @@ def from_pretrained(
     dtype=None,
     tp_rank: int = 0,
     tp_size: int = 1,
-    ep_rank: int = 0,
+    ep_rank: int | None = None,
     ep_size: int = 1,
     threads: int | None = None,
     progress=None,
     kernels: str | None = None,
+    process_group=None,
 ):
     """Builds the serving-layout model from ``config.json`` on the meta device,
     materializes it on ``device``, loads it with :func:`load_weights` and runs
     ``post_load_weights``. ``dtype`` (default float32) is the compute dtype of dense
     weights; quantized weights stay in their checkpoint format. ``kernels``: ``"torch"``
     (the reference runtime) or ``"triton"`` (routing and the 4-bit MoE as Triton kernels,
-    :mod:`kimi_loader.kernels`); default ``"triton"`` on a GPU, else ``"torch"``."""
+    :mod:`kimi_loader.kernels`); default ``"triton"`` on a GPU, else ``"torch"``. A sharded
+    model (``tp_size > 1``) runs in one process per TP rank with ``torch.distributed``
+    collectives over ``process_group`` (default: the world group; see
+    :mod:`kimi_loader.models.runtime`)."""
     import torch
 
     from .loader import load_weights
@@ -135,7 +139,9 @@ def from_pretrained(
         kernels = "triton" if torch.device(device).type == "cuda" else "torch"
     if kernels not in ("torch", "triton"):
         raise InvalidArgumentError(f"kernels must be 'torch' or 'triton', got {kernels!r}")
-    getattr(model, "language_model", model).kernels = kernels
+    lm = getattr(model, "language_model", model)
+    lm.kernels = kernels
+    lm.process_group = process_group
     model.to_empty(device=device)
     load_weights(
         model,

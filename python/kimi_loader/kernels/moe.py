@@ -23,11 +23,9 @@ import triton.language as tl
 
 from ..errors import InvalidArgumentError
 from ..models.runtime import route_noaux_tc as _runtime_route
-from .plan_exec import _bf16_to_f32, _e2m1, _e8m0, _round_bf16
+from .dequant import _e2m1, _int4_value, _scale_at, scale_code
 
 __all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
-
-_SCALE_CODES = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
 @triton.jit
@@ -38,21 +36,10 @@ def _w4(packed_row, scale_row, k, mask, SDT: tl.constexpr, GROUP: tl.constexpr, 
     if FMT == 2:
         byte = tl.load(packed_row + k // 2, mask=mask, other=0).to(tl.int32)
         code = (byte >> ((k % 2) * 4)) & 0xF
-        return _e2m1(code) * _e8m0(tl.load(scale_row + k // GROUP, mask=mask, other=0))
+        return _e2m1(code) * _scale_at(scale_row, k // GROUP, mask, 4)
     word = tl.load(packed_row + k // 8, mask=mask, other=0)
     q = (word >> ((k % 8) * 4)) & 0xF
-    if SDT == 1:
-        s = _bf16_to_f32(tl.load(scale_row.to(tl.pointer_type(tl.uint16)) + k // GROUP, mask=mask, other=0))
-    elif SDT == 2:
-        s = tl.load(scale_row.to(tl.pointer_type(tl.float16)) + k // GROUP, mask=mask, other=0).to(tl.float32)
-    else:
-        s = tl.load(scale_row.to(tl.pointer_type(tl.float32)) + k // GROUP, mask=mask, other=0)
-    v = (q - 8).to(tl.float32) * s
-    if SDT == 1:
-        v = _round_bf16(v)
-    elif SDT == 2:
-        v = v.to(tl.float16).to(tl.float32)
-    return v
+    return _int4_value(q, _scale_at(scale_row, k // GROUP, mask, SDT), SDT)
 
 
 @triton.jit
@@ -157,7 +144,7 @@ def moe_w4(
     group = hidden // w13_scale.shape[-1]
     if row * per != hidden or w2.shape != (e, hidden, inter // per) or inter // w2_scale.shape[-1] != group:
         raise InvalidArgumentError("expert tensors do not match x / each other")
-    sdt = 4 if fmt == "quark-mxfp4" else _SCALE_CODES[w13_scale.dtype]
+    sdt = scale_code(w13_scale)
     code = 2 if fmt == "quark-mxfp4" else 1
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()

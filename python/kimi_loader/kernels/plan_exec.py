@@ -29,6 +29,10 @@ import triton.language as tl
 from .. import _core
 from ..errors import InvalidArgumentError
 
+# the helpers _scale_at calls are imported too: the Triton interpreter resolves the names
+# of nested jit calls in the launching kernel's module
+from .dequant import _e2m1, _e4m3, _int4_value, _scale_at
+
 __all__ = ["execute"]
 
 _COLS = _core.OP_TABLE_COLS
@@ -91,47 +95,6 @@ def convert_ops(
 
 
 @triton.jit
-def _bf16_to_f32(u16):
-    return (u16.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_bf16(v):  # float32 -> the nearest bf16 value (ties to even), as float32
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e8m0(e):
-    bits = tl.where(e == 0, 1 << 22, e.to(tl.uint32) << 23)
-    v = bits.to(tl.float32, bitcast=True)
-    return tl.where(e == 255, float("nan"), v)
-
-
-@triton.jit
-def _e4m3(b):
-    b = b.to(tl.int32)
-    sign = tl.where((b & 0x80) != 0, -1.0, 1.0)
-    exp = (b >> 3) & 0xF
-    man = (b & 7).to(tl.float32)
-    normal = (1.0 + man / 8.0) * tl.exp2((exp - 7).to(tl.float32))
-    sub = man * 0.001953125  # 2^-9
-    v = tl.where(exp == 0, sub, normal)
-    v = tl.where((exp == 15) & ((b & 7) == 7), float("nan"), v)
-    return sign * v
-
-
-@triton.jit
-def _e2m1(code):
-    mag = code & 7
-    e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    v = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
-    return tl.where((code & 8) != 0, -v, v)
-
-
-@triton.jit
 def dequant_ops(
     base,
     table,
@@ -161,20 +124,9 @@ def dequant_ops(
             else:
                 byte = tl.load(base + src + r * stride + c // 2, mask=m, other=0).to(tl.int32)
                 code = (byte >> ((c % 2) * 4)) & 0xF
-            if SDT == 1:
-                s = _bf16_to_f32(tl.load((srow_at + (c // bc) * 2).to(tl.pointer_type(tl.uint16)), mask=m, other=0))
-            elif SDT == 2:
-                s = tl.load((srow_at + (c // bc) * 2).to(tl.pointer_type(tl.float16)), mask=m, other=0).to(tl.float32)
-            elif SDT == 3:
-                s = tl.load((srow_at + (c // bc) * 4).to(tl.pointer_type(tl.float32)), mask=m, other=0)
-            else:
-                s = _e8m0(tl.load(srow_at + (c // bc), mask=m, other=0))
+            s = _scale_at(srow_at, c // bc, m, SDT)
             if FMT == 1:
-                v = (code - 8).to(tl.float32) * s
-                if SDT == 1:
-                    v = _round_bf16(v)
-                elif SDT == 2:
-                    v = v.to(tl.float16).to(tl.float32)
+                v = _int4_value(code, s, SDT)
             elif FMT == 2:
                 v = _e2m1(code) * s
             else:

@@ -315,6 +315,19 @@ class DeepseekV3ForCausalLM(nn.Module):
     #: False while a streamed update (``atomic=False``) is incomplete: the weights are a
     #: mix of two versions and the model refuses to run until a complete update lands
     weights_consistent: bool = True
+    _process_group: Any = None
+
+    @property
+    def process_group(self) -> Any:
+        """The ``torch.distributed`` group a sharded model runs its collectives over (one
+        process per TP rank, in rank order); None: the world group. Checked when the model
+        first runs."""
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self._process_group = group
+        self.__dict__.pop("_runtime", None)  # the next run checks and uses the new group
 
     def runtime(self):
         from .runtime import Runtime
@@ -328,7 +341,7 @@ class DeepseekV3ForCausalLM(nn.Module):
             )
         rt = getattr(self, "_runtime", None)
         if rt is None:
-            rt = self._runtime = Runtime(self)
+            rt = self._runtime = Runtime(self, self.process_group)
         return rt
 
     @torch.no_grad()
@@ -429,6 +442,15 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
         self.config = mc.raw
         kwargs.pop("quant_config_source", None)  # the wrapper's config holds it, at either level
         self.language_model = DeepseekV3ForCausalLM(mc, **kwargs)
+
+    @property
+    def process_group(self) -> Any:
+        """The language model's (:attr:`DeepseekV3ForCausalLM.process_group`)."""
+        return self.language_model.process_group
+
+    @process_group.setter
+    def process_group(self, group: Any) -> None:
+        self.language_model.process_group = group
 
     def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
         return self.language_model(input_ids, cache)

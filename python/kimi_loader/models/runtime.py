@@ -9,8 +9,18 @@
 - Quantized weights stay in checkpoint format and are dequantized per use (per expert for
   MoE) with :mod:`kimi_loader.quant`.
 
-Tensor parallelism is not supported by this runtime (the loader shards; a TP runtime
-needs collectives): models with ``tp_size > 1`` refuse to run.
+Sharded models run with ``torch.distributed`` collectives over the model's
+``process_group`` (default: the world group), one process per TP rank, with the engines'
+convention (expert parallelism inside the TP group, :mod:`kimi_loader.parallel`):
+
+- the embedding is vocab-parallel (each rank embeds its rows, zeros elsewhere, all-reduce);
+- attention runs this rank's heads (``q_b_proj`` / ``kv_b_proj`` column-parallel, so
+  ``w_kc`` / ``w_vc`` are per local head); ``o_proj`` is row-parallel: all-reduce;
+- the dense MLP and the shared expert are column- then row-parallel: all-reduce;
+- routed experts: each rank runs the top-k slots that picked one of its experts (its slice
+  of them when ``moe_tp_size > 1``); the fused shared slot, present on every expert group,
+  is run by expert group 0 only; one all-reduce sums routed and shared parts;
+- the head is vocab-parallel: all-gather of the logits.
 """
 
 from __future__ import annotations
@@ -32,9 +42,16 @@ def dense(
     index: int | None = None,
     prefix: str = "",
     fp8_block: tuple[int, int] = (128, 128),
+    kernels: str = "torch",
 ) -> torch.Tensor:
     """The dense weight of a linear held in checkpoint format (``prefix`` selects e.g. the
-    ``w13_`` tensors of an experts module, ``index`` one expert)."""
+    ``w13_`` tensors of an experts module, ``index`` one expert); ``kernels="triton"``
+    dequantizes with the device kernel (:mod:`kimi_loader.kernels.dequant`, equal bit for
+    bit), on the weights' device."""
+    if kernels == "triton":
+        from ..kernels.dequant import dequantize as dequantize_fn
+    else:
+        dequantize_fn = dequantize
     fmt: str = getattr(module, "format")  # noqa: B009 - a plain attribute typed for mypy
     tensors = {}
     for suffix in format_of(fmt).suffix_dtypes:
@@ -48,11 +65,11 @@ def dense(
         s_parts = tensors["weight_scale_inv"].split([-(-r // fp8_block[0]) for r in rows])
         return torch.cat(
             [
-                dequantize(fmt, {"weight": w, "weight_scale_inv": sc}, dtype, fp8_block)
+                dequantize_fn(fmt, {"weight": w, "weight_scale_inv": sc}, dtype, fp8_block)
                 for w, sc in zip(w_parts, s_parts, strict=True)
             ]
         )
-    return dequantize(fmt, tensors, dtype, fp8_block)
+    return dequantize_fn(fmt, tensors, dtype, fp8_block)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,16 +161,46 @@ def route_noaux_tc(
     return ids, w * routed_scaling_factor
 
 
+def _check_group(model: Any, group: Any) -> Any:
+    """The process group a sharded model runs its collectives over (None unsharded),
+    checked against the model's layout: one process per TP rank, in rank order."""
+    from ..errors import InvalidArgumentError
+
+    par = model.parallel
+    if par.tp_size == 1 and par.ep_size == 1:
+        return None
+    if par.independent or par.ep_size > par.tp_size:
+        raise InvalidArgumentError(
+            f"the runtime runs expert parallelism inside the TP group (ep_size <= tp_size, not independent); "
+            f"this model is {par}"
+        )
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError(
+            f"a sharded model (tp_size={par.tp_size}) runs with torch.distributed: initialize a process group "
+            "(torch.distributed.init_process_group) with one process per TP rank"
+        )
+    group = group if group is not None else dist.group.WORLD
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    if (size, rank) != (par.tp_size, par.tp_rank):
+        raise InvalidArgumentError(
+            f"the process group has {size} ranks and this process is rank {rank}; the model is TP rank "
+            f"{par.tp_rank} of {par.tp_size}: pass a group of exactly the TP ranks (model.process_group)"
+        )
+    return group
+
+
 class Runtime:
     """Forward pass over a :class:`~kimi_loader.models.DeepseekV3ForCausalLM`'s parameters."""
 
-    def __init__(self, model: Any) -> None:
-        if model.tp_size != 1:
-            raise NotImplementedError("the CPU runtime runs unsharded models only (tp_size=1)")
+    def __init__(self, model: Any, group: Any = None) -> None:
         self.m = model
         c = model.config
         self.c = c
         self.dtype = model.dtype
+        self.kernels = getattr(model, "kernels", "torch")
+        self.group = _check_group(model, group)
         self.eps = c.get("rms_norm_eps", 1e-6)
         inv_freq, self.rope_factor, mscale = yarn(c)
         self.inv_freq = inv_freq
@@ -164,13 +211,25 @@ class Runtime:
         freqs = positions[..., None].float() * self.inv_freq
         return ((freqs.cos() * self.rope_factor).to(self.dtype), (freqs.sin() * self.rope_factor).to(self.dtype))
 
+    def _dense(self, module: torch.nn.Module, index: int | None = None, prefix: str = "") -> torch.Tensor:
+        return dense(module, self.dtype, index, prefix, self.m.fp8_block, self.kernels)
+
     def _linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-        return F.linear(x, dense(module, self.dtype, fp8_block=self.m.fp8_block))
+        return F.linear(x, self._dense(module))
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the TP group of each rank's partial ``x`` (row-parallel outputs)."""
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(x, group=self.group)
+        return x
 
     def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         c, attn = self.c, self.m.model.layers[i].self_attn
         b, t, _ = x.shape
-        heads, nope, rdim = c["num_attention_heads"], c["qk_nope_head_dim"], c["qk_rope_head_dim"]
+        heads = c["num_attention_heads"] // self.m.tp_size  # this rank's heads
+        nope, rdim = c["qk_nope_head_dim"], c["qk_rope_head_dim"]
         kv_lora = c["kv_lora_rank"]
         if c.get("q_lora_rank"):
             fused = self._linear(x, attn.fused_qkv_a_proj_with_mqa)
@@ -199,7 +258,7 @@ class Runtime:
             lens = torch.full((b,), latent.shape[1], dtype=torch.int32, device=x.device)
             out_latent = mla_decode(q_latent[:, 0], q_rope[:, 0], latent, k_rope, lens, self.scale)[:, None]
             out = torch.einsum("bthc,hcv->bthv", out_latent, attn.w_vc).reshape(b, t, -1)
-            return self._linear(out, attn.o_proj)
+            return self._all_reduce(self._linear(out, attn.o_proj))
         scores = torch.einsum("bthc,bsc->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
         scores = scores * self.scale
         s = latent.shape[1]
@@ -209,7 +268,7 @@ class Runtime:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(self.dtype)
         out_latent = torch.einsum("bhts,bsc->bthc", probs, latent)
         out = torch.einsum("bthc,hcv->bthv", out_latent, attn.w_vc).reshape(b, t, -1)
-        return self._linear(out, attn.o_proj)
+        return self._all_reduce(self._linear(out, attn.o_proj))
 
     def _mlp(self, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
@@ -227,15 +286,22 @@ class Runtime:
             renormalize=c.get("norm_topk_prob", True),
         )
 
-    def _moe_torch(self, h: torch.Tensor, mlp: Any, e_total: int) -> torch.Tensor:
+    def _expert_range(self) -> tuple[int, int]:
+        """This rank's routed experts ``[lo, hi)`` (global ids)."""
+        e_total, ep = self.c["n_routed_experts"], self.m.ep_size
+        return self.m.ep_rank * e_total // ep, (self.m.ep_rank + 1) * e_total // ep
+
+    def _moe_torch(self, h: torch.Tensor, mlp: Any) -> torch.Tensor:
         top_idx, top_w = self._route(h, mlp)
         experts = mlp.experts
-        lo = self.m.ep_rank * e_total // self.m.ep_size
+        lo, hi = self._expert_range()
         out = torch.zeros_like(h)
         for e in top_idx.unique().tolist():
+            if not lo <= e < hi:
+                continue  # another expert group's
             tok, slot = torch.where(top_idx == e)
-            w13 = dense(experts, self.dtype, e - lo, "w13_", self.m.fp8_block)
-            w2 = dense(experts, self.dtype, e - lo, "w2_", self.m.fp8_block)
+            w13 = self._dense(experts, e - lo, "w13_")
+            w2 = self._dense(experts, e - lo, "w2_")
             y = self._mlp(h[tok], w13, w2) * top_w[tok, slot, None].to(self.dtype)
             out.index_add_(0, tok, y)
         return out
@@ -256,6 +322,10 @@ class Runtime:
             routed_scaling_factor=c["routed_scaling_factor"],
             renormalize=c.get("norm_topk_prob", True),
         )
+        lo, hi = self._expert_range()
+        if (lo, hi) != (0, self.c["n_routed_experts"]):  # slots of other groups' experts weigh 0
+            mine = (ids >= lo) & (ids < hi)
+            ids, w = torch.where(mine, ids - lo, 0), torch.where(mine, w, 0.0)
         data = "weight_packed" if experts.format == "ct-int4" else "weight"
         return moe_w4(
             h,
@@ -269,45 +339,51 @@ class Runtime:
         )
 
     def moe(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        c, mlp = self.c, self.m.model.layers[i].mlp
+        mlp = self.m.model.layers[i].mlp
         if not hasattr(mlp, "experts"):
-            return self._mlp(
-                x,
-                dense(mlp.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
-                dense(mlp.down_proj, self.dtype, fp8_block=self.m.fp8_block),
-            )
+            return self._all_reduce(self._mlp(x, self._dense(mlp.gate_up_proj), self._dense(mlp.down_proj)))
         shape = x.shape
         h = x.reshape(-1, shape[-1])
-        e_total = c["n_routed_experts"]
         experts = mlp.experts
-        if getattr(self.m, "kernels", "torch") == "triton" and experts.format in ("ct-int4", "quark-mxfp4"):
+        if self.kernels == "triton" and experts.format in ("ct-int4", "quark-mxfp4"):
             out = self._moe_triton(h, mlp)
         else:
-            out = self._moe_torch(h, mlp, e_total)
+            out = self._moe_torch(h, mlp)
         if self.m.num_fused_shared_experts:  # the fused slot (the last), always selected with weight 1
-            slot = next(t for n, t in experts.named_parameters() if n.startswith("w13_")).shape[0] - 1
-            out = out + self._mlp(
-                h,
-                dense(experts, self.dtype, slot, "w13_", self.m.fp8_block),
-                dense(experts, self.dtype, slot, "w2_", self.m.fp8_block),
-            )
+            if self.m.ep_rank == 0:  # every expert group holds it: one group runs it
+                slot = next(t for n, t in experts.named_parameters() if n.startswith("w13_")).shape[0] - 1
+                out = out + self._mlp(h, self._dense(experts, slot, "w13_"), self._dense(experts, slot, "w2_"))
         elif hasattr(mlp, "shared_experts"):
             se = mlp.shared_experts
-            out = out + self._mlp(
-                h,
-                dense(se.gate_up_proj, self.dtype, fp8_block=self.m.fp8_block),
-                dense(se.down_proj, self.dtype, fp8_block=self.m.fp8_block),
-            )
-        return out.view(shape)
+            out = out + self._mlp(h, self._dense(se.gate_up_proj), self._dense(se.down_proj))
+        return self._all_reduce(out).view(shape)
 
     # -- the model ---------------------------------------------------------------------
     def new_cache(self) -> KVCache:
         n = self.c["num_hidden_layers"]
         return KVCache([None] * n, [None] * n, getattr(self.m, "weights_version", 0))
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        w = self.m.model.embed_tokens.weight
+        if self.group is None:
+            return F.embedding(input_ids, w)
+        rows = w.shape[0]  # vocab-parallel: this rank's rows
+        local = input_ids - self.m.tp_rank * rows
+        mine = (local >= 0) & (local < rows)
+        x = F.embedding(local.clamp(0, rows - 1), w) * mine[..., None].to(w.dtype)
+        return self._all_reduce(x)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(x, self.m.lm_head.weight).float()
+        if self.group is None:
+            return logits
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(logits) for _ in range(self.m.tp_size)]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        if self.m.ep_size != 1:
-            raise NotImplementedError("the CPU runtime runs unsharded models only (ep_size=1)")
         cache = cache if cache is not None else self.new_cache()
         version = getattr(self.m, "weights_version", 0)
         if not cache.length:
@@ -321,12 +397,11 @@ class Runtime:
             )
         b, t = input_ids.shape
         positions = (torch.arange(t) + cache.length).expand(b, t)
-        x = F.embedding(input_ids, self.m.model.embed_tokens.weight)
+        x = self._embed(input_ids)
         for i, layer in enumerate(self.m.model.layers):
             x = x + self.attention(i, rms_norm(x, layer.input_layernorm.weight, self.eps), positions, cache)
             x = x + self.moe(i, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))
-        x = rms_norm(x, self.m.model.norm.weight, self.eps)
-        return F.linear(x, self.m.lm_head.weight).float()
+        return self._head(rms_norm(x, self.m.model.norm.weight, self.eps))
 
 
 def build_w_kc_w_vc(model: Any, layers: list[int] | None = None) -> list[int]:
@@ -344,7 +419,7 @@ def build_w_kc_w_vc(model: Any, layers: list[int] | None = None) -> list[int]:
         raise InvalidArgumentError(f"post_load_weights(layers=...): {bad} not layers of this model (0..{n - 1})")
     for i in todo:
         attn = model.model.layers[i].self_attn
-        w = dense(attn.kv_b_proj, model.dtype, fp8_block=model.fp8_block)
+        w = dense(attn.kv_b_proj, model.dtype, fp8_block=model.fp8_block, kernels=getattr(model, "kernels", "torch"))
         w = w.view(-1, nope + v, c["kv_lora_rank"])
         kc, vc = w[:, :nope, :], w[:, nope:, :].transpose(1, 2)
         old = getattr(attn, "w_kc", None)
