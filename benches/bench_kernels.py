@@ -6,8 +6,9 @@
 - ``route_noaux_tc`` vs its reference;
 - ``mla_decode`` at 8 and 64 heads (Kimi-K2.5's latent 512 + rope 64, 4k-token caches)
   vs its torch reference;
-- the device executor (``plan_exec``) copying / dequantizing a hot-reload vs a plain
-  device-to-device copy of the same bytes.
+- ``dequantize`` (ct-int4, MXFP4, FP8-block -> bf16; 8 experts of Kimi-K2.5's
+  ``w13`` shape) vs the torch reference and vs the copy floor (bytes read + written at the
+  measured device-to-device bandwidth).
 
 Needs CUDA (the Triton interpreter is not a benchmark): without one it says so and exits
 0. ``make gpu-check`` runs it and writes ``benches/results/gpu-<date>.json``.
@@ -107,6 +108,27 @@ def main() -> int:
         results["rows"][f"mla_decode_{heads}_heads"] = {"mla_s": ours, "mla_reference_s": ref}
         print(
             f"mla decode, {heads} heads, {b} x {s} tokens: {ours * 1e3:.3f} ms, {ref / ours:.1f}x the torch reference"
+        )
+    from kimi_loader.kernels.dequant import dequantize, dequantize_reference
+    from kimi_loader.quant import quantize_fp8_block, quantize_int4, quantize_mxfp4
+
+    rows, cols = 8 * 2 * inter, hidden  # 8 experts' stacked gate_up rows
+    dense = torch.randn(rows, cols, device=dev, generator=g) * 0.02
+    stored = {
+        "ct-int4": quantize_int4(dense, group=32),
+        "quark-mxfp4": quantize_mxfp4(dense),
+        "fp8-block": quantize_fp8_block(dense),
+    }
+    for fmt, tensors in stored.items():
+        tensors = {k: v for k, v in tensors.items() if k != "weight_shape"}
+        nbytes = sum(t.nbytes for t in tensors.values()) + rows * cols * 2
+        ours = _time(lambda fmt=fmt, t=tensors: dequantize(fmt, t, torch.bfloat16))
+        ref = _time(lambda fmt=fmt, t=tensors: dequantize_reference(fmt, t, torch.bfloat16), 5)
+        floor = nbytes / copy_bw
+        results["rows"][f"dequant_{fmt}"] = {"dequant_s": ours, "reference_s": ref, "copy_floor_s": floor}
+        print(
+            f"dequantize {fmt} -> bf16, {rows} x {cols}: {ours * 1e3:.3f} ms ({nbytes / ours / 1e9:.0f} GB/s moved), "
+            f"{ref / ours:.1f}x the torch reference, {floor / ours:.2f}x of the copy floor"
         )
     out = os.path.join(os.path.dirname(__file__), "results", f"gpu-kernels-{results['date']}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
