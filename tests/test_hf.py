@@ -196,9 +196,10 @@ def test_transformers_own_save_pretrained_layout_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("quant", ["bf16", "ct-int4"])
-def test_kimi_k25_class_language_model_equals_from_pretrained(synth_dir, quant):
-    """transformers' Kimi-K2.5 class: its language model and head are loaded bitwise equal
-    to `from_pretrained`; its vision tower and projector are declared not loaded."""
+def test_kimi_k25_class_equals_from_pretrained(synth_dir, quant):
+    """transformers' Kimi-K2.5 class: every parameter and buffer (language model, head,
+    vision tower, projector; the recomputed rope and time tables) bitwise equal to
+    `from_pretrained`, and so is an image + text forward."""
     from transformers import Kimi_K25ForConditionalGeneration
 
     path = synth_dir("kimi-k2.5-tiny", quant)
@@ -207,12 +208,20 @@ def test_kimi_k25_class_language_model_equals_from_pretrained(synth_dir, quant):
     ours = empty_model(path, wrapper=True)
     assert type(ours) is Kimi_K25ForConditionalGeneration
     report = kimi_loader.load_weights(ours, path)
-    assert set(report.skipped_destinations) == {
-        "vision tower: not supported yet: transformers converts it with its own qkv unfusing",
-        "multimodal projector: not supported yet: transformers converts it with its own qkv unfusing",
-    }
+    assert report.skipped_destinations == {} and report.missing == []
     a, b = _state(ours), _state(ref)
-    text = [k for k in b if k.startswith(("model.language_model.", "lm_head."))]
-    assert len(text) == 47  # embed, 3 layers, norm, lm_head
-    for k in text:
+    assert set(a) == set(b)
+    for k in b:
         assert a[k].dtype == b[k].dtype and torch.equal(as_bytes(a[k]), as_bytes(b[k])), k
+    for m in (ours, ref):  # non-persistent buffers too
+        m.float().eval()
+    theirs = dict(ref.named_buffers())
+    assert set(dict(ours.named_buffers())) == set(theirs)
+    for n, x in ours.named_buffers():
+        assert torch.equal(x, theirs[n]), n
+    g = torch.Generator().manual_seed(1)
+    pv, grid = torch.randn(24, 3, 4, 4, generator=g), torch.tensor([[1, 4, 6]])
+    ids = torch.tensor([[5, 6, *[255] * 6, 7]])
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits
+        assert torch.equal(ours(input_ids=ids, pixel_values=pv, image_grid_thw=grid).logits, want)

@@ -106,6 +106,7 @@ def from_pretrained(
     progress=None,
     kernels: str | None = None,
     process_group=None,
+    text_only: bool = False,
 ):
     """Builds the serving-layout model from ``config.json`` on the meta device,
     materializes it on ``device``, loads it with :func:`load_weights` and runs
@@ -115,7 +116,9 @@ def from_pretrained(
     :mod:`kimi_loader.kernels`); default ``"triton"`` on a GPU, else ``"torch"``. A sharded
     model (``tp_size > 1``) runs in one process per TP rank with ``torch.distributed``
     collectives over ``process_group`` (default: the world group; see
-    :mod:`kimi_loader.models.runtime`)."""
+    :mod:`kimi_loader.models.runtime`). A Kimi-K2.5 checkpoint loads whole (vision tower
+    and projector too; ``model(input_ids, pixel_values=..., image_grid_thw=...)``);
+    ``text_only=True`` skips the vision tensors by a declared, reported rule."""
     import torch
 
     from .loader import load_weights
@@ -134,6 +137,7 @@ def from_pretrained(
         ep_rank=ep_rank,
         ep_size=ep_size,
         checkpoint=ckpt,
+        text_only=text_only,
     )
     if kernels is None:
         kernels = "triton" if torch.device(device).type == "cuda" else "torch"

@@ -258,6 +258,8 @@ def plan_for(
     rules = build_rules(model, ckpt, layout)
     _check_fusion(rules, ckpt)
     dests = destinations(target, rules.model.dest_aliases)
+    for name in getattr(model, "weight_extra_modules", ()) or ():  # e.g. a wrapper's vision tower
+        dests.update({f"{name}.{k}": t for k, t in destinations(getattr(model, name)).items()})
     skipped: dict[str, int] = {}
     for prefix, reason in rules.model.skip_destinations:
         for name in [n for n in dests if n.startswith(prefix)]:

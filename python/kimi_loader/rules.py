@@ -108,6 +108,12 @@ class WeightRules:
     dest_aliases: dict[str, str] = field(default_factory=dict)
     #: ``(destination prefix, reason)``: destinations no rule writes, on purpose
     skip_destinations: tuple[tuple[str, str], ...] = ()
+    #: ``(fragment, ((replacement, rope heads), ...))``: a checkpoint tensor whose resolved
+    #: name holds ``fragment`` and has no parameter of its own is cut into equal row blocks,
+    #: block ``k`` going to the name with ``fragment`` replaced by ``replacement``; with
+    #: ``rope heads > 0`` its rows are reordered per head from interleaved pairs to halves
+    #: (rotate-half RoPE). E.g. a fused ``wqkv`` into transformers' ``q/k/v_proj``.
+    unfused: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -188,4 +194,6 @@ class PlannerRules:
             out["renames"] = self.renames
         if self.shard_rows:
             out["shard_rows"] = self.shard_rows
+        if m.unfused:
+            out["unfused"] = [(frag, [(r, int(h)) for r, h in parts]) for frag, parts in m.unfused]
         return out

@@ -28,7 +28,25 @@ from .registry import FORMATS, format_of
 
 __all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
 
-_VISION_HIDDEN = 16
+#: the synthetic MoonViT (tiny; the hub's vision_config keys)
+_VISION: dict[str, Any] = {
+    "vt_hidden_size": 32,
+    "vt_num_attention_heads": 2,
+    "vt_num_hidden_layers": 2,
+    "vt_intermediate_size": 64,
+    "patch_size": 4,
+    "init_pos_emb_height": 8,
+    "init_pos_emb_width": 8,
+    "init_pos_emb_time": 4,
+    "merge_kernel_size": [2, 2],
+    "merge_type": "sd2_tpool",
+    "mm_projector_type": "patchmerger",
+    "mm_hidden_size": 32,
+    "projector_hidden_act": "gelu",
+    "projector_ln_eps": 1e-5,
+    "pos_emb_type": "divided_fixed",
+    "video_attn_type": "spatial_temporal",
+}
 
 
 def text_config(preset: str, **overrides: Any) -> dict[str, Any]:
@@ -127,7 +145,7 @@ class _Linear:
 class _Plain:
     name: str
     shape: tuple[int, ...]
-    kind: str  # norm | embed | router | bias | vision
+    kind: str  # norm | embed | router | bias | vision | vision_linear | pos
 
 
 def _layer_parts(cfg: dict[str, Any], p: str, moe: bool) -> Iterator[_Linear | _Plain]:
@@ -187,14 +205,42 @@ def _model_parts(cfg: dict[str, Any], family: str) -> Iterator[_Linear | _Plain]
     yield _Plain(f"{pre}model.norm.weight", (h,), "norm")
     yield _Plain(f"{pre}lm_head.weight", (vocab, h), "embed")
     if family == "kimi":
-        vh = _VISION_HIDDEN
-        yield _Plain("vision_tower.patch_embed.proj.weight", (vh, 3, 2, 2), "vision")
-        yield _Plain("vision_tower.patch_embed.proj.bias", (vh,), "vision")
-        yield _Plain("vision_tower.encoder.blocks.0.wqkv.weight", (3 * vh, vh), "vision")
-        yield _Plain("vision_tower.encoder.final_layernorm.weight", (vh,), "vision")
-        yield _Plain("mm_projector.pre_norm.weight", (vh,), "vision")
-        yield _Plain("mm_projector.proj.0.weight", (4 * vh, 4 * vh), "vision")
-        yield _Plain("mm_projector.proj.2.weight", (h, 4 * vh), "vision")
+        yield from _vision_parts(h)
+
+
+def _vision_parts(text_hidden: int) -> Iterator[_Plain]:
+    """MoonViT and the projector as Kimi-K2.5 names and lays them out (tiny shapes; bf16
+    in every format): fused ``wqkv`` with bias, ``norm0`` / ``norm1``, ``mlp.fc0`` /
+    ``fc1``, ``wo``, a ``[H0, W0, D]`` position table, ``mm_projector.proj.0`` / ``.2``."""
+    v = _VISION
+    d, p, inter = v["vt_hidden_size"], v["patch_size"], v["vt_intermediate_size"]
+    merged = d * v["merge_kernel_size"][0] * v["merge_kernel_size"][1]
+
+    def linear(name: str, out: int, inp: int) -> Iterator[_Plain]:
+        yield _Plain(f"{name}.weight", (out, inp), "vision_linear")
+        yield _Plain(f"{name}.bias", (out,), "vision")
+
+    def norm(name: str, n: int) -> Iterator[_Plain]:
+        yield _Plain(f"{name}.weight", (n,), "norm")
+        yield _Plain(f"{name}.bias", (n,), "vision")
+
+    yield _Plain("vision_tower.patch_embed.proj.weight", (d, 3, p, p), "vision_linear")
+    yield _Plain("vision_tower.patch_embed.proj.bias", (d,), "vision")
+    yield _Plain(
+        "vision_tower.patch_embed.pos_emb.weight", (v["init_pos_emb_height"], v["init_pos_emb_width"], d), "pos"
+    )
+    for i in range(v["vt_num_hidden_layers"]):
+        b = f"vision_tower.encoder.blocks.{i}"
+        yield from norm(f"{b}.norm0", d)
+        yield from norm(f"{b}.norm1", d)
+        yield from linear(f"{b}.wqkv", 3 * d, d)
+        yield from linear(f"{b}.wo", d, d)
+        yield from linear(f"{b}.mlp.fc0", inter, d)
+        yield from linear(f"{b}.mlp.fc1", d, inter)
+    yield from norm("vision_tower.encoder.final_layernorm", d)
+    yield from norm("mm_projector.pre_norm", d)
+    yield from linear("mm_projector.proj.0", merged, merged)
+    yield from linear("mm_projector.proj.2", text_hidden, merged)
 
 
 def _linear_format(role: str, quant: str, shared_expert_quant: str | None) -> str:
@@ -234,7 +280,11 @@ def _plain_value(p: _Plain, g: torch.Generator) -> torch.Tensor:
         return 0.01 * _rand(g, *p.shape)  # e_score_correction_bias stays float32
     if p.kind == "router":
         return (_rand(g, *p.shape) / math.sqrt(p.shape[1])).to(torch.bfloat16)
-    return (0.02 * _rand(g, *p.shape)).to(torch.bfloat16)  # embed, lm_head, vision
+    if p.kind == "vision_linear":  # weights [out, in...]: unit-scale activations
+        return (_rand(g, *p.shape) / math.sqrt(math.prod(p.shape[1:]))).to(torch.bfloat16)
+    if p.kind == "pos":
+        return (0.5 * _rand(g, *p.shape)).to(torch.bfloat16)
+    return (0.02 * _rand(g, *p.shape)).to(torch.bfloat16)  # embed, lm_head, vision biases
 
 
 def _tensors(
@@ -360,16 +410,25 @@ def make_checkpoint(
             "architectures": ["KimiK25ForConditionalGeneration"],
             "model_type": "kimi_k25",
             "text_config": cfg,
+            # the hub's keys (vt_*, init_pos_emb_*) and transformers' names for the same values
             "vision_config": {
                 "model_type": "kimi_k25_vision",
-                "patch_size": 2,
-                "hidden_size": _VISION_HIDDEN,
-                "num_hidden_layers": 1,
-                "num_attention_heads": 2,
-                "intermediate_size": 2 * _VISION_HIDDEN,
-                "merge_kernel_size": [2, 2],
+                **_VISION,
+                "hidden_size": _VISION["vt_hidden_size"],
+                "num_attention_heads": _VISION["vt_num_attention_heads"],
+                "num_hidden_layers": _VISION["vt_num_hidden_layers"],
+                "intermediate_size": _VISION["vt_intermediate_size"],
+                "pos_emb_height": _VISION["init_pos_emb_height"],
+                "pos_emb_width": _VISION["init_pos_emb_width"],
+                "pos_emb_time": _VISION["init_pos_emb_time"],
+                "text_hidden_size": cfg["hidden_size"],
             },
-            "projection_hidden_size": _VISION_HIDDEN,
+            "projection_hidden_size": _VISION["vt_hidden_size"],
+            "projection_layer_norm_eps": _VISION["projector_ln_eps"],
+            # the placeholder of image features (Kimi-K2.5: 163605, inside its vocabulary)
+            "media_placeholder_token_id": cfg["vocab_size"] - 1,
+            "image_token_id": cfg["vocab_size"] - 1,
+            "video_token_id": cfg["vocab_size"] - 1,
             "tie_word_embeddings": False,
             "torch_dtype": "bfloat16",
         }

@@ -15,10 +15,12 @@ __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "for_conf
 def for_config(config: dict[str, Any], **kwargs: Any):
     """The serving-layout model for a ``config.json`` dict (Kimi-K2.5 wrapper or plain
     DeepSeek-V3). Pass ``checkpoint=`` (an open checkpoint) to let its own tensors decide
-    each linear's format."""
+    each linear's format; ``text_only=True`` leaves a Kimi-K2.5 vision tower out (its
+    tensors skipped by a declared rule)."""
     from ..config import parse_config
 
     mc = parse_config(config)
+    text_only = kwargs.pop("text_only", False)  # (a plain DeepSeek-V3 is text-only anyway)
     if mc.is_wrapper:
-        return KimiK25ForConditionalGeneration(mc, **kwargs)
+        return KimiK25ForConditionalGeneration(mc, text_only=text_only, **kwargs)
     return DeepseekV3ForCausalLM(mc, **kwargs)

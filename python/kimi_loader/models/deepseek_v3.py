@@ -345,22 +345,29 @@ class DeepseekV3ForCausalLM(nn.Module):
         return rt
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: Any = None, inputs_embeds: Any = None) -> torch.Tensor:
         """Float32 logits ``[batch, seq, vocab]`` for ``input_ids`` ``[batch, seq]``; with a
-        ``cache`` (from :meth:`new_cache`) the tokens continue the cached sequence."""
-        return self.runtime().forward(input_ids, cache)
+        ``cache`` (from :meth:`new_cache`) the tokens continue the cached sequence;
+        ``inputs_embeds`` replaces their embeddings (a multimodal prefill)."""
+        return self.runtime().forward(input_ids, cache, inputs_embeds)
 
     def new_cache(self):
         return self.runtime().new_cache()
 
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        inputs_embeds: Any = None,
     ) -> torch.Tensor:
         """Greedy decoding with the latent KV cache: one prefill, then one token per step.
         Returns ``input_ids`` followed by the new tokens (1-D in, 1-D out). With
         ``eos_token_id`` it stops once every sequence has produced it (finished sequences
-        are padded with it)."""
+        are padded with it). ``inputs_embeds`` (``[batch, seq, hidden]``) are the prefill's
+        embeddings when given (image features spliced in)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         flat = input_ids.dim() == 1
@@ -368,7 +375,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         if ids.dim() != 2 or ids.shape[1] == 0:
             raise InvalidArgumentError(f"input_ids must be [seq] or [batch, seq], got {tuple(input_ids.shape)}")
         cache = self.new_cache()
-        logits = self.forward(ids, cache)
+        if inputs_embeds is not None and flat:
+            inputs_embeds = inputs_embeds[None] if inputs_embeds.dim() == 2 else inputs_embeds
+        logits = self.forward(ids, cache, inputs_embeds)
         out = [ids]
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
@@ -430,18 +439,55 @@ class DeepseekV3ForCausalLM(nn.Module):
 
 
 class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
-    """Kimi-K2.5's multimodal wrapper: the language model is ``self.language_model``; the
-    vision tower and projector are not supported yet (their tensors are skipped by a
-    declared rule). The five weight hooks are forwarded to the language model."""
+    """Kimi-K2.5's multimodal wrapper: the language model is ``self.language_model`` (the
+    five weight hooks are forwarded to it); the MoonViT tower and the projector are
+    ``self.vision_tower`` / ``self.mm_projector`` in checkpoint layout
+    (:mod:`kimi_loader.models.vision`), loaded by the same plan, strictly: a missing
+    vision tensor fails the load. ``text_only=True`` (implied by a config without
+    ``vision_config``) builds no vision modules and skips the vision tensors by a
+    declared rule (listed in the load report)."""
 
     weight_hooks_inner = "language_model"
 
-    def __init__(self, config: dict[str, Any] | ModelConfig, **kwargs: Any) -> None:
+    def __init__(self, config: dict[str, Any] | ModelConfig, *, text_only: bool = False, **kwargs: Any) -> None:
         super().__init__()
         mc = config if isinstance(config, ModelConfig) else parse_config(config)
-        self.config = mc.raw
+        self.config = raw = mc.raw
         kwargs.pop("quant_config_source", None)  # the wrapper's config holds it, at either level
         self.language_model = DeepseekV3ForCausalLM(mc, **kwargs)
+        self.text_only = bool(text_only)
+        #: why the vision tower is not built (the ignore rules' reason)
+        self.text_only_reason = "loaded text_only=True"
+        if not self.text_only and not isinstance(raw.get("vision_config"), dict):
+            self.text_only, self.text_only_reason = True, "the config has no vision_config"
+        #: the language-model token whose positions take image features
+        self.image_token_id = raw.get("media_placeholder_token_id", raw.get("image_token_id", 163605))
+        if not self.text_only:
+            from .vision import KimiProjector, MoonViT, VisionConfig
+
+            self.vision_config = VisionConfig.parse(raw, mc.text["hidden_size"])
+            dtype, device = kwargs.get("dtype", torch.bfloat16), kwargs.get("device")
+            self.vision_tower = MoonViT(self.vision_config, dtype, device)
+            self.mm_projector = KimiProjector(self.vision_config, dtype, device)
+
+    @property
+    def weight_extra_modules(self) -> tuple[str, ...]:
+        """Modules beside the language model whose parameters the loader also writes
+        (named as the checkpoint names them)."""
+        return () if self.text_only else ("vision_tower", "mm_projector")
+
+    def weight_rules(self) -> WeightRules:
+        import dataclasses
+
+        rules = self.language_model.weight_rules()
+        vision = ("vision_tower.", "mm_projector.")
+        kept: tuple[Any, ...] = tuple(r for r in rules.ignore_rules if r.prefix not in vision)
+        if self.text_only:
+            kept += (
+                ("vision_tower.", None, f"vision tower: {self.text_only_reason}"),
+                ("mm_projector.", None, f"multimodal projector: {self.text_only_reason}"),
+            )
+        return dataclasses.replace(rules, ignore=kept)
 
     @property
     def process_group(self) -> Any:
@@ -452,16 +498,54 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
     def process_group(self, group: Any) -> None:
         self.language_model.process_group = group
 
-    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> torch.Tensor:
-        return self.language_model(input_ids, cache)
+    @torch.no_grad()
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Language-model embeddings of the images (one row per merged 2x2 patch)."""
+        if self.text_only:
+            raise InvalidArgumentError("this model was loaded text_only=True: it has no vision tower")
+        from .vision import encode_images
+
+        return encode_images(self.vision_tower, self.mm_projector, self.vision_config, pixel_values, image_grid_thw)
+
+    def _inputs_embeds(self, input_ids: torch.Tensor, pixel_values: Any, image_grid_thw: Any) -> Any:
+        if pixel_values is None:
+            return None
+        if image_grid_thw is None:
+            raise InvalidArgumentError("pixel_values need image_grid_thw ([images, 3]: t, h, w in patches)")
+        from .vision import splice
+
+        features = self.image_features(pixel_values, image_grid_thw)
+        ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+        placeholder = ids == self.image_token_id
+        embeds = self.language_model.runtime()._embed(ids.masked_fill(placeholder, 0))
+        return splice(embeds, ids, features, self.image_token_id)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Float32 logits; with ``pixel_values`` (``[patches, 3, p, p]``) and
+        ``image_grid_thw`` the image features replace the placeholder tokens, in order."""
+        return self.language_model(input_ids, cache, self._inputs_embeds(input_ids, pixel_values, image_grid_thw))
 
     def new_cache(self):
         return self.language_model.new_cache()
 
     def generate(
-        self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.language_model.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
+        embeds = self._inputs_embeds(input_ids, pixel_values, image_grid_thw)
+        return self.language_model.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id, inputs_embeds=embeds)
 
     def __repr__(self) -> str:
-        return f"KimiK25ForConditionalGeneration(language_model={self.language_model!r}, vision: not loaded)"
+        vision = "not loaded (text_only)" if self.text_only else f"MoonViT {self.vision_config.num_layers} blocks"
+        return f"KimiK25ForConditionalGeneration(language_model={self.language_model!r}, vision: {vision})"

@@ -79,13 +79,22 @@ class HFDeepseekV3:
 
 class HFKimiK25(HFDeepseekV3):
     """The weight hooks and rules for transformers' ``Kimi_K25ForConditionalGeneration``:
-    its language model lives at ``model.language_model`` (head: ``lm_head``). The vision
-    tower and projector are not supported yet (transformers converts them with its own
-    qkv unfusing and rope permutation): their checkpoint tensors are skipped and their
-    destinations left as they are, both by declared rules that the load report lists."""
+    its language model lives at ``model.language_model`` (head: ``lm_head``), its vision
+    tower and projector at ``model.vision_tower`` / ``model.mm_projector`` under
+    transformers' names (:data:`~kimi_loader.models.vision.TRANSFORMERS_RENAMES`, applied
+    by the rename hook), with the fused ``wqkv`` cut into ``q/k/v_proj`` and the q / k
+    rows reordered for rotate-half RoPE by an unfuse rule (ops of the plan, no Python per
+    tensor)."""
+
+    def mutate_weight_preload(self, name: str) -> str | None:
+        from .vision import transformers_name
+
+        return transformers_name(name)
 
     def weight_rules(self) -> WeightRules:
-        why = "not supported yet: transformers converts it with its own qkv unfusing"
+        heads = self.outer_config.vision_config.num_attention_heads
+        from .vision import transformers_unfused
+
         return (
             super()
             .weight_rules()
@@ -95,16 +104,8 @@ class HFKimiK25(HFDeepseekV3):
                     ("language_model.layers.", "model.language_model.layers."),
                     ("language_model.lm_head.", "lm_head."),
                 ),
-                ignore=(
-                    ("vision_tower.", None, f"vision tower: {why}"),
-                    ("mm_projector.", None, f"multimodal projector: {why}"),
-                    ROPE_IGNORE,
-                    *self._tied(),
-                ),
-                skip_destinations=(
-                    ("model.vision_tower.", f"vision tower: {why}"),
-                    ("model.mm_projector.", f"multimodal projector: {why}"),
-                ),
+                ignore=(ROPE_IGNORE, *self._tied()),
+                unfused=transformers_unfused(heads),
             )
         )
 
@@ -167,16 +168,21 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
                 mod._buffers[b_name] = buf.to(torch.float32)
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    for mod in model.modules():  # non-persistent rope buffers are not in any checkpoint
-        known = getattr(mod, "rope_type", None) in ("default", *ROPE_INIT_FUNCTIONS)
+    for mod in model.modules():  # non-persistent rope / position buffers are in no checkpoint
+        if hasattr(mod, "compute_pos_embed") and hasattr(mod, "time_position_embeddings"):
+            with torch.device(device):  # Kimi-K2.5's vision time table
+                mod.register_buffer("time_position_embeddings", mod.compute_pos_embed(), persistent=False)
+        rope_type = getattr(mod, "rope_type", None)
+        own = getattr(mod, f"compute_{rope_type}_rope_parameters", None)  # e.g. the vision tower's "axial"
+        known = rope_type in ("default", *ROPE_INIT_FUNCTIONS) or own is not None
         if hasattr(mod, "inv_freq") and known and hasattr(mod, "config"):
-            init = (
+            init = own or (
                 mod.compute_default_rope_parameters
                 if mod.rope_type == "default"
                 else ROPE_INIT_FUNCTIONS[mod.rope_type]
             )
             inv_freq, scaling = init(mod.config, device=torch.device(device))
             mod.register_buffer("inv_freq", inv_freq, persistent=False)
-            mod.original_inv_freq = inv_freq
+            mod.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
             mod.attention_scaling = scaling
     return model

@@ -383,7 +383,11 @@ class Runtime:
         dist.all_gather(parts, logits.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits; ``inputs_embeds`` (``[B, T, hidden]``, e.g. with image features
+        spliced in) replaces the embedding of ``input_ids``."""
         cache = cache if cache is not None else self.new_cache()
         version = getattr(self.m, "weights_version", 0)
         if not cache.length:
@@ -397,7 +401,16 @@ class Runtime:
             )
         b, t = input_ids.shape
         positions = (torch.arange(t) + cache.length).expand(b, t)
-        x = self._embed(input_ids)
+        if inputs_embeds is not None:
+            if inputs_embeds.shape[:2] != input_ids.shape or inputs_embeds.shape[-1] != self.c["hidden_size"]:
+                from ..errors import InvalidArgumentError
+
+                raise InvalidArgumentError(
+                    f"inputs_embeds {tuple(inputs_embeds.shape)} do not fit input_ids {tuple(input_ids.shape)}"
+                )
+            x = inputs_embeds.to(self.dtype)
+        else:
+            x = self._embed(input_ids)
         for i, layer in enumerate(self.m.model.layers):
             x = x + self.attention(i, rms_norm(x, layer.input_layernorm.weight, self.eps), positions, cache)
             x = x + self.moe(i, rms_norm(x, layer.post_attention_layernorm.weight, self.eps))

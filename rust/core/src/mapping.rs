@@ -56,6 +56,19 @@ pub struct StackedRule {
     pub order: u32,
 }
 
+/// One checkpoint tensor that feeds several parameters (the inverse of stacking): a
+/// resolved name containing `fragment` with no parameter of its own is cut along dim 0
+/// into `parts.len()` equal row blocks, block `k` going to the name with `fragment`
+/// replaced by `parts[k].0`. When `parts[k].1` is a head count `h > 0`, the block's rows
+/// are reordered within each of its `h` heads from interleaved pairs `(x0, x1), (x2, x3),
+/// ...` to halves `x0, x2, ..., x1, x3, ...` (a rotate-half RoPE layout, as transformers
+/// holds Kimi-K2.5's vision q / k), expressed as ops over the rows taken two at a time.
+#[derive(Debug, Clone)]
+pub struct UnfuseRule {
+    pub fragment: String,
+    pub parts: Vec<(String, u32)>,
+}
+
 /// One expert fragment: `experts.{expert}.{proj}.` -> `param_prefix`, as shard `order`
 /// (w1 = 0 and w3 = 1 of w13, w2 = 0 of w2) with the given TP split.
 #[derive(Debug, Clone)]
@@ -99,6 +112,8 @@ pub struct Rules {
     /// block for expert parameters), in shard order. Undeclared stacked destinations are
     /// split in equal parts.
     pub shard_rows: HashMap<String, Vec<u64>>,
+    /// Checkpoint tensors cut into several parameters (e.g. a fused `wqkv`).
+    pub unfused: Vec<UnfuseRule>,
 }
 
 /// What a checkpoint name resolves to.

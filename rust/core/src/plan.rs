@@ -130,6 +130,12 @@ struct Piece {
     /// Shards of the stacked destination (1 when not stacked).
     shards: u32,
     split: TpSplit,
+    /// An unfused part: its first source row and the heads whose pair-interleaved rows
+    /// it reorders (0: none); `counted` is false for every part but the first, so a
+    /// tensor counts as used once.
+    row0: u64,
+    rope_heads: u32,
+    counted: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -451,6 +457,16 @@ fn resolve_stage(ctx: &Ctx<'_>, plan: &mut Plan, pool: &rayon::ThreadPool) -> Re
                 continue;
             }
         }
+        if direct.is_none() {
+            if let Some(rule) = rules
+                .unfused
+                .iter()
+                .find(|r| param.contains(r.fragment.as_str()))
+            {
+                unfuse(ctx, plan, pieces, id, &param, rule)?;
+                continue;
+            }
+        }
         let Some(d) = direct else {
             plan.unused
                 .push((name.to_owned(), format!("no destination '{param}'")));
@@ -481,10 +497,85 @@ fn resolve_stage(ctx: &Ctx<'_>, plan: &mut Plan, pool: &rayon::ThreadPool) -> Re
             order,
             shards,
             split: split.unwrap_or(dest_split[d as usize]),
+            row0: 0,
+            rope_heads: 0,
+            counted: true,
         });
     }
 
     Ok(staged)
+}
+
+/// One checkpoint tensor cut into the parameters of an [`UnfuseRule`](crate::mapping::UnfuseRule):
+/// one piece per part whose parameter exists (the absent ones are reported as missing by
+/// the coverage check of their destinations, or as unused when none exists).
+fn unfuse(
+    ctx: &Ctx<'_>,
+    plan: &mut Plan,
+    pieces: &mut Vec<Piece>,
+    id: TensorId,
+    param: &str,
+    rule: &crate::mapping::UnfuseRule,
+) -> Result<()> {
+    let (ckpt, dests) = (ctx.ckpt, ctx.dests);
+    let e = ckpt.entry(id);
+    let n = rule.parts.len() as u64;
+    let (rows, cols) = as_2d(&e.shape);
+    if n == 0 || e.shape.is_empty() || !rows.is_multiple_of(n) {
+        return Err(unsupported(
+            ckpt,
+            id,
+            format!("dim 0 ({rows}) cannot be cut into {n} equal parts"),
+        ));
+    }
+    let part_rows = rows / n;
+    let mut first = true;
+    for (k, (replacement, heads)) in rule.parts.iter().enumerate() {
+        let target = param.replacen(rule.fragment.as_str(), replacement, 1);
+        let Some(&d) = ctx.index.get(target.as_str()) else {
+            continue;
+        };
+        let dest = &dests[d as usize];
+        if !(e.dtype == dest.dtype || (is_float(e.dtype) && is_float(dest.dtype))) {
+            return Err(unsupported(
+                ckpt,
+                id,
+                format!(
+                    "dtype {} cannot be loaded into '{}' of dtype {}",
+                    e.dtype, dest.name, dest.dtype
+                ),
+            ));
+        }
+        if *heads > 0 && !part_rows.is_multiple_of(2 * *heads as u64) {
+            return Err(unsupported(
+                ckpt,
+                id,
+                format!("{part_rows} rows of '{target}' are not {heads} heads of pairs"),
+            ));
+        }
+        pieces.push(Piece {
+            src: id,
+            kind: PieceKind::Plain,
+            rows: part_rows,
+            cols,
+            rest: e.shape.iter().skip(1).copied().collect(),
+            dest: d,
+            expert: None,
+            order: 0,
+            shards: 1,
+            split: ctx.dest_split[d as usize],
+            row0: k as u64 * part_rows,
+            rope_heads: *heads,
+            counted: std::mem::take(&mut first),
+        });
+    }
+    if first {
+        plan.unused.push((
+            e.name.to_string(),
+            format!("no destination for any part of '{param}'"),
+        ));
+    }
+    Ok(())
 }
 
 /// Stage 2: each dequantization group, checked against its format, becomes one piece.
@@ -553,6 +644,9 @@ fn group_stage(ctx: &Ctx<'_>, staged: &mut Staged, plan: &mut Plan) -> Result<()
             order,
             shards: g.shards,
             split: g.split.unwrap_or(dest_split[d as usize]),
+            row0: 0,
+            rope_heads: 0,
+            counted: true,
         });
     }
 
@@ -707,19 +801,64 @@ fn slice_stage(ctx: &Ctx<'_>, pieces: &mut [Piece], plan: &mut Plan) -> Result<(
             };
             let dest_offset = p.expert.unwrap_or(0) as u64 * block_bytes
                 + row_at * block_cols * dest.dtype.size();
-            let op = Op {
-                kind,
-                src: p.src,
-                src_cols: p.cols,
-                rows,
-                cols,
-                dest: p.dest,
-                dest_offset,
+            let mut emit = |op: Op| {
+                plan.bytes_read += bytes_read(ckpt, &op);
+                plan.bytes_written += op.out_elems() * dest.dtype.size();
+                plan.ops.push(op);
             };
-            plan.bytes_read += bytes_read(ckpt, &op);
-            plan.bytes_written += op.out_elems() * dest.dtype.size();
-            plan.ops.push(op);
-            plan.used += 1;
+            if p.row0 > 0 || p.rope_heads > 0 {
+                if split != TpSplit::Replicated {
+                    return Err(unsupported(
+                        ckpt,
+                        p.src,
+                        format!("'{}' is cut from a fused tensor and cannot also be split across TP ranks", dest.name),
+                    ));
+                }
+                if p.rope_heads == 0 {
+                    emit(Op {
+                        kind,
+                        src: p.src,
+                        src_cols: p.cols,
+                        rows: (p.row0, p.row0 + p.rows),
+                        cols,
+                        dest: p.dest,
+                        dest_offset,
+                    });
+                } else {
+                    // rows taken two at a time: pair row `q` is source rows 2q, 2q + 1;
+                    // head h's even rows go to its first half, its odd rows to the second
+                    let head = p.rows / p.rope_heads as u64;
+                    let half = head / 2;
+                    let row_bytes = p.cols * dest.dtype.size();
+                    for h in 0..p.rope_heads as u64 {
+                        let pair0 = (p.row0 + h * head) / 2;
+                        for j in 0..2 {
+                            emit(Op {
+                                kind,
+                                src: p.src,
+                                src_cols: 2 * p.cols,
+                                rows: (pair0, pair0 + half),
+                                cols: (j * p.cols, (j + 1) * p.cols),
+                                dest: p.dest,
+                                dest_offset: dest_offset + (h * head + j * half) * row_bytes,
+                            });
+                        }
+                    }
+                }
+            } else {
+                emit(Op {
+                    kind,
+                    src: p.src,
+                    src_cols: p.cols,
+                    rows,
+                    cols,
+                    dest: p.dest,
+                    dest_offset,
+                });
+            }
+            if p.counted {
+                plan.used += 1;
+            }
         }
         i = j;
     }

@@ -652,3 +652,98 @@ fn memory_checkpoints_read_in_place_until_released() {
     };
     assert!(twice.unwrap_err().to_string().contains("'a' given twice"));
 }
+
+#[test]
+fn an_unfused_tensor_feeds_its_parts_with_rope_rows_reordered() {
+    // wqkv [3 * 6, 5]: 3 heads of 2 pairs per part; q and k reordered, v as stored
+    let (heads, head, cols) = (3u64, 4u64, 5u64);
+    let d = heads * head;
+    let ck = open(&write_checkpoint(
+        "unfuse",
+        &[
+            bf16_tensor("blk.wqkv.weight", &[3 * d, cols], 3),
+            bf16_tensor("blk.wqkv.bias", &[3 * d], 5),
+        ],
+    ));
+    let rules = Rules {
+        unfused: vec![kimi_loader_core::mapping::UnfuseRule {
+            fragment: ".wqkv.".into(),
+            parts: vec![
+                (".q_proj.".into(), heads as u32),
+                (".k_proj.".into(), heads as u32),
+                (".v_proj.".into(), 0),
+            ],
+        }],
+        ..Rules::default()
+    };
+    let mut dests = vec![];
+    for p in ["q", "k", "v"] {
+        dests.push(dest(
+            &format!("blk.{p}_proj.weight"),
+            &[d, cols],
+            Dtype::BF16,
+        ));
+        dests.push(dest(&format!("blk.{p}_proj.bias"), &[d], Dtype::F32));
+    }
+    let plan = plan(&ck, &rules, dests).unwrap();
+    assert!(plan.missing.is_empty() && plan.unused.is_empty());
+    assert_eq!(plan.used, 2, "each fused tensor counts once");
+    let out = run(&ck, &plan);
+    let w = bytes_of(&ck, "blk.wqkv.weight");
+    let b = bytes_of(&ck, "blk.wqkv.bias");
+    // destination row r of part k: interleaved pairs -> halves within each head
+    let src_row = |k: u64, r: u64| -> u64 {
+        let (h, i) = (r / head, r % head);
+        let within = if k == 2 {
+            i
+        } else if i < head / 2 {
+            2 * i
+        } else {
+            2 * (i - head / 2) + 1
+        };
+        k * d + h * head + within
+    };
+    for k in 0..3u64 {
+        let rows: Vec<u8> = (0..d)
+            .flat_map(|r| {
+                let s = src_row(k, r) as usize;
+                slice2d(&w, cols as usize, 2, (s, s + 1), (0, cols as usize))
+            })
+            .collect();
+        assert_eq!(out[2 * k as usize], rows, "weight part {k}");
+        let bias: Vec<u8> = (0..d)
+            .flat_map(|r| {
+                let s = src_row(k, r) as usize;
+                let v = bf16::from_le_bytes([b[2 * s], b[2 * s + 1]]).to_f32();
+                v.to_le_bytes()
+            })
+            .collect();
+        assert_eq!(
+            out[2 * k as usize + 1],
+            bias,
+            "bias part {k} (converted to f32)"
+        );
+    }
+    // a head count that does not divide the part is refused naming the tensor
+    let bad = Rules {
+        unfused: vec![kimi_loader_core::mapping::UnfuseRule {
+            fragment: ".wqkv.".into(),
+            parts: vec![
+                (".q_proj.".into(), 5),
+                (".k_proj.".into(), 5),
+                (".v_proj.".into(), 0),
+            ],
+        }],
+        ..Rules::default()
+    };
+    let err = plan_err(&ck, &bad);
+    assert!(err.contains("blk.wqkv"), "{err}");
+}
+
+fn plan_err(ck: &Checkpoint, rules: &Rules) -> String {
+    let dests = ["q", "k", "v"]
+        .iter()
+        .map(|p| dest(&format!("blk.{p}_proj.weight"), &[12, 5], Dtype::BF16))
+        .collect();
+    plan(ck, rules, dests).unwrap_err().to_string()
+}

@@ -8,7 +8,7 @@ use kimi_loader_core::exec::{
     commit_staged, execute_atomic, execute_plan, op_table, stage_ops, staged_bytes,
     staging_targets, DestBuf, ReadOptions,
 };
-use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit};
+use kimi_loader_core::mapping::{ExpertRule, IgnoreRule, Rules, StackedRule, TpSplit, UnfuseRule};
 use kimi_loader_core::plan::{build_plan, DestSpec, OpKind, Plan as CorePlan, PlanOptions};
 use kimi_loader_core::quant::QuantParams;
 use kimi_loader_core::update::check_units;
@@ -65,7 +65,7 @@ type ExpertTuple = (String, String, u32, u32, String);
 type IgnoreTuple = (Option<String>, Option<String>, String);
 
 /// Every key a rules dict may have; any other key is a mistake and is rejected.
-const RULE_KEYS: [&str; 18] = [
+const RULE_KEYS: [&str; 19] = [
     "renames",
     "rewrites",
     "ignore",
@@ -84,6 +84,7 @@ const RULE_KEYS: [&str; 18] = [
     "moe_tp_size",
     "num_experts",
     "shard_rows",
+    "unfused",
 ];
 
 /// Reads the rules dict built by `kimi_loader.loader.build_rules` (see its docstring).
@@ -113,6 +114,7 @@ fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
     let tp_rules: Vec<(String, String)> = get(d, "tp_rules", vec![])?;
     let ignore: Vec<IgnoreTuple> = get(d, "ignore", vec![])?;
     let stacked: Vec<(String, String, u32)> = get(d, "stacked", vec![])?;
+    let unfused: Vec<(String, Vec<(String, u32)>)> = get(d, "unfused", vec![])?;
     Ok(Rules {
         renames: get(d, "renames", HashMap::new())?,
         rewrites: get(d, "rewrites", vec![])?,
@@ -145,6 +147,10 @@ fn rules_from(py: Python<'_>, d: &Bound<'_, PyDict>) -> PyResult<Rules> {
         moe_tp_rank: get(d, "moe_tp_rank", 0)?,
         moe_tp_size: get(d, "moe_tp_size", 0)?,
         num_experts: get(d, "num_experts", None)?,
+        unfused: unfused
+            .into_iter()
+            .map(|(fragment, parts)| UnfuseRule { fragment, parts })
+            .collect(),
     })
 }
 
