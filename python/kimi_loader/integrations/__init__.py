@@ -1,0 +1,1 @@
+"""Integrations with the engines people serve with (each imports its engine lazily)."""
