@@ -184,3 +184,15 @@ def stack_experts(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         )
         out[base + "down_proj"] = torch.stack([weights[f"{base}{e}.down_proj.weight"] for e in range(n)])
     return out
+
+
+def hf_kimi_dequantized(path: str):
+    """transformers' own Kimi_K25ForConditionalGeneration of a ct-int4 checkpoint: loaded
+    and dequantized by transformers / compressed-tensors in bf16 (what ``q * scale``
+    gives), then run in float32."""
+    from transformers import CompressedTensorsConfig, Kimi_K25ForConditionalGeneration
+
+    model = Kimi_K25ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
+    )
+    return model.float().eval()

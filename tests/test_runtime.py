@@ -120,16 +120,10 @@ def test_logits_match_transformers_kimi_k25_class(synth_dir):
 def test_int4_logits_against_transformers_own_dequantization(synth_dir):
     """transformers loads and dequantizes the int4 checkpoint itself (in bf16, which is what
     `q * scale` produces anyway), then runs in float32."""
-    from transformers import CompressedTensorsConfig, Kimi_K25ForConditionalGeneration
+    from reference import hf_kimi_dequantized
 
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")
-    ref = (
-        Kimi_K25ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
-        .float()
-        .eval()
-    )
+    ref = hf_kimi_dequantized(path)
     ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         want = ref(input_ids=ids).logits

@@ -105,14 +105,10 @@ def test_image_and_text_logits_and_greedy_tokens_match_transformers(pair):
 
 
 def test_int4_checkpoint_image_logits_match_transformers(synth_dir):
+    from reference import hf_kimi_dequantized
+
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")
-    ref = (
-        Kimi_K25ForConditionalGeneration.from_pretrained(
-            path, dtype=torch.bfloat16, quantization_config=CompressedTensorsConfig(dequantize=True)
-        )
-        .float()
-        .eval()
-    )
+    ref = hf_kimi_dequantized(path)
     pv, g = _pixels([[1, 6, 6]], seed=8)
     ids = _prompt(9, seed=2)
     with torch.no_grad():

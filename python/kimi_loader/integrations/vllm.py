@@ -39,15 +39,22 @@ class VLLMModel:
         self.config: Any = getattr(model, "config", None)
         self.tp_rank, self.tp_size = tp_rank, tp_size
         params = {n for n, _ in model.named_parameters()}
-        packed = getattr(model, "packed_modules_mapping", None) or {}
+        # a multimodal wrapper (Kimi-K2.5) keeps the language model's mappings on it
+        inner = getattr(model, "language_model", None)
+        sources = [m for m in (model, inner) if m is not None]
+        packed: dict[str, list[str]] = {}
+        for m in sources:
+            packed.update(getattr(m, "packed_modules_mapping", None) or {})
         self.stacked_params_mapping = [
             (fused, shard, i)
             for fused, shards in packed.items()
             if any(f".{fused}." in n for n in params)  # only the fusions this model built
             for i, shard in enumerate(shards)
         ]
-        get = getattr(model, "get_expert_mapping", None)
-        self.expert_params_mapping = list(get()) if get is not None else []
+        # vLLM's own checkpoint -> model renames (Kimi-K2.5: the projector's linears)
+        self._mapper = getattr(model, "hf_to_vllm_mapper", None)
+        getters = [g for g in (getattr(m, "get_expert_mapping", None) for m in sources) if g is not None]
+        self.expert_params_mapping = list(getters[0]()) if getters else []
         # the local rows of each shard of a fused parameter, from vLLM's own modules
         fused = {f for f, _, _ in self.stacked_params_mapping}
         self.stacked_shard_rows: dict[str, list[int]] = {}
@@ -57,6 +64,15 @@ class VLLMModel:
                 for p_name, p in mod.named_parameters(recurse=False):
                     if p.dim() >= 1 and p.shape[0] == sum(sizes) // tp_size:
                         self.stacked_shard_rows[f"{name}.{p_name}"] = [int(s) // tp_size for s in sizes]
+
+    @property
+    def mutate_weight_preload(self) -> Any:
+        """vLLM's ``hf_to_vllm_mapper`` as the rename hook (None: the identity)."""
+        if self._mapper is None:
+            from ..hooks import _same_name
+
+            return _same_name
+        return self._mapper.map_name
 
     def weight_rules(self) -> WeightRules:
         c = self.config
@@ -71,7 +87,9 @@ class VLLMModel:
         )
         return WeightRules(
             skip_destinations=scales,
-            rewrites=KIMI_PREFIX_REWRITES,
+            # a vLLM wrapper keeps the checkpoint's language_model. names (its mapper renames
+            # the rest); a plain DeepSeek-V3 model may be handed a Kimi-named checkpoint
+            rewrites=() if self._mapper is not None else KIMI_PREFIX_REWRITES,
             ignore=(ROPE_IGNORE, *tied),
             num_hidden_layers=text.num_hidden_layers,
             num_nextn_predict_layers=getattr(text, "num_nextn_predict_layers", 0) or 0,
@@ -104,14 +122,20 @@ def _loader_class() -> type:
                 )
 
         def load_weights(self, model: torch.nn.Module, model_config: Any) -> None:
+            import time
+
+            from vllm.logger import init_logger
+
             from ..loader import load_weights
 
             rank, size = _tp()
+            start = time.perf_counter()
             report = load_weights(VLLMModel(model, rank, size), model_config.model, tp_rank=rank, tp_size=size)
-            from vllm.logger import init_logger
-
-            # (a "vllm." logger: vLLM's log handlers are on that namespace)
-            init_logger("vllm.kimi_loader").info("kimi_loader: %r\n%s", report, report.summary())
+            # (a "vllm." logger: vLLM's log handlers are on that namespace; the first line
+            # is worded as vLLM's default loader words it, for side-by-side timings)
+            out = init_logger("vllm.kimi_loader")
+            out.info("Loading weights took %.2f seconds", time.perf_counter() - start)
+            out.info("kimi_loader: %r\n%s", report, report.summary())
 
         def get_all_weights(self, model_config: Any, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             """The checkpoint's tensors, for vLLM's in-place reload (they are fed through

@@ -473,18 +473,7 @@ fn resolve_stage(ctx: &Ctx<'_>, plan: &mut Plan, pool: &rayon::ThreadPool) -> Re
             continue;
         };
         let dest = &dests[d as usize];
-        if e.dtype != dest.dtype
-            && !(is_float(dest.dtype) && (is_float(e.dtype) || e.dtype == Dtype::F8E8M0))
-        {
-            return Err(unsupported(
-                ckpt,
-                id,
-                format!(
-                    "dtype {} cannot be loaded into '{}' of dtype {}",
-                    e.dtype, dest.name, dest.dtype
-                ),
-            ));
-        }
+        check_loadable(ckpt, id, dest)?;
         let (rows, cols) = as_2d(&e.shape);
         pieces.push(Piece {
             src: id,
@@ -504,6 +493,25 @@ fn resolve_stage(ctx: &Ctx<'_>, plan: &mut Plan, pool: &rayon::ThreadPool) -> Re
     }
 
     Ok(staged)
+}
+
+/// A stored tensor goes into a destination of its own dtype, or is converted between
+/// float dtypes (e8m0 scales included).
+fn check_loadable(ckpt: &Checkpoint, id: TensorId, dest: &DestSpec) -> Result<()> {
+    let e = ckpt.entry(id);
+    if e.dtype == dest.dtype
+        || (is_float(dest.dtype) && (is_float(e.dtype) || e.dtype == Dtype::F8E8M0))
+    {
+        return Ok(());
+    }
+    Err(unsupported(
+        ckpt,
+        id,
+        format!(
+            "dtype {} cannot be loaded into '{}' of dtype {}",
+            e.dtype, dest.name, dest.dtype
+        ),
+    ))
 }
 
 /// One checkpoint tensor cut into the parameters of an [`UnfuseRule`](crate::mapping::UnfuseRule):
@@ -536,16 +544,7 @@ fn unfuse(
             continue;
         };
         let dest = &dests[d as usize];
-        if !(e.dtype == dest.dtype || (is_float(e.dtype) && is_float(dest.dtype))) {
-            return Err(unsupported(
-                ckpt,
-                id,
-                format!(
-                    "dtype {} cannot be loaded into '{}' of dtype {}",
-                    e.dtype, dest.name, dest.dtype
-                ),
-            ));
-        }
+        check_loadable(ckpt, id, dest)?;
         if *heads > 0 && !part_rows.is_multiple_of(2 * *heads as u64) {
             return Err(unsupported(
                 ckpt,
