@@ -274,9 +274,10 @@ class Runtime:
         gate, up = F.linear(x, w13).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, w2)
 
-    def _route(self, h: torch.Tensor, mlp: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _route(self, h: torch.Tensor, mlp: Any, route: Any = route_noaux_tc) -> tuple[torch.Tensor, torch.Tensor]:
+        """noaux_tc routing of ``h`` with ``route`` (this torch reference, or the Triton kernel)."""
         c = self.c
-        return route_noaux_tc(
+        return route(
             F.linear(h.float(), mlp.gate.weight.float()),
             mlp.gate.e_score_correction_bias,
             top_k=c["num_experts_per_tok"],
@@ -312,16 +313,8 @@ class Runtime:
         from ..kernels.moe import moe_w4
         from ..kernels.moe import route_noaux_tc as route_kernel
 
-        c, experts = self.c, mlp.experts
-        ids, w = route_kernel(
-            F.linear(h.float(), mlp.gate.weight.float()),
-            mlp.gate.e_score_correction_bias,
-            top_k=c["num_experts_per_tok"],
-            n_group=c.get("n_group") or 1,
-            topk_group=c.get("topk_group") or 1,
-            routed_scaling_factor=c["routed_scaling_factor"],
-            renormalize=c.get("norm_topk_prob", True),
-        )
+        experts = mlp.experts
+        ids, w = self._route(h, mlp, route_kernel)
         lo, hi = self._expert_range()
         if (lo, hi) != (0, self.c["n_routed_experts"]):  # slots of other groups' experts weigh 0
             mine = (ids >= lo) & (ids < hi)
