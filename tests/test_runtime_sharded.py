@@ -73,6 +73,7 @@ def _worker(rank: int, world: int, port: int, paths: dict[str, str], out: str) -
             results[(name, ep, kernels)] = (model(IDS), model.generate(IDS, NEW_TOKENS))
         if rank == 0:
             torch.save(results, os.path.join(out, "results.pt"))
+        dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
 
