@@ -62,8 +62,14 @@ gpu-check: build
 	KIMI_LOADER_GPU_TESTS=1 $(PY) -m pytest -m gpu -v
 	cd benches && ../$(PY) bench_kernels.py
 
+# Every benchmark, then its figures as a dated JSON + Markdown file under benches/results/
+# and the change against the previous one (benches/results.py compare).
+BENCHES := bench_first_load bench_open bench_read bench_load bench_runtime bench_update bench_rl_scale bench_vision
+BENCH_RECORD := $(abspath .bench)/record-$(shell date +%s).jsonl
 bench: build
-	cd benches && ../$(PY) bench_open.py && ../$(PY) bench_read.py && ../$(PY) bench_load.py && ../$(PY) bench_runtime.py && ../$(PY) bench_update.py && ../$(PY) bench_rl_scale.py && ../$(PY) bench_vision.py
+	@mkdir -p .bench
+	cd benches && for b in $(BENCHES); do echo "== $$b"; KIMI_LOADER_BENCH_RECORD=$(BENCH_RECORD) ../$(PY) $$b.py || exit 1; done
+	cd benches && ../$(PY) results.py write $(BENCH_RECORD)
 
 lint: build
 	cargo fmt --all -- --check

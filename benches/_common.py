@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -11,15 +13,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("KIMI_LOADER_BENCH_DIR", os.path.join(ROOT, ".bench"))
 
 
+#: a ~1.45 GB bf16 DeepSeek-V3-layout checkpoint with vLLM's 576-wide MLA latent
+#: (bench_first_load, bench_vllm)
+DS_1G6 = dict(
+    preset="deepseek-v3-tiny",
+    kv_lora_rank=512,
+    qk_rope_head_dim=64,
+    hidden_size=1024,
+    moe_intermediate_size=512,
+    n_routed_experts=64,
+    num_hidden_layers=8,
+    num_shards=8,
+)
+
+
 def checkpoint(name: str, **kwargs) -> str:
     """A synthetic checkpoint generated once into the bench cache and reused."""
-    from kimi_loader.synth import make_checkpoint
+    import shutil
+
+    from kimi_loader.synth import SYNTH_VERSION, make_checkpoint
 
     path = os.path.join(CACHE, name)
     done = os.path.join(path, ".complete")
-    if not os.path.exists(done):
+    # what was asked for and what the generator writes: a cached checkpoint made by an
+    # older generator or with other arguments is made again
+    want = json.dumps({"synth": SYNTH_VERSION, **kwargs}, sort_keys=True)
+    if not os.path.exists(done) or open(done).read() != want:
+        shutil.rmtree(path, ignore_errors=True)
         make_checkpoint(path, **kwargs)
-        open(done, "w").close()
+        with open(done, "w") as f:
+            f.write(want)
     return path
 
 
@@ -42,6 +65,43 @@ def interleaved(fns: dict[str, Callable[[], object]], repeat: int = 15) -> dict[
     return run_interleaved(fns, repeat)
 
 
-def row(label: str, seconds: float, baseline: float | None = None, extra: str = "") -> str:
+#: ``make bench`` points this at one JSON-lines file per run; ``benches/results.py``
+#: turns it into the dated results files (unset: figures are only printed)
+RECORD = os.environ.get("KIMI_LOADER_BENCH_RECORD")
+_SECTION = [""]
+
+
+def section(title: str) -> None:
+    """Names the figures recorded from here on (labels repeat between sections)."""
+    _SECTION[0] = title
+
+
+def record(label: str, best_s: float | None, median_s: float | None = None, **extra: object) -> None:
+    """Adds one figure of this benchmark (the script's name) to the run's record."""
+    if not RECORD:
+        return
+    bench = os.path.splitext(os.path.basename(sys.argv[0]))[0]
+    entry = {"bench": bench, "section": _SECTION[0], "label": label, "best_s": best_s, "median_s": median_s, **extra}
+    with open(RECORD, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def row(
+    label: str,
+    seconds: float,
+    baseline: float | None = None,
+    extra: str = "",
+    median: float | None = None,
+    base_median: float | None = None,
+) -> str:
+    """One printed line (time, ratio baseline / seconds: > 1 is faster than the
+    baseline), also recorded (see :func:`record`) with its median where given."""
     ratio = f"{baseline / seconds:7.2f}x" if baseline else "        "
+    record(
+        label,
+        seconds,
+        median,
+        ratio_best=baseline / seconds if baseline else None,
+        ratio_median=base_median / median if base_median and median else None,
+    )
     return f"  {label:<44} {seconds * 1e3:9.1f} ms  {ratio}  {extra}"

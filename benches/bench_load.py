@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 
-from _common import checkpoint, interleaved, row
+from _common import checkpoint, interleaved, record, row, section
 
 SHAPE = dict(
     preset="deepseek-v3-tiny",
@@ -146,6 +146,7 @@ def main() -> None:
         f"bf16 DeepSeek-V3-layout checkpoint -> transformers DeepseekV3ForCausalLM ({gb:.2f} GB; best of 5 "
         "interleaved rounds, each run a fresh process, warm page cache)"
     )
+    section("bf16 -> transformers model")
     for label, x in [("numpy memcpy into fresh memory", mem), ("numpy memcpy into pre-faulted memory", pre)]:
         print(
             row(
@@ -153,6 +154,8 @@ def main() -> None:
                 x["seconds"],
                 mem["seconds"],
                 f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms",
+                x["median"],
+                mem["median"],
             )
         )
     for label, x in [("kimi_loader (meta + to_empty + load_weights)", ours), ("transformers from_pretrained", hf)]:
@@ -163,6 +166,8 @@ def main() -> None:
                 mem["seconds"],
                 f"{x['dest_bytes'] / x['seconds'] / 1e9:5.2f} GB/s  median {x['median'] * 1e3:.0f} ms  "
                 f"peak anon {x['peak_anon'] / x['dest_bytes']:.2f}x dest",
+                x["median"],
+                mem["median"],
             )
         )
     print(
@@ -174,12 +179,15 @@ def main() -> None:
     r4 = rounds([("ours", int4), ("hf-ct", int4)])
     ours4, hf4 = r4["ours"], r4["hf-ct"]
     print(f"ct-int4 checkpoint dequantized to bf16 on load ({ours4['dest_bytes'] / 1e9:.2f} GB of bf16)")
+    section("ct-int4 dequantized on load")
     print(
         row(
             "transformers + CompressedTensorsConfig(dequantize)",
             hf4["seconds"],
             hf4["seconds"],
             f"median {hf4['median'] * 1e3:.0f} ms  peak anon {hf4['peak_anon'] / hf4['dest_bytes']:.2f}x dest",
+            hf4["median"],
+            hf4["median"],
         )
     )
     print(
@@ -188,16 +196,24 @@ def main() -> None:
             ours4["seconds"],
             hf4["seconds"],
             f"median {ours4['median'] * 1e3:.0f} ms  peak anon {ours4['peak_anon'] / ours4['dest_bytes']:.2f}x dest",
+            ours4["median"],
+            hf4["median"],
         )
     )
+    print(f"  => dequantize-on-load, medians: {hf4['median'] / ours4['median']:.2f}x transformers (goal >= 5x)")
 
     best_s, med_s, n = plan_time()
+    section("plan")
+    record(f"plan kimi-k2.5-fullcount ({n} tensors)", best_s, med_s)
     print(
         f"plan kimi-k2.5-fullcount ({n} tensors): best {best_s * 1e3:.1f} ms, median {med_s * 1e3:.1f} ms "
         "(goal < 200 ms)"
     )
     for label, r in [("ours bf16", ours), ("ours ct-int4", ours4)]:
         budget = 1.15 * r["dest_bytes"] + 200e6
+        record(
+            f"peak anonymous memory / destination bytes, {label}", None, None, ratio=r["peak_anon"] / r["dest_bytes"]
+        )
         print(
             f"peak anonymous memory, {label}: {r['peak_anon'] / 1e6:.0f} MB for {r['dest_bytes'] / 1e6:.0f} MB "
             f"of destinations (budget 1.15x + 200 MB = {budget / 1e6:.0f} MB)"

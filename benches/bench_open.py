@@ -55,7 +55,7 @@ def main() -> None:
     )
     base = results[base_label][0]
     for label, (best, med) in results.items():
-        print(row(label, best, base, f"median {med * 1e3:.1f} ms"))
+        print(row(label, best, base, f"median {med * 1e3:.1f} ms", med, results[base_label][1]))
     sys.stdout.flush()
 
 

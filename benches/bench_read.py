@@ -84,8 +84,17 @@ def main() -> None:
         f"read every tensor into fresh memory: {n} tensors, {total / 1e9:.2f} GB in {len(files)} shards "
         f"(threads={kimi_loader._core.resolve_threads()}, warm page cache)"
     )
-    base, _ = best_of(memcpy, 5)
-    print(row("numpy memcpy of the same bytes (1 thread)", base, base, f"{total / base / 1e9:5.2f} GB/s"))
+    base, base_med = best_of(memcpy, 5)
+    print(
+        row(
+            "numpy memcpy of the same bytes (1 thread)",
+            base,
+            base,
+            f"{total / base / 1e9:5.2f} GB/s",
+            base_med,
+            base_med,
+        )
+    )
     for label, fn in [
         ("kimi_loader read_tensors (parallel pread)", ours),
         ("safetensors load_file + clone", st_load_file_copy),
@@ -93,8 +102,8 @@ def main() -> None:
         ("safetensors load_file (no extra copy)", st_load_file),
     ]:
         gc.collect()
-        t, _ = best_of(fn, 5)
-        print(row(label, t, base, f"{total / t / 1e9:5.2f} GB/s  (x of memcpy throughput)"))
+        t, med = best_of(fn, 5)
+        print(row(label, t, base, f"{total / t / 1e9:5.2f} GB/s  (x of memcpy throughput)", med, base_med))
 
 
 if __name__ == "__main__":

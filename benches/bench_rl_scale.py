@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 from bench_update import SHAPE as UPDATE_SHAPE
 
 import kimi_loader
-from _common import CACHE, checkpoint
+from _common import CACHE, checkpoint, record, section
 from kimi_loader.rl import WeightUpdater
 
 # bench_update's DeepSeek-V3 layout, with the layer count and format set per measurement
@@ -220,8 +220,12 @@ def measure(label: str, layers: int) -> dict:
         rows[f"gloo stream, {mode}"] = stream(a, b, mode)
     print(f"\nmodel {label}: {total / 1e9:.2f} GB bf16, 5% delta = {dbytes / 1e6:.0f} MB")
     print(f"  {'':<46} {'seconds':>8} {'GB/s':>6} {'peak extra':>11}")
+    section(f"model {label} ({total / 1e9:.2f} GB bf16)")
     for k, (s, extra) in rows.items():
         print(f"  {k:<46} {s:8.3f} {total / s / 1e9 if 'full' in k or 'gloo' in k else 0:6.2f} {extra / 1e6:9.0f} MB")
+        record(k, s, None, peak_extra_bytes=extra)
+    record("quantize_int4 (all experts)", qt, None, gbps=ebytes / qt / 1e9)
+    record("memcpy of the same bf16 bytes", mc, None, gbps=ebytes / mc / 1e9)
     print(
         f"  quantize_int4 throughput {ebytes / qt / 1e9:.2f} GB/s of bf16 vs memcpy of the same bytes "
         f"{ebytes / mc / 1e9:.2f} GB/s ({qt / mc:.1f}x slower)"

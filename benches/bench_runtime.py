@@ -15,7 +15,7 @@ import warnings
 import torch
 
 import kimi_loader
-from _common import checkpoint, interleaved, row
+from _common import checkpoint, interleaved, row, section
 
 
 def main() -> None:
@@ -41,13 +41,17 @@ def main() -> None:
     res = interleaved({"transformers": hf, "kimi_loader": ours}, repeat=7)
     base = res["transformers"][0]
     print("load-to-first-token, tiny Kimi-K2.5 ct-int4, CPU float32 (best of 7 interleaved rounds)")
-    print(row("transformers from_pretrained + forward", base, base, f"median {res['transformers'][1] * 1e3:.1f} ms"))
+    section("load-to-first-token")
+    hf_med = res["transformers"][1]
+    print(row("transformers from_pretrained + forward", base, base, f"median {hf_med * 1e3:.1f} ms", hf_med, hf_med))
     print(
         row(
             "kimi_loader.from_pretrained + forward",
             res["kimi_loader"][0],
             base,
             f"median {res['kimi_loader'][1] * 1e3:.1f} ms",
+            res["kimi_loader"][1],
+            hf_med,
         )
     )
 
@@ -65,9 +69,10 @@ def main() -> None:
 
     res = interleaved({"transformers": decode_hf, "kimi_loader": decode_ours}, repeat=5)
     print(f"greedy decode, {n} new tokens with a KV cache (informational)")
+    section("greedy decode")
     for label in ("transformers", "kimi_loader"):
         t = res[label][0]
-        print(row(label, t, res["transformers"][0], f"{n / t:6.0f} tokens/s"))
+        print(row(label, t, res["transformers"][0], f"{n / t:6.0f} tokens/s", res[label][1], res["transformers"][1]))
 
 
 if __name__ == "__main__":

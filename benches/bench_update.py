@@ -96,6 +96,8 @@ def main() -> None:
             res["fresh"][0],
             res["fresh"][0],
             f"median {res['fresh'][1] * 1e3:.0f} ms",
+            res["fresh"][1],
+            res["fresh"][1],
         )
     )
     print(
@@ -104,6 +106,8 @@ def main() -> None:
             res["full"][0],
             res["fresh"][0],
             f"median {res['full'][1] * 1e3:.0f} ms",
+            res["full"][1],
+            res["fresh"][1],
         )
     )
     # a delta update a -> d, timed on its own (then back to a, untimed)

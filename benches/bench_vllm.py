@@ -23,32 +23,19 @@ ROUNDS = 3
 
 
 def _checkpoint() -> str:
-    from kimi_loader.synth import make_checkpoint
+    from _common import DS_1G6, checkpoint
 
-    path = os.path.join(HERE, "..", ".bench", "vllm-ds-1.6g")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        make_checkpoint(
-            path,
-            preset="deepseek-v3-tiny",
-            quant="bf16",
-            kv_lora_rank=512,
-            qk_rope_head_dim=64,
-            hidden_size=1024,
-            moe_intermediate_size=512,
-            n_routed_experts=64,
-            num_hidden_layers=8,
-            num_shards=8,
-        )
-    return path
+    return checkpoint("vllm-ds-1.6g", quant="bf16", **DS_1G6)
 
 
-def _load_seconds(path: str, load_format: str) -> float:
+def _load_seconds(path: str, load_format: str, env: dict[str, str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             [sys.executable, RUN, path, load_format, os.path.join(tmp, "out.json")],
             capture_output=True,
             text=True,
             timeout=900,
+            env={**os.environ, **env},
         )
     found = re.findall(r"Loading weights took ([0-9.]+) seconds", proc.stdout + proc.stderr)
     if not found:
@@ -64,15 +51,20 @@ def main() -> None:
         return
     path = _checkpoint()
     size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
-    times: dict[str, list[float]] = {"auto": [], "kimi_loader": []}
+    contenders = {
+        "vLLM default loader": ("auto", {}),
+        "kimi_loader": ("kimi_loader", {}),
+        "kimi_loader, KIMI_LOADER_PREFAULT=0": ("kimi_loader", {"KIMI_LOADER_PREFAULT": "0"}),
+    }
+    times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(ROUNDS):
-        for fmt in times:
-            times[fmt].append(_load_seconds(path, fmt))
+        for label, (fmt, env) in contenders.items():
+            times[label].append(_load_seconds(path, fmt, env))
     print(f"vLLM load_weights, {size / 1e9:.2f} GB bf16 -> float32, fresh engine per run, {ROUNDS} rounds")
-    base = statistics.median(times["auto"])
-    for fmt, ts in times.items():
+    base = statistics.median(times["vLLM default loader"])
+    for label, ts in times.items():
         med = statistics.median(ts)
-        print(f"  {fmt:<12} best {min(ts):6.2f} s  median {med:6.2f} s  {base / med:5.2f}x the default loader")
+        print(f"  {label:<38} best {min(ts):6.2f} s  median {med:6.2f} s  {base / med:5.2f}x the default loader")
 
 
 if __name__ == "__main__":

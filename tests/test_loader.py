@@ -4,6 +4,7 @@ wrappers, strict completeness."""
 from __future__ import annotations
 
 import itertools
+import os
 
 import pytest
 import torch
@@ -484,3 +485,90 @@ def test_logging_and_progress_off_a_terminal(synth_dir, capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="kimi_loader"):
         kimi_loader.load_weights(Unrelated(), ck, strict=False)
     assert any("nothing will be loaded" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_materialize_is_to_empty_without_its_import_cost(tied):
+    # the same parameters and buffers (names, shapes, strides, dtypes, device, tying)
+    # as torch's own to_empty
+    from kimi_loader.models import materialize
+    from kimi_loader.synth import text_config
+
+    cfg = text_config("deepseek-v3-tiny", tie_word_embeddings=tied)
+    a = materialize(for_config(cfg, device="meta", dtype=torch.bfloat16), "cpu")
+    b = for_config(cfg, device="meta", dtype=torch.bfloat16).to_empty(device="cpu")
+    sa, sb = a.state_dict(keep_vars=True), b.state_dict(keep_vars=True)
+    assert list(sa) == list(sb)
+    for k in sa:
+        x, y = sa[k], sb[k]
+        assert (x.shape, x.stride(), x.dtype, x.device, type(x)) == (y.shape, y.stride(), y.dtype, y.device, type(y)), k
+    assert (a.lm_head.weight is a.model.embed_tokens.weight) == tied
+    assert all(p.device.type == "cpu" for p in a.parameters())
+
+
+def test_from_pretrained_does_not_pay_for_sympy(synth_dir):
+    # torch.empty_like on a meta tensor imports sympy and ~480 more modules (0.3-0.5 s)
+    # the first time: a third of a whole first load of a 1.5 GB checkpoint
+    import subprocess
+    import sys
+
+    path = synth_dir("deepseek-v3-tiny", "bf16")
+    code = (
+        "import sys, torch, kimi_loader\n"
+        f"kimi_loader.from_pretrained({path!r}, dtype=torch.bfloat16)\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("quant", ["bf16", "ct-int4"])
+def test_prefault_and_huge_page_settings_load_the_same_bytes(synth_dir, quant, tmp_path):
+    # fault-in advice (per chunk, on by default) and huge pages (opt-in) never change
+    # what lands: each setting in a fresh process, float32 (converted) and bf16 loads
+    import subprocess
+    import sys
+
+    path = synth_dir("kimi-k2.5-tiny", quant)
+    code = (
+        "import sys, torch, kimi_loader\n"
+        "for dt in (torch.bfloat16, torch.float32):\n"
+        f"    m = kimi_loader.from_pretrained({path!r}, dtype=dt)\n"
+        "    torch.save(m.state_dict(), sys.argv[1] + str(dt))\n"
+    )
+    outs = []
+    for i, env in enumerate(
+        [
+            {"KIMI_LOADER_PREFAULT": "0"},
+            {},
+            {"KIMI_LOADER_HUGE_PAGES": "1"},
+            {"KIMI_LOADER_PREFAULT": "0", "KIMI_LOADER_HUGE_PAGES": "1"},
+        ]
+    ):
+        f = str(tmp_path / f"s{i}-")
+        subprocess.run([sys.executable, "-c", code, f], check=True, env={**os.environ, **env})
+        outs.append([torch.load(f + str(dt)) for dt in (torch.bfloat16, torch.float32)])
+    for other in outs[1:]:
+        for sa, sb in zip(outs[0], other, strict=True):
+            assert list(sa) == list(sb)
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_the_realsize_preset_has_kimi_k25s_tensor_shapes():
+    # the per-tensor shapes of Kimi-K2.5's published checkpoint (text model), as the
+    # serving model built from the preset's config expects them
+    from kimi_loader.synth import text_config
+
+    model = for_config(text_config("kimi-k2.5-realsize"), device="meta", dtype=torch.bfloat16)
+    sd = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sd["model.embed_tokens.weight"] == (163840, 7168)
+    assert sd["lm_head.weight"] == (163840, 7168)
+    attn = "model.layers.1.self_attn."
+    assert sd[attn + "fused_qkv_a_proj_with_mqa.weight"] == (1536 + 576, 7168)
+    assert sd[attn + "q_b_proj.weight"] == (12288, 1536)
+    assert sd[attn + "kv_b_proj.weight"] == (16384, 512)
+    assert sd[attn + "o_proj.weight"] == (7168, 8192)
+    assert sd["model.layers.0.mlp.gate_up_proj.weight"] == (2 * 18432, 7168)
+    assert sd["model.layers.1.mlp.gate.weight"][1] == 7168
+    assert sd["model.layers.1.mlp.experts.w13_weight"][1:] == (2 * 2048, 7168)  # gate and up rows stacked
+    assert sd["model.layers.1.mlp.experts.w2_weight"][1:] == (7168, 2048)

@@ -122,7 +122,7 @@ def from_pretrained(
     import torch
 
     from .loader import load_weights
-    from .models import for_config
+    from .models import for_config, materialize
     from .reader import open as open_checkpoint
 
     ckpt = open_checkpoint(path, threads=threads)
@@ -146,7 +146,7 @@ def from_pretrained(
     lm = getattr(model, "language_model", model)
     lm.kernels = kernels
     lm.process_group = process_group
-    model.to_empty(device=device)
+    materialize(model, device)
     load_weights(
         model,
         ckpt,

@@ -110,6 +110,42 @@ PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
             "rope_scaling": _DS_ROPE,
         },
     ),
+    # Kimi-K2.5's real per-tensor shapes (vocabulary, hidden 7168, 64 heads, MLA ranks,
+    # dense and expert MLP widths), one dense and one MoE layer. 16 of the 384 experts:
+    # 384 real-size experts take 9.5 GB per layer even at int4 (pass
+    # n_routed_experts=384 where memory allows). ct-int4: ~5.9 GB on disk.
+    "kimi-k2.5-realsize": (
+        "kimi",
+        8,
+        {
+            **_BASE_TEXT,
+            "model_type": "kimi_k2",
+            "vocab_size": 163840,
+            "hidden_size": 7168,
+            "intermediate_size": 18432,
+            "moe_intermediate_size": 2048,
+            "num_hidden_layers": 2,
+            "num_nextn_predict_layers": 0,
+            "first_k_dense_replace": 1,
+            "num_attention_heads": 64,
+            "num_key_value_heads": 64,
+            "q_lora_rank": 1536,
+            "kv_lora_rank": 512,
+            "qk_nope_head_dim": 128,
+            "qk_rope_head_dim": 64,
+            "v_head_dim": 128,
+            "n_routed_experts": 16,
+            "n_shared_experts": 1,
+            "num_experts_per_tok": 8,
+            "n_group": 1,
+            "topk_group": 1,
+            "routed_scaling_factor": 2.827,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 50000.0,
+            "max_position_embeddings": 262144,
+            "rope_scaling": _KIMI_ROPE,
+        },
+    ),
     # Kimi-K2.5's real tensor count (61 layers x 384 experts, 64 shards), tiny shapes.
     "kimi-k2.5-fullcount": (
         "kimi",
@@ -144,3 +180,9 @@ PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
         },
     ),
 }
+
+# vLLM's CPU MLA kernel needs kv_lora_rank + qk_rope_head_dim = 576 (Kimi-K2.5's and
+# DeepSeek-V3's own 512 + 64): the tiny presets with that latent, for real engines
+for _name in ("kimi-k2.5-tiny", "deepseek-v3-tiny"):
+    _family, _shards, _cfg = PRESETS[_name]
+    PRESETS[f"{_name}-576"] = (_family, _shards, {**_cfg, "kv_lora_rank": 512, "qk_rope_head_dim": 64})

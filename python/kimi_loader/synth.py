@@ -26,7 +26,11 @@ from .formats import QUANT_FORMATS, layer_index
 from .presets import PRESETS
 from .registry import FORMATS, format_of
 
-__all__ = ["PRESETS", "expected_tensor_count", "make_checkpoint", "text_config"]
+__all__ = ["PRESETS", "SYNTH_VERSION", "expected_tensor_count", "make_checkpoint", "text_config"]
+
+#: bumped whenever the generator writes different tensors for the same arguments (caches
+#: of generated checkpoints, e.g. the benchmarks', compare it)
+SYNTH_VERSION = 2
 
 #: the synthetic MoonViT (tiny; the hub's vision_config keys)
 _VISION: dict[str, Any] = {
@@ -340,9 +344,12 @@ def make_checkpoint(
 
     ``preset``: ``kimi-k2.5-tiny`` (Kimi-K2.5 wrapper config with ``text_config``,
     ``language_model.`` names, vision tensors), ``deepseek-v3-tiny`` (plain DeepSeek-V3
-    with an MTP layer), or ``kimi-k2.5-fullcount`` (61 layers x 384 experts, ~210k
-    tensors, 64 shards, tiny shapes). ``quant``: one of ``bf16``, ``fp8-block``,
-    ``ct-int4``, ``quark-mxfp4``. ``num_shards`` defaults to the preset's (4, or 64 for
+    with an MTP layer), ``kimi-k2.5-fullcount`` (61 layers x 384 experts, ~210k
+    tensors, 64 shards, tiny shapes), ``kimi-k2.5-realsize`` (Kimi-K2.5's real
+    per-tensor shapes, one dense and one MoE layer with 16 experts: 6.4 GB as ct-int4),
+    or the tiny ones with vLLM's 576-wide MLA latent, ``kimi-k2.5-tiny-576`` and
+    ``deepseek-v3-tiny-576``. ``quant``: one of ``bf16``, ``fp8-block``, ``ct-int4``,
+    ``quark-mxfp4``. ``num_shards`` defaults to the preset's (4; 8 for realsize, 64 for
     fullcount). ``shared_expert_quant`` forces the shared experts' format (e.g. ``"bf16"``
     in a Quark checkpoint, as an older Kimi-K2.5-MXFP4 revision had). Other keyword
     arguments override text-config fields (``num_hidden_layers=2``,

@@ -130,21 +130,11 @@ def _loader_class() -> type:
 
             rank, size = _tp()
             start = time.perf_counter()
-            # vLLM hands over never-touched memory: writing into it faults it in a page at
-            # a time inside our reads (4x slower than vLLM's own loader, measured); torch's
-            # multi-threaded fill faults it in first, far faster, and every byte is then
-            # overwritten by the plan (its completeness is proven before the first write)
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.device.type == "cpu":
-                        p.zero_()
-            faulted = time.perf_counter()
             report = load_weights(VLLMModel(model, rank, size), model_config.model, tp_rank=rank, tp_size=size)
             # (a "vllm." logger: vLLM's log handlers are on that namespace; the first line
             # is worded as vLLM's default loader words it, for side-by-side timings)
             out = init_logger("vllm.kimi_loader")
             out.info("Loading weights took %.2f seconds", time.perf_counter() - start)
-            out.info("kimi_loader: faulting the destinations in took %.2f s", faulted - start)
             out.info("kimi_loader: %r\n%s", report, report.summary())
 
         def get_all_weights(self, model_config: Any, model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -126,7 +126,7 @@ def wrap_if_transformers(model: Any) -> Any:
 
 def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", wrapper: bool = False) -> nn.Module:
     """A transformers ``DeepseekV3ForCausalLM`` built on the meta device and materialized
-    with ``to_empty`` (uninitialized memory: nothing is computed or copied), with the
+    with ``to_empty`` semantics (uninitialized memory: nothing is computed or copied), with the
     dtypes ``from_pretrained`` would give it (``_keep_in_fp32_modules_strict`` stay
     float32) and its rotary buffers recomputed. ``path_or_config`` is a checkpoint
     directory (plain DeepSeek-V3 or a Kimi-K2.5 wrapper, whose ``text_config`` is used)
@@ -158,7 +158,9 @@ def empty_model(path_or_config: Any, *, dtype: Any = None, device: str = "cpu", 
     dtype = dtype or torch.bfloat16
     with torch.device("meta"):
         model = model_class._from_config(cfg, dtype=dtype)
-    model = model.to_empty(device=device)
+    from . import materialize
+
+    model = materialize(model, device)
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()  # to_empty replaced the shared tensor by two
     keep = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) | {"e_score_correction_bias"}

@@ -22,59 +22,51 @@ pub struct ReadOptions {
     /// Bytes per `pread` (at least 4 KiB).
     pub chunk: usize,
     /// Advise transparent huge pages on the 2 MiB-aligned interior of each destination
-    /// before writing it. Fresh destinations then fault in 2 MiB at a time instead of
-    /// 4 KiB (what numpy does for its own large arrays); already-populated memory is
-    /// unaffected. Advisory only: failures are ignored.
+    /// before writing it (fresh destinations then fault in 2 MiB at a time). Off by
+    /// default: on the VMs measured (THP `madvise` mode, `defrag=madvise`) a huge-page
+    /// fault costs ~3x its 4 KiB pages (a first `from_pretrained` of 1.45 GB: 2.5 s with,
+    /// 1.4 s without). `KIMI_LOADER_HUGE_PAGES=1` turns it on.
     pub huge_pages: bool,
-    /// Fault every destination page in (`MADV_POPULATE_WRITE`, in parallel slices)
-    /// before reading into it, instead of one page fault at a time inside each `pread`.
-    /// Advisory: kernels without it (before 5.14) ignore it. `KIMI_LOADER_PREFAULT=0`
+    /// Fault each chunk's destination pages in with one `MADV_POPULATE_WRITE` right
+    /// before writing the chunk, instead of one page fault at a time inside `pread`'s or
+    /// the converter's copy: faults of one thread overlap reads of the others, and the
+    /// zeroed pages are still in cache when the chunk lands. Already-present pages are
+    /// untouched; kernels without it (before 5.14) ignore it. `KIMI_LOADER_PREFAULT=0`
     /// turns it off (for measurements).
     pub prefault: bool,
 }
 
 impl Default for ReadOptions {
     fn default() -> Self {
+        let env = |k: &str| std::env::var(k).ok();
         ReadOptions {
             chunk: DEFAULT_CHUNK,
-            huge_pages: true,
-            prefault: std::env::var("KIMI_LOADER_PREFAULT").map_or(true, |v| v != "0"),
+            huge_pages: env("KIMI_LOADER_HUGE_PAGES").is_some_and(|v| v == "1"),
+            prefault: env("KIMI_LOADER_PREFAULT").is_none_or(|v| v != "0"),
         }
     }
 }
 
-/// Op outputs smaller than this are not prefaulted.
-const PREFAULT_MIN: usize = 1 << 20;
+/// Destination chunks smaller than this are left to fault as they are written (a call
+/// costs more than the few faults it saves).
+const PREFAULT_MIN: usize = 64 << 10;
 
-/// Slice of a destination faulted in by one task of [`prefault`].
-const PREFAULT_SLICE: usize = 32 << 20;
-
-/// Faults in every page of the `(address, len)` ranges, in parallel slices, with
-/// `MADV_POPULATE_WRITE` (contents unchanged). Errors (an old kernel) are ignored.
-fn prefault(ranges: &[(usize, usize)], pool: &ThreadPool) {
+/// Faults in every page of `dst` (`MADV_POPULATE_WRITE`), contents unchanged. Errors (an
+/// old kernel, a range that is not anonymous or file memory) are ignored: the write that
+/// follows faults the pages in anyway.
+fn populate(dst: &mut [u8]) {
     const MADV_POPULATE_WRITE: libc::c_int = 23;
-    let page = 4096usize;
-    let mut slices = Vec::new();
-    for &(addr, len) in ranges {
-        let (start, end) = (addr / page * page, (addr + len).next_multiple_of(page));
-        let mut at = start;
-        while at < end {
-            let next = (at + PREFAULT_SLICE).min(end);
-            slices.push((at, next - at));
-            at = next;
-        }
+    const PAGE: usize = 4096;
+    if dst.len() < PREFAULT_MIN {
+        return;
     }
-    pool.install(|| {
-        slices.par_iter().for_each(|&(at, len)| {
-            // SAFETY: MADV_POPULATE_WRITE only faults pages in as if written, without
-            // changing their contents; the pages lie in (or share a page with) a
-            // destination the caller guarantees mapped and writable. An unmapped page
-            // makes the call fail, which is ignored.
-            unsafe {
-                libc::madvise(at as *mut libc::c_void, len, MADV_POPULATE_WRITE);
-            }
-        })
-    });
+    let at = dst.as_mut_ptr() as usize;
+    let (start, end) = (at / PAGE * PAGE, (at + dst.len()).next_multiple_of(PAGE));
+    // SAFETY: MADV_POPULATE_WRITE faults pages in as if written, without changing their
+    // contents; every page of [start, end) holds a byte of `dst`, which we may write.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE);
+    }
 }
 
 /// Advises huge pages for the 2 MiB-aligned part of `[addr, addr + len)`.
@@ -169,6 +161,9 @@ pub unsafe fn read_tasks(
             // SAFETY: per this function's contract the range is valid, writable and
             // disjoint from every other piece, so this is the only live reference to it.
             let dst = unsafe { std::slice::from_raw_parts_mut(p.dst, p.len as usize) };
+            if opts.prefault {
+                populate(dst);
+            }
             ckpt.shards[p.shard as usize].read_at(p.offset, dst)
         })
     })
@@ -390,20 +385,6 @@ pub unsafe fn execute_plan(
             advise_huge_pages(d.ptr as usize, d.len as usize);
         }
     }
-    if opts.prefault {
-        // the bytes these ops write (a batch of a larger load faults in only its own);
-        // small outputs are left to fault as they are written (a call each costs more)
-        let ranges: Vec<(usize, usize)> = ops
-            .iter()
-            .filter_map(|op| {
-                let d = dests[op.dest as usize]?;
-                let len = op.out_elems() * plan.dests[op.dest as usize].dtype.size();
-                (len >= PREFAULT_MIN as u64)
-                    .then(|| (d.ptr as usize + op.dest_offset as usize, len as usize))
-            })
-            .collect();
-        prefault(&ranges, pool);
-    }
     // work items: (op index, first row, end row)
     let mut items: Vec<(usize, u64, u64)> = Vec::with_capacity(ops.len());
     for (k, op) in ops.iter().enumerate() {
@@ -434,6 +415,9 @@ pub unsafe fn execute_plan(
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(buf.ptr.add(start as usize), len as usize)
                 };
+                if opts.prefault {
+                    populate(dst);
+                }
                 run_rows(ckpt, op, r0, r1, dst, elem)
                     .map_err(|e| with_tensor(e, &ckpt.entry(op.src).name))
             })

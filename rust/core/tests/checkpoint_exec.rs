@@ -198,3 +198,44 @@ fn out_of_range_tasks_are_rejected_before_any_read() {
     assert!(buf.iter().all(|&b| b == 0));
     let _ = fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn prefaulting_and_huge_pages_change_no_byte_around_the_destination() {
+    // the fault-in advice works on whole pages: a destination that starts and ends inside
+    // a page shares those pages with bytes that are not ours, which must stay as they were
+    let dir = tmpdir("prefault");
+    let data = pattern((3 << 20) + 12345, 9);
+    write_checkpoint(&dir, &[("a.safetensors", vec![("w", data.clone())])]);
+    let ck = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap();
+    let (id, e) = ck.get("w").unwrap();
+    let pool = threads::pool(Some(2)).unwrap();
+    for (prefault, huge_pages) in [(true, false), (true, true), (false, true), (false, false)] {
+        // a fresh, never-written allocation around the destination, except for two
+        // guard regions that are written with a marker
+        let mut region = vec![0u8; data.len() + (8 << 20)];
+        let at = 4097; // neither page- nor huge-page-aligned
+        region[..at].fill(0xAB);
+        let end = at + data.len();
+        region[end..end + 5000].fill(0xCD);
+        let task = ReadTask {
+            shard: id.shard,
+            offset: ck.shard(id).abs_offset(e),
+            len: e.nbytes(),
+            // SAFETY: `at + len` lies inside `region`.
+            dst: unsafe { region.as_mut_ptr().add(at) },
+        };
+        let opts = ReadOptions {
+            chunk: 1 << 20,
+            prefault,
+            huge_pages,
+        };
+        // SAFETY: the destination is `len` bytes inside `region`, alive and untouched by
+        // anyone else during the call.
+        unsafe { read_tasks(&ck, &[task], &pool, opts) }.unwrap();
+        assert_eq!(&region[at..end], &data[..], "{prefault} {huge_pages}");
+        assert!(region[..at].iter().all(|&b| b == 0xAB));
+        assert!(region[end..end + 5000].iter().all(|&b| b == 0xCD));
+        assert!(region[end + 5000..].iter().all(|&b| b == 0));
+    }
+    let _ = fs::remove_dir_all(&dir);
+}

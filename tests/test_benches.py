@@ -1,0 +1,74 @@
+"""The benchmark bookkeeping (``benches/_common.py``'s record, ``benches/results.py``): the
+figures of a run land in a dated results file with the machine and the commit, and the
+compare step prints the change against the previous file."""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import sys
+
+import pytest
+
+_HOUR = datetime.timedelta(hours=1)  # the second run is an hour later
+
+BENCHES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benches")
+
+
+@pytest.fixture
+def bench_modules(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(BENCHES)
+    record = tmp_path / "run.jsonl"
+    monkeypatch.setenv("KIMI_LOADER_BENCH_RECORD", os.fspath(record))
+    for m in ("_common", "results"):
+        sys.modules.pop(m, None)
+    common, results = importlib.import_module("_common"), importlib.import_module("results")
+    monkeypatch.setattr(results, "RESULTS", os.fspath(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["bench_example.py"])
+    yield common, results, record
+    for m in ("_common", "results"):
+        sys.modules.pop(m, None)
+
+
+def test_a_run_is_recorded_written_and_compared(bench_modules, capsys, monkeypatch):
+    common, results, record = bench_modules
+    common.section("bf16")
+    line = common.row("ours", 0.5, 1.0, "extra text", median=0.6, base_median=1.2)
+    assert "2.00x" in line
+    common.record("peak memory / dest", None, None, ratio=1.02)
+    first = results.write(os.fspath(record))
+    res = json.load(open(first))
+    assert res["commit"] and res["machine"]["cpus"] == os.cpu_count()
+    fig = res["figures"][0]
+    assert (fig["bench"], fig["section"], fig["label"], fig["best_s"], fig["median_s"]) == (
+        "bench_example",
+        "bf16",
+        "ours",
+        0.5,
+        0.6,
+    )
+    assert fig["ratio_best"] == pytest.approx(2.0) and fig["ratio_median"] == pytest.approx(2.0)
+    md = open(first[: -len(".json")] + ".md").read()
+    assert "## bench_example: bf16" in md and "| ours | 500.0 ms | 600.0 ms | 2.00x | 2.00x |" in md
+
+    # a second run, 25% slower in the median: compare names the previous file and the change
+    os.remove(record)
+    common.section("bf16")
+    common.row("ours", 0.6, median=0.75)
+    monkeypatch.setattr(results, "commit", lambda: "second")
+    monkeypatch.setattr(results, "_now", lambda: datetime.datetime.now(datetime.UTC) + _HOUR)
+    second = results.write(os.fspath(record))
+    capsys.readouterr()
+    results.compare()
+    out = capsys.readouterr().out
+    assert os.path.basename(second) in out and os.path.basename(first) in out
+    assert "+25.0%" in out
+
+
+def test_nothing_recorded_without_the_environment_variable(bench_modules, monkeypatch):
+    common, _, record = bench_modules
+    monkeypatch.setattr(common, "RECORD", None)
+    common.row("ours", 0.5, 1.0)
+    assert not record.exists()
