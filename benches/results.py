@@ -47,7 +47,9 @@ def commit() -> str:
         return subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True).stdout.strip()
 
     sha = git("rev-parse", "--short=9", "HEAD") or "unknown"
-    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    # (files the benchmarks write themselves, under results/, do not count)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":!benches/results")
+    return sha + ("-dirty" if dirty else "")
 
 
 def _fmt(x: float | None) -> str:
@@ -141,11 +143,16 @@ def compare(new: str | None = None, old: str | None = None) -> None:
         key = (f["bench"], f.get("section", ""), f["label"])
         prev = before.get(key)
         now_s = f.get("median_s") or f.get("best_s")
-        line = f"  {f['bench']:<16} {(f.get('section') or '')[:28]:<28} {f['label'][:52]:<52} {_fmt(now_s):>10}"
+        ratio = f.get("ratio_median") or f.get("ratio")
+        shown = _fmt(now_s) if now_s else _ratio(ratio)
+        line = f"  {f['bench']:<16} {(f.get('section') or '')[:28]:<28} {f['label'][:52]:<52} {shown:>10}"
         if prev is not None:
             was = prev.get("median_s") or prev.get("best_s")
+            was_ratio = prev.get("ratio_median") or prev.get("ratio")
             if now_s and was:
                 line += f"  was {_fmt(was):>10}  {100 * (now_s - was) / was:+6.1f}%"
+            elif ratio and was_ratio and not now_s:
+                line += f"  was {_ratio(was_ratio):>10}"
         print(line)
 
 
