@@ -113,7 +113,7 @@ PRESETS: dict[str, tuple[str, int, dict[str, Any]]] = {
     # Kimi-K2.5's real per-tensor shapes (vocabulary, hidden 7168, 64 heads, MLA ranks,
     # dense and expert MLP widths), one dense and one MoE layer. 16 of the 384 experts:
     # 384 real-size experts take 9.5 GB per layer even at int4 (pass
-    # n_routed_experts=384 where memory allows). ct-int4: ~5.9 GB on disk.
+    # n_routed_experts=384 where memory allows). ct-int4: 6.4 GB on disk.
     "kimi-k2.5-realsize": (
         "kimi",
         8,
