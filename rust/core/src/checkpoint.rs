@@ -352,7 +352,7 @@ impl Checkpoint {
             timings,
             ..ckpt
         };
-        ckpt.split_fused_experts()?;
+        pool.install(|| ckpt.split_fused_experts())?;
         ckpt.timings.total = start.elapsed().as_secs_f64();
         Ok(ckpt)
     }
@@ -402,10 +402,22 @@ impl Checkpoint {
     /// naming. Returns how many fused tensors were split.
     pub fn split_fused_experts(&mut self) -> Result<usize> {
         let mut split = 0;
-        for shard in &mut self.shards {
+        // (one name scan per shard; on many shards in parallel, in the caller's pool)
+        let has_fused = |s: &Shard| {
+            s.header
+                .tensors
+                .iter()
+                .any(|e| fused_expert_name(&e.name).is_some())
+        };
+        let fused: Vec<bool> = if self.shards.len() > 1 {
+            self.shards.par_iter().map(has_fused).collect()
+        } else {
+            self.shards.iter().map(has_fused).collect()
+        };
+        for (shard, fused) in self.shards.iter_mut().zip(fused) {
             let path = shard.path.clone();
             let tensors = &mut shard.header.tensors;
-            if !tensors.iter().any(|e| fused_expert_name(&e.name).is_some()) {
+            if !fused {
                 continue;
             }
             let mut out = Vec::with_capacity(tensors.len());
