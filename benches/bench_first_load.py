@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 
-from _common import DS_1G6, checkpoint, interleaved, record, row, section
+from _common import DS_1G6, checkpoint, interleaved, record, row, section, warm
 
 _CHILD = r"""
 import json, os, sys, time, logging, warnings
@@ -118,14 +118,6 @@ def report(title: str, res: dict[str, tuple[float, float]], base: str, nbytes: i
     bb, bm = res[base]
     for label, (b, m) in res.items():
         print(row(label, b, bb, f"median {m * 1e3:7.0f} ms  {nbytes / m / 1e9:5.2f} GB/s (median)", m, bm))
-
-
-def warm(*paths: str) -> None:
-    for p in paths:
-        for f in os.listdir(p):
-            with open(os.path.join(p, f), "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
 
 
 def main() -> None:

@@ -15,11 +15,10 @@ Run: ``make bench`` or ``python benches/bench_load.py``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from _common import checkpoint, interleaved, record, row, section
+from _common import checkpoint, interleaved, record, row, section, warm
 
 SHAPE = dict(
     preset="deepseek-v3-tiny",
@@ -134,11 +133,7 @@ def plan_time() -> tuple[float, float, int]:
 def main() -> None:
     bf16 = checkpoint("load-bf16-0.7g", quant="bf16", **SHAPE)
     int4 = checkpoint("load-ct-int4", quant="ct-int4", **SHAPE)
-    for p in (bf16, int4):  # warm the page cache
-        for f in os.listdir(p):
-            with open(os.path.join(p, f), "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
+    warm(bf16, int4)
     r = rounds([("memcpy", bf16), ("memcpy-prefaulted", bf16), ("ours", bf16), ("hf", bf16)])
     mem, pre, ours, hf = r["memcpy"], r["memcpy-prefaulted"], r["ours"], r["hf"]
     gb = ours["dest_bytes"] / 1e9
