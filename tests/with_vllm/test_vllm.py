@@ -46,6 +46,13 @@ def _run(path: str, load_format: str, tmp_path, reload: str | None = None) -> tu
     return json.loads(out.read_text()), proc.stdout + proc.stderr
 
 
+def _same_generations(a: dict, b: dict) -> None:
+    """The same greedy tokens, logprobs within 1e-5 (vLLM's CPU run-to-run noise is ~5e-7)."""
+    assert a["tokens"] == b["tokens"]
+    for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
+        assert max(abs(p - q) for p, q in zip(x, y, strict=True)) < 1e-5
+
+
 @pytest.fixture(scope="module")
 def ds(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
@@ -80,9 +87,7 @@ def test_kimi_loader_gives_vllm_the_default_loaders_tokens_and_logprobs(runs, ki
     assert ours["digest"] == default["digest"]
     # ... so the same greedy tokens; logprobs equal up to vLLM's CPU run-to-run noise
     # (seen: 5e-7 between two runs of identical weights)
-    assert ours["tokens"] == default["tokens"]
-    for a, b in zip(ours["logprobs"], default["logprobs"], strict=True):
-        assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-5
+    _same_generations(ours, default)
     # the load report is in vLLM's log, with the destinations left to vLLM by rule
     assert "kimi_loader: LoadReport(" in log and "attention q / k / v / prob scales" in log
     assert "0 missing, 0 unused" in log
@@ -143,12 +148,6 @@ def reloads(ds, tmp_path_factory):
     out = {fmt: _run(ds, fmt, tmp, reload=new) for fmt in ("kimi_loader", "auto")}
     out["fresh"] = _run(new, "auto", tmp)
     return out
-
-
-def _same_generations(a: dict, b: dict) -> None:
-    assert a["tokens"] == b["tokens"]
-    for x, y in zip(a["logprobs"], b["logprobs"], strict=True):
-        assert max(abs(p - q) for p, q in zip(x, y, strict=True)) < 1e-5
 
 
 def test_an_inplace_reload_fed_by_us_equals_vllms_own_reload(runs, reloads):
