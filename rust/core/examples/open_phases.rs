@@ -22,10 +22,13 @@ fn main() {
         let t = Instant::now();
         let c = Checkpoint::open(std::slice::from_ref(&dir), None).unwrap();
         let full = t.elapsed();
+        let timings = c.timings;
+        let t = Instant::now();
+        drop(c);
+        let dropped = t.elapsed();
         println!(
-            "utf8 {utf8:?}; index sequential {seq_t:?} parallel {par_t:?} ({} entries); open {full:?} {:?}",
+            "utf8 {utf8:?}; index sequential {seq_t:?} parallel {par_t:?} ({} entries); open {full:?} {timings:?}; drop {dropped:?}",
             seq.entries.len(),
-            c.timings
         );
     }
 }

@@ -15,24 +15,27 @@ use crate::threads;
 /// `(prefix up to "experts.", "gate_up_proj" | "down_proj", per-expert suffix)` for a
 /// tensor in transformers' fused expert layout.
 fn fused_expert_name(name: &str) -> Option<(&str, &'static str, &'static str)> {
-    let at = name.rfind("experts.")?;
-    let (base, rest) = (&name[..at], &name[at + 8..]);
+    // Suffix tests only (no substring search): this runs on every tensor name at open.
+    const SUFFIXES: [(&str, &str); 6] = [
+        (".weight_scale_inv", "weight_scale_inv"),
+        ("_scale_inv", "weight_scale_inv"),
+        (".weight_scale", "weight_scale"),
+        ("_scale", "weight_scale"),
+        (".weight", "weight"),
+        ("", "weight"),
+    ];
+    let (stem, suffix) = SUFFIXES.iter().find_map(|&(s, kind)| {
+        let stem = name.strip_suffix(s)?;
+        stem.ends_with("_proj").then_some((stem, kind))
+    })?;
+    let (base, proj) = if let Some(b) = stem.strip_suffix("experts.gate_up_proj") {
+        (b, "gate_up_proj")
+    } else {
+        (stem.strip_suffix("experts.down_proj")?, "down_proj")
+    };
     if !(base.is_empty() || base.ends_with('.')) {
         return None; // `shared_experts.` is not `experts.`
     }
-    let (proj, tail) = if let Some(t) = rest.strip_prefix("gate_up_proj") {
-        ("gate_up_proj", t)
-    } else if let Some(t) = rest.strip_prefix("down_proj") {
-        ("down_proj", t)
-    } else {
-        return None;
-    };
-    let suffix = match tail {
-        "" | ".weight" => "weight",
-        "_scale_inv" | ".weight_scale_inv" => "weight_scale_inv",
-        "_scale" | ".weight_scale" => "weight_scale",
-        _ => return None,
-    };
     Some((base, proj, suffix))
 }
 
@@ -55,6 +58,24 @@ fn fused_expert_names() {
         fused_expert_name("model.layers.1.mlp.experts.0.down_proj.weight"),
         None
     );
+    assert_eq!(
+        fused_expert_name("experts.down_proj.weight_scale"),
+        Some(("", "down_proj", "weight_scale"))
+    );
+    assert_eq!(
+        fused_expert_name("m.experts.gate_up_proj_scale_inv"),
+        Some(("m.", "gate_up_proj", "weight_scale_inv"))
+    );
+    for other in [
+        "m.experts.gate_up_proj.bias",
+        "m.experts.up_proj",
+        "m.experts.down_proj.weight_packed",
+        "m.experts.down_proj_weight",
+        "m.xexperts.down_proj",
+        "m.experts.gate_up_proj.weight_scale_inv.x",
+    ] {
+        assert_eq!(fused_expert_name(other), None, "{other}");
+    }
 }
 
 /// Where a tensor lives: shard number and position in that shard's (offset-sorted) table.
@@ -94,15 +115,22 @@ pub struct Checkpoint {
 
 /// Name -> [`TensorId`] over the names stored in the shard headers (no copies). Each
 /// slot keeps the name's hash, so probing compares integers and touches a name only on
-/// a real match.
+/// a real match. Large tables are split by hash into parts built in parallel (each part
+/// small enough to stay in cache while it is filled).
 #[derive(Default)]
 struct NameTable {
-    table: HashTable<(u64, TensorId)>,
+    parts: Vec<HashTable<(u64, TensorId)>>,
+    len: usize,
 }
 
 impl std::fmt::Debug for NameTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NameTable({} names)", self.table.len())
+        write!(
+            f,
+            "NameTable({} names in {} parts)",
+            self.len,
+            self.parts.len()
+        )
     }
 }
 
@@ -110,37 +138,119 @@ fn entry(shards: &[Shard], id: TensorId) -> &TensorEntry {
     &shards[id.shard as usize].header.tensors[id.index as usize]
 }
 
+/// Fewest names worth building a table from in parallel.
+const PARALLEL_NAMES: usize = 1 << 14;
+
+/// The part of a name with hash `h` among `parts` (a power of two). Uses bits that
+/// hashbrown uses neither for the bucket (low bits) nor for the control byte (top 7).
+fn part_of(h: u64, parts: usize) -> usize {
+    (h >> 40) as usize & (parts - 1)
+}
+
+/// Inserts `(hash, id)` pairs in order; returns the first name seen twice as
+/// `(earlier, later)`.
+fn fill(
+    t: &mut HashTable<(u64, TensorId)>,
+    shards: &[Shard],
+    items: impl Iterator<Item = (u64, TensorId)>,
+) -> std::result::Result<(), (TensorId, TensorId)> {
+    for (h, id) in items {
+        let name = &entry(shards, id).name;
+        if let Some(&(_, prev)) = t.find(h, |&(oh, o)| oh == h && entry(shards, o).name == *name) {
+            return Err((prev, id));
+        }
+        t.insert_unique(h, (h, id), |&(oh, _)| oh);
+    }
+    Ok(())
+}
+
 impl NameTable {
     fn find(&self, shards: &[Shard], name: &str) -> Option<TensorId> {
         let h = name_hash(name);
-        self.table
+        self.parts[part_of(h, self.parts.len())]
             .find(h, |&(oh, id)| oh == h && &*entry(shards, id).name == name)
             .map(|&(_, id)| id)
     }
 
-    /// Inserts every tensor of every shard; returns the first name found in two shards.
-    fn build(shards: &[Shard]) -> std::result::Result<NameTable, (TensorId, TensorId)> {
-        let total: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
-        let mut t = NameTable {
-            table: HashTable::with_capacity(total),
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Inserts every tensor of every shard; returns the first name (in shard order)
+    /// found twice. With `parallel` and many names, the parts are built in parallel in
+    /// the current rayon pool (the caller installs its own).
+    fn build(
+        shards: &[Shard],
+        parallel: bool,
+    ) -> std::result::Result<NameTable, (TensorId, TensorId)> {
+        let ids = |s: usize| {
+            shards[s]
+                .header
+                .tensors
+                .iter()
+                .enumerate()
+                .map(move |(i, e)| {
+                    let id = TensorId {
+                        shard: s as u32,
+                        index: i as u32,
+                    };
+                    (e.hash, id)
+                })
         };
-        for (s, shard) in shards.iter().enumerate() {
-            for (i, e) in shard.header.tensors.iter().enumerate() {
-                let id = TensorId {
-                    shard: s as u32,
-                    index: i as u32,
-                };
-                let h = e.hash;
-                if let Some(&(_, prev)) = t
-                    .table
-                    .find(h, |&(oh, o)| oh == h && entry(shards, o).name == e.name)
-                {
-                    return Err((prev, id));
+        let len: usize = shards.iter().map(|s| s.header.tensors.len()).sum();
+        let threads = rayon::current_num_threads();
+        if !(parallel && threads > 1 && len >= PARALLEL_NAMES) {
+            let mut t = HashTable::with_capacity(len);
+            fill(&mut t, shards, (0..shards.len()).flat_map(ids))?;
+            return Ok(NameTable {
+                parts: vec![t],
+                len,
+            });
+        }
+        let n = (threads * 4).next_power_of_two().min(64);
+        {
+            // Each shard's (hash, id) pairs sorted into the parts, then each part filled
+            // from every shard in shard order (so "first duplicate" means what it does
+            // sequentially).
+            let buckets: Vec<Vec<Vec<(u64, TensorId)>>> = (0..shards.len())
+                .into_par_iter()
+                .map(|s| {
+                    let per = shards[s].header.tensors.len() / n + 16;
+                    let mut b = vec![Vec::with_capacity(per); n];
+                    ids(s).for_each(|(h, id)| b[part_of(h, n)].push((h, id)));
+                    b
+                })
+                .collect();
+            let parts: Vec<_> = (0..n)
+                .into_par_iter()
+                .map(|p| {
+                    let cap = buckets.iter().map(|b| b[p].len()).sum();
+                    let mut t = HashTable::with_capacity(cap);
+                    fill(
+                        &mut t,
+                        shards,
+                        buckets.iter().flat_map(|b| b[p].iter().copied()),
+                    )
+                    .map(|()| t)
+                })
+                .collect();
+            let mut tables = Vec::with_capacity(n);
+            let mut first: Option<(TensorId, TensorId)> = None;
+            for part in parts {
+                match part {
+                    Ok(t) => tables.push(t),
+                    Err((a, b)) => {
+                        if first.is_none_or(|(_, f)| (b.shard, b.index) < (f.shard, f.index)) {
+                            first = Some((a, b));
+                        }
+                    }
                 }
-                t.table.insert_unique(h, (h, id), |&(oh, _)| oh);
+            }
+            match first {
+                Some(dup) => Err(dup),
+                None => Ok(NameTable { parts: tables, len }),
             }
         }
-        Ok(t)
     }
 }
 
@@ -155,8 +265,12 @@ fn map_text_file(path: &Path) -> Result<Option<memmap2::Mmap>> {
     // process truncated the file during that window, reads could fault; index files are
     // written once by the exporter and are small, which makes this an accepted risk
     // (documented in README "Guarantees").
-    let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }
-        .map_err(|e| Error::io(path, e))?;
+    let map = unsafe {
+        memmap2::MmapOptions::new()
+            .populate()
+            .map_copy_read_only(&file)
+    }
+    .map_err(|e| Error::io(path, e))?;
     Ok(Some(map))
 }
 
@@ -312,20 +426,22 @@ impl Checkpoint {
                 .collect::<Result<Vec<_>>>()
         })?;
         stage(&mut timings.shards);
-        let names = NameTable::build(&shards).map_err(|(a, b)| {
-            let name = &entry(&shards, a).name;
-            let file = &shards[b.shard as usize].path;
-            Error::index(
-                layout.index.as_deref().unwrap_or(file),
-                Some(name),
-                IndexProblem::DuplicateTensor,
-                format!(
-                    "stored in two shards: {} and {}",
-                    shards[a.shard as usize].path.display(),
-                    file.display()
-                ),
-            )
-        })?;
+        let names = pool
+            .install(|| NameTable::build(&shards, true))
+            .map_err(|(a, b)| {
+                let name = &entry(&shards, a).name;
+                let file = &shards[b.shard as usize].path;
+                Error::index(
+                    layout.index.as_deref().unwrap_or(file),
+                    Some(name),
+                    IndexProblem::DuplicateTensor,
+                    format!(
+                        "stored in two shards: {} and {}",
+                        shards[a.shard as usize].path.display(),
+                        file.display()
+                    ),
+                )
+            })?;
         stage(&mut timings.names);
         let config_dir = layout.root.clone();
         let ckpt = Checkpoint {
@@ -372,7 +488,7 @@ impl Checkpoint {
     ) -> Result<Checkpoint> {
         // SAFETY: forwarded to our caller (see above).
         let shards = vec![unsafe { Shard::from_memory(label, tensors, keep, on_device)? }];
-        let names = NameTable::build(&shards).map_err(|(a, _)| Error::InvalidArgument {
+        let names = NameTable::build(&shards, false).map_err(|(a, _)| Error::InvalidArgument {
             reason: format!("{label}: tensor '{}' given twice", entry(&shards, a).name),
         })?;
         let mut ckpt = Checkpoint {
@@ -472,7 +588,7 @@ impl Checkpoint {
             *tensors = out;
         }
         if split > 0 {
-            self.names = NameTable::build(&self.shards).map_err(|(a, _)| Error::Unsupported {
+            self.names = NameTable::build(&self.shards, rayon::current_thread_index().is_some()).map_err(|(a, _)| Error::Unsupported {
                 file: self.display_path(),
                 reason: format!(
                     "tensor '{}' is stored both per expert and in transformers' fused expert layout",
@@ -484,37 +600,63 @@ impl Checkpoint {
     }
 
     /// Every index entry must be in the shard it names, and every shard tensor must be
-    /// listed (exactly once) in the index. Runs in parallel over the index entries.
+    /// listed (exactly once) in the index. The entries are grouped by the shard they
+    /// name and each shard is checked against a table of its own names (small enough to
+    /// stay in cache), shards in parallel. Of several problems, the one reported is the
+    /// first in index order, then the first unlisted tensor in shard order.
     fn check_index(
         &self,
         ix: &crate::index::WeightMap<'_>,
         pool: &rayon::ThreadPool,
     ) -> Result<()> {
-        use std::sync::atomic::{AtomicBool, Ordering};
         let index_path = self.index_path.as_deref().expect("index present");
-        let mut base = Vec::with_capacity(self.shards.len());
-        let mut total = 0usize;
-        for s in &self.shards {
-            base.push(total);
-            total += s.header.tensors.len();
+        // Counting sort of the entries by shard (document order kept within a shard).
+        // Shards were opened in the order of the index's sorted file list.
+        let mut bounds = vec![0usize; self.shards.len() + 1];
+        for (_, f) in &ix.entries {
+            bounds[*f as usize + 1] += 1;
         }
-        let listed: Vec<AtomicBool> = (0..total).map(|_| AtomicBool::new(false)).collect();
-        pool.install(|| {
-            ix.entries.par_chunks(8192).try_for_each(|chunk| {
-                for (name, file) in chunk {
-                    // Shards were opened in the order of the index's sorted file list.
-                    let named_shard = *file as usize;
-                    let shard_path = &self.shards[named_shard].path;
-                    let Some(id) = self.names.find(&self.shards, name) else {
-                        return Err(Error::index(
-                            shard_path,
-                            Some(name),
-                            IndexProblem::TensorNotInShard,
-                            "the index maps the tensor to this shard, but the shard does not hold it",
-                        ));
-                    };
-                    if id.shard as usize != named_shard {
-                        return Err(Error::index(
+        for s in 0..self.shards.len() {
+            bounds[s + 1] += bounds[s];
+        }
+        let mut next = bounds.clone();
+        let mut by_shard = vec![0u32; ix.entries.len()];
+        for (k, (_, f)) in ix.entries.iter().enumerate() {
+            by_shard[next[*f as usize]] = k as u32;
+            next[*f as usize] += 1;
+        }
+        // Per shard: the first bad entry (its position in the index) or the first
+        // tensor the index does not list.
+        enum Problem {
+            Entry(u32, Error),
+            Unlisted(usize),
+        }
+        let check_shard = |s: usize| -> Option<Problem> {
+            let tensors = &self.shards[s].header.tensors;
+            let mut local: HashTable<(u64, u32)> = HashTable::with_capacity(tensors.len());
+            for (i, e) in tensors.iter().enumerate() {
+                // names within a shard are unique (checked when its header was parsed)
+                local.insert_unique(e.hash, (e.hash, i as u32), |&(h, _)| h);
+            }
+            let mut listed = vec![false; tensors.len()];
+            let shard_path = &self.shards[s].path;
+            for &k in &by_shard[bounds[s]..bounds[s + 1]] {
+                let name = &ix.entries[k as usize].0;
+                let h = name_hash(name);
+                let found = local.find(h, |&(oh, i)| oh == h && &*tensors[i as usize].name == name);
+                let problem = match found {
+                    Some(&(_, i)) if !listed[i as usize] => {
+                        listed[i as usize] = true;
+                        continue;
+                    }
+                    Some(_) => Error::index(
+                        index_path,
+                        Some(name),
+                        IndexProblem::Json,
+                        "the tensor is listed twice in weight_map",
+                    ),
+                    None => match self.names.find(&self.shards, name) {
+                        Some(id) => Error::index(
                             shard_path,
                             Some(name),
                             IndexProblem::TensorNotInShard,
@@ -522,33 +664,48 @@ impl Checkpoint {
                                 "the index maps the tensor to this shard, but it is stored in {}",
                                 self.shards[id.shard as usize].path.display()
                             ),
-                        ));
-                    }
-                    if listed[base[id.shard as usize] + id.index as usize].swap(true, Ordering::Relaxed) {
-                        return Err(Error::index(
-                            index_path,
+                        ),
+                        None => Error::index(
+                            shard_path,
                             Some(name),
-                            IndexProblem::Json,
-                            "the tensor is listed twice in weight_map",
-                        ));
-                    }
-                }
-                Ok(())
+                            IndexProblem::TensorNotInShard,
+                            "the index maps the tensor to this shard, but the shard does not hold it",
+                        ),
+                    },
+                };
+                return Some(Problem::Entry(k, problem));
+            }
+            listed.iter().position(|l| !l).map(Problem::Unlisted)
+        };
+        let problems: Vec<(usize, Problem)> = pool.install(|| {
+            (0..self.shards.len())
+                .into_par_iter()
+                .filter_map(|s| check_shard(s).map(|p| (s, p)))
+                .collect()
+        });
+        let first_entry = problems
+            .iter()
+            .filter_map(|(_, p)| match p {
+                Problem::Entry(k, _) => Some(*k),
+                Problem::Unlisted(_) => None,
             })
-        })?;
-        if ix.entries.len() != total {
-            let first_unlisted = listed.iter().position(|f| !f.load(Ordering::Relaxed));
-            if let Some(g) = first_unlisted {
-                let s = base.partition_point(|&b| b <= g) - 1;
-                return Err(Error::index(
-                    &self.shards[s].path,
-                    Some(&self.shards[s].header.tensors[g - base[s]].name),
-                    IndexProblem::TensorNotInIndex,
-                    format!(
-                        "the shard holds the tensor but {} does not list it",
-                        index_path.display()
-                    ),
-                ));
+            .min();
+        for (s, p) in problems {
+            match p {
+                Problem::Entry(k, e) if Some(k) == first_entry => return Err(e),
+                Problem::Unlisted(i) if first_entry.is_none() => {
+                    let shard = &self.shards[s];
+                    return Err(Error::index(
+                        &shard.path,
+                        Some(&shard.header.tensors[i].name),
+                        IndexProblem::TensorNotInIndex,
+                        format!(
+                            "the shard holds the tensor but {} does not list it",
+                            index_path.display()
+                        ),
+                    ));
+                }
+                _ => {}
             }
         }
         Ok(())
@@ -564,7 +721,7 @@ impl Checkpoint {
     }
 
     pub fn len(&self) -> usize {
-        self.names.table.len()
+        self.names.len()
     }
 
     pub fn is_empty(&self) -> bool {

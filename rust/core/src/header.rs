@@ -121,6 +121,8 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
         ));
     }
     let mut header = Header {
+        // room for the entries (an entry takes ~100 bytes of JSON; fewer reallocations)
+        tensors: Vec::with_capacity(json.len() / 96),
         data_start,
         data_len,
         ..Header::default()
@@ -164,24 +166,24 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
     Ok(header)
 }
 
-/// Two tensors of one shard must not share a name. Entries are sorted by their name
-/// hashes (cheap integer sort); names are compared only where hashes collide.
+/// Two tensors of one shard must not share a name. The names' hashes go into a table
+/// (one probe per tensor); names are compared only where hashes are equal.
 fn check_unique_names(file: &Path, h: &Header) -> Result<()> {
-    let mut by_hash: Vec<(u64, &str)> = h.tensors.iter().map(|t| (t.hash, &*t.name)).collect();
-    by_hash.sort_unstable_by_key(|&(hash, _)| hash);
-    for (i, a) in by_hash.iter().enumerate() {
-        let twin = by_hash[i + 1..]
-            .iter()
-            .take_while(|b| b.0 == a.0)
-            .find(|b| b.1 == a.1);
+    let mut seen: hashbrown::HashTable<(u64, u32)> =
+        hashbrown::HashTable::with_capacity(h.tensors.len());
+    for (i, t) in h.tensors.iter().enumerate() {
+        let twin = seen.find(t.hash, |&(oh, o)| {
+            oh == t.hash && h.tensors[o as usize].name == t.name
+        });
         if twin.is_some() {
             return Err(Error::header(
                 file,
-                Some(a.1),
+                Some(&t.name),
                 HeaderProblem::DuplicateKey,
                 "key appears twice in the header",
             ));
         }
+        seen.insert_unique(t.hash, (t.hash, i as u32), |&(oh, _)| oh);
     }
     Ok(())
 }
@@ -418,7 +420,10 @@ fn validate_layout(file: &Path, h: &mut Header) -> Result<()> {
             ),
         ));
     }
-    h.tensors.sort_unstable_by_key(|t| (t.start, t.end));
+    // (usually in order already: writers put the header in data order)
+    if !h.tensors.is_sorted_by_key(|t| (t.start, t.end)) {
+        h.tensors.sort_unstable_by_key(|t| (t.start, t.end));
+    }
     let mut covered = 0u64;
     let mut prev: Option<&TensorEntry> = None;
     for t in &h.tensors {

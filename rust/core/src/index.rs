@@ -43,6 +43,15 @@ struct Members<'a> {
 }
 
 impl<'a> Members<'a> {
+    /// Members with room for the entries of `bytes` of text (a member takes at least
+    /// `MEMBER_MIN` bytes in practice; room not used is address space, never touched).
+    fn with_room(bytes: usize) -> Self {
+        Members {
+            entries: Vec::with_capacity(bytes / MEMBER_MIN),
+            ..Members::default()
+        }
+    }
+
     /// The number of `file` in this stretch, assigning the next one to a new name.
     fn number(&mut self, file: Cow<'a, str>) -> u32 {
         let next = self.files.len() as u32;
@@ -73,6 +82,20 @@ impl<'a> Members<'a> {
             self.last = self.number(file) as usize;
         }
         self.entries.push((name, self.last as u32));
+    }
+
+    /// Reads `member "," ... member "}"`; returns the position after the `}`.
+    fn last_chunk(mut self, mut p: Scanner<'a>) -> JResult<(Self, usize)> {
+        loop {
+            self.member(&mut p)?;
+            match p.peek() {
+                Some(b',') => p.expect_byte(b',')?,
+                _ => {
+                    p.expect_byte(b'}')?;
+                    return Ok((self, p.pos()));
+                }
+            }
+        }
     }
 
     /// Reads `member "," member "," ... member ","` up to the end of the scanner's window.
@@ -133,35 +156,42 @@ fn parse_weight_map<'a>(
     } else {
         vec![]
     };
-    if let (Some(pool), Some(&tail)) = (pool, cuts.last()) {
+    if let (Some(pool), false) = (pool, cuts.is_empty()) {
+        // Every stretch but the last ends with a `,`; the last one runs to the `}` that
+        // closes `weight_map` and tells where that is. All of them are parsed in parallel.
         let mut bounds = vec![open];
         bounds.extend(&cuts);
-        let chunks: JResult<Vec<Members<'a>>> = pool.install(|| {
+        bounds.push(text.len());
+        let last = bounds.len() - 2;
+        let chunks: JResult<Vec<(Members<'a>, usize)>> = pool.install(|| {
             use rayon::prelude::*;
             bounds
                 .par_windows(2)
-                .map(|w| Members::default().chunk(Scanner::window(text, w[0], w[1])))
+                .enumerate()
+                .map(|(k, w)| {
+                    let scan = Scanner::window(text, w[0], w[1]);
+                    // the first stretch's entries become the merged list: room for all
+                    let room = if k == 0 {
+                        text.len() - open
+                    } else {
+                        w[1] - w[0]
+                    };
+                    let m = Members::with_room(room);
+                    if k == last {
+                        m.last_chunk(scan)
+                    } else {
+                        m.chunk(scan).map(|m| (m, w[1]))
+                    }
+                })
                 .collect()
         });
         if let Ok(chunks) = chunks {
-            let mut tail_scan = Scanner::window(text, tail, text.len());
-            let mut rest = Members::default();
-            let closed = (|| loop {
-                rest.member(&mut tail_scan)?;
-                match tail_scan.peek() {
-                    Some(b',') => tail_scan.expect_byte(b',')?,
-                    _ => return tail_scan.expect_byte(b'}'),
-                }
-            })();
-            if closed.is_ok() {
-                p.seek(tail_scan.pos());
-                let mut parts = chunks;
-                parts.push(rest);
-                return Ok(merge(parts));
-            }
+            let end = chunks.last().map_or(open, |c| c.1);
+            p.seek(end);
+            return Ok(merge(chunks.into_iter().map(|c| c.0).collect()));
         }
     }
-    let mut m = Members::default();
+    let mut m = Members::with_room(text.len() - open);
     p.object(|p, name| {
         let file = p.string()?;
         m.add(name, file);
@@ -170,14 +200,19 @@ fn parse_weight_map<'a>(
     Ok(m)
 }
 
+/// Bytes per `weight_map` member assumed when reserving room for the entries: a name,
+/// a file name and the punctuation (a tensor name and a shard name are rarely shorter).
+const MEMBER_MIN: usize = 32;
+
 /// Smallest `weight_map` worth parsing in parallel (bytes).
 const PARALLEL_MIN: usize = 1 << 20;
 
 /// Concatenates stretches in order, renumbering their files into one list.
 fn merge<'a>(parts: Vec<Members<'a>>) -> Members<'a> {
-    let mut out = Members::default();
-    out.entries
-        .reserve_exact(parts.iter().map(|p| p.entries.len()).sum());
+    let total = parts.iter().map(|p| p.entries.len()).sum::<usize>();
+    let mut parts = parts.into_iter();
+    let mut out = parts.next().unwrap_or_default();
+    out.entries.reserve_exact(total - out.entries.len());
     for part in parts {
         let remap: Vec<u32> = part.files.into_iter().map(|f| out.number(f)).collect();
         out.entries.extend(

@@ -43,9 +43,49 @@ impl JsonError {
 pub type JResult<T> = Result<T, JsonError>;
 
 /// Number of leading bytes of `b` that need no attention inside a JSON string: not a
-/// quote, not a backslash, not a control character. Works eight bytes at a time (SWAR).
+/// quote, not a backslash, not a control character. Sixteen bytes at a time with SSE2
+/// on x86-64 (part of that architecture's baseline), eight at a time (SWAR) elsewhere.
 #[inline]
 fn skip_plain(b: &[u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    let i = skip_plain_sse2(b);
+    #[cfg(not(target_arch = "x86_64"))]
+    let i = 0;
+    i + skip_plain_swar(&b[i..])
+}
+
+/// [`skip_plain`] over whole 16-byte blocks: stops at the first block holding a byte
+/// that needs attention (or at the last whole block) and returns that byte's position.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn skip_plain_sse2(b: &[u8]) -> usize {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8, _mm_or_si128,
+        _mm_set1_epi8,
+    };
+    let mut i = 0;
+    while let Some(block) = b.get(i..i + 16) {
+        // SAFETY: SSE2 is always present on x86-64; the load reads exactly the 16 bytes
+        // of `block` (unaligned loads are allowed by `_mm_loadu_si128`).
+        let mask = unsafe {
+            let v = _mm_loadu_si128(block.as_ptr().cast::<__m128i>());
+            let quote = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'"' as i8));
+            let slash = _mm_cmpeq_epi8(v, _mm_set1_epi8(b'\\' as i8));
+            // unsigned v <= 0x1f  <=>  min(v, 0x1f) == v
+            let ctrl = _mm_cmpeq_epi8(_mm_min_epu8(v, _mm_set1_epi8(0x1f)), v);
+            _mm_movemask_epi8(_mm_or_si128(_mm_or_si128(quote, slash), ctrl))
+        };
+        if mask != 0 {
+            return i + mask.trailing_zeros() as usize;
+        }
+        i += 16;
+    }
+    i
+}
+
+/// [`skip_plain`] eight bytes at a time in a `u64`, then byte by byte.
+#[inline]
+fn skip_plain_swar(b: &[u8]) -> usize {
     const LO: u64 = 0x0101_0101_0101_0101;
     const HI: u64 = 0x8080_8080_8080_8080;
     let mut i = 0;
@@ -472,6 +512,11 @@ mod tests {
                 let mut v = vec![0xC3u8; len]; // high bytes are ordinary
                 v[at] = b'"';
                 assert_eq!(skip_plain(&v), at);
+                for ordinary in [b' ', 0x7f, 0x80, 0xff, b'/'] {
+                    let mut v = vec![ordinary; len];
+                    v[at] = 0x1f;
+                    assert_eq!(skip_plain(&v), at, "len {len} at {at} among {ordinary}");
+                }
             }
             assert_eq!(skip_plain(&vec![b'x'; len]), len);
         }

@@ -239,3 +239,166 @@ fn prefaulting_and_huge_pages_change_no_byte_around_the_destination() {
     }
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Many names (enough for the name table to be built in parts, in parallel) in four
+/// shards, with a pretty-printed index (parsed in parallel stretches).
+fn many_names_checkpoint(tag: &str, edit: impl Fn(&mut Vec<(String, String)>)) -> PathBuf {
+    let dir = tmpdir(tag);
+    let names: Vec<String> = (0..24_000).map(|i| format!("model.layers.{i}.w")).collect();
+    let mut index = Vec::new();
+    for s in 0..4 {
+        let file = format!("s{s}.safetensors");
+        let tensors: Vec<(&str, Vec<u8>)> = names[s * 6000..(s + 1) * 6000]
+            .iter()
+            .map(|n| (n.as_str(), vec![s as u8; 2]))
+            .collect();
+        write_shard(&dir.join(&file), &tensors);
+        index.extend(tensors.iter().map(|(n, _)| (n.to_string(), file.clone())));
+    }
+    edit(&mut index);
+    let map: serde_json::Map<String, serde_json::Value> = index
+        .into_iter()
+        .map(|(n, f)| (n, serde_json::Value::String(f)))
+        .collect();
+    let text = serde_json::to_string_pretty(&serde_json::json!({"weight_map": map})).unwrap();
+    fs::write(dir.join("model.safetensors.index.json"), text).unwrap();
+    dir
+}
+
+fn index_error(dir: &Path, threads: usize) -> (String, String, IndexProblem) {
+    match Checkpoint::open(&[dir.to_path_buf()], Some(threads)).unwrap_err() {
+        Error::Index {
+            file,
+            tensor,
+            problem,
+            ..
+        } => (
+            file.file_name().unwrap().to_string_lossy().into_owned(),
+            tensor.unwrap_or_default(),
+            problem,
+        ),
+        other => panic!("expected an index error, got {other:?}"),
+    }
+}
+
+#[test]
+fn many_names_open_and_every_index_problem_is_found_the_same_way_on_any_thread_count() {
+    let dir = many_names_checkpoint("many-ok", |_| {});
+    for threads in [1, 2, 3] {
+        let ck = Checkpoint::open(std::slice::from_ref(&dir), Some(threads)).unwrap();
+        assert_eq!(ck.len(), 24_000);
+        for i in (0..24_000).step_by(7) {
+            let id = ck.find(&format!("model.layers.{i}.w")).unwrap();
+            assert_eq!(id.shard as usize, i / 6000);
+            assert_eq!(&*ck.entry(id).name, format!("model.layers.{i}.w"));
+        }
+        assert!(ck.find("model.layers.24000.w").is_none());
+    }
+    let _ = fs::remove_dir_all(&dir);
+
+    // (edit of the index, expected (file, tensor, problem)): with two problems, the
+    // one first in the index's (sorted) order is reported, then unlisted tensors in
+    // shard order.
+    type Edit = fn(&mut Vec<(String, String)>);
+    let cases: [(&str, Edit, (&str, &str, IndexProblem)); 4] = [
+        (
+            "wrong-shard",
+            |ix| {
+                ix[6001].1 = "s3.safetensors".into();
+                ix[20].1 = "s2.safetensors".into();
+            },
+            (
+                "s2.safetensors",
+                "model.layers.20.w",
+                IndexProblem::TensorNotInShard,
+            ),
+        ),
+        (
+            "unknown",
+            |ix| {
+                ix.push(("model.layers.99999.w".into(), "s1.safetensors".into()));
+                ix.push(("model.layers.0000.w".into(), "s3.safetensors".into()));
+            },
+            (
+                "s3.safetensors",
+                "model.layers.0000.w",
+                IndexProblem::TensorNotInShard,
+            ),
+        ),
+        (
+            "unlisted",
+            |ix| {
+                ix.remove(18_500);
+                ix.remove(7000);
+            },
+            (
+                "s1.safetensors",
+                "model.layers.7000.w",
+                IndexProblem::TensorNotInIndex,
+            ),
+        ),
+        (
+            "unlisted-and-wrong",
+            |ix| {
+                ix[23_999].1 = "s0.safetensors".into();
+                ix.remove(100);
+            },
+            (
+                "s0.safetensors",
+                "model.layers.23999.w",
+                IndexProblem::TensorNotInShard,
+            ),
+        ),
+    ];
+    for (tag, edit, (file, tensor, problem)) in cases {
+        let dir = many_names_checkpoint(tag, edit);
+        for threads in [1, 2, 3] {
+            let got = index_error(&dir, threads);
+            assert_eq!(
+                got,
+                (file.to_string(), tensor.to_string(), problem),
+                "{tag}, {threads} threads"
+            );
+        }
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn a_name_in_two_shards_is_found_first_in_shard_order_on_any_thread_count() {
+    let dir = tmpdir("many-dup");
+    let names: Vec<String> = (0..20_000).map(|i| format!("t.{i}")).collect();
+    let mut shards: Vec<Vec<(&str, Vec<u8>)>> = (0..4)
+        .map(|s| {
+            names[s * 5000..(s + 1) * 5000]
+                .iter()
+                .map(|n| (n.as_str(), vec![1u8]))
+                .collect()
+        })
+        .collect();
+    // t.12345 (shard 2) again in shard 3, t.4000 (shard 0) again in shard 2
+    shards[3].push(("t.12345", vec![2]));
+    shards[2].push(("t.4000", vec![3]));
+    let files: Vec<PathBuf> = (0..4)
+        .map(|s| dir.join(format!("s{s}.safetensors")))
+        .collect();
+    for (f, t) in files.iter().zip(&shards) {
+        write_shard(f, t);
+    }
+    for threads in [1, 2, 3] {
+        match Checkpoint::open(&files, Some(threads)).unwrap_err() {
+            Error::Index {
+                file,
+                tensor,
+                problem,
+                ..
+            } => {
+                assert_eq!(problem, IndexProblem::DuplicateTensor);
+                assert_eq!(tensor.as_deref(), Some("t.4000"), "{threads} threads");
+                assert!(file.ends_with("s2.safetensors"));
+            }
+            other => panic!("expected a duplicate-tensor error, got {other:?}"),
+        }
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
