@@ -1,13 +1,14 @@
 //! A whole checkpoint: the shards (opened and validated in parallel), the name table
 //! and the cross-checks between an index and its shards.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use hashbrown::HashTable;
 use rayon::prelude::*;
 
 use crate::error::{Error, IndexProblem, Result};
-use crate::header::{name_hash, TensorEntry};
+use crate::header::{name_hash, Name, NameArena, TensorEntry};
 use crate::index::{parse_index, INDEX_FILE, SINGLE_FILE};
 use crate::shard::Shard;
 use crate::threads;
@@ -537,6 +538,11 @@ impl Checkpoint {
                 continue;
             }
             let mut out = Vec::with_capacity(tensors.len());
+            // the new per-expert names share one string: (position in `out`, name)
+            let mut names = NameArena::default();
+            let mut named = Vec::new();
+            let unnamed = Name::from("");
+            let mut name = String::new();
             for e in tensors.drain(..) {
                 let Some((base, proj, suffix)) = fused_expert_name(&e.name) else {
                     out.push(e);
@@ -571,11 +577,14 @@ impl Checkpoint {
                 let part_bytes = part_rows * cols * e.dtype.size();
                 for x in 0..n {
                     for (j, part) in parts.iter().enumerate() {
-                        let name = format!("{base}experts.{x}.{part}.{suffix}");
+                        name.clear();
+                        write!(name, "{base}experts.{x}.{part}.{suffix}").expect("to a String");
+                        names.push(&name);
+                        named.push(out.len());
                         let start = e.start + (x * k + j as u64) * part_bytes;
                         out.push(TensorEntry {
                             hash: name_hash(&name),
-                            name: name.into_boxed_str(),
+                            name: unnamed.clone(),
                             dtype: e.dtype,
                             shape: [part_rows, cols].into_iter().collect(),
                             start,
@@ -584,6 +593,9 @@ impl Checkpoint {
                     }
                 }
                 split += 1;
+            }
+            for (at, name) in named.into_iter().zip(names.finish()) {
+                out[at].name = name;
             }
             *tensors = out;
         }

@@ -12,6 +12,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::dtype::Dtype;
 use crate::error::{Error, HeaderProblem, Result};
@@ -31,13 +32,141 @@ pub fn name_hash(name: &str) -> u64 {
         .hash_one(name)
 }
 
+/// A tensor name: a range of one string shared by all names of a shard, so a shard's
+/// hundreds or thousands of names cost one allocation (and one free), not one each.
+/// Dereferences to `str`; cloning shares the string.
+#[derive(Clone)]
+pub struct Name {
+    text: Arc<str>,
+    start: u32,
+    end: u32,
+}
+
+/// Collects names into one string, then hands them out as [`Name`]s sharing it.
+#[derive(Default)]
+pub struct NameArena {
+    text: String,
+    ranges: Vec<(u32, u32)>,
+}
+
+impl NameArena {
+    /// An arena with room for `names` names of `bytes` bytes in all.
+    pub fn with_capacity(bytes: usize, names: usize) -> NameArena {
+        NameArena {
+            text: String::with_capacity(bytes),
+            ranges: Vec::with_capacity(names),
+        }
+    }
+
+    /// Adds a name (the next one handed out by [`NameArena::finish`]).
+    pub fn push(&mut self, name: &str) {
+        let at = |n: usize| u32::try_from(n).expect("the names of one shard fit in 4 GiB");
+        let start = at(self.text.len());
+        self.text.push_str(name);
+        self.ranges.push((start, at(self.text.len())));
+    }
+
+    /// The names, in the order they were pushed.
+    pub fn finish(self) -> Vec<Name> {
+        let text: Arc<str> = Arc::from(self.text);
+        self.ranges
+            .into_iter()
+            .map(|(start, end)| Name {
+                text: text.clone(),
+                start,
+                end,
+            })
+            .collect()
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    #[inline]
+    fn deref(&self) -> &str {
+        // SAFETY: `start..end` is the range a whole `&str` was pushed to in `text`
+        // (`NameArena::push`, or all of `text` in `From<&str>`), so it lies inside `text`
+        // on character boundaries; `text` is never changed after that.
+        unsafe {
+            self.text
+                .get_unchecked(self.start as usize..self.end as usize)
+        }
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name {
+            end: u32::try_from(s.len()).expect("a name fits in 4 GiB"),
+            text: Arc::from(s),
+            start: 0,
+        }
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name::from(s.as_str())
+    }
+}
+
+impl PartialEq for Name {
+    fn eq(&self, other: &Name) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Name {}
+
+impl PartialEq<str> for Name {
+    fn eq(&self, other: &str) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<&str> for Name {
+    fn eq(&self, other: &&str) -> bool {
+        **self == **other
+    }
+}
+
+impl std::hash::Hash for Name {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (**self).hash(h)
+    }
+}
+
+impl std::fmt::Debug for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&**self, f)
+    }
+}
+
+impl std::fmt::Display for Name {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&**self, f)
+    }
+}
+
+impl AsRef<str> for Name {
+    fn as_ref(&self) -> &str {
+        self
+    }
+}
+
+impl std::borrow::Borrow<str> for Name {
+    fn borrow(&self) -> &str {
+        self
+    }
+}
+
 /// A tensor shape; up to four dims are stored inline (no allocation).
 pub type Shape = smallvec::SmallVec<[u64; 4]>;
 
 /// One tensor of a shard. Offsets are relative to the start of the data section.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorEntry {
-    pub name: Box<str>,
+    pub name: Name,
     /// [`name_hash`] of `name`, computed once while parsing (on the parser's thread).
     pub hash: u64,
     pub dtype: Dtype,
@@ -128,6 +257,10 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
         ..Header::default()
     };
     let mut problem: Option<Error> = None;
+    // Every name of the shard goes to one string; entries hold a shared empty name
+    // until it is complete.
+    let mut names = NameArena::with_capacity(json.len() / 2, header.tensors.capacity());
+    let unnamed = Name::from("");
     let mut p = Scanner::new(text);
     let mut have_metadata = false;
     let parsed = p.object(|p, key| {
@@ -143,8 +276,9 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
             }
             return parse_metadata(p, &mut header.metadata, file, &mut problem);
         }
-        match parse_entry(p, file, &key) {
+        match parse_entry(p, file, &key, &unnamed) {
             Ok(entry) => {
+                names.push(&key);
                 header.tensors.push(entry);
                 Ok(())
             }
@@ -161,6 +295,9 @@ pub fn parse_header(file: &Path, json: &[u8], data_start: u64, data_len: u64) ->
     parsed
         .and_then(|_| p.finish())
         .map_err(|e| json_error(file, &e))?;
+    for (t, name) in header.tensors.iter_mut().zip(names.finish()) {
+        t.name = name;
+    }
     validate_layout(file, &mut header)?;
     check_unique_names(file, &header)?;
     Ok(header)
@@ -281,9 +418,15 @@ fn parse_canonical<'a>(p: &mut Scanner<'a>) -> Option<(&'a str, Shape, u64, u64)
     out
 }
 
-fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEntry, EntryError> {
+/// One tensor's entry; its `name` field is `unnamed` (the caller names it).
+fn parse_entry(
+    p: &mut Scanner<'_>,
+    file: &Path,
+    name: &str,
+    unnamed: &Name,
+) -> Result<TensorEntry, EntryError> {
     if let Some((dtype, shape, start, end)) = parse_canonical(p) {
-        return validate_entry(file, name, dtype, shape, start, end);
+        return validate_entry(file, name, unnamed, dtype, shape, start, end);
     }
     let mut dtype: Option<Cow<'_, str>> = None;
     let mut shape: Option<Shape> = None;
@@ -344,12 +487,13 @@ fn parse_entry(p: &mut Scanner<'_>, file: &Path, name: &str) -> Result<TensorEnt
             "entry needs 'dtype', 'shape' and 'data_offsets'".into(),
         ));
     };
-    validate_entry(file, name, &dtype, shape, start, end)
+    validate_entry(file, name, unnamed, &dtype, shape, start, end)
 }
 
 fn validate_entry(
     file: &Path,
     name: &str,
+    unnamed: &Name,
     dtype: &str,
     shape: Shape,
     start: u64,
@@ -398,7 +542,7 @@ fn validate_entry(
         ));
     }
     Ok(TensorEntry {
-        name: name.into(),
+        name: unnamed.clone(),
         hash: name_hash(name),
         dtype: dt,
         shape,

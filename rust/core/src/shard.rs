@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
-use crate::header::{header_len, parse_header, Header, TensorEntry};
+use crate::header::{header_len, parse_header, Header, Name, NameArena, TensorEntry};
 
 /// Largest header buffer kept per thread between shards (real headers are < 1 MB).
 const KEEP_BUF: usize = 8 << 20;
@@ -157,6 +157,9 @@ impl Shard {
         let path = PathBuf::from(label);
         let mut entries = Vec::with_capacity(tensors.len());
         let mut regions = Vec::with_capacity(tensors.len());
+        let bytes = tensors.iter().map(|t| t.name.len()).sum();
+        let mut names = NameArena::with_capacity(bytes, tensors.len());
+        let unnamed = Name::from("");
         let mut at = 0u64;
         for t in tensors {
             let numel = t.shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
@@ -172,8 +175,9 @@ impl Shard {
                 ));
             }
             let hash = crate::header::name_hash(&t.name);
+            names.push(&t.name);
             entries.push(TensorEntry {
-                name: t.name.into_boxed_str(),
+                name: unnamed.clone(),
                 hash,
                 dtype: t.dtype,
                 shape: t.shape.into_iter().collect(),
@@ -182,6 +186,9 @@ impl Shard {
             });
             regions.push((at, at + t.len, t.ptr));
             at += t.len;
+        }
+        for (e, name) in entries.iter_mut().zip(names.finish()) {
+            e.name = name;
         }
         Ok(Shard {
             path,
