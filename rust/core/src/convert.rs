@@ -165,10 +165,13 @@ const E2M1: [f32; 16] = [
 #[inline(always)]
 pub fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
+    // branch-free (a select), so that loops over it vectorize
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
     if b & 0x7fff_ffff > 0x7f80_0000 {
-        return 0x7fc0;
+        0x7fc0
+    } else {
+        rounded
     }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
 /// Expands 4-bit codes (two per byte, the even element in the low nibble) through a
@@ -183,9 +186,8 @@ fn expand_nibbles(
     to: Dtype,
     fill: impl Fn(usize, &mut [f32; 16]),
 ) {
-    let es = to.size() as usize;
     let mut lut = [0f32; 16];
-    let mut bits = [0u32; 16];
+    let es = to.size() as usize;
     for (g, (src, dst)) in codes[..n / 2]
         .chunks(group / 2)
         .zip(out.chunks_mut(group * es))
@@ -193,12 +195,17 @@ fn expand_nibbles(
     {
         fill(g, &mut lut);
         match to {
-            Dtype::BF16 => {
-                for k in 0..16 {
-                    bits[k] = bf16_bits(lut[k]) as u32;
+            Dtype::BF16 | Dtype::F16 => {
+                let mut t = [0u16; 16];
+                for (b, &v) in t.iter_mut().zip(&lut) {
+                    *b = if to == Dtype::BF16 {
+                        bf16_bits(v)
+                    } else {
+                        f16::from_f32(v).to_bits()
+                    };
                 }
                 for (o, &b) in dst.chunks_exact_mut(4).zip(src) {
-                    let pair = bits[(b & 0xF) as usize] | (bits[(b >> 4) as usize] << 16);
+                    let pair = t[(b & 0xF) as usize] as u32 | (t[(b >> 4) as usize] as u32) << 16;
                     o.copy_from_slice(&pair.to_le_bytes());
                 }
             }
@@ -218,6 +225,113 @@ fn expand_nibbles(
     }
 }
 
+/// The common case of [`expand_nibbles`], a bf16 output whose table is `base[k] * s`
+/// rounded once to bf16 (`s = scale(g)` for group `g`), with SSSE3: the table is computed
+/// and rounded in registers, and each 16 bytes of codes (32 outputs) are split into
+/// nibbles, put in element order and looked up in the table's low-byte and high-byte
+/// halves with `pshufb`. Returns false (writing nothing) where SSSE3 is missing or the
+/// groups are not whole 16-byte blocks; the caller then takes the portable path.
+#[inline(always)]
+fn expand_bf16_fast(
+    codes: &[u8],
+    group: usize,
+    n: usize,
+    out: &mut [u8],
+    base: &[f32; 16],
+    scale: impl Fn(usize) -> f32,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if group.is_multiple_of(32) && std::arch::is_x86_feature_detected!("ssse3") {
+        // SAFETY: the CPU was just checked to have SSSE3.
+        unsafe { expand_bf16_ssse3(&codes[..n / 2], group, &mut out[..2 * n], base, scale) };
+        return true;
+    }
+    let _ = (codes, group, n, out, base, &scale);
+    false
+}
+
+/// See [`expand_bf16_fast`]; `group` is a multiple of 32 and `out` holds 4 bytes per
+/// byte of `codes`.
+///
+/// # Safety
+/// The CPU must support SSSE3.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn expand_bf16_ssse3(
+    codes: &[u8],
+    group: usize,
+    out: &mut [u8],
+    base: &[f32; 16],
+    scale: impl Fn(usize) -> f32,
+) {
+    use std::arch::x86_64::{
+        __m128, __m128i, _mm_add_epi32, _mm_and_si128, _mm_andnot_si128, _mm_castps_si128,
+        _mm_cmpunord_ps, _mm_loadu_ps, _mm_loadu_si128, _mm_mul_ps, _mm_or_si128, _mm_packs_epi32,
+        _mm_packus_epi16, _mm_set1_epi32, _mm_set1_epi8, _mm_set1_ps, _mm_shuffle_epi8,
+        _mm_srli_epi16, _mm_srli_epi32, _mm_storeu_si128, _mm_unpackhi_epi8, _mm_unpacklo_epi8,
+    };
+    assert!(group.is_multiple_of(32) && out.len() == 4 * codes.len());
+    let nib = _mm_set1_epi8(0x0F);
+    let byte = _mm_set1_epi32(0xFF);
+    let one = _mm_set1_epi32(1);
+    let half = _mm_set1_epi32(0x7FFF);
+    let nan = _mm_set1_epi32(0x7FC0);
+    // SAFETY: each load reads 4 of the 16 floats of `base`.
+    let base: [__m128; 4] =
+        std::array::from_fn(|i| unsafe { _mm_loadu_ps(base.as_ptr().add(4 * i)) });
+    for (g, (src, dst)) in codes
+        .chunks_exact(group / 2)
+        .zip(out.chunks_exact_mut(group * 2))
+        .enumerate()
+    {
+        let s = _mm_set1_ps(scale(g));
+        // bf16 bits of each base * s (round to nearest even; NaN -> 0x7FC0), as in `bf16_bits`
+        let bits = base.map(|b| {
+            let p = _mm_mul_ps(b, s);
+            let x = _mm_castps_si128(p);
+            let odd = _mm_and_si128(_mm_srli_epi32(x, 16), one);
+            let r = _mm_srli_epi32(_mm_add_epi32(x, _mm_add_epi32(half, odd)), 16);
+            let isnan = _mm_castps_si128(_mm_cmpunord_ps(p, p));
+            _mm_or_si128(_mm_andnot_si128(isnan, r), _mm_and_si128(isnan, nan))
+        });
+        // 32-bit lanes below 2^16: split into 16-entry tables of low and high bytes
+        let lo = |v: __m128i| _mm_and_si128(v, byte);
+        let hi = |v: __m128i| _mm_and_si128(_mm_srli_epi32(v, 8), byte);
+        let tlo = _mm_packus_epi16(
+            _mm_packs_epi32(lo(bits[0]), lo(bits[1])),
+            _mm_packs_epi32(lo(bits[2]), lo(bits[3])),
+        );
+        let thi = _mm_packus_epi16(
+            _mm_packs_epi32(hi(bits[0]), hi(bits[1])),
+            _mm_packs_epi32(hi(bits[2]), hi(bits[3])),
+        );
+        for (s16, d64) in src.chunks_exact(16).zip(dst.chunks_exact_mut(64)) {
+            // SAFETY: the load reads the 16 bytes of `s16`; the four stores write the 64
+            // bytes of `d64`.
+            unsafe {
+                let b = _mm_loadu_si128(s16.as_ptr().cast::<__m128i>());
+                let even = _mm_and_si128(b, nib);
+                let odd = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+                let o = d64.as_mut_ptr().cast::<__m128i>();
+                for (k, idx) in [_mm_unpacklo_epi8(even, odd), _mm_unpackhi_epi8(even, odd)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let l = _mm_shuffle_epi8(tlo, idx);
+                    let h = _mm_shuffle_epi8(thi, idx);
+                    _mm_storeu_si128(o.add(2 * k), _mm_unpacklo_epi8(l, h));
+                    _mm_storeu_si128(o.add(2 * k + 1), _mm_unpackhi_epi8(l, h));
+                }
+            }
+        }
+    }
+}
+
+/// `k - 8` for the 16 ct-int4 codes.
+const INT4: [f32; 16] = [
+    -8.0, -7.0, -6.0, -5.0, -4.0, -3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0,
+];
+
 /// `n` logical columns of ct-int4 (`n` a multiple of `group`): `packed` holds their
 /// nibbles (little-endian i32 words, starting at a group boundary), `scale` their group
 /// scales. Each output is `(nibble - 8) * scale` rounded in the scale's dtype, then cast.
@@ -230,10 +344,19 @@ pub fn dequant_int4_row(
     out: &mut [u8],
     to: Dtype,
 ) {
+    // a bf16 output of a bf16 or f32 product is one rounding of the f32 product
+    if to == Dtype::BF16
+        && matches!(scale_dtype, Dtype::BF16 | Dtype::F32)
+        && expand_bf16_fast(packed, group, n, out, &INT4, |g| {
+            read_f32(scale, g, scale_dtype)
+        })
+    {
+        return;
+    }
     expand_nibbles(packed, group, n, out, to, |g, lut| {
         let s = read_f32(scale, g, scale_dtype);
-        for (k, slot) in lut.iter_mut().enumerate() {
-            *slot = round_to((k as f32 - 8.0) * s, scale_dtype);
+        for (slot, k) in lut.iter_mut().zip(INT4) {
+            *slot = round_to(k * s, scale_dtype);
         }
     });
 }
@@ -249,6 +372,10 @@ pub fn dequant_mxfp4_row(
     out: &mut [u8],
     to: Dtype,
 ) {
+    if to == Dtype::BF16 && expand_bf16_fast(codes, group, n, out, &E2M1, |g| e8m0_to_f32(scale[g]))
+    {
+        return;
+    }
     expand_nibbles(codes, group, n, out, to, |g, lut| {
         let s = e8m0_to_f32(scale[g]);
         for (slot, v) in lut.iter_mut().zip(E2M1) {
@@ -381,6 +508,84 @@ mod tests {
             let mut one = [0u8; 4];
             write_f32(&mut one, 0, Dtype::F32, read_f32(&src, i, Dtype::BF16));
             assert!(a[i * 4..i * 4 + 4] == one || read_f32(&src, i, Dtype::BF16).is_nan());
+        }
+    }
+
+    /// The one-element formula of each nibble format, as the reference computes it.
+    fn element(fmt: &str, code: u8, scale: &[u8], g: usize, sd: Dtype) -> f32 {
+        if fmt == "int4" {
+            round_to((code as f32 - 8.0) * read_f32(scale, g, sd), sd)
+        } else {
+            E2M1[code as usize] * e8m0_to_f32(scale[g])
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_give_the_element_formula_on_edge_scales() {
+        // every code in every position, group sizes the SIMD path takes (32, 64, 128) and
+        // ones it leaves to the portable path (16, 48), scales at the edges: zeros of both
+        // signs, f32 subnormals, values that overflow when multiplied, inf, NaN
+        let edge = [
+            0.0f32,
+            -0.0,
+            1e-40,
+            -3e-39,
+            3.0e38,
+            -2.9e38,
+            f32::INFINITY,
+            f32::NAN,
+            0.0123,
+            -7.5,
+            1.0,
+            65504.0,
+            6.1e-5,
+            -1e-8,
+            0.1,
+            3.3e-3,
+        ];
+        let codes: Vec<u8> = (0..1536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let n = 2 * codes.len();
+        for group in [16usize, 32, 48, 64, 128] {
+            let groups = n / group;
+            for sd in [Dtype::BF16, Dtype::F32, Dtype::F16, Dtype::F8E8M0] {
+                let fmt = if sd == Dtype::F8E8M0 { "mxfp4" } else { "int4" };
+                let mut scale = vec![0u8; groups * sd.size() as usize];
+                for g in 0..groups {
+                    let v = edge[g % edge.len()] * if g >= edge.len() { 0.37 } else { 1.0 };
+                    match sd {
+                        Dtype::F8E8M0 => scale[g] = (g * 37 % 256) as u8,
+                        _ => write_f32(&mut scale, g, sd, v),
+                    }
+                }
+                for to in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+                    let es = to.size() as usize;
+                    let mut out = vec![0xAAu8; n * es];
+                    if fmt == "int4" {
+                        dequant_int4_row(&codes, &scale, sd, group, n, &mut out, to);
+                    } else {
+                        dequant_mxfp4_row(&codes, &scale, group, n, &mut out, to);
+                    }
+                    for c in 0..n {
+                        let byte = codes[c / 2];
+                        let code = if c % 2 == 0 { byte & 0xF } else { byte >> 4 };
+                        let v = element(fmt, code, &scale, c / group, sd);
+                        let got = &out[c * es..(c + 1) * es];
+                        let ctx = format!("{fmt} scale {sd} group {group} -> {to} col {c} ({v})");
+                        if v.is_nan() {
+                            assert!(read_f32(got, 0, to).is_nan(), "{ctx}");
+                            if to == Dtype::BF16 {
+                                assert_eq!(got, &0x7fc0u16.to_le_bytes()[..], "{ctx}");
+                            }
+                        } else {
+                            let mut one = vec![0u8; es];
+                            write_f32(&mut one, 0, to, v);
+                            assert_eq!(got, &one[..], "{ctx}");
+                        }
+                    }
+                }
+            }
         }
     }
 
