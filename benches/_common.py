@@ -43,18 +43,20 @@ def checkpoint(name: str, **kwargs) -> str:
         make_checkpoint(path, **kwargs)
         with open(done, "w") as f:
             f.write(want)
+    warm(path)  # whatever an earlier benchmark evicted
     return path
 
 
-def warm(*paths: str) -> None:
+def warm(*paths: str, evict_others: bool = False) -> None:
     """Reads every file of the checkpoint folders once, so that timings start from a warm
-    page cache, and drops every other cached checkpoint's pages from the page cache
-    (``POSIX_FADV_DONTNEED``): loads into fresh memory then start with the same free
-    memory whatever ran before. Without it the kernel has to reclaim cache pages for each
-    fault once earlier benchmarks filled memory, and a first float32 load varied 2.5x
-    between runs (0.7 s with free memory, 1.3-4 s with 5 of 24 GiB free)."""
+    page cache. ``evict_others`` also drops every other bench checkpoint's pages from the
+    page cache (``POSIX_FADV_DONTNEED``), for loads into fresh memory: they then start
+    with the same free memory whatever ran before. Without it the kernel has to reclaim a
+    cache page for each fault once earlier benchmarks filled memory, and a first float32
+    load varied 2.5x between runs (0.7 s with free memory, 1.3-4 s with 5 of 24 GiB
+    free)."""
     keep = {os.path.realpath(p) for p in paths}
-    if os.path.isdir(CACHE):
+    if evict_others and os.path.isdir(CACHE):
         for d in os.listdir(CACHE):
             other = os.path.realpath(os.path.join(CACHE, d))
             if other not in keep and os.path.isdir(other):

@@ -131,7 +131,7 @@ def main() -> None:
     off = {"KIMI_LOADER_PREFAULT": "0"}
     print(f"first load into fresh memory, each run a fresh process, {repeat} interleaved rounds, warm page cache")
 
-    warm(bf16)
+    warm(bf16, evict_others=True)
     res = rounds(
         {
             "torch.empty(n).zero_() + read the shards (bar)": ("floor", bf16, None),
@@ -162,7 +162,7 @@ def main() -> None:
     bar("kimi_loader.from_pretrained float32", "from_pretrained float32, torch zero_() first")
     bar("load_weights into transformers' model", "transformers' model, torch zero_() first")
 
-    warm(int4)
+    warm(int4, evict_others=True)
     res4 = rounds(
         {
             "dequantize on load into transformers' model": ("hf-model", int4, None),
@@ -177,7 +177,7 @@ def main() -> None:
     bar("ct-int4 -> serving layout (from_pretrained bf16)", "serving layout, torch zero_() first", res4)
 
     nr = kimi_loader.open(real).data_bytes
-    warm(real)
+    warm(real, evict_others=True)
     resr = rounds(
         {
             "torch.empty(n).zero_() + read the shards (bar)": ("floor", real, None),

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kimi_loader
-from _common import CACHE, checkpoint, interleaved, row
+from _common import CACHE, checkpoint, interleaved, row, warm
 from kimi_loader.rl import WeightUpdater
 
 SHAPE = dict(
@@ -68,6 +68,7 @@ def delta_checkpoint(src: str, fraction: float) -> tuple[str, int]:
                     t[n] = t[n] * 1.5
             save_file(t, os.path.join(dst, f), metadata={"format": "pt"})
         open(os.path.join(dst, ".complete"), "w").close()
+    warm(dst)
     return dst, size
 
 
