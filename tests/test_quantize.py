@@ -133,3 +133,45 @@ def test_nan_and_bad_shapes_are_refused_naming_the_tensor():
         quantize_int4(torch.randn(4, 40), group=32, what="b.weight")
     with pytest.raises(kimi_loader.InvalidArgumentError, match="rule"):
         quantize_int4(torch.randn(4, 64), group=32, rule="gptq")
+
+
+def _hard_weights(out: int, inp: int, seed: int) -> torch.Tensor:
+    """Values over a wide range of magnitudes, rows whose quotients land exactly on
+    rounding ties and on the clamp bounds, zeros of both signs and subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g) * torch.exp2(torch.randint(-30, 30, (out, 1), generator=g).float())
+    w[0] = torch.arange(inp) % 17 - 8.0  # integer quotients and ties, absmax 8 -> scale 8/7.5 or 8/7
+    w[1] = (torch.arange(inp) % 31 - 15) * 0.5
+    w[2] = -0.0
+    w[3, ::2] = 1e-40
+    w[4] = torch.rand(inp, generator=g) * 1e-3 - 5e-4
+    return w
+
+
+@pytest.mark.parametrize("rule", ["compressed-tensors", "int4-qat"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("scale_dtype", [torch.bfloat16, torch.float32])
+def test_rust_quantizer_equals_the_torch_reference(rule, dtype, scale_dtype):
+    from kimi_loader.quant import quantize_int4_torch
+
+    for seed, (out, inp, group) in enumerate([(64, 256, 32), (7, 96, 32), (33, 128, 64), (5, 16, 8), (6, 2048, 128)]):
+        w = _hard_weights(out, inp, seed).to(dtype)
+        ours = quantize_int4(w, group=group, rule=rule, scale_dtype=scale_dtype, what="x.weight")
+        ref = quantize_int4_torch(w, group=group, rule=rule, scale_dtype=scale_dtype, what="x.weight")
+        assert ours.keys() == ref.keys()
+        for k in ref:
+            assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, k
+            assert torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)), (k, out, inp, group)
+
+
+def test_rust_quantizer_refuses_what_it_cannot_take():
+    with pytest.raises(kimi_loader.InvalidArgumentError, match=r"c\.weight.*inf"):
+        w = torch.zeros(3, 64, dtype=torch.bfloat16)
+        w[1, 9] = float("inf")
+        quantize_int4(w, group=32, what="c.weight")
+    # non-contiguous and float16 weights take the torch path and give the same bytes
+    w = torch.randn(64, 16).t()
+    a = quantize_int4(w, group=32)
+    assert torch.equal(a["weight_packed"], quantize_int4(w.contiguous(), group=32)["weight_packed"])
+    h = torch.randn(4, 64).half()
+    assert torch.equal(quantize_int4(h, group=32)["weight_scale"], quantize_int4(h.float(), group=32)["weight_scale"])

@@ -19,6 +19,7 @@ __all__ = [
     "from_tensors",
     "open",
     "plan",
+    "quantize_int4",
     "resolve_threads",
 ]
 
@@ -37,6 +38,15 @@ def from_tensors(
     threads: int | None = None,
     device: bool = False,
 ) -> Checkpoint: ...
+def quantize_int4(
+    src: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
+    rule: str,
+    what: str,
+    threads: int | None = None,
+) -> None: ...
 
 @final
 class ShardBuffer:

@@ -40,6 +40,7 @@ __all__ = [
     "pack_int4",
     "quantize_fp8_block",
     "quantize_int4",
+    "quantize_int4_torch",
     "quantize_mxfp4",
     "unpack_int4",
 ]
@@ -130,7 +131,37 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
 def quantize_int4(
     w: torch.Tensor, *, group: int, rule: str = "compressed-tensors", scale_dtype: torch.dtype = torch.bfloat16, what=""
 ) -> dict[str, torch.Tensor]:
-    """``w`` ``[out, in]`` -> ``weight_packed`` int32, ``weight_scale``, ``weight_shape``."""
+    """``w`` ``[out, in]`` -> ``weight_packed`` int32, ``weight_scale``, ``weight_shape``.
+
+    CPU bf16 / float32 weights with bf16 / float32 scales are quantized in Rust, in
+    parallel with the GIL released; everything else (other dtypes, device tensors) by
+    :func:`quantize_int4_torch`, the reference it equals bit for bit."""
+    from .errors import InvalidArgumentError
+
+    if rule not in INT4_RULES:
+        raise InvalidArgumentError(f"int4 quantization rule must be one of {INT4_RULES}, got {rule!r}")
+    fast = (torch.bfloat16, torch.float32)
+    if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in fast or scale_dtype not in fast or w.shape[1] % 8:
+        return quantize_int4_torch(w, group=group, rule=rule, scale_dtype=scale_dtype, what=what)
+    from . import _core
+
+    out, inp = w.shape
+    if group < 2 or group % 2 or inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    packed = torch.empty(out, inp // 8, dtype=torch.int32)
+    scale = torch.empty(out, inp // group, dtype=scale_dtype)
+    _core.quantize_int4(w.contiguous(), packed, scale, group, rule, what)
+    return {
+        "weight_packed": packed,
+        "weight_scale": scale,
+        "weight_shape": torch.tensor([out, inp], dtype=torch.int32),
+    }
+
+
+def quantize_int4_torch(
+    w: torch.Tensor, *, group: int, rule: str = "compressed-tensors", scale_dtype: torch.dtype = torch.bfloat16, what=""
+) -> dict[str, torch.Tensor]:
+    """:func:`quantize_int4` in torch ops, on any device: the reference."""
     from .errors import InvalidArgumentError
 
     if rule not in INT4_RULES:
@@ -139,10 +170,10 @@ def quantize_int4(
     g = w.reshape(out, inp // group, group)
     gf = g.float()
     if rule == "compressed-tensors":
-        lo = torch.minimum(gf.amin(-1), torch.zeros(()))
-        hi = torch.maximum(gf.amax(-1), torch.zeros(()))
-        s = torch.maximum(lo.abs(), hi.abs()) / torch.tensor(7.5)
-        s = torch.where(s == 0, torch.tensor(torch.finfo(torch.float32).eps), s)
+        lo = torch.minimum(gf.amin(-1), torch.zeros((), device=w.device))
+        hi = torch.maximum(gf.amax(-1), torch.zeros((), device=w.device))
+        s = torch.maximum(lo.abs(), hi.abs()) / torch.tensor(7.5, device=w.device)
+        s = torch.where(s == 0, torch.tensor(torch.finfo(torch.float32).eps, device=w.device), s)
         scale = s.to(scale_dtype)
         q = torch.round(torch.clamp(g / scale.unsqueeze(-1), -8, 7))
     else:

@@ -29,6 +29,7 @@ pub mod json;
 pub mod mapping;
 pub mod plan;
 pub mod quant;
+pub mod quantize;
 pub mod shard;
 pub mod threads;
 pub mod update;

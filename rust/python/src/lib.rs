@@ -8,12 +8,14 @@
 //!   from which zero-copy tensors are viewed.
 //! - [`plan`]: `plan()` and the `Plan` class: copy plans built from rules given as data,
 //!   executed into destination tensors.
+//! - [`quantize`]: `quantize_int4()`, quantize-on-sync into ct-int4 on the CPU.
 //! - [`update`]: `UpdateState` / `Selection`: hot-reload's change selection.
 
 mod buffer;
 mod checkpoint;
 mod errors;
 mod plan;
+mod quantize;
 mod update;
 
 use pyo3::prelude::*;
@@ -32,6 +34,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<buffer::ShardBuffer>()?;
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
     m.add_class::<plan::Plan>()?;
+    m.add_function(wrap_pyfunction!(quantize::quantize_int4, m)?)?;
     m.add_class::<update::UpdateState>()?;
     m.add_class::<update::Selection>()?;
     Ok(())
