@@ -177,7 +177,9 @@ def quantize_int4_torch(
         scale = s.to(scale_dtype)
         q = torch.round(torch.clamp(g / scale.unsqueeze(-1), -8, 7))
     else:
-        scale = torch.clamp(gf.abs().amax(-1) / 7.0, min=1e-5).to(scale_dtype)
+        # a 0-dim tensor on the weight's device, not a Python number: CUDA multiplies by the
+        # reciprocal of a CPU scalar divisor, which is not always the quotient
+        scale = torch.clamp(gf.abs().amax(-1) / torch.tensor(7.0, device=w.device), min=1e-5).to(scale_dtype)
         q = torch.clamp(torch.round(gf / scale.float().unsqueeze(-1)), -7, 7)
     q8 = q.to(torch.int8).reshape(out, inp)
     return {
