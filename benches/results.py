@@ -48,7 +48,8 @@ def commit() -> str:
 
     sha = git("rev-parse", "--short=9", "HEAD") or "unknown"
     # (files the benchmarks write themselves, under results/, do not count)
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":!benches/results")
+    # (pathspecs are relative to the working directory unless marked `top`)
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)benches/results")
     return sha + ("-dirty" if dirty else "")
 
 
