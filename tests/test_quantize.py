@@ -175,3 +175,20 @@ def test_rust_quantizer_refuses_what_it_cannot_take():
     assert torch.equal(a["weight_packed"], quantize_int4(w.contiguous(), group=32)["weight_packed"])
     h = torch.randn(4, 64).half()
     assert torch.equal(quantize_int4(h, group=32)["weight_scale"], quantize_int4(h.float(), group=32)["weight_scale"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rust_mxfp4_quantizer_equals_the_torch_reference(dtype):
+    from kimi_loader.quant import quantize_mxfp4_torch
+
+    for seed, (out, inp, group) in enumerate([(64, 256, 32), (9, 96, 32), (10, 128, 64), (8, 16, 16)]):
+        w = _hard_weights(out, inp, seed)
+        w[5] = torch.linspace(-1, 1, inp) * 3e38  # absmax rounds up past the largest exponent: e8m0 255
+        w[6] = torch.linspace(-2e-38, 2e-38, inp)  # the smallest scales (e8m0 0, a subnormal 2^-127)
+        w[7, : inp // 2] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0]).repeat(inp // 16)  # ties
+        w = w.to(dtype)
+        ours = quantize_mxfp4(w, group=group, what="m.weight")
+        ref = quantize_mxfp4_torch(w, group=group, what="m.weight")
+        assert torch.equal(ours["weight_scale"], ref["weight_scale"]), (out, inp, group)
+        assert torch.equal(ours["weight"], ref["weight"]), (out, inp, group)
+    assert {0, 255} <= set(quantize_mxfp4(w.float(), group=group)["weight_scale"].unique().tolist())

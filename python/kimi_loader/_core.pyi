@@ -20,6 +20,7 @@ __all__ = [
     "open",
     "plan",
     "quantize_int4",
+    "quantize_mxfp4",
     "resolve_threads",
 ]
 
@@ -44,6 +45,14 @@ def quantize_int4(
     scale: torch.Tensor,
     group: int,
     rule: str,
+    what: str,
+    threads: int | None = None,
+) -> None: ...
+def quantize_mxfp4(
+    src: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
     what: str,
     threads: int | None = None,
 ) -> None: ...

@@ -42,6 +42,7 @@ __all__ = [
     "quantize_int4",
     "quantize_int4_torch",
     "quantize_mxfp4",
+    "quantize_mxfp4_torch",
     "unpack_int4",
 ]
 
@@ -203,7 +204,26 @@ def _round_e2m1(x: torch.Tensor) -> torch.Tensor:
 
 def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, torch.Tensor]:
     """``w`` ``[out, in]`` -> ``weight`` uint8 (two E2M1 codes a byte, low nibble first)
-    and ``weight_scale`` uint8 (e8m0)."""
+    and ``weight_scale`` uint8 (e8m0).
+
+    CPU bf16 / float32 weights are quantized in Rust (rows in parallel, GIL released);
+    others by :func:`quantize_mxfp4_torch`, the reference it equals bit for bit."""
+    if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float32):
+        return quantize_mxfp4_torch(w, group=group, what=what)
+    from . import _core
+    from .errors import InvalidArgumentError
+
+    out, inp = w.shape
+    if group < 2 or group % 2 or inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    packed = torch.empty(out, inp // 2, dtype=torch.uint8)
+    scale = torch.empty(out, inp // group, dtype=torch.uint8)
+    _core.quantize_mxfp4(w.contiguous(), packed, scale, group, what)
+    return {"weight": packed, "weight_scale": scale}
+
+
+def quantize_mxfp4_torch(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, torch.Tensor]:
+    """:func:`quantize_mxfp4` in torch ops, on any device: the reference."""
     from .formats import pack_mxfp4
 
     out, inp = _grouped(w, group, what)

@@ -1,19 +1,23 @@
 //! Quantize-on-sync on the CPU: bf16 / f32 weights into ct-int4 (`weight_packed` bytes
-//! and per-group scales), bit for bit what `kimi_loader.quant.quantize_int4`'s torch
-//! reference computes (which is tested against compressed-tensors' own quantizer and
-//! the published QAT rule), in parallel over rows. The torch reference stays the path
-//! for other dtypes and for device tensors.
+//! and per-group scales) and MXFP4 (E2M1 codes and e8m0 scales), bit for bit what the
+//! torch references of `kimi_loader.quant` compute (which are tested against
+//! compressed-tensors' own quantizers and the published QAT rule), in parallel over rows.
+//! The torch references stay the path for other dtypes and for device tensors.
 //!
 //! The element formulas, as torch evaluates them on the CPU:
-//! - `compressed-tensors`: `s = max(|min(g, 0)|, |max(g, 0)|) / 7.5` in f32 (`eps` when
-//!   0), `scale = s` rounded to the scale dtype, `q = round(clamp(w / scale, -8, 7))`,
-//!   where the quotient is rounded to bf16 when both `w` and the scale are bf16 (torch's
-//!   bf16 division) and kept in f32 otherwise;
-//! - `int4-qat`: `scale = max(absmax(g) / 7, 1e-5)` in f32 rounded to the scale dtype,
-//!   `q = clamp(round(f32(w) / f32(scale)), -7, 7)`.
+//! - int4 `compressed-tensors`: `s = max(|min(g, 0)|, |max(g, 0)|) / 7.5` in f32 (`eps`
+//!   when 0), `scale = s` rounded to the scale dtype, `q = round(clamp(w / scale, -8,
+//!   7))`, where the quotient is rounded to bf16 when both `w` and the scale are bf16
+//!   (torch's bf16 division) and kept in f32 otherwise;
+//! - int4 `int4-qat`: `scale = max(absmax(g) / 7, 1e-5)` in f32 rounded to the scale
+//!   dtype, `q = clamp(round(f32(w) / f32(scale)), -7, 7)`;
+//! - MXFP4 (OCP MX, as compressed-tensors' MX quantizer): the group's absmax rounded to
+//!   one mantissa bit, its exponent `E` gives the e8m0 scale `max(E - 2, 0)` (255 stays
+//!   255), and each `clamp(w / 2^(e8 - 127), -6, 6)` goes to the nearest E2M1 value, ties
+//!   to the even code; a negative value that rounds to 0 is stored as -0.
 //!
-//! `round` is to nearest, ties to even. Codes are stored as `q + 8`, two per byte, the
-//! even element in the low nibble.
+//! `round` is to nearest, ties to even. int4 codes are stored as `q + 8`; both formats
+//! put two codes in a byte, the even element in the low nibble.
 
 use rayon::prelude::*;
 
@@ -60,41 +64,21 @@ pub struct Int4Job {
 
 impl Int4Job {
     fn check(&self, src: usize, packed: usize, scales: usize, what: &str) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::InvalidArgument {
-                reason: format!("{what}: {reason}"),
-            })
-        };
-        if !matches!(self.src_dtype, Dtype::BF16 | Dtype::F32) {
-            return bad(format!("cannot quantize {:?} weights", self.src_dtype));
-        }
         if !matches!(self.scale_dtype, Dtype::BF16 | Dtype::F32) {
-            return bad(format!(
-                "unsupported int4 scale dtype {:?}",
-                self.scale_dtype
-            ));
+            return Err(Error::InvalidArgument {
+                reason: format!(
+                    "{what}: unsupported int4 scale dtype {:?}",
+                    self.scale_dtype
+                ),
+            });
         }
-        if self.group == 0 || !self.group.is_multiple_of(2) || !self.cols.is_multiple_of(self.group)
-        {
-            return bad(format!(
-                "{} input columns are not a multiple of the (even) group {}",
-                self.cols, self.group
-            ));
+        Groups {
+            cols: self.cols,
+            group: self.group,
+            src_dtype: self.src_dtype,
+            scale_size: self.scale_dtype.size() as usize,
         }
-        let n = self.rows * self.cols;
-        let want = (
-            n * self.src_dtype.size() as usize,
-            n / 2,
-            n / self.group * self.scale_dtype.size() as usize,
-        );
-        if (src, packed, scales) != want {
-            return bad(format!(
-                "buffers of {src} / {packed} / {scales} bytes, expected {} / {} / {} \
-                 (weight / packed codes / scales)",
-                want.0, want.1, want.2
-            ));
-        }
-        Ok(())
+        .check(self.rows, src, packed, scales, what)
     }
 }
 
@@ -111,18 +95,55 @@ pub fn quantize_int4(
     pool: &rayon::ThreadPool,
 ) -> Result<()> {
     job.check(src.len(), packed.len(), scales.len(), what)?;
-    if job.rows == 0 || job.cols == 0 {
-        return Ok(());
-    }
-    let es = job.src_dtype.size() as usize;
-    let ss = job.scale_dtype.size() as usize;
-    let ok = pool.install(|| {
-        src.par_chunks(job.cols * es)
-            .zip(packed.par_chunks_mut(job.cols / 2))
-            .zip(scales.par_chunks_mut(job.cols / job.group * ss))
-            .all(|((s, p), sc)| quantize_row(&job, s, p, sc))
-    });
-    if ok {
+    let bf16_quotient = job.src_dtype == Dtype::BF16 && job.scale_dtype == Dtype::BF16;
+    let bf16_scale = job.scale_dtype == Dtype::BF16;
+    let shape = Groups {
+        cols: job.cols,
+        group: job.group,
+        src_dtype: job.src_dtype,
+        scale_size: job.scale_dtype.size() as usize,
+    };
+    let ok = match (job.rule, bf16_quotient) {
+        (Int4Rule::CompressedTensors, true) => {
+            shape.run(src, packed, scales, pool, &Int4::<true, true>(bf16_scale))
+        }
+        (Int4Rule::CompressedTensors, false) => {
+            shape.run(src, packed, scales, pool, &Int4::<true, false>(bf16_scale))
+        }
+        (Int4Rule::Qat, _) => {
+            shape.run(src, packed, scales, pool, &Int4::<false, false>(bf16_scale))
+        }
+    };
+    finite_or_refused(ok, what)
+}
+
+/// Quantizes the row-major `[rows, cols]` `src_dtype` weight `src` into MXFP4: `packed`
+/// (`rows * cols / 2` bytes of E2M1 codes) and `scales` (`rows * cols / group` e8m0
+/// bytes). Errors as [`quantize_int4`].
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_mxfp4(
+    rows: usize,
+    cols: usize,
+    group: usize,
+    src_dtype: Dtype,
+    src: &[u8],
+    packed: &mut [u8],
+    scales: &mut [u8],
+    what: &str,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let shape = Groups {
+        cols,
+        group,
+        src_dtype,
+        scale_size: 1,
+    };
+    shape.check(rows, src.len(), packed.len(), scales.len(), what)?;
+    finite_or_refused(shape.run(src, packed, scales, pool, &Mxfp4), what)
+}
+
+fn finite_or_refused(finite: bool, what: &str) -> Result<()> {
+    if finite {
         Ok(())
     } else {
         Err(Error::InvalidArgument {
@@ -131,135 +152,271 @@ pub fn quantize_int4(
     }
 }
 
-/// One row; false if it holds a non-finite value. Picks the AVX2 build of the same code
-/// where the CPU has it (the formulas are IEEE operations without contraction, so every
-/// build gives the same bits).
-fn quantize_row(job: &Int4Job, src: &[u8], packed: &mut [u8], scales: &mut [u8]) -> bool {
+/// How a weight is cut: rows of `cols` values of `src_dtype`, groups of `group` values
+/// sharing one scale of `scale_size` bytes, two codes a byte.
+#[derive(Clone, Copy)]
+struct Groups {
+    cols: usize,
+    group: usize,
+    src_dtype: Dtype,
+    scale_size: usize,
+}
+
+impl Groups {
+    fn check(
+        &self,
+        rows: usize,
+        src: usize,
+        packed: usize,
+        scales: usize,
+        what: &str,
+    ) -> Result<()> {
+        let bad = |reason: String| {
+            Err(Error::InvalidArgument {
+                reason: format!("{what}: {reason}"),
+            })
+        };
+        if !matches!(self.src_dtype, Dtype::BF16 | Dtype::F32) {
+            return bad(format!("cannot quantize {:?} weights", self.src_dtype));
+        }
+        if self.group == 0 || !self.group.is_multiple_of(2) || !self.cols.is_multiple_of(self.group)
+        {
+            return bad(format!(
+                "{} input columns are not a multiple of the (even) group {}",
+                self.cols, self.group
+            ));
+        }
+        let n = rows * self.cols;
+        let want = (
+            n * self.src_dtype.size() as usize,
+            n / 2,
+            n / self.group * self.scale_size,
+        );
+        if (src, packed, scales) != want {
+            return bad(format!(
+                "buffers of {src} / {packed} / {scales} bytes, expected {} / {} / {} \
+                 (weight / packed codes / scales)",
+                want.0, want.1, want.2
+            ));
+        }
+        Ok(())
+    }
+
+    /// Runs `kernel` on every group (values, codes, scale bytes), rows in parallel on `pool`;
+    /// false if a value is not finite. The AVX2 build of the same code runs where the
+    /// CPU has it (the formulas are IEEE operations without contraction, so every build
+    /// gives the same bits).
+    fn run<K: GroupKernel>(
+        &self,
+        src: &[u8],
+        packed: &mut [u8],
+        scales: &mut [u8],
+        pool: &rayon::ThreadPool,
+        kernel: &K,
+    ) -> bool {
+        if self.cols == 0 || src.is_empty() {
+            return true;
+        }
+        let es = self.src_dtype.size() as usize;
+        pool.install(|| {
+            src.par_chunks(self.cols * es)
+                .zip(packed.par_chunks_mut(self.cols / 2))
+                .zip(scales.par_chunks_mut(self.cols / self.group * self.scale_size))
+                .all(|((s, p), sc)| {
+                    #[cfg(target_arch = "x86_64")]
+                    if std::arch::is_x86_feature_detected!("avx2") {
+                        // SAFETY: the CPU supports AVX2 (checked just above).
+                        return unsafe { self.row_avx2(s, p, sc, kernel) };
+                    }
+                    self.row(s, p, sc, kernel)
+                })
+        })
+    }
+
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above).
-        return unsafe { quantize_row_avx2(job, src, packed, scales) };
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_avx2<K: GroupKernel>(
+        &self,
+        src: &[u8],
+        packed: &mut [u8],
+        scales: &mut [u8],
+        kernel: &K,
+    ) -> bool {
+        self.row(src, packed, scales, kernel)
     }
-    quantize_row_any(job, src, packed, scales)
-}
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn quantize_row_avx2(
-    job: &Int4Job,
-    src: &[u8],
-    packed: &mut [u8],
-    scales: &mut [u8],
-) -> bool {
-    quantize_row_any(job, src, packed, scales)
-}
-
-#[inline(always)]
-fn quantize_row_any(job: &Int4Job, src: &[u8], packed: &mut [u8], scales: &mut [u8]) -> bool {
-    let bf16_quotient = job.src_dtype == Dtype::BF16 && job.scale_dtype == Dtype::BF16;
-    match (job.rule, bf16_quotient) {
-        (Int4Rule::CompressedTensors, true) => row::<true, true>(job, src, packed, scales),
-        (Int4Rule::CompressedTensors, false) => row::<true, false>(job, src, packed, scales),
-        (Int4Rule::Qat, _) => row::<false, false>(job, src, packed, scales),
-    }
-}
-
-/// The row kernel for one rule (`CT`: compressed-tensors, else QAT) and quotient
-/// rounding (`BFQ`: the quotient is rounded to bf16 first), group by group.
-#[inline(always)]
-fn row<const CT: bool, const BFQ: bool>(
-    job: &Int4Job,
-    src: &[u8],
-    packed: &mut [u8],
-    scales: &mut [u8],
-) -> bool {
-    let g = job.group;
-    let mut v = [0f32; 64];
-    let mut buf = Vec::new();
-    let v: &mut [f32] = if g <= 64 {
-        &mut v[..g]
-    } else {
-        buf.resize(g, 0f32);
-        &mut buf
-    };
-    let mut finite = true;
-    let es = job.src_dtype.size() as usize;
-    let ss = job.scale_dtype.size() as usize;
-    for (k, (p, sc)) in packed
-        .chunks_exact_mut(g / 2)
-        .zip(scales.chunks_exact_mut(ss))
-        .enumerate()
-    {
-        let bytes = &src[k * g * es..(k + 1) * g * es];
-        if job.src_dtype == Dtype::BF16 {
-            for (x, b) in v.iter_mut().zip(bytes.chunks_exact(2)) {
-                *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
+    /// One row, group by group: the values as f32, their finiteness, then the kernel.
+    #[inline(always)]
+    fn row<K: GroupKernel>(
+        &self,
+        src: &[u8],
+        packed: &mut [u8],
+        scales: &mut [u8],
+        kernel: &K,
+    ) -> bool {
+        let g = self.group;
+        let mut stack = [0f32; 64];
+        let mut heap = Vec::new();
+        let v: &mut [f32] = if g <= 64 {
+            &mut stack[..g]
         } else {
-            for (x, b) in v.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        // amax of |x| (compressed-tensors' max(|min(x, 0)|, max(x, 0)) is the same
-        // value), with a compare-select max (NaNs are caught by the finiteness test)
-        let mut amax = 0f32;
+            heap.resize(g, 0f32);
+            &mut heap
+        };
+        let es = self.src_dtype.size() as usize;
         let mut bad = 0u32;
-        for &x in v.iter() {
-            let a = x.abs();
-            bad |= (a.to_bits() >= 0x7f80_0000) as u32;
-            amax = if a > amax { a } else { amax };
-        }
-        finite &= bad == 0;
-        let s = if CT {
-            let s = amax / 7.5;
-            if s == 0.0 {
-                f32::EPSILON
+        for (k, (p, sc)) in packed
+            .chunks_exact_mut(g / 2)
+            .zip(scales.chunks_exact_mut(self.scale_size))
+            .enumerate()
+        {
+            let bytes = &src[k * g * es..(k + 1) * g * es];
+            if self.src_dtype == Dtype::BF16 {
+                for (x, b) in v.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+                }
             } else {
-                s
+                for (x, b) in v.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
             }
-        } else {
-            let s = amax / 7.0;
-            if s < 1e-5 {
-                1e-5
-            } else {
-                s
+            for &x in v.iter() {
+                bad |= ((x.to_bits() & 0x7fff_ffff) >= 0x7f80_0000) as u32;
             }
-        };
-        let scale = if job.scale_dtype == Dtype::BF16 {
-            let b = bf16_bits(s);
-            sc.copy_from_slice(&b.to_le_bytes());
-            f32::from_bits((b as u32) << 16)
-        } else {
-            sc.copy_from_slice(&s.to_le_bytes());
-            s
-        };
-        // each value becomes its code: (x + ROUND) has the rounded integer k in its low
-        // mantissa bits (bits = 0x4B40_0000 + k), so the stored nibble k + 8 is plain
-        // integer arithmetic on the bits
-        let (lo, hi) = if CT { (-8.0, 7.0) } else { (-8.0, 8.0) };
-        for x in v.iter_mut() {
-            let mut q = *x / scale;
-            if BFQ {
-                q = bf16_round(q);
-            }
-            let q = if q < lo {
-                lo
-            } else if q > hi {
-                hi
-            } else {
-                q
-            };
-            let mut k = ((q + ROUND).to_bits() as i32).wrapping_sub(0x4B40_0000);
-            if !CT {
-                k = k.clamp(-7, 7);
-            }
-            *x = f32::from_bits((k + 8) as u32);
+            kernel.group(v, p, sc);
         }
-        for (b, q) in p.iter_mut().zip(v.chunks_exact(2)) {
-            *b = (q[0].to_bits() | (q[1].to_bits() << 4)) as u8;
-        }
+        bad == 0
     }
-    finite
+}
+
+/// The largest |x| of a group (compressed-tensors' `max(|min(x, 0)|, max(x, 0)|)` is the
+/// same value), with a compare-select max that vectorizes (NaNs were refused already).
+#[inline(always)]
+fn absmax(v: &[f32]) -> f32 {
+    let mut m = 0f32;
+    for &x in v {
+        let a = x.abs();
+        m = if a > m { a } else { m };
+    }
+    m
+}
+
+/// What turns one group of values (overwritten) into its codes and scale. A trait with
+/// always-inlined methods, not a closure, so that each kernel is compiled into the AVX2
+/// build of the row loop too.
+trait GroupKernel: Sync {
+    fn group(&self, v: &mut [f32], p: &mut [u8], sc: &mut [u8]);
+}
+
+/// int4 (`CT`: the compressed-tensors rule, else QAT; `BFQ`: the quotient is rounded to
+/// bf16 first); the field: bf16 scales (else f32).
+struct Int4<const CT: bool, const BFQ: bool>(bool);
+
+impl<const CT: bool, const BFQ: bool> GroupKernel for Int4<CT, BFQ> {
+    #[inline(always)]
+    fn group(&self, v: &mut [f32], p: &mut [u8], sc: &mut [u8]) {
+        int4_group::<CT, BFQ>(v, p, sc, self.0)
+    }
+}
+
+struct Mxfp4;
+
+impl GroupKernel for Mxfp4 {
+    #[inline(always)]
+    fn group(&self, v: &mut [f32], p: &mut [u8], sc: &mut [u8]) {
+        mxfp4_group(v, p, sc)
+    }
+}
+
+/// One int4 group. `v` is overwritten.
+#[inline(always)]
+fn int4_group<const CT: bool, const BFQ: bool>(
+    v: &mut [f32],
+    p: &mut [u8],
+    sc: &mut [u8],
+    bf16_scale: bool,
+) {
+    let amax = absmax(v);
+    let s = if CT {
+        let s = amax / 7.5;
+        if s == 0.0 {
+            f32::EPSILON
+        } else {
+            s
+        }
+    } else {
+        let s = amax / 7.0;
+        if s < 1e-5 {
+            1e-5
+        } else {
+            s
+        }
+    };
+    let scale = if bf16_scale {
+        let b = bf16_bits(s);
+        sc.copy_from_slice(&b.to_le_bytes());
+        f32::from_bits((b as u32) << 16)
+    } else {
+        sc.copy_from_slice(&s.to_le_bytes());
+        s
+    };
+    // (x + ROUND) holds the rounded integer k in its low mantissa bits (bits =
+    // 0x4B40_0000 + k), so the stored nibble k + 8 is integer arithmetic on the bits;
+    // it is kept in the bits of `v`
+    let (lo, hi) = if CT { (-8.0, 7.0) } else { (-8.0, 8.0) };
+    for x in v.iter_mut() {
+        let mut q = *x / scale;
+        if BFQ {
+            q = bf16_round(q);
+        }
+        let q = if q < lo {
+            lo
+        } else if q > hi {
+            hi
+        } else {
+            q
+        };
+        let mut k = ((q + ROUND).to_bits() as i32).wrapping_sub(0x4B40_0000);
+        if !CT {
+            k = k.clamp(-7, 7);
+        }
+        *x = f32::from_bits((k + 8) as u32);
+    }
+    for (b, q) in p.iter_mut().zip(v.chunks_exact(2)) {
+        *b = (q[0].to_bits() | (q[1].to_bits() << 4)) as u8;
+    }
+}
+
+/// One MXFP4 group. `v` is overwritten.
+#[inline(always)]
+fn mxfp4_group(v: &mut [f32], p: &mut [u8], sc: &mut [u8]) {
+    let amax = absmax(v);
+    // absmax rounded to one mantissa bit; its biased exponent (0: zero or tiny, 255: it
+    // overflowed) less E2M1's largest exponent, 2
+    let e = ((amax.to_bits() + (1 << 21)) >> 23) & 0xFF;
+    let e8 = if e == 255 { 255 } else { e.saturating_sub(2) };
+    sc[0] = e8 as u8;
+    let scale = if e8 == 0 {
+        f32::from_bits(1 << 22) // 2^-127, a subnormal
+    } else {
+        f32::from_bits(e8 << 23)
+    };
+    for x in v.iter_mut() {
+        let q = *x / scale;
+        let m = q.abs();
+        // the nearest E2M1 magnitude; at a tie the even code (0.75 -> 1, 1.25 -> 1, ...)
+        let idx = (m > 0.25) as u32
+            + (m >= 0.75) as u32
+            + (m > 1.25) as u32
+            + (m >= 1.75) as u32
+            + (m > 2.5) as u32
+            + (m >= 3.5) as u32
+            + (m > 5.0) as u32;
+        *x = f32::from_bits(idx | (((q < 0.0) as u32) << 3));
+    }
+    for (b, q) in p.iter_mut().zip(v.chunks_exact(2)) {
+        *b = (q[0].to_bits() | (q[1].to_bits() << 4)) as u8;
+    }
 }
 
 #[cfg(test)]
@@ -300,6 +457,20 @@ mod tests {
             .flat_map(|b| [(b & 15) as i32 - 8, (b >> 4) as i32 - 8])
             .collect();
         assert_eq!(q, [0, 2, 2, 0, -2, -8, 7, 0]);
+    }
+
+    #[test]
+    fn mxfp4_rounds_ties_to_the_even_code_and_keeps_negative_zero() {
+        // absmax 6 -> e8m0 127 (scale 1): the values are their own quotients
+        let row = [6.0f32, 0.75, -0.25, -0.0, 1.25, -1.75, 5.0, -0.1];
+        let bytes: Vec<u8> = row.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let (mut p, mut s) = (vec![0u8; 4], vec![0u8; 1]);
+        quantize_mxfp4(1, 8, 8, Dtype::F32, &bytes, &mut p, &mut s, "w", &pool()).unwrap();
+        assert_eq!(s, [127]);
+        let codes: Vec<u8> = p.iter().flat_map(|b| [b & 15, b >> 4]).collect();
+        // 6 -> 7; 0.75 -> 1.0 (code 2); -0.25 -> -0 (8); -0.0 -> +0; 1.25 -> 1.0 (2);
+        // -1.75 -> -2 (8 | 4); 5 -> 4 (6); -0.1 -> -0 (8)
+        assert_eq!(codes, [7, 2, 8, 0, 2, 12, 6, 8]);
     }
 
     #[test]

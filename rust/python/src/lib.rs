@@ -8,7 +8,7 @@
 //!   from which zero-copy tensors are viewed.
 //! - [`plan`]: `plan()` and the `Plan` class: copy plans built from rules given as data,
 //!   executed into destination tensors.
-//! - [`quantize`]: `quantize_int4()`, quantize-on-sync into ct-int4 on the CPU.
+//! - [`quantize`]: `quantize_int4()` / `quantize_mxfp4()`, quantize-on-sync on the CPU.
 //! - [`update`]: `UpdateState` / `Selection`: hot-reload's change selection.
 
 mod buffer;
@@ -35,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(plan::plan, m)?)?;
     m.add_class::<plan::Plan>()?;
     m.add_function(wrap_pyfunction!(quantize::quantize_int4, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize::quantize_mxfp4, m)?)?;
     m.add_class::<update::UpdateState>()?;
     m.add_class::<update::Selection>()?;
     Ok(())
