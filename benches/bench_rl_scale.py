@@ -5,7 +5,7 @@ For a ~0.2 GB and a ~0.8 GB bf16 DeepSeek-V3-layout model (serving layout, bf16)
 - full update from disk (every tensor changed), a ~5% delta found by hashing, the same
   delta handed over by name as in-memory tensors (``update_from_tensors``);
 - bf16 -> ct-int4 quantize-on-sync of every routed expert into an int4 model, and the
-  quantizers' (int4, MXFP4) throughput next to a memcpy of the same bf16 bytes;
+  quantizers' (int4, MXFP4, FP8-block) throughput next to a memcpy of the same bf16 bytes;
 - gloo over loopback, trainer -> one receiver: the streamed update (``atomic=True`` and
   ``atomic=False``) next to the receive-all path it replaced (every bucket kept in memory,
   written to /dev/shm, then loaded), with the receiver's peak extra memory.
@@ -211,10 +211,11 @@ def measure(label: str, layers: int) -> dict:
     experts = [(n, ck_b.get_tensor(n)) for n in ck_b.keys() if ".mlp.experts." in n]
     ebytes = sum(t.nbytes for _, t in experts)
     rows["bf16 -> int4 quantize-on-sync (all experts)"] = timed(lambda: qup.update_from_tensors(experts, quantize=True))
-    from kimi_loader.quant import quantize_int4, quantize_mxfp4
+    from kimi_loader.quant import quantize_fp8_block, quantize_int4, quantize_mxfp4
 
     qt = min(timed(lambda: [quantize_int4(t, group=32) for _, t in experts])[0] for _ in range(2))
     qm = min(timed(lambda: [quantize_mxfp4(t) for _, t in experts])[0] for _ in range(2))
+    qf = min(timed(lambda: [quantize_fp8_block(t) for _, t in experts])[0] for _ in range(2))
     mc = min(timed(lambda: [t.clone() for _, t in experts])[0] for _ in range(3))
     qmodel = qup = None
     for mode in ("atomic", "streaming", "receive-all"):
@@ -227,8 +228,9 @@ def measure(label: str, layers: int) -> dict:
         record(k, s, None, peak_extra_bytes=extra)
     record("quantize_int4 (all experts)", qt, None, gbps=ebytes / qt / 1e9)
     record("quantize_mxfp4 (all experts)", qm, None, gbps=ebytes / qm / 1e9)
+    record("quantize_fp8_block (all experts)", qf, None, gbps=ebytes / qf / 1e9)
     record("memcpy of the same bf16 bytes", mc, None, gbps=ebytes / mc / 1e9)
-    for name, t in (("quantize_int4", qt), ("quantize_mxfp4", qm)):
+    for name, t in (("quantize_int4", qt), ("quantize_mxfp4", qm), ("quantize_fp8_block", qf)):
         print(
             f"  {name} throughput {ebytes / t / 1e9:.2f} GB/s of bf16 vs memcpy of the same bytes "
             f"{ebytes / mc / 1e9:.2f} GB/s ({t / mc:.1f}x slower)"
@@ -239,6 +241,7 @@ def measure(label: str, layers: int) -> dict:
         "rows": {k: {"seconds": s, "peak_extra_bytes": e} for k, (s, e) in rows.items()},
         "quantize_int4_gbps": ebytes / qt / 1e9,
         "quantize_mxfp4_gbps": ebytes / qm / 1e9,
+        "quantize_fp8_block_gbps": ebytes / qf / 1e9,
         "memcpy_gbps": ebytes / mc / 1e9,
     }
 

@@ -192,3 +192,22 @@ def test_rust_mxfp4_quantizer_equals_the_torch_reference(dtype):
         assert torch.equal(ours["weight_scale"], ref["weight_scale"]), (out, inp, group)
         assert torch.equal(ours["weight"], ref["weight"]), (out, inp, group)
     assert {0, 255} <= set(quantize_mxfp4(w.float(), group=group)["weight_scale"].unique().tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rust_fp8_block_quantizer_equals_the_torch_reference(dtype):
+    from kimi_loader.quant import quantize_fp8_block_torch
+
+    # e4m3fn ties (scale 1: the tile's absmax is 448), normal and subnormal, both signs
+    ties = [448.0, 1.0625, 1.1875, 400.0, 2**-10, 3 * 2**-10, 15 * 2**-10, -0.0]
+    ties = torch.tensor(ties + [-t for t in ties])
+    for seed, (out, inp, block) in enumerate([(256, 384, (128, 128)), (100, 200, (64, 32)), (12, 48, (4, 16))]):
+        w = _hard_weights(out, inp, seed)
+        w[8:12, :16] = ties
+        w = w.to(dtype)
+        ours = quantize_fp8_block(w, block=block, what="f.weight")
+        ref = quantize_fp8_block_torch(w, block=block, what="f.weight")
+        assert torch.equal(ours["weight_scale_inv"], ref["weight_scale_inv"]), (out, inp, block)
+        assert torch.equal(ours["weight"].view(torch.uint8), ref["weight"].view(torch.uint8)), (out, inp, block)
+    codes = ours["weight"].view(torch.uint8)[8, :16].tolist()
+    assert codes[:8] == [0x7E, 0x38, 0x3A, 0x7C, 0x00, 0x02, 0x08, 0x80]  # ties went to the even code

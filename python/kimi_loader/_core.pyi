@@ -19,6 +19,7 @@ __all__ = [
     "from_tensors",
     "open",
     "plan",
+    "quantize_fp8_block",
     "quantize_int4",
     "quantize_mxfp4",
     "resolve_threads",
@@ -45,6 +46,15 @@ def quantize_int4(
     scale: torch.Tensor,
     group: int,
     rule: str,
+    what: str,
+    threads: int | None = None,
+) -> None: ...
+def quantize_fp8_block(
+    src: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+    block_rows: int,
+    block_cols: int,
     what: str,
     threads: int | None = None,
 ) -> None: ...

@@ -39,6 +39,7 @@ __all__ = [
     "dequantize",
     "pack_int4",
     "quantize_fp8_block",
+    "quantize_fp8_block_torch",
     "quantize_int4",
     "quantize_int4_torch",
     "quantize_mxfp4",
@@ -243,7 +244,35 @@ def quantize_fp8_block(
     w: torch.Tensor, *, block: tuple[int, int] = (128, 128), scale_dtype: torch.dtype = torch.float32, what=""
 ) -> dict[str, torch.Tensor]:
     """``w`` ``[out, in]`` -> ``weight`` float8_e4m3fn and ``weight_scale_inv``
-    ``[ceil(out/br), ceil(in/bc)]`` (float32, or e8m0 rounded up to a power of two)."""
+    ``[ceil(out/br), ceil(in/bc)]`` (float32, or e8m0 rounded up to a power of two).
+
+    CPU bf16 / float32 weights with float32 scales are quantized in Rust (blocks of rows
+    in parallel, GIL released); others by :func:`quantize_fp8_block_torch`, the reference
+    it equals bit for bit."""
+    if (
+        w.device.type != "cpu"
+        or w.dim() != 2
+        or w.dtype not in (torch.bfloat16, torch.float32)
+        or scale_dtype != torch.float32
+        or min(block) < 1
+    ):
+        return quantize_fp8_block_torch(w, block=block, scale_dtype=scale_dtype, what=what)
+    import math
+
+    from . import _core
+
+    out, inp = w.shape
+    br, bc = block
+    q = torch.empty(out, inp, dtype=torch.float8_e4m3fn)
+    inv = torch.empty(math.ceil(out / br), math.ceil(inp / bc), dtype=torch.float32)
+    _core.quantize_fp8_block(w.contiguous(), q, inv, br, bc, what)
+    return {"weight": q, "weight_scale_inv": inv}
+
+
+def quantize_fp8_block_torch(
+    w: torch.Tensor, *, block: tuple[int, int] = (128, 128), scale_dtype: torch.dtype = torch.float32, what=""
+) -> dict[str, torch.Tensor]:
+    """:func:`quantize_fp8_block` in torch ops, on any device: the reference."""
     import math
 
     _finite(w, what)

@@ -142,6 +142,160 @@ pub fn quantize_mxfp4(
     finite_or_refused(shape.run(src, packed, scales, pool, &Mxfp4), what)
 }
 
+/// Quantizes the row-major `[rows, cols]` `src_dtype` weight `src` into FP8-block:
+/// `out` (`rows * cols` float8_e4m3fn bytes) and `scales` (`ceil(rows / block.0) x
+/// ceil(cols / block.1)` f32 `weight_scale_inv`, little-endian), one scale per tile:
+/// `scale = (1 / amax) * 448` (1 for an all-zero tile), `scale_inv = 1 / scale`, each value
+/// `clamp(w * scale, -448, 448)` rounded to e4m3fn (nearest, ties to even; the sign of
+/// zero kept), as transformers' FineGrainedFP8 weight quantization with float scales.
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_fp8_block(
+    rows: usize,
+    cols: usize,
+    block: (usize, usize),
+    src_dtype: Dtype,
+    src: &[u8],
+    out: &mut [u8],
+    scales: &mut [u8],
+    what: &str,
+    pool: &rayon::ThreadPool,
+) -> Result<()> {
+    let (br, bc) = block;
+    let bad = |reason: String| {
+        Err(Error::InvalidArgument {
+            reason: format!("{what}: {reason}"),
+        })
+    };
+    if !matches!(src_dtype, Dtype::BF16 | Dtype::F32) {
+        return bad(format!("cannot quantize {src_dtype:?} weights"));
+    }
+    if br == 0 || bc == 0 {
+        return bad(format!("block {block:?} must not be empty"));
+    }
+    let es = src_dtype.size() as usize;
+    let (ob, ib) = (rows.div_ceil(br), cols.div_ceil(bc));
+    let want = (rows * cols * es, rows * cols, ob * ib * 4);
+    if (src.len(), out.len(), scales.len()) != want {
+        return bad(format!(
+            "buffers of {} / {} / {} bytes, expected {} / {} / {} (weight / fp8 / scales)",
+            src.len(),
+            out.len(),
+            scales.len(),
+            want.0,
+            want.1,
+            want.2
+        ));
+    }
+    if rows == 0 || cols == 0 {
+        return Ok(());
+    }
+    let tiles = Tiles {
+        cols,
+        block,
+        src_dtype,
+    };
+    let finite = pool.install(|| {
+        src.par_chunks(br * cols * es)
+            .zip(out.par_chunks_mut(br * cols))
+            .zip(scales.par_chunks_mut(ib * 4))
+            .all(|((s, o), sc)| {
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU supports AVX2 (checked just above).
+                    return unsafe { tiles.row_block_avx2(s, o, sc) };
+                }
+                tiles.row_block(s, o, sc)
+            })
+    });
+    finite_or_refused(finite, what)
+}
+
+/// How an FP8-block weight is cut: rows of `cols` values, tiles of `block`.
+struct Tiles {
+    cols: usize,
+    block: (usize, usize),
+    src_dtype: Dtype,
+}
+
+impl Tiles {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn row_block_avx2(&self, src: &[u8], out: &mut [u8], scales: &mut [u8]) -> bool {
+        self.row_block(src, out, scales)
+    }
+
+    /// One block of rows (the last may be short): per tile its amax, scale and codes.
+    #[inline(always)]
+    fn row_block(&self, src: &[u8], out: &mut [u8], scales: &mut [u8]) -> bool {
+        let (cols, bc) = (self.cols, self.block.1);
+        let rows = out.len() / cols;
+        // the block's values as f32, row-major
+        let mut v = vec![0f32; rows * cols];
+        if self.src_dtype == Dtype::BF16 {
+            for (x, b) in v.iter_mut().zip(src.chunks_exact(2)) {
+                *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        } else {
+            for (x, b) in v.iter_mut().zip(src.chunks_exact(4)) {
+                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        let mut bad = 0u32;
+        for &x in &v {
+            bad |= ((x.to_bits() & 0x7fff_ffff) >= 0x7f80_0000) as u32;
+        }
+        for (t, sc) in scales.chunks_exact_mut(4).enumerate() {
+            let (c0, c1) = (t * bc, ((t + 1) * bc).min(cols));
+            let mut amax = 0f32;
+            for r in 0..rows {
+                amax = amax.max(absmax(&v[r * cols + c0..r * cols + c1]));
+            }
+            // as torch evaluates `448 / amax` (a Python number over a tensor): the
+            // reciprocal, then the product
+            let scale = if amax > 0.0 {
+                (1.0 / amax) * E4M3_MAX
+            } else {
+                1.0
+            };
+            sc.copy_from_slice(&(1.0 / scale).to_le_bytes());
+            for r in 0..rows {
+                let (x, o) = (
+                    &v[r * cols + c0..r * cols + c1],
+                    &mut out[r * cols + c0..r * cols + c1],
+                );
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = e4m3fn(x * scale);
+                }
+            }
+        }
+        bad == 0
+    }
+}
+
+/// The largest float8_e4m3fn value.
+const E4M3_MAX: f32 = 448.0;
+
+/// `clamp(x, -448, 448)` rounded to float8_e4m3fn bits: to nearest, ties to even, the
+/// sign of zero kept (x finite).
+#[inline(always)]
+fn e4m3fn(x: f32) -> u8 {
+    let sign = ((x.to_bits() >> 24) & 0x80) as u8;
+    let a = x.abs();
+    let a = if a > E4M3_MAX { E4M3_MAX } else { a };
+    let code = if a < 0.015625 {
+        // subnormal (and zero): a multiple of 2^-9, rounded with the 1.5 * 2^23 trick
+        // (2^-6 itself, reached by rounding up, is code 8: exponent 1, mantissa 0)
+        (((a * 512.0) + ROUND).to_bits() as i32).wrapping_sub(0x4B40_0000) as u32
+    } else {
+        // normal: round the f32 mantissa to 3 bits (a carry moves into the exponent),
+        // then rebias the exponent from 127 to 7
+        let b = a.to_bits();
+        let r = b + (1 << 19) - 1 + ((b >> 20) & 1);
+        (r >> 20) - (120 << 3)
+    };
+    sign | code as u8
+}
+
 fn finite_or_refused(finite: bool, what: &str) -> Result<()> {
     if finite {
         Ok(())
@@ -471,6 +625,30 @@ mod tests {
         // 6 -> 7; 0.75 -> 1.0 (code 2); -0.25 -> -0 (8); -0.0 -> +0; 1.25 -> 1.0 (2);
         // -1.75 -> -2 (8 | 4); 5 -> 4 (6); -0.1 -> -0 (8)
         assert_eq!(codes, [7, 2, 8, 0, 2, 12, 6, 8]);
+    }
+
+    #[test]
+    fn e4m3fn_rounds_to_nearest_even_saturates_and_keeps_the_sign_of_zero() {
+        let cases = [
+            (448.0f32, 0x7E),
+            (500.0, 0x7E),
+            (400.0, 0x7C),
+            (1.0625, 0x38),
+            (1.1875, 0x3A),
+            (0.015625, 0x08),
+            (0.0146484375, 0x08),
+            (2f32.powi(-10), 0x00),
+            (3.0 * 2f32.powi(-10), 0x02),
+            (-0.0, 0x80),
+            (-1.0, 0xB8),
+        ];
+        for (x, code) in cases {
+            assert_eq!(e4m3fn(x), code, "{x}");
+        }
+        // every finite value the format holds encodes to its own code
+        for code in (0u8..=0x7E).chain(0x80..=0xFE) {
+            assert_eq!(e4m3fn(crate::convert::e4m3_to_f32(code)), code, "{code:#x}");
+        }
     }
 
     #[test]

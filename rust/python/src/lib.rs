@@ -8,7 +8,8 @@
 //!   from which zero-copy tensors are viewed.
 //! - [`plan`]: `plan()` and the `Plan` class: copy plans built from rules given as data,
 //!   executed into destination tensors.
-//! - [`quantize`]: `quantize_int4()` / `quantize_mxfp4()`, quantize-on-sync on the CPU.
+//! - [`quantize`]: `quantize_int4()` / `quantize_mxfp4()` / `quantize_fp8_block()`,
+//!   quantize-on-sync on the CPU.
 //! - [`update`]: `UpdateState` / `Selection`: hot-reload's change selection.
 
 mod buffer;
@@ -36,6 +37,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<plan::Plan>()?;
     m.add_function(wrap_pyfunction!(quantize::quantize_int4, m)?)?;
     m.add_function(wrap_pyfunction!(quantize::quantize_mxfp4, m)?)?;
+    m.add_function(wrap_pyfunction!(quantize::quantize_fp8_block, m)?)?;
     m.add_class::<update::UpdateState>()?;
     m.add_class::<update::Selection>()?;
     Ok(())

@@ -1,4 +1,5 @@
-//! `quantize_int4()` / `quantize_mxfp4()`: quantize-on-sync on the CPU (GIL released).
+//! `quantize_int4()` / `quantize_mxfp4()` / `quantize_fp8_block()`: quantize-on-sync on
+//! the CPU (GIL released).
 //! The public API is `kimi_loader.quant`, which allocates the outputs.
 
 use kimi_loader_core::quantize::{self, Int4Job, Int4Rule};
@@ -155,6 +156,46 @@ pub fn quantize_mxfp4(
             dtype,
             s,
             p,
+            c,
+            what,
+            &*threads::pool(threads)?,
+        )
+    })
+}
+
+/// Quantizes the contiguous CPU `[rows, cols]` bf16 / f32 tensor `src` into FP8-block
+/// with float32 scales: `out` (`rows * cols` float8_e4m3fn) and `scale`
+/// (`[ceil(rows / block_rows), ceil(cols / block_cols)]` float32 `weight_scale_inv`),
+/// both fresh tensors of the caller's.
+#[pyfunction]
+#[pyo3(signature = (src, out, scale, block_rows, block_cols, what, threads=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_fp8_block(
+    py: Python<'_>,
+    src: Bound<'_, PyAny>,
+    out: Bound<'_, PyAny>,
+    scale: Bound<'_, PyAny>,
+    block_rows: usize,
+    block_cols: usize,
+    what: &str,
+    threads: Option<usize>,
+) -> PyResult<()> {
+    let b = Buffers::new(py, &src, &out, &scale, what)?;
+    if b.scale_dtype != Dtype::F32 {
+        return Err(invalid(
+            py,
+            format!("{what}: FP8 scales must be float32 here"),
+        ));
+    }
+    let (rows, cols, dtype) = (b.rows, b.cols, b.src_dtype);
+    b.run(py, |s, o, c| {
+        quantize::quantize_fp8_block(
+            rows,
+            cols,
+            (block_rows, block_cols),
+            dtype,
+            s,
+            o,
             c,
             what,
             &*threads::pool(threads)?,
