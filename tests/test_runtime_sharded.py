@@ -76,6 +76,10 @@ def _worker(rank: int, world: int, port: int, paths: dict[str, str], out: str) -
         dist.barrier()  # every rank done before any tears the group down
     finally:
         dist.destroy_process_group()
+    # Done and torn down: leave without interpreter teardown. A rank once aborted there
+    # (SIGABRT, "terminate called without an active exception": a C++ thread destroyed
+    # while joinable) after rank 0 had saved the results, failing a finished run.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module")

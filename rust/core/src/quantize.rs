@@ -231,19 +231,7 @@ impl Tiles {
         let rows = out.len() / cols;
         // the block's values as f32, row-major
         let mut v = vec![0f32; rows * cols];
-        if self.src_dtype == Dtype::BF16 {
-            for (x, b) in v.iter_mut().zip(src.chunks_exact(2)) {
-                *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-            }
-        } else {
-            for (x, b) in v.iter_mut().zip(src.chunks_exact(4)) {
-                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-            }
-        }
-        let mut bad = 0u32;
-        for &x in &v {
-            bad |= ((x.to_bits() & 0x7fff_ffff) >= 0x7f80_0000) as u32;
-        }
+        let bad = load_f32(self.src_dtype, src, &mut v);
         for (t, sc) in scales.chunks_exact_mut(4).enumerate() {
             let (c0, c1) = (t * bc, ((t + 1) * bc).min(cols));
             let mut amax = 0f32;
@@ -424,23 +412,30 @@ impl Groups {
             .zip(scales.chunks_exact_mut(self.scale_size))
             .enumerate()
         {
-            let bytes = &src[k * g * es..(k + 1) * g * es];
-            if self.src_dtype == Dtype::BF16 {
-                for (x, b) in v.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
-                }
-            } else {
-                for (x, b) in v.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
-            }
-            for &x in v.iter() {
-                bad |= ((x.to_bits() & 0x7fff_ffff) >= 0x7f80_0000) as u32;
-            }
+            bad |= load_f32(self.src_dtype, &src[k * g * es..(k + 1) * g * es], v);
             kernel.group(v, p, sc);
         }
         bad == 0
     }
+}
+
+/// `src` (bf16 or f32, little-endian) into `v` as f32; nonzero if a value is not finite.
+#[inline(always)]
+fn load_f32(dtype: Dtype, src: &[u8], v: &mut [f32]) -> u32 {
+    if dtype == Dtype::BF16 {
+        for (x, b) in v.iter_mut().zip(src.chunks_exact(2)) {
+            *x = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+        }
+    } else {
+        for (x, b) in v.iter_mut().zip(src.chunks_exact(4)) {
+            *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    let mut bad = 0u32;
+    for &x in v.iter() {
+        bad |= ((x.to_bits() & 0x7fff_ffff) >= 0x7f80_0000) as u32;
+    }
+    bad
 }
 
 /// The largest |x| of a group (compressed-tensors' `max(|min(x, 0)|, max(x, 0)|)` is the
