@@ -122,6 +122,22 @@ def _grouped(w: torch.Tensor, group: int, what: str) -> tuple[int, int]:
     return out, inp
 
 
+def _rust_takes(w: torch.Tensor) -> bool:
+    """Whether the Rust quantizers take ``w``: a 2-D bf16 / float32 CPU tensor."""
+    return w.device.type == "cpu" and w.dim() == 2 and w.dtype in (torch.bfloat16, torch.float32)
+
+
+def _even_groups(w: torch.Tensor, group: int, what: str) -> tuple[int, int]:
+    """``[out, in]`` of a weight the Rust quantizers cut into groups of ``group`` (even)
+    input columns, checked (finiteness is checked in Rust, in the same pass)."""
+    from .errors import InvalidArgumentError
+
+    out, inp = w.shape
+    if group < 2 or group % 2 or inp % group:
+        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    return out, inp
+
+
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 ``[..., in]`` in -8..7 -> int32 ``[..., in/8]`` (value + 8 in bits
     ``[4j, 4j+4)``; the inverse of :func:`unpack_int4`)."""
@@ -142,14 +158,11 @@ def quantize_int4(
 
     if rule not in INT4_RULES:
         raise InvalidArgumentError(f"int4 quantization rule must be one of {INT4_RULES}, got {rule!r}")
-    fast = (torch.bfloat16, torch.float32)
-    if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in fast or scale_dtype not in fast or w.shape[1] % 8:
+    if not _rust_takes(w) or scale_dtype not in (torch.bfloat16, torch.float32) or w.shape[1] % 8:
         return quantize_int4_torch(w, group=group, rule=rule, scale_dtype=scale_dtype, what=what)
     from . import _core
 
-    out, inp = w.shape
-    if group < 2 or group % 2 or inp % group:
-        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    out, inp = _even_groups(w, group, what)
     packed = torch.empty(out, inp // 8, dtype=torch.int32)
     scale = torch.empty(out, inp // group, dtype=scale_dtype)
     _core.quantize_int4(w.contiguous(), packed, scale, group, rule, what)
@@ -209,14 +222,11 @@ def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, to
 
     CPU bf16 / float32 weights are quantized in Rust (rows in parallel, GIL released);
     others by :func:`quantize_mxfp4_torch`, the reference it equals bit for bit."""
-    if w.device.type != "cpu" or w.dim() != 2 or w.dtype not in (torch.bfloat16, torch.float32):
+    if not _rust_takes(w):
         return quantize_mxfp4_torch(w, group=group, what=what)
     from . import _core
-    from .errors import InvalidArgumentError
 
-    out, inp = w.shape
-    if group < 2 or group % 2 or inp % group:
-        raise InvalidArgumentError(f"{what}: {inp} input columns are not a multiple of the group {group}", tensor=what)
+    out, inp = _even_groups(w, group, what)
     packed = torch.empty(out, inp // 2, dtype=torch.uint8)
     scale = torch.empty(out, inp // group, dtype=torch.uint8)
     _core.quantize_mxfp4(w.contiguous(), packed, scale, group, what)
@@ -249,13 +259,7 @@ def quantize_fp8_block(
     CPU bf16 / float32 weights with float32 scales are quantized in Rust (blocks of rows
     in parallel, GIL released); others by :func:`quantize_fp8_block_torch`, the reference
     it equals bit for bit."""
-    if (
-        w.device.type != "cpu"
-        or w.dim() != 2
-        or w.dtype not in (torch.bfloat16, torch.float32)
-        or scale_dtype != torch.float32
-        or min(block) < 1
-    ):
+    if not _rust_takes(w) or scale_dtype != torch.float32 or min(block) < 1:
         return quantize_fp8_block_torch(w, block=block, scale_dtype=scale_dtype, what=what)
     import math
 
