@@ -27,6 +27,8 @@ Quantizers (``w`` ``[out, in]`` in the trainer's dtype -> the stored tensors), f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .formats import E2M1_VALUES
@@ -127,6 +129,18 @@ def _rust_takes(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dim() == 2 and w.dtype in (torch.bfloat16, torch.float32)
 
 
+def _device_kernels(w: torch.Tensor, group: int = 2) -> Any:
+    """The Triton quantizers (:mod:`kimi_loader.kernels.quantize`) when ``w`` lives on a
+    device they take (a GPU; power-of-two groups), else ``None`` (the torch reference)."""
+    if w.device.type == "cpu":
+        return None
+    try:
+        from .kernels import quantize as kernels
+    except ImportError:  # no Triton for this device: the torch reference runs there
+        return None
+    return kernels if kernels.takes(w, group) and w.shape[1] % group == 0 else None
+
+
 def _even_groups(w: torch.Tensor, group: int, what: str) -> tuple[int, int]:
     """``[out, in]`` of a weight the Rust quantizers cut into groups of ``group`` (even)
     input columns, checked (finiteness is checked in Rust, in the same pass)."""
@@ -152,12 +166,16 @@ def quantize_int4(
     """``w`` ``[out, in]`` -> ``weight_packed`` int32, ``weight_scale``, ``weight_shape``.
 
     CPU bf16 / float32 weights with bf16 / float32 scales are quantized in Rust, in
-    parallel with the GIL released; everything else (other dtypes, device tensors) by
-    :func:`quantize_int4_torch`, the reference it equals bit for bit."""
+    parallel with the GIL released; GPU weights by a Triton kernel
+    (:func:`kimi_loader.kernels.quantize.quantize_int4`); everything else by
+    :func:`quantize_int4_torch`, the reference both equal bit for bit."""
     from .errors import InvalidArgumentError
 
     if rule not in INT4_RULES:
         raise InvalidArgumentError(f"int4 quantization rule must be one of {INT4_RULES}, got {rule!r}")
+    kernels = _device_kernels(w, group)
+    if kernels is not None and group % 8 == 0 and scale_dtype in (torch.bfloat16, torch.float16, torch.float32):
+        return kernels.quantize_int4(w, group=group, rule=rule, scale_dtype=scale_dtype, what=what)
     if not _rust_takes(w) or scale_dtype not in (torch.bfloat16, torch.float32) or w.shape[1] % 8:
         return quantize_int4_torch(w, group=group, rule=rule, scale_dtype=scale_dtype, what=what)
     from . import _core
@@ -220,8 +238,12 @@ def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what="") -> dict[str, to
     """``w`` ``[out, in]`` -> ``weight`` uint8 (two E2M1 codes a byte, low nibble first)
     and ``weight_scale`` uint8 (e8m0).
 
-    CPU bf16 / float32 weights are quantized in Rust (rows in parallel, GIL released);
-    others by :func:`quantize_mxfp4_torch`, the reference it equals bit for bit."""
+    CPU bf16 / float32 weights are quantized in Rust (rows in parallel, GIL released), GPU
+    weights by a Triton kernel; others by :func:`quantize_mxfp4_torch`, the reference
+    both equal bit for bit."""
+    kernels = _device_kernels(w, group)
+    if kernels is not None:
+        return kernels.quantize_mxfp4(w, group=group, what=what)
     if not _rust_takes(w):
         return quantize_mxfp4_torch(w, group=group, what=what)
     from . import _core
@@ -257,8 +279,11 @@ def quantize_fp8_block(
     ``[ceil(out/br), ceil(in/bc)]`` (float32, or e8m0 rounded up to a power of two).
 
     CPU bf16 / float32 weights with float32 scales are quantized in Rust (blocks of rows
-    in parallel, GIL released); others by :func:`quantize_fp8_block_torch`, the reference
-    it equals bit for bit."""
+    in parallel, GIL released), GPU weights with float32 scales by a Triton kernel;
+    others by :func:`quantize_fp8_block_torch`, the reference both equal bit for bit."""
+    kernels = _device_kernels(w)
+    if kernels is not None and scale_dtype == torch.float32 and min(block) >= 1:
+        return kernels.quantize_fp8_block(w, block=block, what=what)
     if not _rust_takes(w) or scale_dtype != torch.float32 or min(block) < 1:
         return quantize_fp8_block_torch(w, block=block, scale_dtype=scale_dtype, what=what)
     import math
