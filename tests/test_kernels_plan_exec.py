@@ -53,6 +53,31 @@ def test_device_executor_equals_the_cpu_executor(synth_dir, source, model_dtype,
     assert not any(torch.isnan(t).any() for t in got if t.is_floating_point())  # every element written
 
 
+def test_stage_then_commit_on_the_device_equals_execute(synth_dir):
+    """Staging writes only the arena (the destinations stay poisoned, bit for bit), sized
+    to the ops' output bytes; one commit of two stages equals executing the ops."""
+    ck, config = _memory_checkpoint(synth_dir("kimi-k2.5-tiny", "bf16"), torch.float16)
+    model = for_config(config, dtype=torch.float32, device="meta", tp_rank=1, tp_size=2)
+    planned = plan_for(model, ck)
+    plan = planned.plan
+    names = plan.dest_names()
+    shapes = {n: (t.shape, t.dtype) for n, t in planned.dests.items()}
+    ref = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    got = [torch.full(shapes[n][0], float("nan"), dtype=shapes[n][1]) for n in names]
+    plan.execute({i: t for i, t in enumerate(ref)})
+    ops = list(range(len(plan)))
+    first, second = ops[::2], ops[1::2]
+    staged = [plan_exec.stage(plan, first, got), plan_exec.stage(plan, second, got)]
+    assert all(bool(torch.isnan(t).all()) for t in got)  # nothing written yet
+    out_bytes = sum(op[3] for op in plan.ops())
+    assert out_bytes <= sum(s.nbytes for s in staged) <= out_bytes + 16 * len(ops)
+    plan_exec.commit(staged)
+    for n, a, b in zip(names, ref, got, strict=True):
+        assert torch.equal(as_bytes(a), as_bytes(b)), n
+    assert plan_exec.stage(plan, [], got).nbytes == 0
+    plan_exec.commit([])  # nothing to do
+
+
 @pytest.mark.parametrize("quant", ["ct-int4", "quark-mxfp4", "fp8-block"])
 @pytest.mark.parametrize("out", [torch.float32, torch.float16])
 def test_device_dequantization_equals_the_cpu_executor(synth_dir, quant, out):

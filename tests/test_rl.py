@@ -313,11 +313,15 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
     model = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=tp)
     kimi_loader.load_weights(model, ck, tp_rank=rank - 1, tp_size=tp)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    up = WeightUpdater(model, tp_rank=rank - 1, tp_size=tp, baseline=ck)
+    mode, _, executor = mode.partition("+")
+    up = WeightUpdater(model, tp_rank=rank - 1, tp_size=tp, baseline=ck, executor=executor or "auto")
     result: dict = {"mode": mode}
     try:
         report = up.update_from_distributed(atomic=not mode.endswith("streaming"))
         result["changed"] = report.changed_tensors
+        result["bytes_changed"] = report.bytes_changed
+        result["bytes_staged"] = report.bytes_staged
+        result["executor"] = report.executor
     except kimi_loader.KimiLoaderError as e:
         result["error"] = type(e).__name__
         result["message"] = str(e)
@@ -372,12 +376,22 @@ def _run_stream(tmp_path, mode: str, world: int = 3) -> tuple[str, str, list[dic
     return a, b, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(1, world)]
 
 
-@pytest.mark.parametrize("mode", ["atomic", "streaming"])
+@pytest.mark.parametrize("mode", ["atomic", "streaming", "atomic+triton", "streaming+triton"])
 def test_a_streamed_update_equals_a_direct_load(tmp_path, mode):
+    """``+triton``: the buckets are applied where they arrived by the device executor
+    (the NCCL path of a GPU model; here gloo buckets and the Triton interpreter), staged
+    in the device's memory for ``atomic``."""
     _a, b, results = _run_stream(tmp_path, mode)
     ck = kimi_loader.open(b)
     for rank, res in enumerate(results, start=1):
         assert "error" not in res and res["changed"] > 0 and res["consistent"] and res["runs"] and res["version"] == 1
+        # atomic: this rank's changed bytes were held back (16-byte aligned on the device), never the model
+        assert res["executor"] == ("triton" if mode.endswith("+triton") else "cpu"), res
+        staged = res["bytes_staged"]
+        if mode.startswith("atomic"):
+            assert res["bytes_changed"] <= staged <= res["bytes_changed"] + 16 * res["changed"], res
+        else:
+            assert staged == 0, res
         got = torch.load(tmp_path / f"rank{rank}.pt")
         want = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=2)
         kimi_loader.load_weights(want, ck, tp_rank=rank - 1, tp_size=2)
@@ -385,7 +399,7 @@ def test_a_streamed_update_equals_a_direct_load(tmp_path, mode):
             assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
-@pytest.mark.parametrize("mode", ["kill-atomic", "kill-streaming"])
+@pytest.mark.parametrize("mode", ["kill-atomic", "kill-streaming", "kill-atomic+triton", "kill-streaming+triton"])
 def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
     """atomic: every receiver's model is bitwise unchanged; streaming: the receivers that
     applied a bucket are marked inconsistent (version not bumped) and refuse to run."""
@@ -393,7 +407,7 @@ def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
     for res in results:
         assert res["error"] == "CheckpointIOError" and "broke after 2 of" in res["message"], res
         assert res["version"] == 0
-        if mode == "kill-atomic":
+        if mode.startswith("kill-atomic"):
             assert res["unchanged"] and res["consistent"] and res["runs"]
         else:
             assert not res["unchanged"] and not res["consistent"] and not res["runs"]
@@ -502,7 +516,7 @@ def test_streamed_receiver_memory_does_not_grow_with_the_model(tmp_path):
         assert got["extra"] < got["changed"] + 2 * (4 << 20) + slack, (layers, got)
 
 
-def _quantize_worker(rank: int, port: int, a: str, b: str, out: str) -> None:
+def _quantize_worker(rank: int, port: int, a: str, b: str, out: str, executor: str) -> None:
     import torch.distributed as dist
 
     from kimi_loader.rl import broadcast_weights
@@ -513,14 +527,16 @@ def _quantize_worker(rank: int, port: int, a: str, b: str, out: str) -> None:
         broadcast_weights([(n, ck.get_tensor(n)) for n in ck.keys()], bucket_bytes=64 << 10)
     else:
         model = kimi_loader.from_pretrained(a)
-        up = WeightUpdater(model, baseline=a)
+        up = WeightUpdater(model, baseline=a, executor=executor)
         first = up.update_from_distributed(quantize=True)
+        assert first.executor == ("triton" if executor == "triton" else "cpu")
         torch.save({n: p for n, p in model.named_parameters()}, out)
         assert first.changed_tensors > 0
     dist.destroy_process_group()
 
 
-def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tensors(tmp_path):
+@pytest.mark.parametrize("executor", ["auto", "triton"])
+def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tensors(tmp_path, executor):
     import socket
 
     import torch.multiprocessing as mp
@@ -531,7 +547,7 @@ def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tens
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = os.fspath(tmp_path / "streamed.pt")
-    mp.start_processes(_quantize_worker, args=(port, a, b, out), nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(_quantize_worker, args=(port, a, b, out, executor), nprocs=2, join=True, start_method="spawn")
     ckb = kimi_loader.open(b)
     want = kimi_loader.from_pretrained(a)
     WeightUpdater(want, baseline=a).update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()], quantize=True)

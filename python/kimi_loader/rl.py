@@ -61,6 +61,11 @@ class UpdateReport:
     bytes_hashed: int = 0
     layers_post_processed: list[int] = field(default_factory=list)
     replanned: bool = False
+    #: bytes held back until the whole update arrived (a streamed ``atomic=True`` update)
+    bytes_staged: int = 0
+    #: what applied it: ``"cpu"`` (the Rust executor, host memory) or ``"triton"`` (the
+    #: device executor, on the model's device)
+    executor: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -253,11 +258,18 @@ class WeightUpdater:
             return report
 
     def _quantize(
-        self, names: list[str], tensors: list[torch.Tensor], quantize: str | bool, label: str
+        self,
+        names: list[str],
+        tensors: list[torch.Tensor],
+        quantize: str | bool,
+        label: str,
+        known: dict[str, int] | None = None,
     ) -> tuple[list[str], list[torch.Tensor], dict[str, int]]:
         """Replaces each unquantized ``...weight`` whose module the model stores quantized
         by that format's tensors. Sources whose hash equals the last synced one are
-        dropped before quantizing. Returns the names, tensors and the sources' hashes."""
+        dropped before quantizing. ``known``: the sources' hashes where the caller has
+        them (a stream's metadata); the others are hashed here (host memory only).
+        Returns the names, tensors and the sources' hashes."""
         from .quant import INT4_RULES, quantize_fp8_block, quantize_int4, quantize_mxfp4
 
         rule = "compressed-tensors" if quantize is True else quantize
@@ -283,7 +295,9 @@ class WeightUpdater:
             return names, tensors, {}
         sources = [names[k] for k, _ in plan]
         hashes: dict[str, int] = {}
-        if all(tensors[k].device.type == "cpu" for k, _ in plan):  # (device memory is not hashed)
+        if known is not None and all(n in known for n in sources):
+            hashes = {n: known[n] for n in sources}
+        elif all(tensors[k].device.type == "cpu" for k, _ in plan):  # (device memory is not hashed)
             hashed = _core.from_tensors(label, sources, [tensors[k] for k, _ in plan], self.threads)
             try:
                 hashes = dict(zip(sources, hashed.hash_tensors(sources), strict=True))
@@ -406,6 +420,20 @@ class WeightUpdater:
                 )
         self._plan.check_units(ck.core, sorted(plain))
 
+    def _stream_device(self, comm: torch.device) -> torch.device | None:
+        """The device a stream's buckets are applied on by the Triton executor (``None``:
+        through the host, by the Rust executor): the model's device when the buckets
+        arrive there (NCCL into a GPU model), or wherever the model is with
+        ``executor="triton"``."""
+        model = next(iter(self._dests), None)
+        if model is None:
+            model = next(self.model.parameters(), None)
+        if model is None or self.executor == "cpu":
+            return None
+        if self.executor == "triton" or (comm.type != "cpu" and model.device == comm):
+            return model.device
+        return None
+
     def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
         import torch.distributed as dist
 
@@ -432,9 +460,19 @@ class WeightUpdater:
             return self._state.get(name)
 
         changed = {k for k, m in enumerate(meta) if held(m[0]) != m[4]}
+        # where buckets are applied: on the model's device by the Triton executor (NCCL
+        # buckets never leave the GPU; staging for atomic=True is device memory too), or
+        # through the host by the Rust executor
+        apply_on = self._stream_device(device)
+        if apply_on is not None:
+            from .kernels import plan_exec
         staged: list[tuple[Any, list[int], dict[int, torch.Tensor], torch.Tensor]] = []
+        staged_dev: list[Any] = []
+        unhashed: set[str] = set()  # quantized parts made in device memory (not hashed)
         layers: set[int] = set()
-        report = UpdateReport(version=self.version, tensors=len(meta), changed_tensors=0)
+        report = UpdateReport(
+            version=self.version, tensors=len(meta), changed_tensors=0, executor="cpu" if apply_on is None else "triton"
+        )
         new_hashes: dict[str, int] = {}
         new_sources: dict[str, int] = {}
         received = 0
@@ -445,7 +483,7 @@ class WeightUpdater:
                 received += 1
                 if problem is not None:
                     continue  # drained, never applied
-                flat = flat.cpu()
+                flat = flat.to(apply_on or "cpu")
                 names, tensors, off = [], [], 0
                 for k in b:
                     name, st_dtype, shape, nbytes, _h = meta[k]
@@ -457,28 +495,39 @@ class WeightUpdater:
                     continue
                 hashes = {meta[k][0]: meta[k][4] for k in b if k in changed}
                 if quantize:
-                    names, tensors, sources = self._quantize(names, tensors, quantize, _STREAM)
+                    names, tensors, sources = self._quantize(names, tensors, quantize, _STREAM, known=hashes)
                     new_sources.update(sources)
                     hashes = {n: hashes[n] for n in names if n in hashes}
-                ck = Checkpoint(_core.from_tensors(_STREAM, names, tensors, self.threads), threads=self.threads)
+                host = flat.device.type == "cpu"
+                ck = Checkpoint(
+                    _core.from_tensors(_STREAM, names, tensors, self.threads, device=not host), threads=self.threads
+                )
                 try:
                     plan, dests, _ = self._plan_for(ck)
-                    if quantize:  # the quantized parts' hashes are computed here
+                    if quantize:  # the quantized parts' hashes are computed here (host memory)
                         qnames = [n for n in names if n not in hashes]
-                        hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
+                        if host:
+                            hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
+                        else:
+                            unhashed.update(qnames)
                     ops, op_dests = plan.ops(), plan.op_dests()
                     which = list(range(len(ops)))
                     targets = {op_dests[k]: dests[op_dests[k]] for k in which}
                     layers.update(x for op in ops if (x := layer_index(op[1])) is not None)
                     report.bytes_changed += sum(op[3] for op in ops)
-                    if atomic:
+                    if atomic and apply_on is not None:
+                        staged_dev.append(plan_exec.stage(plan, which, dests))  # device memory
+                    elif atomic:
                         arena = torch.empty(plan.staged_bytes(which), dtype=torch.uint8)
                         plan.stage(which, arena)  # the model is not touched yet
                         staged.append((plan, which, targets, arena))
                     else:
                         if which:
                             self._mark_inconsistent()
-                        plan.execute_atomic(which, targets)  # this bucket, straight into the model
+                        if apply_on is not None:
+                            plan_exec.execute(plan, which, dests)
+                        else:
+                            plan.execute_atomic(which, targets)  # this bucket, straight into the model
                 finally:
                     ck.core.release()
                 new_hashes.update(hashes)
@@ -502,8 +551,13 @@ class WeightUpdater:
             raise problem
         for plan, which, targets, arena in staged:  # everything arrived: commit
             plan.commit(which, targets, arena)
+        if staged_dev:
+            plan_exec.commit(staged_dev)
+        report.bytes_staged = sum(a.numel() for *_, a in staged) + sum(x.nbytes for x in staged_dev)
+        del staged, staged_dev
         t_copy = time.perf_counter()
         self._state.set(list(new_hashes.items()))
+        self._state.forget(sorted(unhashed))
         self._source_hashes.update(new_sources)
         self._bump_version()
         post = getattr(self.model, "post_load_weights", None)
@@ -572,6 +626,7 @@ class WeightUpdater:
             bytes_hashed=0 if sel is None else sel.bytes_hashed,
             layers_post_processed=layers,
             replanned=replanned,
+            executor="triton" if on_device or self.executor == "triton" else "cpu",
             seconds={
                 "plan": t_plan - t0,
                 "hash": t_hash - t_plan,

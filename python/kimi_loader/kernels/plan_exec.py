@@ -15,11 +15,17 @@ dtype, MXFP4 ``e2m1 * 2^(e - 127)``, FP8 ``e4m3 * scale_inv`` in float32. The bf
 fp8 decodes are done with integer bit operations (exact everywhere, the Triton
 interpreter included). Reference: the Rust CPU executor (``Plan.execute``), equal bit for
 bit in the tests.
+
+:func:`stage` runs ops into a device arena instead (their output bytes, nothing else) and
+:func:`commit` copies staged outputs into the destinations in one batched launch: the
+all-or-nothing streamed update of a model on the device (``Plan.stage`` / ``Plan.commit``
+on the host).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,7 +39,7 @@ from ..errors import InvalidArgumentError
 # of nested jit calls in the launching kernel's module
 from .dequant import _e2m1, _e4m3, _int4_value, _scale_at
 
-__all__ = ["execute"]
+__all__ = ["Staged", "commit", "execute", "stage"]
 
 _COLS = _core.OP_TABLE_COLS
 _ROWS = 16  # rows of one op per program
@@ -138,14 +144,9 @@ def _dtype(code: int) -> Any:
     return {1: tl.bfloat16, 2: tl.float16, 3: tl.float32}[code]
 
 
-def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -> None:
-    """Runs the ops ``which`` of ``plan`` (built against a checkpoint of tensors handed
-    over in memory, :func:`kimi_loader._core.from_tensors`) into ``dests`` (the plan's
-    destinations by index), on the device the destinations are on. Every destination an
-    op writes must be given, contiguous, of the plan's element size and large enough for
-    every op's range; all checked before the first launch."""
-    if not which:
-        return
+def _table(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -> tuple[torch.Tensor, torch.device]:
+    """The descriptor table of ops ``which`` with absolute addresses (sources, scales and
+    destinations), and the destinations' device; every destination checked."""
     table = torch.frombuffer(bytearray(plan.op_table(which)), dtype=torch.int64).view(-1, _COLS).clone()
     dest_ids = table[:, 9].tolist()
     devices = set()
@@ -156,11 +157,10 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
         devices.add(t.device)
     if len(devices) != 1:
         raise InvalidArgumentError(f"the destinations are on several devices: {sorted(map(str, devices))}")
-    device = devices.pop()
     given = [dests[d] for d in dest_ids]
     size = torch.tensor([t.nbytes for t in given], dtype=torch.int64)  # type: ignore[union-attr]
     elem = torch.tensor([t.element_size() for t in given], dtype=torch.int64)  # type: ignore[union-attr]
-    end = table[:, 10] + (table[:, 4] - table[:, 3]) * (table[:, 6] - table[:, 5]) * table[:, 8]
+    end = table[:, 10] + _out_bytes(table)
     bad = ((end > size) | (elem != table[:, 8])).nonzero()
     if len(bad):
         k = int(bad[0])
@@ -168,14 +168,24 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
             f"destination {dest_ids[k]} of the plan: {int(size[k])} bytes of {int(elem[k])}-byte elements, "
             f"an op writes up to byte {int(end[k])} in {int(table[k, 8])}-byte elements"
         )
-    base = dests[dest_ids[0]]
-    assert base is not None
-    base_u8 = base.view(-1).view(torch.uint8) if base.numel() else base
+    table[:, 10] += torch.tensor([t.data_ptr() for t in given], dtype=torch.int64)  # type: ignore[union-attr]
+    return table, devices.pop()
+
+
+def _out_bytes(table: torch.Tensor) -> torch.Tensor:
+    """The bytes each op writes: its rows x columns in destination elements."""
+    return (table[:, 4] - table[:, 3]) * (table[:, 6] - table[:, 5]) * table[:, 8]
+
+
+def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
+    """Launches the ops of ``table`` (absolute addresses) on ``device``: one launch per op
+    kind, addresses passed as byte offsets from ``base``."""
     origin = base.data_ptr()
-    addr = torch.tensor([dests[d].data_ptr() for d in dest_ids], dtype=torch.int64)  # type: ignore[union-attr]
+    table = table.clone()
     table[:, 1] -= origin
-    table[:, 10] = addr + table[:, 10] - origin
+    table[:, 10] -= origin
     table[:, 12] = torch.where(table[:, 0] == 2, table[:, 12] - origin, table[:, 12])
+    base_u8 = base.view(-1).view(torch.uint8) if base.numel() else base
     rows = (table[:, 4] - table[:, 3]).max().item()
     grid_rows = -(-int(rows) // _ROWS)
     kinds = table[:, 0]
@@ -195,3 +205,65 @@ def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -
         dequant_ops[(len(sel), grid_rows)](
             base_u8, sel, FMT=f, SDT=sdt, DST=_dtype(to), COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK
         )
+
+
+def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -> None:
+    """Runs the ops ``which`` of ``plan`` (built against a checkpoint of tensors handed
+    over in memory, :func:`kimi_loader._core.from_tensors`) into ``dests`` (the plan's
+    destinations by index), on the device the destinations are on. Every destination an
+    op writes must be given, contiguous, of the plan's element size and large enough for
+    every op's range; all checked before the first launch."""
+    if not which:
+        return
+    table, device = _table(plan, which, dests)
+    _run(table, device, dests[int(table[0, 9])])  # type: ignore[arg-type]
+
+
+@dataclass
+class Staged:
+    """The outputs of some ops, held in a device arena until :func:`commit` copies them
+    into their destinations. ``rows``: one row per op, ``(arena address, rows, row bytes,
+    destination address)``."""
+
+    arena: torch.Tensor
+    rows: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.arena.numel()
+
+
+def stage(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -> Staged:
+    """:func:`execute` with every op's output written into a fresh arena on the
+    destinations' device instead (the destinations are checked, never written): the
+    arena is the ops' output bytes (each 16-byte aligned), this rank's part only."""
+    if not which:
+        return Staged(torch.empty(0, dtype=torch.uint8), torch.empty(0, 4, dtype=torch.int64))
+    table, device = _table(plan, which, dests)
+    nbytes = _out_bytes(table)
+    padded = (nbytes + 15) // 16 * 16
+    offsets = torch.cumsum(padded, 0) - padded
+    arena = torch.empty(max(int(padded.sum()), 1), dtype=torch.uint8, device=device)
+    row_bytes = (table[:, 6] - table[:, 5]) * table[:, 8]
+    at = arena.data_ptr() + offsets
+    rows = torch.stack([at, table[:, 4] - table[:, 3], row_bytes, table[:, 10]], dim=1)
+    table[:, 10] = at
+    _run(table, device, arena)
+    return Staged(arena, rows)
+
+
+def commit(staged: Sequence[Staged]) -> None:
+    """Copies staged outputs into their destinations: one batched copy launch for all of
+    them (a row of bytes per row of each op)."""
+    parts = [s for s in staged if len(s.rows)]
+    if not parts:
+        return
+    rows = torch.cat([s.rows for s in parts])
+    table = torch.zeros(len(rows), _COLS, dtype=torch.int64)
+    table[:, 1] = rows[:, 0]  # source: the arena
+    table[:, 2] = rows[:, 2]  # stride: a row
+    table[:, 4] = rows[:, 1]  # rows 0..n
+    table[:, 6] = rows[:, 2]  # columns: the row's bytes
+    table[:, 7] = table[:, 8] = 1  # bytes
+    table[:, 10] = rows[:, 3]
+    _run(table, parts[0].arena.device, parts[0].arena)
