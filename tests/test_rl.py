@@ -558,6 +558,71 @@ def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tens
         assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
+def _device_hash_worker(rank: int, port: int, a: str, b: str, out: str, executor: str) -> None:
+    """Rank 0 streams ``b`` three times with ``kl64`` hashes (once more unchanged, then
+    with one tensor changed); rank 1 applies each and saves what it saw."""
+    import json
+
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ck = kimi_loader.open(b)
+    items = [(n, ck.get_tensor(n).clone()) for n in ck.keys()]
+    norm = next(k for k, (n, _) in enumerate(items) if n.endswith("layers.0.input_layernorm.weight"))
+    if rank == 0:
+        for k in range(3):
+            if k == 2:
+                items[norm] = (items[norm][0], items[norm][1] + 1)
+            broadcast_weights(items, bucket_bytes=64 << 10, hash="device")
+    else:
+        model = kimi_loader.from_pretrained(a)
+        up = WeightUpdater(model, baseline=a, executor=executor)
+        changed = [up.update_from_distributed().changed_tensors for _ in range(3)]
+        torch.save({n: p for n, p in model.named_parameters()}, out + ".pt")
+        with open(out + ".json", "w") as fh:
+            json.dump({"changed": changed, "tensors": len(items)}, fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("executor", ["auto", "triton"])
+def test_a_stream_hashed_on_the_device_skips_what_the_receiver_holds(tmp_path, executor):
+    """kl64 (the device hash a GPU trainer sends): the first stream into a model loaded
+    from disk (xxh3 hashes) rewrites every tensor; the same weights again change nothing;
+    one changed tensor is the only one applied; the result is a direct update's."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.fspath(tmp_path / "recv")
+    mp.start_processes(_device_hash_worker, args=(port, a, b, out, executor), nprocs=2, join=True, start_method="spawn")
+    seen = json.loads(open(out + ".json").read())
+    assert seen["changed"] == [seen["tensors"], 0, 1], seen
+    ckb = kimi_loader.open(b)
+    items = {n: ckb.get_tensor(n).clone() for n in ckb.keys()}
+    norm = next(n for n in items if n.endswith("layers.0.input_layernorm.weight"))
+    items[norm] = items[norm] + 1
+    want = kimi_loader.from_pretrained(a)
+    WeightUpdater(want, baseline=a).update_from_tensors(list(items.items()))
+    got = torch.load(out + ".pt")
+    for n, p in want.named_parameters():
+        assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
+def test_broadcast_weights_checks_its_hash_option():
+    from kimi_loader.rl import broadcast_weights
+
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="hash must be"):
+        broadcast_weights([("x", torch.zeros(1))], hash="md5")
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 def test_the_seven_reload_failure_classes(tmp_path, quant):
     """vLLM's list of what goes wrong when weights are reloaded, each checked in every

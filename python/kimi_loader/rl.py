@@ -45,6 +45,8 @@ from .registry import FORMATS
 
 __all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
 
+_ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
 #: what errors name as the "file" of tensors handed over in memory / streamed
 _LABEL = "<update_from_tensors>"
 _STREAM = "<weight stream>"
@@ -660,15 +662,32 @@ def _check_source(ck: Checkpoint, base: str, fmt: Any, shape: Any, what: str) ->
 
 # -- torch.distributed -----------------------------------------------------------------
 def broadcast_weights(
-    named_tensors_or_path: Any, group: Any = None, *, src: int = 0, bucket_bytes: int = 64 << 20
+    named_tensors_or_path: Any,
+    group: Any = None,
+    *,
+    src: int = 0,
+    bucket_bytes: int = 64 << 20,
+    hash: str = "auto",  # noqa: A002 (the option's name)
 ) -> int:
     """Trainer side: streams ``(name, tensor)`` pairs (or every tensor of a checkpoint
     path) from rank ``src`` to the group: first every tensor's name, dtype, shape, size and
-    xxh3 (receivers check them all before a byte lands and skip what they already hold),
+    hash (receivers check them all before a byte lands and skip what they already hold),
     then buckets of about ``bucket_bytes`` (the parts of a quantized weight always share a
     bucket). Receivers call :meth:`WeightUpdater.update_from_distributed`. Returns the
-    bytes sent."""
+    bytes sent.
+
+    Tensors stay where they are: GPU tensors are hashed on their GPU and each bucket is
+    assembled on the communication device (NCCL: the GPU), so a GPU trainer's weights are
+    never copied to the host. ``hash``: ``"auto"`` (xxh3 of host memory, the ``kl64``
+    device hash of :mod:`kimi_loader.kernels.hash` of device memory), ``"xxh3"`` (device
+    tensors are copied to the host to be hashed), ``"device"`` (``kl64`` everywhere, host
+    tensors through the Triton interpreter or a GPU). A receiver whose model was loaded
+    from disk holds xxh3 hashes: the first ``kl64`` stream it gets rewrites every tensor
+    it is sent, the next ones are deltas."""
     import torch.distributed as dist
+
+    if hash not in ("auto", "xxh3", "device"):
+        raise InvalidArgumentError(f"hash must be 'auto', 'xxh3' or 'device', got {hash!r}")
 
     if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
         # a checkpoint is read bucket by bucket with pread (never through the map, where a
@@ -684,13 +703,11 @@ def broadcast_weights(
         meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
         items = None
     else:
-        items = [(_validate.name(n), t.detach().to("cpu").contiguous()) for n, t in named_tensors_or_path]
-        mem = _core.from_tensors(_STREAM, [n for n, _ in items], [t for _, t in items])
-        try:
-            hashes = mem.hash_tensors([n for n, _ in items])
-            meta = [(n, mem.locate(n)[1], list(t.shape), t.nbytes, h) for (n, t), h in zip(items, hashes, strict=True)]
-        finally:
-            mem.release()
+        items = [(_validate.name(n), t.detach().contiguous()) for n, t in named_tensors_or_path]
+        meta = [
+            (n, _st_dtype(n, t), list(t.shape), t.nbytes, h)
+            for (n, t), h in zip(items, _hashes(items, hash), strict=True)
+        ]
     buckets = _buckets(meta, bucket_bytes)
     device = _comm_device(group)
     header = {"format": STREAM_FORMAT, "meta": meta, "buckets": buckets}
@@ -702,12 +719,58 @@ def broadcast_weights(
             parts = [got[meta[k][0]] for k in b]
         else:
             parts = [items[k][1] for k in b]
+        # assembled on the communication device (a GPU tensor never passes through the host
+        # for NCCL; a bucket of host tensors is copied to the GPU once, whole)
+        on = {t.device for t in parts}
+        at = on.pop() if len(on) == 1 and device.type == "cpu" else device
         flat = (
-            torch.cat([t.reshape(-1).view(torch.uint8) for t in parts]) if parts else torch.empty(0, dtype=torch.uint8)
+            torch.cat([t.reshape(-1).view(torch.uint8).to(at) for t in parts])
+            if parts
+            else torch.empty(0, dtype=torch.uint8, device=device)
         )
         dist.broadcast(flat.to(device), src=src, group=group)
         sent += flat.numel()
     return sent
+
+
+def _st_dtype(name: str, t: torch.Tensor) -> str:
+    st = _ST_DTYPES.get(t.dtype)
+    if st is None:
+        raise InvalidArgumentError(
+            f"{_STREAM}: tensor '{name}': dtype {t.dtype} has no safetensors equivalent", tensor=name
+        )
+    return st
+
+
+def _hashes(items: list[tuple[str, torch.Tensor]], how: str) -> list[int]:
+    """The hash of each tensor of a stream: xxh3 of host memory (Rust, in parallel), the
+    ``kl64`` device hash of device memory (one Triton launch per device)."""
+    out: list[int] = [0] * len(items)
+    by_algo: dict[Any, list[int]] = {}
+    for k, (_n, t) in enumerate(items):
+        by_algo.setdefault(
+            "kl64" if how == "device" or (how == "auto" and t.device.type != "cpu") else "xxh3", []
+        ).append(k)
+    host = by_algo.get("xxh3", [])
+    if host:
+        tensors = [items[k][1].cpu() for k in host]
+        mem = _core.from_tensors(_STREAM, [items[k][0] for k in host], tensors)
+        try:
+            for k, h in zip(host, mem.hash_tensors([items[k][0] for k in host]), strict=True):
+                out[k] = h
+        finally:
+            mem.release()
+    device_side = by_algo.get("kl64", [])
+    groups: dict[torch.device, list[int]] = {}
+    for k in device_side:
+        groups.setdefault(items[k][1].device, []).append(k)
+    if groups:
+        from .kernels.hash import hash_tensors
+
+        for ks in groups.values():
+            for k, h in zip(ks, hash_tensors([items[k][1] for k in ks]), strict=True):
+                out[k] = h
+    return out
 
 
 def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
