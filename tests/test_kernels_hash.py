@@ -10,7 +10,7 @@ import torch
 from kimi_loader.errors import InvalidArgumentError
 
 pytest.importorskip("triton")
-from kimi_loader.kernels.hash import _CHUNK, hash_reference, hash_tensors  # noqa: E402
+from kimi_loader.kernels.hash import _CHUNK, hash_reference, hash_tensors
 
 
 def _bytes(t: torch.Tensor) -> bytes:
