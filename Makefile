@@ -55,12 +55,12 @@ test-vllm: build
 	$(VLLM_VENV)/bin/uv pip install -q --python $(VLLM_PY) --no-deps --reinstall dist/kimi_loader-*.whl
 	cd tests/with_vllm && ../../$(VLLM_PY) -m pytest -v -p no:cacheprovider -c /dev/null --rootdir . .
 
-# On a GPU machine: the gpu-marked tests (bf16 on the device) and the kernel benchmarks,
+# On a GPU machine: the gpu-marked tests (bf16 on the device), the kernel and the GPU sync / load benchmarks,
 # results under benches/results/ (it says so and stops where there is no CUDA device)
 gpu-check: build
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
 	KIMI_LOADER_GPU_TESTS=1 $(PY) -m pytest -m gpu -v
-	cd benches && ../$(PY) bench_kernels.py
+	cd benches && ../$(PY) bench_kernels.py && ../$(PY) bench_gpu_sync.py
 
 # Every benchmark, then its figures as a dated JSON + Markdown file under benches/results/
 # and the change against the previous one (benches/results.py compare).

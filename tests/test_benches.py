@@ -72,3 +72,21 @@ def test_nothing_recorded_without_the_environment_variable(bench_modules, monkey
     monkeypatch.setattr(common, "RECORD", None)
     common.row("ours", 0.5, 1.0)
     assert not record.exists()
+
+
+def test_the_gpu_sync_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path, monkeypatch, capsys):
+    """bench_gpu_sync's code on tiny sizes through the Triton interpreter (nothing is
+    measured there): the GPU run of `make gpu-check` meets code that has run before."""
+    monkeypatch.syspath_prepend(BENCHES)
+    monkeypatch.setenv("KIMI_LOADER_BENCH_DIR", os.fspath(tmp_path))
+    for m in ("_common", "bench_gpu_sync"):
+        sys.modules.pop(m, None)
+    bench = importlib.import_module("bench_gpu_sync")
+    try:
+        assert bench.main(["--smoke"]) == 0
+    finally:
+        for m in ("_common", "bench_gpu_sync"):
+            sys.modules.pop(m, None)
+    printed = capsys.readouterr().out
+    for what in ("quantize bf16 -> ct-int4", "mxfp4", "fp8-block", "kl64 hash", "load_weights", "update from"):
+        assert what in printed, what
