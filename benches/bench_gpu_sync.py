@@ -93,7 +93,8 @@ def run(device: torch.device, smoke: bool) -> dict:
         floor = moved / copy_bw
         out["rows"][f"quantize_{name}"] = {"ours_s": ours, "torch_s": ref, "copy_floor_s": floor}
         print(
-            f"quantize bf16 -> {name}, {rows} x {cols}: {ours * 1e3:.3f} ms ({w.nbytes / ours / 1e9:.0f} GB/s of bf16), "
+            f"quantize bf16 -> {name}, {rows} x {cols}: {ours * 1e3:.3f} ms "
+            f"({w.nbytes / ours / 1e9:.0f} GB/s of bf16), "
             f"{ref / ours:.1f}x the torch reference, {floor / ours:.2f}x of the copy floor"
         )
 
@@ -104,7 +105,8 @@ def run(device: torch.device, smoke: bool) -> dict:
     floor = n / (copy_bw / 2)
     out["rows"]["hash_kl64"] = {"ours_s": ours, "read_floor_s": floor}
     print(
-        f"kl64 hash of {n >> 20} MiB: {ours * 1e3:.3f} ms ({n / ours / 1e9:.0f} GB/s), {floor / ours:.2f}x of the read floor"
+        f"kl64 hash of {n >> 20} MiB: {ours * 1e3:.3f} ms ({n / ours / 1e9:.0f} GB/s), "
+        f"{floor / ours:.2f}x of the read floor"
     )
 
     # -- a full in-place update on the device, and load_weights onto it ----------------------
