@@ -616,6 +616,84 @@ def test_a_stream_hashed_on_the_device_skips_what_the_receiver_holds(tmp_path, e
         assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
+def _ipc_engine(conn, a: str, out: str, device: str) -> None:
+    """A colocated engine: receives share_tensors payloads over a pipe and applies them."""
+    import json
+
+    model = kimi_loader.from_pretrained(a, device=device)
+    up = WeightUpdater(model, baseline=a)
+    seen: dict = {}
+    report = up.update_from_ipc(conn.recv_bytes())
+    seen["changed"] = report.changed_tensors
+    seen["executor"] = report.executor
+    torch.save({n: p.cpu() for n, p in model.named_parameters()}, out + ".pt")
+    conn.send_bytes(b"applied")
+    for k in ("garbage", "used"):  # a payload that is none; one whose host arena was handed over already
+        try:
+            up.update_from_ipc(conn.recv_bytes())
+            seen[k] = "applied"
+        except kimi_loader.KimiLoaderError as e:
+            seen[k] = type(e).__name__
+    saved = torch.load(out + ".pt")
+    seen["unchanged"] = all(torch.equal(as_bytes(p.cpu()), as_bytes(saved[n])) for n, p in model.named_parameters())
+    with open(out + ".json", "w") as fh:
+        json.dump(seen, fh)
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def test_a_colocated_engine_updates_from_shared_tensors(tmp_path, device):
+    """share_tensors -> update_from_ipc across processes (host tensors: one shared memory
+    arena read in place; GPU tensors: CUDA IPC handles, applied on the device): the
+    engine's model equals a direct update; a payload that is none is refused, and a used
+    host payload too (its file descriptor was handed over), the model untouched; CUDA
+    IPC handles open again (the same weights: nothing changes)."""
+    import json
+    import multiprocessing
+
+    from kimi_loader.rl import share_tensors
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    items = [(n, ckb.get_tensor(n).to(device, copy=True)) for n in ckb.keys()]
+    out = os.fspath(tmp_path / "engine")
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    engine = ctx.Process(target=_ipc_engine, args=(there, a, out, device))
+    engine.start()
+    payload = share_tensors(items)
+    here.send_bytes(payload)
+    assert here.recv_bytes() == b"applied"
+    here.send_bytes(b"not a payload")
+    here.send_bytes(payload)  # its file descriptor was handed over with the first use
+    engine.join(timeout=120)
+    assert engine.exitcode == 0
+    seen = json.loads(open(out + ".json").read())
+    used = "CheckpointIOError" if device == "cpu" else "applied"
+    executor = "cpu" if device == "cpu" else "triton"
+    assert seen == {
+        "changed": len(items),
+        "executor": executor,
+        "garbage": "InvalidArgumentError",
+        "used": used,
+        "unchanged": True,
+    }
+    want = kimi_loader.from_pretrained(a)
+    WeightUpdater(want, baseline=a).update_from_tensors([(n, t.cpu()) for n, t in items])
+    got = torch.load(out + ".pt")
+    for n, p in want.named_parameters():
+        assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
 def test_broadcast_weights_checks_its_hash_option():
     from kimi_loader.rl import broadcast_weights
 

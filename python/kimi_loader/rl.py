@@ -43,15 +43,18 @@ from .reader import Checkpoint
 from .reader import open as open_checkpoint
 from .registry import FORMATS
 
-__all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights"]
+__all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights", "share_tensors"]
 
 _ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
 #: what errors name as the "file" of tensors handed over in memory / streamed
 _LABEL = "<update_from_tensors>"
 _STREAM = "<weight stream>"
+_IPC = "<shared tensors>"
 #: the first object of a :func:`broadcast_weights` stream
 STREAM_FORMAT = "kimi-loader-stream/1"
+#: what a :func:`share_tensors` payload says it is
+IPC_FORMAT = "kimi-loader-ipc/1"
 
 
 @dataclass
@@ -335,6 +338,38 @@ class WeightUpdater:
                 out_names.append(f"{base}.{suffix}")
                 out_tensors.append(v)
         return out_names, out_tensors, hashes
+
+    def update_from_ipc(self, payload: bytes, *, quantize: str | bool | None = None) -> UpdateReport:
+        """Updates from a :func:`share_tensors` payload made by another process on this
+        machine (a colocated trainer): its GPU tensors are opened through CUDA IPC handles
+        and applied on the device, its host tensors are read in place from the shared
+        memory they were put in; nothing is copied on the way. Then as
+        :meth:`update_from_tensors` (``quantize`` too). A payload that is not one, or
+        whose tensors are gone (the trainer exited, or a host payload already used), is
+        refused before anything is read into the model."""
+        import pickle
+
+        from .errors import CheckpointIOError
+
+        try:
+            obj = pickle.loads(payload)  # the rebuild functions of torch's tensor reductions
+        except (OSError, EOFError) as e:
+            raise CheckpointIOError(
+                f"{_IPC}: the shared tensors could not be opened ({type(e).__name__}: {e}); the trainer that shared "
+                "them has exited or a payload of host tensors was used before (one payload per receiver)",
+                file=_IPC,
+            ) from e
+        except Exception as e:
+            raise InvalidArgumentError(f"{_IPC}: not a {IPC_FORMAT} payload ({type(e).__name__}: {e})") from e
+        if not isinstance(obj, dict) or obj.get("format") != IPC_FORMAT:
+            raise InvalidArgumentError(f"{_IPC}: not a {IPC_FORMAT} payload (is the sender a matching version?)")
+        arena, layout = obj["host"]
+        items: list[tuple[str, torch.Tensor]] = []
+        for name, dtype, shape, offset in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            items.append((name, arena[offset : offset + nbytes].view(dtype).view(shape)))
+        items.extend(obj["device"])
+        return self.update_from_tensors(items, quantize=quantize)
 
     def update_from_distributed(
         self, group: Any = None, *, src: int = 0, atomic: bool = True, quantize: str | bool | None = None
@@ -658,6 +693,42 @@ def _check_source(ck: Checkpoint, base: str, fmt: Any, shape: Any, what: str) ->
             expected=tuple(want),
             found=tuple(shape),
         )
+
+
+# -- colocated processes ----------------------------------------------------------------
+def share_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+    """Trainer side of a colocated sync (trainer and engine processes on one machine, the
+    pattern of SGLang's ``update_weights_from_tensor``): a payload for
+    :meth:`WeightUpdater.update_from_ipc` in another process. GPU tensors travel as CUDA
+    IPC handles (the receiver maps the same device memory; keep the tensors alive and
+    unchanged until it is done); host tensors are copied once into one shared-memory
+    arena that the receiver reads in place. Make one payload per receiving process (a
+    host arena's file descriptor is handed over once)."""
+    import io
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401 (registers torch's tensor reductions with ForkingPickler)
+
+    host: list[tuple[str, torch.Tensor]] = []
+    device: list[tuple[str, torch.Tensor]] = []
+    for n, t in named_tensors:
+        n = _validate.name(n)
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            raise InvalidArgumentError(f"{_IPC}: tensor '{n}' must be a torch.Tensor with data", tensor=n)
+        t = t.detach().contiguous()
+        (host if t.device.type == "cpu" else device).append((n, t))
+    layout, offset = [], 0
+    for n, t in host:
+        layout.append((n, t.dtype, list(t.shape), offset))
+        offset += -(-t.nbytes // 64) * 64  # 64-byte aligned views
+    arena = torch.empty(offset, dtype=torch.uint8)
+    if host:
+        arena.share_memory_()
+        for (_n, t), (_, _, _, at) in zip(host, layout, strict=True):
+            arena[at : at + t.nbytes].copy_(t.reshape(-1).view(torch.uint8))
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump({"format": IPC_FORMAT, "host": (arena, layout), "device": device})
+    return buf.getvalue()
 
 
 # -- torch.distributed -----------------------------------------------------------------
