@@ -1,6 +1,6 @@
 """The README's code blocks, run against the built-in synthetic checkpoints (issue #15):
 the real paths they show are replaced by synthetic checkpoints of the same kind. The RL
-block's two torch.distributed lines need a trainer and receivers in separate processes;
+block's torch.distributed and IPC lines need a trainer and receivers in separate processes;
 they are run by tests/test_rl.py and left out here (named below)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from kimi_loader.synth import make_checkpoint
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 #: statements of the README that need several processes (tested in test_rl.py)
-MULTI_PROCESS = ("update_from_distributed", "broadcast_weights")
+MULTI_PROCESS = ("update_from_distributed", "broadcast_weights", "update_from_ipc", "share_tensors")
 
 
 def _blocks(lang: str) -> list[str]:

@@ -707,7 +707,7 @@ def share_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
     import io
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401 (registers torch's tensor reductions with ForkingPickler)
+    import torch.multiprocessing  # (registers torch's tensor reductions with ForkingPickler)
 
     host: list[tuple[str, torch.Tensor]] = []
     device: list[tuple[str, torch.Tensor]] = []

@@ -120,6 +120,154 @@ def _down(
     tl.store(out + pair * H + n, acc * w, mask=nmask)
 
 
+@triton.jit
+def _dot(a, w, DOT: tl.constexpr):
+    """``a [M, K] @ w [N, K]^T`` accumulated in float32: in the activations' 16-bit dtype
+    (``DOT`` 1 bf16, 2 fp16; the dequantized weights are values of the scale's dtype) or
+    in IEEE float32 (``DOT`` 3; never TF32)."""
+    if DOT == 1:
+        return tl.dot(a.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)))
+    if DOT == 2:
+        return tl.dot(a.to(tl.float16), tl.trans(w.to(tl.float16)))
+    return tl.dot(a, tl.trans(w), input_precision="ieee")
+
+
+@triton.jit
+def _gate_up_grouped(
+    x,
+    order,
+    blk_expert,
+    blk_start,
+    blk_count,
+    packed,
+    scale,
+    out,
+    H,
+    INTER,
+    WORDS,
+    GROUPS,
+    K: tl.constexpr,
+    GROUP: tl.constexpr,
+    SDT: tl.constexpr,
+    FMT: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: up to ``BLOCK_M`` (token, slot) pairs routed to one expert x a block
+    of ``I``: the expert's weight tile is read once for all of them."""
+    b = tl.program_id(0)
+    e = tl.load(blk_expert + b).to(tl.int64)
+    if e >= 0:
+        cnt = tl.load(blk_count + b)
+        m = tl.arange(0, BLOCK_M)
+        mmask = m < cnt
+        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0)
+        tok = pair // K
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < INTER
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g_rows = (e * 2 * INTER + n)[:, None]
+        u_rows = (e * 2 * INTER + INTER + n)[:, None]
+        for k0 in range(0, H, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < H
+            xv = tl.load(x + tok[:, None] * H + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            m2 = nmask[:, None] & kmask[None, :]
+            wg = _w4(packed + g_rows * WORDS, scale + g_rows * GROUPS, k[None, :], m2, SDT, GROUP, FMT)
+            wu = _w4(packed + u_rows * WORDS, scale + u_rows * GROUPS, k[None, :], m2, SDT, GROUP, FMT)
+            gate += _dot(xv.to(tl.float32), wg, DOT)
+            up += _dot(xv.to(tl.float32), wu, DOT)
+        h = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(out + pair[:, None] * INTER + n[None, :], h, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _down_grouped(
+    h,
+    order,
+    blk_expert,
+    blk_start,
+    blk_count,
+    weights,
+    packed,
+    scale,
+    out,
+    H,
+    INTER,
+    WORDS,
+    GROUPS,
+    GROUP: tl.constexpr,
+    SDT: tl.constexpr,
+    FMT: tl.constexpr,
+    DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    b = tl.program_id(0)
+    e = tl.load(blk_expert + b).to(tl.int64)
+    if e >= 0:
+        cnt = tl.load(blk_count + b)
+        m = tl.arange(0, BLOCK_M)
+        mmask = m < cnt
+        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0)
+        w = tl.load(weights + pair, mask=mmask, other=0.0).to(tl.float32)
+        n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        nmask = n < H
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        rows = (e * H + n)[:, None]
+        for k0 in range(0, INTER, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            kmask = k < INTER
+            hv = tl.load(h + pair[:, None] * INTER + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+            wd = _w4(
+                packed + rows * WORDS,
+                scale + rows * GROUPS,
+                k[None, :],
+                nmask[:, None] & kmask[None, :],
+                SDT,
+                GROUP,
+                FMT,
+            )
+            acc += _dot(hv, wd, DOT)
+        tl.store(out + pair[:, None] * H + n[None, :], acc * w[:, None], mask=mmask[:, None] & nmask[None, :])
+
+
+#: (token, slot) pairs per program of the grouped kernels (tl.dot's smallest M)
+_BLOCK_M = 16
+#: from this many (token, slot) pairs on, the grouped kernels run (below: one program per pair)
+GROUPED_FROM = 32
+
+
+def _expert_blocks(ids: torch.Tensor, experts: int, block_m: int) -> tuple[torch.Tensor, ...]:
+    """The (token, slot) pairs sorted by expert and cut into blocks of at most ``block_m``
+    pairs of one expert: ``(order, block expert (-1: unused), first pair in order, pairs)``,
+    on the device without a host sync (the block count is bounded by ``pairs / block_m +
+    experts``)."""
+    flat = ids.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=experts)[:experts]
+    per = (counts + block_m - 1) // block_m
+    ends = torch.cumsum(per, 0)
+    bound = -(-flat.numel() // block_m) + experts
+    b = torch.arange(bound, device=ids.device)
+    expert = torch.searchsorted(ends, b, right=True)
+    valid = expert < experts
+    e = expert.clamp(max=experts - 1)
+    local = b - (ends[e] - per[e])
+    first = (torch.cumsum(counts, 0) - counts)[e] + local * block_m
+    count = torch.clamp(counts[e] - local * block_m, max=block_m)
+    return (
+        order,
+        torch.where(valid, e, -1).to(torch.int32),
+        first.to(torch.int32),
+        torch.where(valid, count, 0).to(torch.int32),
+    )
+
+
 def moe_w4(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -129,11 +277,17 @@ def moe_w4(
     w2: torch.Tensor,
     w2_scale: torch.Tensor,
     fmt: str = "ct-int4",
+    grouped: bool | None = None,
 ) -> torch.Tensor:
     """``sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e =
     topk_ids[t, k]``, for ``x`` ``[T, H]``; returns ``[T, H]`` in ``x``'s dtype. ``fmt``:
     ``"ct-int4"`` (``w13`` int32 ``[E, 2I, H/8]``, scales bf16 / f16 / f32) or
-    ``"quark-mxfp4"`` (``w13`` uint8 ``[E, 2I, H/2]``, e8m0 uint8 scales, group 32)."""
+    ``"quark-mxfp4"`` (``w13`` uint8 ``[E, 2I, H/2]``, e8m0 uint8 scales, group 32).
+
+    ``grouped``: ``False``, one program per (token, slot) pair (decode: every expert
+    tile is read by the pairs that chose it); ``True``, the pairs sorted by expert and
+    blocks of 16 pairs of one expert multiplied with ``tl.dot`` (prefill: an expert's
+    tile is read once per 16 pairs); ``None``: grouped from :data:`GROUPED_FROM` pairs."""
     per = {"ct-int4": 8, "quark-mxfp4": 2}.get(fmt)
     if per is None:
         raise InvalidArgumentError(f"fmt must be 'ct-int4' or 'quark-mxfp4', got {fmt!r}")
@@ -151,6 +305,20 @@ def moe_w4(
     h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
     block_n = 32
     meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=32)  # both launches
+    if grouped or (grouped is None and t * k >= GROUPED_FROM):
+        blocks = _expert_blocks(ids, e, _BLOCK_M)
+        dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
+        grid = len(blocks[1])
+        _gate_up_grouped[(grid, triton.cdiv(inter, block_n))](
+            x, *blocks, w13, w13_scale, h, hidden, inter, w13.shape[-1], w13_scale.shape[-1],
+            K=k, DOT=dot, BLOCK_M=_BLOCK_M, **meta,
+        )  # fmt: skip
+        partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
+        _down_grouped[(grid, triton.cdiv(hidden, block_n))](
+            h, *blocks, topk_weights.to(torch.float32).contiguous(), w2, w2_scale, partial, hidden, inter,
+            w2.shape[-1], w2_scale.shape[-1], DOT=dot, BLOCK_M=_BLOCK_M, **meta,
+        )  # fmt: skip
+        return partial.view(t, k, hidden).sum(1).to(x.dtype)
     _gate_up[(t * k, triton.cdiv(inter, block_n))](
         x,
         ids,
