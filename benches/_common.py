@@ -134,3 +134,14 @@ def row(
         ratio_median=base_median / median if base_median and median else None,
     )
     return f"  {label:<44} {seconds * 1e3:9.1f} ms  {ratio}  {extra}"
+
+
+def write_gpu_results(kind: str, results: dict) -> str:
+    """Writes a GPU benchmark's figures (with ``results["date"]``) to
+    ``benches/results/gpu-<kind>-<date>.json`` and says where."""
+    path = os.path.join(ROOT, "benches", "results", f"gpu-{kind}-{results['date']}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(results, fh, indent=1)
+    print(f"wrote {path}")
+    return path

@@ -20,7 +20,6 @@ untried code. Without CUDA and without ``--smoke`` it says so and exits 0.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import sys
 import time
@@ -161,11 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
     results.update(run(torch.device("cuda"), smoke=False))
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"gpu-sync-{results['date']}.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(f"wrote {path}")
+    from _common import write_gpu_results
+
+    write_gpu_results("sync", results)
     return 0
 
 

@@ -17,8 +17,6 @@ Needs CUDA (the Triton interpreter is not a benchmark): without one it says so a
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import sys
 
 import torch
@@ -134,11 +132,9 @@ def main() -> int:
             f"dequantize {fmt} -> bf16, {rows} x {cols}: {ours * 1e3:.3f} ms ({nbytes / ours / 1e9:.0f} GB/s moved), "
             f"{ref / ours:.1f}x the torch reference, {floor / ours:.2f}x of the copy floor"
         )
-    out = os.path.join(os.path.dirname(__file__), "results", f"gpu-kernels-{results['date']}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(results, fh, indent=1)
-    print(f"wrote {out}")
+    from _common import write_gpu_results
+
+    write_gpu_results("kernels", results)
     return 0
 
 
