@@ -353,14 +353,14 @@ class WeightUpdater:
 
         try:
             obj = pickle.loads(payload)  # the rebuild functions of torch's tensor reductions
-        except (OSError, EOFError) as e:
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError) as e:
+            raise InvalidArgumentError(f"{_IPC}: not a {IPC_FORMAT} payload ({type(e).__name__}: {e})") from e
+        except Exception as e:  # the handles could not be opened: OSError, EOFError, a CUDA error
             raise CheckpointIOError(
                 f"{_IPC}: the shared tensors could not be opened ({type(e).__name__}: {e}); the trainer that shared "
                 "them has exited or a payload of host tensors was used before (one payload per receiver)",
                 file=_IPC,
             ) from e
-        except Exception as e:
-            raise InvalidArgumentError(f"{_IPC}: not a {IPC_FORMAT} payload ({type(e).__name__}: {e})") from e
         if not isinstance(obj, dict) or obj.get("format") != IPC_FORMAT:
             raise InvalidArgumentError(f"{_IPC}: not a {IPC_FORMAT} payload (is the sender a matching version?)")
         arena, layout = obj["host"]
