@@ -694,6 +694,59 @@ def test_a_colocated_engine_updates_from_shared_tensors(tmp_path, device):
         assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
+def _nccl_worker(rank: int, port: int, a: str, b: str, out: str) -> None:
+    """Rank 0 (GPU 0) streams ``b`` from GPU memory; rank 1 (GPU 1) holds ``a`` there and
+    applies it twice: atomic, then (the same weights again) streaming."""
+    import json
+
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        ck = kimi_loader.open(b)
+        items = [(n, ck.get_tensor(n).cuda()) for n in ck.keys()]
+        broadcast_weights(items, bucket_bytes=1 << 20)
+        broadcast_weights(items, bucket_bytes=1 << 20)
+    else:
+        model = kimi_loader.from_pretrained(a, device="cuda")
+        up = WeightUpdater(model, baseline=a)
+        first = up.update_from_distributed(atomic=True)
+        second = up.update_from_distributed(atomic=False)
+        torch.save({n: p.cpu() for n, p in model.named_parameters()}, out + ".pt")
+        with open(out + ".json", "w") as fh:
+            json.dump([first.executor, first.changed_tensors, second.changed_tensors], fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (NCCL: one rank per GPU)")
+def test_an_nccl_stream_from_gpu_memory_equals_a_direct_load(tmp_path):
+    """NCCL end to end: kl64 hashes and buckets on the trainer's GPU, applied on the
+    receiver's GPU by the device executor (staged there for atomic=True); the same
+    weights again change nothing; the result equals a direct load."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = os.fspath(tmp_path / "recv")
+    mp.start_processes(_nccl_worker, args=(port, a, b, out), nprocs=2, join=True, start_method="spawn")
+    executor, first, second = json.loads(open(out + ".json").read())
+    assert executor == "triton" and first > 0 and second == 0
+    want = kimi_loader.from_pretrained(b)
+    got = torch.load(out + ".pt")
+    for n, p in want.named_parameters():
+        assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
 def test_broadcast_weights_checks_its_hash_option():
     from kimi_loader.rl import broadcast_weights
 

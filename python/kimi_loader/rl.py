@@ -457,17 +457,17 @@ class WeightUpdater:
                 )
         self._plan.check_units(ck.core, sorted(plain))
 
-    def _stream_device(self, comm: torch.device) -> torch.device | None:
+    def _stream_device(self) -> torch.device | None:
         """The device a stream's buckets are applied on by the Triton executor (``None``:
-        through the host, by the Rust executor): the model's device when the buckets
-        arrive there (NCCL into a GPU model), or wherever the model is with
+        through the host, by the Rust executor): the model's GPU (NCCL buckets arrive
+        there; gloo buckets are copied there whole), or wherever the model is with
         ``executor="triton"``."""
         model = next(iter(self._dests), None)
         if model is None:
             model = next(self.model.parameters(), None)
         if model is None or self.executor == "cpu":
             return None
-        if self.executor == "triton" or (comm.type != "cpu" and model.device == comm):
+        if self.executor == "triton" or model.device.type != "cpu":
             return model.device
         return None
 
@@ -500,7 +500,7 @@ class WeightUpdater:
         # where buckets are applied: on the model's device by the Triton executor (NCCL
         # buckets never leave the GPU; staging for atomic=True is device memory too), or
         # through the host by the Rust executor
-        apply_on = self._stream_device(device)
+        apply_on = self._stream_device()
         if apply_on is not None:
             from .kernels import plan_exec
         staged: list[tuple[Any, list[int], dict[int, torch.Tensor], torch.Tensor]] = []
