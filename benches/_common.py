@@ -145,3 +145,30 @@ def write_gpu_results(kind: str, results: dict) -> str:
         json.dump(results, fh, indent=1)
     print(f"wrote {path}")
     return path
+
+
+def device_timer(device):
+    """``timed(fn, repeat)``: the median seconds of ``fn`` on ``device`` (CUDA events on a
+    GPU, after one warm-up call)."""
+    import torch
+
+    def timed(fn, repeat: int = 10) -> float:
+        fn()
+        times = []
+        for _ in range(repeat):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+    return timed

@@ -22,46 +22,22 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def _timer(device: torch.device):
-    def timed(fn, repeat: int = 10) -> float:
-        """Median seconds of ``fn`` (CUDA events on a GPU)."""
-        fn()
-        times = []
-        for _ in range(repeat):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        times.sort()
-        return times[len(times) // 2]
-
-    return timed
-
-
 def run(device: torch.device, smoke: bool) -> dict:
     import kimi_loader
+    from _common import device_timer
     from kimi_loader import quant
     from kimi_loader.kernels import quantize as kq
     from kimi_loader.kernels.hash import hash_tensors
     from kimi_loader.models import for_config
     from kimi_loader.rl import WeightUpdater
 
-    timed = _timer(device)
+    timed = device_timer(device)
     repeat = 1 if smoke else 10
     out: dict = {"rows": {}}
     n = (1 << 16) if smoke else (1 << 30)

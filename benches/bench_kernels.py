@@ -22,27 +22,17 @@ import sys
 import torch
 
 
-def _time(fn, repeat: int = 20) -> float:
-    """Median seconds of ``fn`` on the current CUDA stream."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main() -> int:
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
         return 0
+    from _common import device_timer
     from kimi_loader.kernels.moe import moe_w4, moe_w4_reference, route_noaux_tc, route_noaux_tc_reference
+
+    timer = device_timer(torch.device("cuda"))
+
+    def _time(fn, repeat: int = 20) -> float:
+        return timer(fn, repeat)
 
     dev = torch.device("cuda")
     results: dict = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": {}}
