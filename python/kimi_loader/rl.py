@@ -232,11 +232,9 @@ class WeightUpdater:
         on = {t.device for t in tensors if t.device.type != "cpu"}
         if not on or self.executor == "cpu":
             return torch.device("cpu")
-        model_device = next(iter(self._dests), None)
-        if model_device is None:
-            model_device = next(self.model.parameters(), None)
-        if len(on) == 1 and model_device is not None and model_device.device in on:
-            return model_device.device
+        model_device = self._model_device()
+        if len(on) == 1 and model_device in on:
+            return model_device
         return torch.device("cpu")
 
     def _update_from_memory(
@@ -346,7 +344,8 @@ class WeightUpdater:
         memory they were put in; nothing is copied on the way. Then as
         :meth:`update_from_tensors` (``quantize`` too). A payload that is not one, or
         whose tensors are gone (the trainer exited, or a host payload already used), is
-        refused before anything is read into the model."""
+        refused before anything is read into the model. The payload is a pickle: take
+        it from a trusted process only (as torch.multiprocessing's queues do)."""
         import pickle
 
         from .errors import CheckpointIOError
@@ -462,14 +461,20 @@ class WeightUpdater:
         through the host, by the Rust executor): the model's GPU (NCCL buckets arrive
         there; gloo buckets are copied there whole), or wherever the model is with
         ``executor="triton"``."""
-        model = next(iter(self._dests), None)
-        if model is None:
-            model = next(self.model.parameters(), None)
+        model = self._model_device()
         if model is None or self.executor == "cpu":
             return None
-        if self.executor == "triton" or model.device.type != "cpu":
-            return model.device
+        if self.executor == "triton" or model.type != "cpu":
+            return model
         return None
+
+    def _model_device(self) -> torch.device | None:
+        """Where the model's weights live (its planned destinations', else its first
+        parameter's device; ``None`` for a model without either)."""
+        first = next(iter(self._dests), None)
+        if first is None:
+            first = next(self.model.parameters(), None)
+        return None if first is None else first.device
 
     def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
         import torch.distributed as dist
