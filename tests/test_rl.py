@@ -20,6 +20,28 @@ from kimi_loader.synth import make_checkpoint
 IDS = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
 
 
+def _free_port() -> int:
+    """A free loopback TCP port for a process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(tmp_path, worker, *extra) -> tuple[str, str, str]:
+    """Bf16 checkpoints ``a`` (seed 0) and ``b`` (seed 1), then ``worker(rank, port, a, b,
+    out, *extra)`` on two spawned ranks; returns ``(a, b, out)`` (the receiver's output
+    path prefix)."""
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    out = os.fspath(tmp_path / "recv")
+    mp.start_processes(worker, args=(_free_port(), a, b, out, *extra), nprocs=2, join=True, start_method="spawn")
+    return a, b, out
+
+
 def _snapshot(model) -> dict[str, torch.Tensor]:
     out = {n: p.detach().clone() for n, p in model.named_parameters()}
     out.update({n: b.detach().clone() for n, b in model.named_buffers()})
@@ -193,15 +215,12 @@ def _worker(rank: int, world: int, port: int, a: str, b: str, out: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_broadcast_from_a_trainer_rank(tmp_path, world):
-    import socket
 
     import torch.multiprocessing as mp
 
     a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0, moe_intermediate_size=64)
     b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1, moe_intermediate_size=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.start_processes(
         _worker, args=(world, port, a, b, os.fspath(tmp_path)), nprocs=world, join=True, start_method="spawn"
     )
@@ -348,15 +367,12 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
 
 def _run_stream(tmp_path, mode: str, world: int = 3) -> tuple[str, str, list[dict]]:
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
     a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0, moe_intermediate_size=64)
     b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1, moe_intermediate_size=64)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     ctx = mp.start_processes(
         _stream_worker,
         args=(world, port, a, b, os.fspath(tmp_path), mode),
@@ -488,7 +504,6 @@ def test_streamed_receiver_memory_does_not_grow_with_the_model(tmp_path):
     sizes (8x apart): streaming needs about two 4 MiB buckets plus post-load temporaries,
     atomic about the changed bytes it stages."""
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
@@ -499,9 +514,7 @@ def test_streamed_receiver_memory_does_not_grow_with_the_model(tmp_path):
         b = make_checkpoint(tmp_path / f"b{layers}", seed=1, num_hidden_layers=layers, **shape)
         size = kimi_loader.open(a).data_bytes
         for atomic in (False, True):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+            port = _free_port()
             out = os.fspath(tmp_path / "mem.json")
             mp.start_processes(
                 _memory_worker, args=(port, a, b, out, atomic), nprocs=2, join=True, start_method="spawn"
@@ -537,15 +550,12 @@ def _quantize_worker(rank: int, port: int, a: str, b: str, out: str, executor: s
 
 @pytest.mark.parametrize("executor", ["auto", "triton"])
 def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tensors(tmp_path, executor):
-    import socket
 
     import torch.multiprocessing as mp
 
     a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
     b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)  # the trainer's bf16 weights
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = os.fspath(tmp_path / "streamed.pt")
     mp.start_processes(_quantize_worker, args=(port, a, b, out, executor), nprocs=2, join=True, start_method="spawn")
     ckb = kimi_loader.open(b)
@@ -592,17 +602,8 @@ def test_a_stream_hashed_on_the_device_skips_what_the_receiver_holds(tmp_path, e
     from disk (xxh3 hashes) rewrites every tensor; the same weights again change nothing;
     one changed tensor is the only one applied; the result is a direct update's."""
     import json
-    import socket
 
-    import torch.multiprocessing as mp
-
-    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
-    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = os.fspath(tmp_path / "recv")
-    mp.start_processes(_device_hash_worker, args=(port, a, b, out, executor), nprocs=2, join=True, start_method="spawn")
+    a, b, out = _two_ranks(tmp_path, _device_hash_worker, executor)
     seen = json.loads(open(out + ".json").read())
     assert seen["changed"] == [seen["tensors"], 0, 1], seen
     ckb = kimi_loader.open(b)
@@ -728,17 +729,8 @@ def test_an_nccl_stream_from_gpu_memory_equals_a_direct_load(tmp_path):
     receiver's GPU by the device executor (staged there for atomic=True); the same
     weights again change nothing; the result equals a direct load."""
     import json
-    import socket
 
-    import torch.multiprocessing as mp
-
-    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
-    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = os.fspath(tmp_path / "recv")
-    mp.start_processes(_nccl_worker, args=(port, a, b, out), nprocs=2, join=True, start_method="spawn")
+    _a, b, out = _two_ranks(tmp_path, _nccl_worker)
     executor, first, second = json.loads(open(out + ".json").read())
     assert executor == "triton" and first > 0 and second == 0
     want = kimi_loader.from_pretrained(b)
