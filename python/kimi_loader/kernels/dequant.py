@@ -7,6 +7,12 @@ rule) bit for bit: ct-int4 ``(q - 8) * scale`` rounded to the scale's dtype, MXF
 ``e2m1 * 2^(e - 127)``, FP8 ``e4m3 * scale_inv`` in float32 (scales F32 / BF16 / F16 or
 e8m0 bytes). The bf16, e8m0 and e4m3 decodes use integer bit operations, so they are
 exact under the Triton interpreter too.
+
+Every kernel meant to be bit exact (these, the device executor's, the quantizers) is
+launched with :data:`EXACT`: no contraction of a multiply and an add into one fused
+multiply-add (``fma`` rounds once where torch and the CPU round twice). The interpreter
+never fuses; the CUDA backend does unless told not to (``tests/compile_for_gpu.py``
+compiles every launch for sm_90 and counts the ``fma`` instructions left in the PTX).
 """
 
 from __future__ import annotations
@@ -17,7 +23,10 @@ import triton.language as tl
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["dequantize", "dequantize_reference", "scale_code"]
+__all__ = ["EXACT", "dequantize", "dequantize_reference", "scale_code"]
+
+#: launch options of the bit-exact kernels: IEEE operations as written, none fused
+EXACT = {"enable_fp_fusion": False}
 
 
 # -- exact decoders (shared by plan_exec and moe) -----------------------------------------
@@ -199,6 +208,7 @@ def dequantize(
         DST=_OUT[dtype],
         BLOCK_R=block_r,
         BLOCK_C=block_c,
+        **EXACT,
     )
     return out
 

@@ -37,7 +37,7 @@ from ..errors import InvalidArgumentError
 
 # the helpers _scale_at calls are imported too: the Triton interpreter resolves the names
 # of nested jit calls in the launching kernel's module
-from .dequant import _e2m1, _e4m3, _int4_value, _scale_at
+from .dequant import EXACT, _e2m1, _e4m3, _int4_value, _scale_at
 
 __all__ = ["Staged", "commit", "execute", "stage"]
 
@@ -50,11 +50,11 @@ _BLOCK = 256  # elements per inner step
 def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
     """This program's op (axis 0) from the descriptor table, and its block of rows (axis
     1): ``(row pointer, src, stride, r0, c0, c1, src elem bytes, dst elem bytes, dst,
-    first row, end row)``."""
+    rows, live)``: ``rows`` the block's ``ROWS`` source row indices as a column
+    ``[ROWS, 1]``, ``live`` those below the op's end row."""
     row = table + tl.program_id(0) * COLS
     r0 = tl.load(row + 3)
-    first = r0 + tl.program_id(1) * ROWS
-    last = tl.minimum(first + ROWS, tl.load(row + 4))
+    rows = r0 + tl.program_id(1) * ROWS + tl.arange(0, ROWS)[:, None]
     return (
         row,
         tl.load(row + 1),
@@ -65,39 +65,40 @@ def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
         tl.load(row + 7),
         tl.load(row + 8),
         tl.load(row + 10),
-        first,
-        last,
+        rows,
+        rows < tl.load(row + 4),
     )
+
+
+# Each program moves a tile of ROWS rows x BLOCK columns per step, along its rows.
 
 
 @triton.jit
 def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    _row, src, stride, r0, c0, c1, es, _os, dst, first, last = _descriptor(table, COLS, ROWS)
+    _row, src, stride, r0, c0, c1, es, _os, dst, r, live = _descriptor(table, COLS, ROWS)
     nbytes = (c1 - c0) * es
-    offs = tl.arange(0, BLOCK)
-    for r in range(first, last):
-        s = src + r * stride + c0 * es
-        d = dst + (r - r0) * nbytes
-        for start in range(0, nbytes, BLOCK):
-            m = start + offs < nbytes
-            v = tl.load(base + s + start + offs, mask=m)
-            tl.store(base + d + start + offs, v, mask=m)
+    offs = tl.arange(0, BLOCK)[None, :]
+    s = base + src + r * stride + c0 * es
+    d = base + dst + (r - r0) * nbytes
+    for start in range(0, nbytes, BLOCK):
+        m = live & (start + offs < nbytes)
+        v = tl.load(s + start + offs, mask=m)
+        tl.store(d + start + offs, v, mask=m)
 
 
 @triton.jit
 def convert_ops(
     base, table, SRC: tl.constexpr, DST: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):
-    _row, src, stride, r0, c0, c1, es, os, dst, first, last = _descriptor(table, COLS, ROWS)
+    _row, src, stride, r0, c0, c1, es, os, dst, r, live = _descriptor(table, COLS, ROWS)
     n = c1 - c0
-    offs = tl.arange(0, BLOCK)
-    for r in range(first, last):
-        sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
-        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
-        for start in range(0, n, BLOCK):
-            m = start + offs < n
-            v = tl.load(sp + start + offs, mask=m)
-            tl.store(dp + start + offs, v.to(DST), mask=m)
+    offs = tl.arange(0, BLOCK)[None, :]
+    sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
+    dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+    for start in range(0, n, BLOCK):
+        m = live & (start + offs < n)
+        v = tl.load(sp + start + offs, mask=m)
+        tl.store(dp + start + offs, v.to(DST), mask=m)
 
 
 @triton.jit
@@ -111,33 +112,33 @@ def dequant_ops(
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row, src, stride, r0, c0, c1, _es, os, dst, first, last = _descriptor(table, COLS, ROWS)
+    row, src, stride, r0, c0, c1, _es, os, dst, r, live = _descriptor(table, COLS, ROWS)
     sc = tl.load(row + 12)
     srow = tl.load(row + 13)
     br = tl.load(row + 14)
     bc = tl.load(row + 15)
     n = c1 - c0
-    offs = tl.arange(0, BLOCK)
-    for r in range(first, last):
-        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
-        for start in range(0, n, BLOCK):
-            m = start + offs < n
-            c = c0 + start + offs
-            srow_at = base + sc + (r // br) * srow
-            if FMT == 3:
-                b = tl.load(base + src + r * stride + c, mask=m, other=0)
-                w = _e4m3(b)
-            else:
-                byte = tl.load(base + src + r * stride + c // 2, mask=m, other=0).to(tl.int32)
-                code = (byte >> ((c % 2) * 4)) & 0xF
-            s = _scale_at(srow_at, c // bc, m, SDT)
-            if FMT == 1:
-                v = _int4_value(code, s, SDT)
-            elif FMT == 2:
-                v = _e2m1(code) * s
-            else:
-                v = w * s
-            tl.store(dp + start + offs, v.to(DST), mask=m)
+    offs = tl.arange(0, BLOCK)[None, :]
+    dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+    sp = base + src + r * stride
+    srow_at = base + sc + (r // br) * srow
+    for start in range(0, n, BLOCK):
+        m = live & (start + offs < n)
+        c = c0 + start + offs
+        if FMT == 3:
+            b = tl.load(sp + c, mask=m, other=0)
+            w = _e4m3(b)
+        else:
+            byte = tl.load(sp + c // 2, mask=m, other=0).to(tl.int32)
+            code = (byte >> ((c % 2) * 4)) & 0xF
+        s = _scale_at(srow_at, c // bc, m, SDT)
+        if FMT == 1:
+            v = _int4_value(code, s, SDT)
+        elif FMT == 2:
+            v = _e2m1(code) * s
+        else:
+            v = w * s
+        tl.store(dp + start + offs, v.to(DST), mask=m)
 
 
 def _dtype(code: int) -> Any:
@@ -186,25 +187,25 @@ def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
     table[:, 10] -= origin
     table[:, 12] = torch.where(table[:, 0] == 2, table[:, 12] - origin, table[:, 12])
     base_u8 = base.view(-1).view(torch.uint8) if base.numel() else base
-    rows = (table[:, 4] - table[:, 3]).max().item()
-    grid_rows = -(-int(rows) // _ROWS)
+
+    def launch(kernel, sel: torch.Tensor, **meta) -> None:
+        # as many row blocks as the launch's tallest op needs
+        grid_rows = -(-int((sel[:, 4] - sel[:, 3]).max()) // _ROWS)
+        kernel[(len(sel), grid_rows)](
+            base_u8, sel.contiguous().to(device), COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK, **meta, **EXACT
+        )
+
     kinds = table[:, 0]
     copies = table[kinds == 0]
     if len(copies):
-        t = copies.contiguous().to(device)
-        copy_ops[(len(copies), grid_rows)](base_u8, t, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
+        launch(copy_ops, copies)
     converts = table[kinds == 1]
     for conv in sorted(set(converts[:, 11].tolist())):
-        sel = converts[converts[:, 11] == conv].contiguous().to(device)
-        src, dst = _dtype(conv >> 8), _dtype(conv & 0xFF)
-        convert_ops[(len(sel), grid_rows)](base_u8, sel, SRC=src, DST=dst, COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK)
+        launch(convert_ops, converts[converts[:, 11] == conv], SRC=_dtype(conv >> 8), DST=_dtype(conv & 0xFF))
     deq = table[kinds == 2]
-    for key in sorted({(f, sdt, to) for f, sdt, to in deq[:, [16, 17, 11]].tolist()}):
-        f, sdt, to = key
-        sel = deq[(deq[:, 16] == f) & (deq[:, 17] == sdt) & (deq[:, 11] == to)].contiguous().to(device)
-        dequant_ops[(len(sel), grid_rows)](
-            base_u8, sel, FMT=f, SDT=sdt, DST=_dtype(to), COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK
-        )
+    for f, sdt, to in sorted({(f, sdt, to) for f, sdt, to in deq[:, [16, 17, 11]].tolist()}):
+        sel = deq[(deq[:, 16] == f) & (deq[:, 17] == sdt) & (deq[:, 11] == to)]
+        launch(dequant_ops, sel, FMT=f, SDT=sdt, DST=_dtype(to))
 
 
 def execute(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) -> None:

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
-from .dequant import _bf16_to_f32, _round_bf16
+from .dequant import EXACT, _bf16_to_f32, _round_bf16
 
 __all__ = ["quantize_fp8_block", "quantize_int4", "quantize_mxfp4", "takes"]
 
@@ -283,6 +283,7 @@ def quantize_int4(
             QDT=_promoted(w, scale_dtype),
             QAT=rule == "int4-qat",
             ROWS=_ROWS,
+            **EXACT,
         )
     _checked(bad, what)
     return {
@@ -301,7 +302,7 @@ def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what: str = "") -> dict[
     bad = torch.zeros(1, dtype=torch.int32, device=w.device)
     if out and inp:
         _mxfp4_kernel[(triton.cdiv(out, _ROWS), inp // group)](
-            src, packed, scale, bad, out, inp, GROUP=group, IN=_IN[w.dtype], ROWS=_ROWS
+            src, packed, scale, bad, out, inp, GROUP=group, IN=_IN[w.dtype], ROWS=_ROWS, **EXACT
         )
     _checked(bad, what)
     return {"weight": packed, "weight_scale": scale}
@@ -334,6 +335,7 @@ def quantize_fp8_block(
             IN=_IN[w.dtype],
             TR=triton.next_power_of_2(br),
             TC=triton.next_power_of_2(bc),
+            **EXACT,
         )
     _checked(bad, what)
     return {"weight": q, "weight_scale_inv": inv}

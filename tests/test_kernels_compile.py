@@ -1,0 +1,76 @@
+"""Every Triton kernel the package launches compiles for the GPUs it is meant for
+(sm_90: H100 / H200), here, without a GPU: ``compile_for_gpu.py`` runs each entry point
+with the launch replaced by Triton's own compiler for the CUDA backend (TTIR -> PTX ->
+``ptxas``). The interpreter the other kernel tests run under does not type-check what
+the compiler does, and never fuses a multiply with an add; this checks both: every
+launch compiles, fits the shared memory of one sm_90 block, and the kernels that must be
+bit exact (dequantization, quantize-on-sync, the device executor, the hash) keep no
+fused multiply-add in their PTX."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+import kimi_loader.kernels
+
+HERE = os.path.dirname(__file__)
+KERNELS = os.path.dirname(kimi_loader.kernels.__file__)
+BIT_EXACT = {"dequant", "quantize", "plan_exec", "hash"}  # modules whose kernels equal a reference bit for bit
+SM90_SHARED = 227 * 1024  # the most shared memory one block gets on sm_90
+
+
+def _launched() -> dict[str, str]:
+    """The package's kernels, by module: every ``@triton.jit`` function that no other
+    one calls (the rest are helpers, compiled into the kernels that call them)."""
+    jitted, called = {}, set()
+    for f in sorted(os.listdir(KERNELS)):
+        if f.endswith(".py"):
+            tree = ast.parse(open(os.path.join(KERNELS, f)).read())
+            for node in tree.body:
+                if isinstance(node, ast.FunctionDef) and "triton.jit" in map(ast.unparse, node.decorator_list):
+                    jitted[node.name] = f[:-3]
+                    calls = [c.func for c in ast.walk(node) if isinstance(c, ast.Call)]
+                    called |= {c.id for c in calls if isinstance(c, ast.Name)}
+    return {name: module for name, module in jitted.items() if name not in called}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sm90") / "compiled.json"
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": os.fspath(out.parent / "cache")}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "compile_for_gpu.py"), "90", os.fspath(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_every_kernel_launched_compiles_for_sm90(compiled):
+    launched = _launched()
+    assert len(launched) >= 10, launched  # (the pattern still finds the launches)
+    assert {c["kernel"] for c in compiled} == set(launched)
+    for c in compiled:
+        assert c["cubin_bytes"] > 0, c
+        assert c["shared"] <= SM90_SHARED, c
+
+
+def test_bit_exact_kernels_keep_no_fused_multiply_add(compiled):
+    launched = _launched()
+    exact = [c for c in compiled if launched[c["kernel"]] in BIT_EXACT]
+    assert {launched[c["kernel"]] for c in exact} == BIT_EXACT
+    fused = [(c["kernel"], c["constexprs"], c["fma"]) for c in exact if c["fma"]]
+    assert not fused, fused
+    # (the tolerance-tested matmul kernels do fuse, as they should: the check sees fma)
+    assert any(c["fma"] for c in compiled if launched[c["kernel"]] == "moe")
