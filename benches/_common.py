@@ -27,6 +27,33 @@ DS_1G6 = dict(
 )
 
 
+def ds_shape(**overrides) -> dict:
+    """The benchmarks' DeepSeek-V3-layout model: 12 layers (the first dense), 1024 wide,
+    MLA at a quarter of V3's widths, an 8192 vocabulary, no MTP layer, in 8 shards;
+    ``overrides`` on top (experts, groups, quantization)."""
+    return (
+        dict(
+            preset="deepseek-v3-tiny",
+            num_shards=8,
+            hidden_size=1024,
+            intermediate_size=2048,
+            moe_intermediate_size=512,
+            num_hidden_layers=12,
+            first_k_dense_replace=1,
+            vocab_size=8192,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            q_lora_rank=256,
+            kv_lora_rank=128,
+            qk_nope_head_dim=64,
+            qk_rope_head_dim=32,
+            v_head_dim=64,
+            num_nextn_predict_layers=0,
+        )
+        | overrides
+    )
+
+
 def checkpoint(name: str, **kwargs) -> str:
     """A synthetic checkpoint generated once into the bench cache and reused."""
     import shutil

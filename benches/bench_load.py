@@ -18,29 +18,9 @@ import json
 import subprocess
 import sys
 
-from _common import checkpoint, interleaved, record, row, section, warm
+from _common import checkpoint, ds_shape, interleaved, record, row, section, warm
 
-SHAPE = dict(
-    preset="deepseek-v3-tiny",
-    num_shards=8,
-    hidden_size=1024,
-    intermediate_size=2048,
-    moe_intermediate_size=512,
-    n_routed_experts=16,
-    num_hidden_layers=12,
-    first_k_dense_replace=1,
-    vocab_size=8192,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    num_nextn_predict_layers=0,
-    n_group=4,
-    topk_group=2,
-)
+SHAPE = ds_shape(n_routed_experts=16, n_group=4, topk_group=2)
 
 # Runs one contender in a fresh interpreter; prints JSON {seconds, peak_anon, dest_bytes}.
 _CHILD = r"""

@@ -14,29 +14,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import kimi_loader
-from _common import best_of, checkpoint, row
+from _common import best_of, checkpoint, ds_shape, row
 
 # DeepSeek-V3 layout, bf16, ~1.2 GB in 8 shards
-SHAPE = dict(
-    preset="deepseek-v3-tiny",
-    quant="bf16",
-    num_shards=8,
-    hidden_size=1024,
-    intermediate_size=2048,
-    moe_intermediate_size=512,
-    n_routed_experts=32,
-    num_hidden_layers=12,
-    first_k_dense_replace=1,
-    vocab_size=8192,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    num_nextn_predict_layers=0,
-)
+SHAPE = ds_shape(quant="bf16", n_routed_experts=32)
 
 
 def main() -> None:

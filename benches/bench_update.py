@@ -20,31 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import kimi_loader
-from _common import CACHE, checkpoint, interleaved, row, warm
+from _common import CACHE, checkpoint, ds_shape, interleaved, row, warm
 from kimi_loader.rl import WeightUpdater
 
-SHAPE = dict(
-    preset="deepseek-v3-tiny",
-    quant="bf16",
-    num_shards=8,
-    hidden_size=1024,
-    intermediate_size=2048,
-    moe_intermediate_size=512,
-    n_routed_experts=8,
-    num_hidden_layers=12,
-    first_k_dense_replace=1,
-    vocab_size=8192,
-    num_attention_heads=8,
-    num_key_value_heads=8,
-    q_lora_rank=256,
-    kv_lora_rank=128,
-    qk_nope_head_dim=64,
-    qk_rope_head_dim=32,
-    v_head_dim=64,
-    num_nextn_predict_layers=0,
-    n_group=4,
-    topk_group=2,
-)
+SHAPE = ds_shape(quant="bf16", n_routed_experts=8, n_group=4, topk_group=2)
 
 
 def delta_checkpoint(src: str, fraction: float) -> tuple[str, int]:
