@@ -8,7 +8,8 @@ Each public entry point is called on small CPU tensors with ``JITFunction.run`` 
 a launch goes through Triton's own argument binder and specialization for the CUDA
 backend, is compiled to PTX and a cubin (``ptxas``, shipped with Triton), and is not run.
 What each compiled launch gives is written as JSON: the kernel, its constexprs, its shared
-memory, and its PTX's count of fused multiply-adds (``fma.rn``)."""
+memory, and its PTX's counts of fused multiply-adds (``fma.rn``) and of tensor-core
+matrix multiplies (``mma`` / ``wgmma``)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def _capture(target: GPUTarget):
                 "shared": kernel.metadata.shared,
                 "cubin_bytes": len(kernel.asm["cubin"]),
                 "fma": len(re.findall(r"\bfma\.rn\.", kernel.asm["ptx"])),
+                "mma": len(re.findall(r"\b(?:wgmma|mma)\.", kernel.asm["ptx"])),
             }
         )
         return None

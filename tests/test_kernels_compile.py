@@ -5,7 +5,7 @@ with the launch replaced by Triton's own compiler for the CUDA backend (TTIR -> 
 the compiler does, and never fuses a multiply with an add; this checks both: every
 launch compiles, fits the shared memory of one sm_90 block, and the kernels that must be
 bit exact (dequantization, quantize-on-sync, the device executor, the hash) keep no
-fused multiply-add in their PTX."""
+fused multiply-add in their PTX; and the 16-bit prefill MoE is on tensor cores."""
 
 from __future__ import annotations
 
@@ -74,3 +74,12 @@ def test_bit_exact_kernels_keep_no_fused_multiply_add(compiled):
     assert not fused, fused
     # (the tolerance-tested matmul kernels do fuse, as they should: the check sees fma)
     assert any(c["fma"] for c in compiled if launched[c["kernel"]] == "moe")
+
+
+def test_16_bit_grouped_moe_multiplies_on_tensor_cores(compiled):
+    """The prefill MoE's ``tl.dot`` in bf16 / fp16 (``DOT`` 1, 2) becomes tensor-core MMA
+    instructions, and its IEEE float32 form (``DOT`` 3, never TF32) does not."""
+    grouped = [c for c in compiled if c["kernel"] in ("_gate_up_grouped", "_down_grouped")]
+    assert {c["constexprs"]["DOT"] for c in grouped} == {"1", "2", "3"}
+    for c in grouped:
+        assert (c["mma"] > 0) == (c["constexprs"]["DOT"] != "3"), c

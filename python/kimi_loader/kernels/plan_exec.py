@@ -3,8 +3,9 @@
 Every op writes rows ``r0..r1`` x columns ``c0..c1`` of its source, contiguous, at a byte
 offset of its destination (``kimi_loader_core::exec::op_table``). The ops of one kind run
 in one launch over a descriptor table (one row per op: source address, row bytes, the
-row and column ranges, destination address); a program copies a block of rows of one op.
-Addresses are passed as byte offsets from one base tensor, so any number of source and
+row and column ranges, destination address); a program moves a block of 16 rows of one
+op, a 16 x 256 tile per step along them, and each launch has as many row blocks as its
+tallest op needs. Addresses are passed as byte offsets from one base tensor, so any number of source and
 destination tensors are reached from one kernel argument.
 
 Copy ops move bytes; convert ops load in the source dtype and store in the destination
@@ -43,7 +44,7 @@ __all__ = ["Staged", "commit", "execute", "stage"]
 
 _COLS = _core.OP_TABLE_COLS
 _ROWS = 16  # rows of one op per program
-_BLOCK = 256  # elements per inner step
+_BLOCK = 256  # columns per step (bytes, for copies): a tile is _ROWS x _BLOCK
 
 
 @triton.jit
@@ -68,9 +69,6 @@ def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
         rows,
         rows < tl.load(row + 4),
     )
-
-
-# Each program moves a tile of ROWS rows x BLOCK columns per step, along its rows.
 
 
 @triton.jit
