@@ -8,11 +8,14 @@ Each public entry point is called on small CPU tensors with ``JITFunction.run`` 
 a launch goes through Triton's own argument binder and specialization for the CUDA
 backend, is compiled to PTX and a cubin (``ptxas``, shipped with Triton), and is not run.
 What each compiled launch gives is written as JSON: the kernel, its constexprs, its shared
-memory, and its PTX's counts of fused multiply-adds (``fma.rn``) and of tensor-core
-matrix multiplies (``mma`` / ``wgmma``)."""
+memory, its registers and spilled bytes per thread (``ptxas -v``), and its PTX's counts
+of fused multiply-adds (``fma.rn``) and of tensor-core matrix multiplies (``mma`` /
+``wgmma``)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -20,11 +23,13 @@ import sys
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 COMPILED: list[dict] = []
+PTXAS: dict[str, tuple[int, int]] = {}  # binary hash -> (registers, spill bytes) per thread
 
 
 def _capture(target: GPUTarget):
@@ -35,7 +40,17 @@ def _capture(target: GPUTarget):
         binder = create_function_from_signature(self.signature, self.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, specialization, options)
-        kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):  # ptxas -v, printed by Triton (dump_ptxas_log)
+            kernel = triton.compile(
+                ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__
+            )
+        regs = re.findall(r"Used (\d+) registers", log.getvalue())
+        spills = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+        if regs:
+            PTXAS[kernel.hash] = int(regs[-1]), int(spills[-1])
+        # (no log: Triton's cache had this binary, from an earlier launch of this run)
+        registers, spill_bytes = PTXAS[kernel.hash]
         names = [p.name for p in self.params]
         COMPILED.append(
             {
@@ -43,6 +58,8 @@ def _capture(target: GPUTarget):
                 "constexprs": {names[k[0]]: repr(v) for k, v in constexprs.items()},
                 "num_warps": options.num_warps,
                 "shared": kernel.metadata.shared,
+                "registers": registers,
+                "spill_bytes": spill_bytes,
                 "cubin_bytes": len(kernel.asm["cubin"]),
                 "fma": len(re.findall(r"\bfma\.rn\.", kernel.asm["ptx"])),
                 "mma": len(re.findall(r"\b(?:wgmma|mma)\.", kernel.asm["ptx"])),
@@ -131,12 +148,13 @@ def _plan_exec_kinds(plan_exec) -> None:
             table[k, col] = v
     table[:, 4] = 1  # one row each
     base = torch.zeros(64, dtype=torch.uint8)
-    plan_exec._run(table, base.device, base)
+    plan_exec._run(table, base.device, base, tile=plan_exec._tile_rows(torch.device("cuda")))
 
 
 def main() -> None:
     arch, out = int(sys.argv[1]), sys.argv[2]
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compiles for the GPU: run without TRITON_INTERPRET"
+    knobs.nvidia.dump_ptxas_log = True
     JITFunction.run = _capture(GPUTarget("cuda", arch, 32))
     _launch_everything()
     with open(out, "w") as fh:

@@ -84,9 +84,26 @@ def test_device_dequantization_equals_the_cpu_executor(synth_dir, quant, out):
     """Dense destinations (transformers' model): every quantized weight is a dequantizing
     op; the kernel's bytes equal the Rust executor's (bf16 scales decoded with integer
     operations, so the interpreter computes them exactly)."""
+    _dequantization_equals_the_cpu_executor(synth_dir, quant, out)
+
+
+@pytest.mark.parametrize("tile", [4, 16])
+def test_row_tiles_ending_mid_tile(synth_dir, tile, monkeypatch):
+    """Ops of 1001, 102 and 50 rows (an odd vocabulary; 3 heads of 16 + 18; a 32 + 18
+    latent), dequantized (FP8, with 128-row scale blocks cut short) and converted, in the
+    tile a GPU runs (4 rows a step) and the interpreter's (16): the same bytes as the CPU
+    executor, every element written."""
+    monkeypatch.setattr(plan_exec, "_tile_rows", lambda device: tile)
+    odd = dict(vocab_size=1001, num_attention_heads=3, num_key_value_heads=3, qk_rope_head_dim=18)
+    rows = _dequantization_equals_the_cpu_executor(synth_dir, "fp8-block", torch.float32, **odd)
+    assert {1001, 102, 50} <= rows
+
+
+def _dequantization_equals_the_cpu_executor(synth_dir, quant: str, out: torch.dtype, **shape) -> set[int]:
+    """The row counts of the ops compared."""
     from kimi_loader.models.hf import empty_model
 
-    path = synth_dir("deepseek-v3-tiny", quant)
+    path = synth_dir("deepseek-v3-tiny", quant, **shape)
     mem, _ = _memory_checkpoint(path, torch.bfloat16)  # (bf16 stays bf16: only copies of it)
     hf = empty_model(path, dtype=out, device="meta")
     planned = plan_for(hf, mem)
@@ -103,6 +120,9 @@ def test_device_dequantization_equals_the_cpu_executor(synth_dir, quant, out):
     done = {plan.op_dests()[k] for k in which}
     for d in done:
         assert torch.equal(as_bytes(ref[d]), as_bytes(got[d])), names[d]
+        assert not torch.isnan(got[d]).any(), names[d]  # every element written
+    table = torch.frombuffer(bytearray(plan.op_table(which)), dtype=torch.int64).view(-1, _core.OP_TABLE_COLS)
+    return set((table[:, 4] - table[:, 3]).tolist())
 
 
 def test_device_executor_checks_every_destination_before_a_launch(synth_dir):

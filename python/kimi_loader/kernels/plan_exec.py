@@ -4,8 +4,9 @@ Every op writes rows ``r0..r1`` x columns ``c0..c1`` of its source, contiguous, 
 offset of its destination (``kimi_loader_core::exec::op_table``). The ops of one kind run
 in one launch over a descriptor table (one row per op: source address, row bytes, the
 row and column ranges, destination address); a program moves a block of 16 rows of one
-op, a 16 x 256 tile per step along them, and each launch has as many row blocks as its
-tallest op needs. Addresses are passed as byte offsets from one base tensor, so any number of source and
+op in tiles of ``TILE`` rows x 256 columns (:func:`_tile_rows`: 4 rows on a GPU, 16 in
+the interpreter), and each launch has as many row blocks as its tallest op needs.
+Addresses are passed as byte offsets from one base tensor, so any number of source and
 destination tensors are reached from one kernel argument.
 
 Copy ops move bytes; convert ops load in the source dtype and store in the destination
@@ -44,18 +45,26 @@ __all__ = ["Staged", "commit", "execute", "stage"]
 
 _COLS = _core.OP_TABLE_COLS
 _ROWS = 16  # rows of one op per program
-_BLOCK = 256  # columns per step (bytes, for copies): a tile is _ROWS x _BLOCK
+_BLOCK = 256  # columns per step (bytes, for copies): a step moves a TILE x _BLOCK tile
+
+
+def _tile_rows(device: torch.device) -> int:
+    """Rows of one step. On a GPU 4: a 4 x 256 tile keeps the dequantizing kernels at ~80
+    registers a thread (4 warps), where 16 x 256 needs 255 and spills (ptxas for sm_90).
+    On CPU tensors (the Triton interpreter) all 16 at once: numpy moves a whole tile per
+    step, and a step's fixed cost is what the interpreter spends its time on."""
+    return _ROWS if device.type == "cpu" else 4
 
 
 @triton.jit
 def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
     """This program's op (axis 0) from the descriptor table, and its block of rows (axis
     1): ``(row pointer, src, stride, r0, c0, c1, src elem bytes, dst elem bytes, dst,
-    rows, live)``: ``rows`` the block's ``ROWS`` source row indices as a column
-    ``[ROWS, 1]``, ``live`` those below the op's end row."""
+    first row, end row)``."""
     row = table + tl.program_id(0) * COLS
     r0 = tl.load(row + 3)
-    rows = r0 + tl.program_id(1) * ROWS + tl.arange(0, ROWS)[:, None]
+    first = r0 + tl.program_id(1) * ROWS
+    last = tl.minimum(first + ROWS, tl.load(row + 4))
     return (
         row,
         tl.load(row + 1),
@@ -66,37 +75,50 @@ def _descriptor(table, COLS: tl.constexpr, ROWS: tl.constexpr):
         tl.load(row + 7),
         tl.load(row + 8),
         tl.load(row + 10),
-        rows,
-        rows < tl.load(row + 4),
+        first,
+        last,
     )
 
 
 @triton.jit
-def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    _row, src, stride, r0, c0, c1, es, _os, dst, r, live = _descriptor(table, COLS, ROWS)
+def copy_ops(base, table, COLS: tl.constexpr, ROWS: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    _row, src, stride, r0, c0, c1, es, _os, dst, first, last = _descriptor(table, COLS, ROWS)
     nbytes = (c1 - c0) * es
     offs = tl.arange(0, BLOCK)[None, :]
-    s = base + src + r * stride + c0 * es
-    d = base + dst + (r - r0) * nbytes
-    for start in range(0, nbytes, BLOCK):
-        m = live & (start + offs < nbytes)
-        v = tl.load(s + start + offs, mask=m)
-        tl.store(d + start + offs, v, mask=m)
+    for t in range(first, last, TILE):
+        r = t + tl.arange(0, TILE)[:, None]
+        live = r < last
+        s = base + src + r * stride + c0 * es
+        d = base + dst + (r - r0) * nbytes
+        for start in range(0, nbytes, BLOCK):
+            m = live & (start + offs < nbytes)
+            v = tl.load(s + start + offs, mask=m)
+            tl.store(d + start + offs, v, mask=m)
 
 
 @triton.jit
 def convert_ops(
-    base, table, SRC: tl.constexpr, DST: tl.constexpr, COLS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr
+    base,
+    table,
+    SRC: tl.constexpr,
+    DST: tl.constexpr,
+    COLS: tl.constexpr,
+    ROWS: tl.constexpr,
+    TILE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    _row, src, stride, r0, c0, c1, es, os, dst, r, live = _descriptor(table, COLS, ROWS)
+    _row, src, stride, r0, c0, c1, es, os, dst, first, last = _descriptor(table, COLS, ROWS)
     n = c1 - c0
     offs = tl.arange(0, BLOCK)[None, :]
-    sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
-    dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
-    for start in range(0, n, BLOCK):
-        m = live & (start + offs < n)
-        v = tl.load(sp + start + offs, mask=m)
-        tl.store(dp + start + offs, v.to(DST), mask=m)
+    for t in range(first, last, TILE):
+        r = t + tl.arange(0, TILE)[:, None]
+        live = r < last
+        sp = (base + src + r * stride + c0 * es).to(tl.pointer_type(SRC))
+        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+        for start in range(0, n, BLOCK):
+            m = live & (start + offs < n)
+            v = tl.load(sp + start + offs, mask=m)
+            tl.store(dp + start + offs, v.to(DST), mask=m)
 
 
 @triton.jit
@@ -108,35 +130,39 @@ def dequant_ops(
     DST: tl.constexpr,
     COLS: tl.constexpr,
     ROWS: tl.constexpr,
+    TILE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row, src, stride, r0, c0, c1, _es, os, dst, r, live = _descriptor(table, COLS, ROWS)
+    row, src, stride, r0, c0, c1, _es, os, dst, first, last = _descriptor(table, COLS, ROWS)
     sc = tl.load(row + 12)
     srow = tl.load(row + 13)
     br = tl.load(row + 14)
     bc = tl.load(row + 15)
     n = c1 - c0
     offs = tl.arange(0, BLOCK)[None, :]
-    dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
-    sp = base + src + r * stride
-    srow_at = base + sc + (r // br) * srow
-    for start in range(0, n, BLOCK):
-        m = live & (start + offs < n)
-        c = c0 + start + offs
-        if FMT == 3:
-            b = tl.load(sp + c, mask=m, other=0)
-            w = _e4m3(b)
-        else:
-            byte = tl.load(sp + c // 2, mask=m, other=0).to(tl.int32)
-            code = (byte >> ((c % 2) * 4)) & 0xF
-        s = _scale_at(srow_at, c // bc, m, SDT)
-        if FMT == 1:
-            v = _int4_value(code, s, SDT)
-        elif FMT == 2:
-            v = _e2m1(code) * s
-        else:
-            v = w * s
-        tl.store(dp + start + offs, v.to(DST), mask=m)
+    for t in range(first, last, TILE):
+        r = t + tl.arange(0, TILE)[:, None]
+        live = r < last
+        dp = (base + dst + (r - r0) * n * os).to(tl.pointer_type(DST))
+        sp = base + src + r * stride
+        srow_at = base + sc + (r // br) * srow
+        for start in range(0, n, BLOCK):
+            m = live & (start + offs < n)
+            c = c0 + start + offs
+            if FMT == 3:
+                b = tl.load(sp + c, mask=m, other=0)
+                w = _e4m3(b)
+            else:
+                byte = tl.load(sp + c // 2, mask=m, other=0).to(tl.int32)
+                code = (byte >> ((c % 2) * 4)) & 0xF
+            s = _scale_at(srow_at, c // bc, m, SDT)
+            if FMT == 1:
+                v = _int4_value(code, s, SDT)
+            elif FMT == 2:
+                v = _e2m1(code) * s
+            else:
+                v = w * s
+            tl.store(dp + start + offs, v.to(DST), mask=m)
 
 
 def _dtype(code: int) -> Any:
@@ -176,9 +202,11 @@ def _out_bytes(table: torch.Tensor) -> torch.Tensor:
     return (table[:, 4] - table[:, 3]) * (table[:, 6] - table[:, 5]) * table[:, 8]
 
 
-def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
+def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor, tile: int | None = None) -> None:
     """Launches the ops of ``table`` (absolute addresses) on ``device``: one launch per op
-    kind, addresses passed as byte offsets from ``base``."""
+    kind, addresses passed as byte offsets from ``base``; ``tile``: rows per step
+    (:func:`_tile_rows` of the device unless given)."""
+    tile = tile or _tile_rows(device)
     origin = base.data_ptr()
     table = table.clone()
     table[:, 1] -= origin
@@ -190,7 +218,7 @@ def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
         # as many row blocks as the launch's tallest op needs
         grid_rows = -(-int((sel[:, 4] - sel[:, 3]).max()) // _ROWS)
         kernel[(len(sel), grid_rows)](
-            base_u8, sel.contiguous().to(device), COLS=_COLS, ROWS=_ROWS, BLOCK=_BLOCK, **meta, **EXACT
+            base_u8, sel.contiguous().to(device), COLS=_COLS, ROWS=_ROWS, TILE=tile, BLOCK=_BLOCK, **meta, **EXACT
         )
 
     kinds = table[:, 0]
