@@ -148,7 +148,9 @@ def _plan_exec_kinds(plan_exec) -> None:
             table[k, col] = v
     table[:, 4] = 1  # one row each
     base = torch.zeros(64, dtype=torch.uint8)
-    plan_exec._run(table, base.device, base, tile=plan_exec._tile_rows(torch.device("cuda")))
+    gpu_tile = plan_exec._tile_rows(torch.device("cuda"))  # (the tensors are on the CPU)
+    plan_exec._tile_rows = lambda device: gpu_tile
+    plan_exec._run(table, base.device, base)
 
 
 def main() -> None:

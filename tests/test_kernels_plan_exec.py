@@ -121,7 +121,7 @@ def _dequantization_equals_the_cpu_executor(synth_dir, quant: str, out: torch.dt
     for d in done:
         assert torch.equal(as_bytes(ref[d]), as_bytes(got[d])), names[d]
         assert not torch.isnan(got[d]).any(), names[d]  # every element written
-    table = torch.frombuffer(bytearray(plan.op_table(which)), dtype=torch.int64).view(-1, _core.OP_TABLE_COLS)
+    table, _ = plan_exec._table(plan, which, got)
     return set((table[:, 4] - table[:, 3]).tolist())
 
 

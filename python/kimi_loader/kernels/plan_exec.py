@@ -202,11 +202,10 @@ def _out_bytes(table: torch.Tensor) -> torch.Tensor:
     return (table[:, 4] - table[:, 3]) * (table[:, 6] - table[:, 5]) * table[:, 8]
 
 
-def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor, tile: int | None = None) -> None:
+def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
     """Launches the ops of ``table`` (absolute addresses) on ``device``: one launch per op
-    kind, addresses passed as byte offsets from ``base``; ``tile``: rows per step
-    (:func:`_tile_rows` of the device unless given)."""
-    tile = tile or _tile_rows(device)
+    kind, addresses passed as byte offsets from ``base``."""
+    tile = _tile_rows(device)
     origin = base.data_ptr()
     table = table.clone()
     table[:, 1] -= origin
