@@ -98,14 +98,15 @@ def engines(ds, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("engines")
     kimi = make_checkpoint(tmp / "kimi", preset="kimi-k2.5-tiny-576", quant="bf16")
     new = make_checkpoint(tmp / "step1", preset="deepseek-v3-tiny-576", quant="bf16", seed=1)
+    kimi_cut = _without(kimi, DROP_VISION, tmp / "kimi-cut")
     jobs = {
         "reload-kimi_loader": (ds, "kimi_loader", new),
         "reload-auto": (ds, "auto", new),
         "kimi-auto": (kimi, "auto", None),
         "kimi-kimi_loader": (kimi, "kimi_loader", None),
         "fresh": (new, "auto", None),
-        "cut-vision-auto": (_without(kimi, DROP_VISION, tmp / "kimi-cut"), "auto", None),
-        "cut-vision-kimi_loader": (os.fspath(tmp / "kimi-cut"), "kimi_loader", None),
+        "cut-vision-auto": (kimi_cut, "auto", None),
+        "cut-vision-kimi_loader": (kimi_cut, "kimi_loader", None),
         "cut-kimi_loader": (_without(ds, DROP_TEXT, tmp / "ds-cut"), "kimi_loader", None),
     }
     with ThreadPoolExecutor(max_workers=JOBS) as pool:
