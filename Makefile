@@ -10,8 +10,9 @@ STAMP := $(VENV)/.deps-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 export VIRTUAL_ENV := $(abspath $(VENV))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
+space := $(subst ,, )
 
-.PHONY: all venv build demo test test-rust test-python test-vllm bench gpu-check lint fmt clean
+.PHONY: all venv build demo test test-rust test-python test-vllm bench gpu-check gpu-wheels lint fmt clean
 
 all: build
 
@@ -56,11 +57,21 @@ test-vllm: build
 	cd tests/with_vllm && ../../$(VLLM_PY) -m pytest -v -p no:cacheprovider -c /dev/null --rootdir . .
 
 # On a GPU machine: the gpu-marked tests (bf16 on the device), the kernel and the GPU sync / load benchmarks,
-# results under benches/results/ (it says so and stops where there is no CUDA device)
+# results under benches/results/ (it says so and stops where there is no CUDA device).
+# benches/gpu_check.sh runs them without building, for a machine with its own torch and
+# triton and no package index (a lent GPU box): `make gpu-wheels` builds here the wheels to
+# carry there (ours, and the few test dependencies such a Python 3.12 image lacks).
 gpu-check: build
-	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
-	KIMI_LOADER_GPU_TESTS=1 $(PY) -m pytest -m gpu -v
-	cd benches && ../$(PY) bench_kernels.py && ../$(PY) bench_gpu_sync.py
+	PY=$(abspath $(PY)) benches/gpu_check.sh
+
+GPU_WHEELS ?= .gpu-wheels
+GPU_DEPS := compressed-tensors loguru pydantic pydantic-core annotated-types typing-inspection
+gpu-wheels: build
+	rm -rf $(GPU_WHEELS) && $(VENV)/bin/maturin build --release -q -o $(GPU_WHEELS)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d $(GPU_WHEELS) \
+	  $$($(PY) -m pip list --format=freeze | grep -iE '^($(subst $(space),|,$(subst -,[-_],$(GPU_DEPS))))==')
+	@ls $(GPU_WHEELS) && du -sh $(GPU_WHEELS)
 
 # Every benchmark, then its figures as a dated JSON + Markdown file under benches/results/
 # and the change against the previous one (benches/results.py compare).

@@ -14,6 +14,17 @@ if os.environ.get("KIMI_LOADER_GPU_TESTS") != "1" or not torch.cuda.is_available
 from kimi_loader.synth import make_checkpoint
 
 PRESETS = ("kimi-k2.5-tiny", "deepseek-v3-tiny")
+
+#: bf16 tolerances (max |error| / max |value|) of the kernels on a GPU against float32
+#: references: two bf16 epsilons (fp16 in the interpreter tests: 2e-3, two fp16 epsilons)
+BF16_TOL = 2 * torch.finfo(torch.bfloat16).eps
+
+
+def on_gpu(fn):
+    """A ``gpu`` test: run by ``make gpu-check`` (``-m gpu``), skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(fn))
+
+
 QUANTS = ("bf16", "ct-int4", "fp8-block", "quark-mxfp4")
 
 

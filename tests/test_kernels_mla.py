@@ -9,7 +9,27 @@ import torch
 from kimi_loader.errors import InvalidArgumentError
 
 pytest.importorskip("triton")
+from conftest import BF16_TOL, on_gpu
 from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
+
+
+def _mla_inputs(heads, lens, lora, rope, dtype, seed) -> tuple:
+    """Random queries and latent caches for sequences of ``lens`` tokens (on the CPU), the
+    padding past each length poisoned with NaN: a kernel reading past seq_lens fails."""
+    g = torch.Generator().manual_seed(seed)
+    b, s = len(lens), max(lens)
+    q_nope = torch.randn(b, heads, lora, generator=g).to(dtype)
+    q_rope = torch.randn(b, heads, rope, generator=g).to(dtype)
+    latent = torch.randn(b, s, lora, generator=g).to(dtype)
+    k_rope = torch.randn(b, s, rope, generator=g).to(dtype)
+    for i, n in enumerate(lens):
+        latent[i, n:] = float("nan")
+        k_rope[i, n:] = float("nan")
+    return q_nope, q_rope, latent, k_rope, torch.tensor(lens), (lora + rope) ** -0.5
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float().cpu() - want.float().cpu()).abs().max() / want.float().cpu().abs().max()).item()
 
 
 @pytest.mark.parametrize(
@@ -22,23 +42,30 @@ from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
     ],
 )
 def test_mla_decode_matches_the_reference(heads, lens, lora, rope, dtype):
-    g = torch.Generator().manual_seed(heads + sum(lens))
-    b, s = len(lens), max(lens)
-    q_nope = torch.randn(b, heads, lora, generator=g).to(dtype)
-    q_rope = torch.randn(b, heads, rope, generator=g).to(dtype)
-    latent = torch.randn(b, s, lora, generator=g).to(dtype)
-    k_rope = torch.randn(b, s, rope, generator=g).to(dtype)
-    for i, n in enumerate(lens):  # poison the padding: a kernel reading past seq_lens fails
-        latent[i, n:] = float("nan")
-        k_rope[i, n:] = float("nan")
-    seq_lens = torch.tensor(lens)
-    scale = (lora + rope) ** -0.5
-    want = mla_decode_reference(q_nope, q_rope, latent, k_rope, seq_lens, scale)
-    got = mla_decode(q_nope, q_rope, latent, k_rope, seq_lens, scale)
+    inputs = _mla_inputs(heads, lens, lora, rope, dtype, heads + sum(lens))
+    want = mla_decode_reference(*inputs)
+    got = mla_decode(*inputs)
     assert got.dtype == dtype and torch.isfinite(got).all()
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-    assert err < tol, err
+    assert _rel_err(got, want) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@on_gpu
+@pytest.mark.parametrize(
+    ("heads", "lens"),
+    [
+        (8, [1, 4096, 777]),  # Kimi-K2.5 at TP 8, ragged up to a 4k-token cache
+        (64, [33, 2048]),  # all 64 heads on one GPU
+        (5, [40, 3]),  # an odd head count
+    ],
+)
+def test_mla_decode_bf16_on_the_gpu_matches_the_float32_reference(heads, lens):
+    """Kimi-K2.5's widths (latent 512, rope 64), bf16 on the GPU, against the float32
+    reference of the same bf16 inputs: within two bf16 epsilons of the largest output."""
+    inputs = _mla_inputs(heads, lens, 512, 64, torch.bfloat16, heads + sum(lens))
+    want = mla_decode_reference(*(t.float() if t.is_floating_point() else t for t in inputs[:5]), inputs[5])
+    got = mla_decode(*(t.cuda() for t in inputs[:5]), inputs[5])
+    assert got.device.type == "cuda" and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    assert _rel_err(got, want) < BF16_TOL
 
 
 def test_mla_decode_refuses_bad_lengths():

@@ -11,7 +11,7 @@ import torch
 from reference import as_bytes, expected_params, rewrite
 
 import kimi_loader
-from conftest import QUANTS
+from conftest import QUANTS, on_gpu
 from kimi_loader import IncompleteLoadError, ShapeMismatchError, UnsupportedFormatError
 from kimi_loader.models import DeepseekV3ForCausalLM, KimiK25ForConditionalGeneration, for_config
 
@@ -391,7 +391,7 @@ def test_staged_path_gives_the_same_weights(synth_dir, staging_bytes):
     assert seen[-1] == sum(t.numel() * t.element_size() for t in kimi_loader.loader.destinations(staged).values())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@on_gpu
 def test_cuda_destinations(synth_dir):
     path = synth_dir("kimi-k2.5-tiny", "ct-int4")
     ck = kimi_loader.open(path)
