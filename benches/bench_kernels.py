@@ -11,36 +11,39 @@
   measured device-to-device bandwidth).
 
 Needs CUDA (the Triton interpreter is not a benchmark): without one it says so and exits
-0. ``make gpu-check`` runs it and writes ``benches/results/gpu-<date>.json``.
+0. ``make gpu-check`` runs it and writes ``benches/results/gpu-kernels-<date>.json``.
+``--smoke``: the same code on tiny sizes on the CPU (the Triton interpreter; nothing
+measured, nothing written): the test suite runs it so that the GPU run does not meet
+untried code.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
 import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-def main() -> int:
-    if not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
-        return 0
+
+def run(dev: torch.device, smoke: bool) -> dict:
+    """The figures on ``dev`` (``smoke``: tiny sizes, one timed call each)."""
     from _common import device_timer
     from kimi_loader.kernels.moe import moe_w4, moe_w4_reference, route_noaux_tc, route_noaux_tc_reference
 
-    timer = device_timer(torch.device("cuda"))
+    timer = device_timer(dev)
 
     def _time(fn, repeat: int = 20) -> float:
-        return timer(fn, repeat)
+        return timer(fn, 1 if smoke else repeat)
 
-    dev = torch.device("cuda")
-    results: dict = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(), "rows": {}}
-    n = 1 << 30
+    results: dict = {"rows": {}}
+    n = (1 << 16) if smoke else (1 << 30)
     a, b = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
     copy_bw = 2 * n / _time(lambda: b.copy_(a))  # read + write
     results["d2d_copy_GBps"] = copy_bw / 1e9
-    experts, hidden, inter, top_k = 384, 7168, 2048, 8
+    experts, hidden, inter, top_k = (8, 64, 32, 4) if smoke else (384, 7168, 2048, 8)
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randint(
         -(2**31), 2**31 - 1, (experts, 2 * inter, hidden // 8), dtype=torch.int32, device=dev, generator=g
@@ -49,7 +52,7 @@ def main() -> int:
     w2 = torch.randint(-(2**31), 2**31 - 1, (experts, hidden, inter // 8), dtype=torch.int32, device=dev, generator=g)
     s2 = (torch.rand(experts, hidden, inter // 32, device=dev, generator=g) * 0.01).to(torch.bfloat16)
     per_expert = w13[0].nbytes + s13[0].nbytes + w2[0].nbytes + s2[0].nbytes
-    for tokens in (1, 8, 64, 256):
+    for tokens in (1, 8) if smoke else (1, 8, 64, 256):
         x = torch.randn(tokens, hidden, device=dev, dtype=torch.bfloat16, generator=g)
         logits = torch.randn(tokens, experts, device=dev, generator=g)
         bias = torch.zeros(experts, device=dev)
@@ -89,7 +92,7 @@ def main() -> int:
     from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
 
     for heads in (8, 64):
-        b, s, lora, rope = 8, 4096, 512, 64
+        b, s, lora, rope = (2, 16, 512, 64) if smoke else (8, 4096, 512, 64)
         q = torch.randn(b, heads, lora, device=dev, dtype=torch.bfloat16, generator=g)
         qr = torch.randn(b, heads, rope, device=dev, dtype=torch.bfloat16, generator=g)
         lat = torch.randn(b, s, lora, device=dev, dtype=torch.bfloat16, generator=g)
@@ -104,7 +107,7 @@ def main() -> int:
     from kimi_loader.kernels.dequant import dequantize, dequantize_reference
     from kimi_loader.quant import quantize_fp8_block, quantize_int4, quantize_mxfp4
 
-    rows, cols = 8 * 2 * inter, hidden  # 8 experts' stacked gate_up rows
+    rows, cols = (128, 128) if smoke else (8 * 2 * inter, hidden)  # 8 experts' stacked gate_up rows
     dense = torch.randn(rows, cols, device=dev, generator=g) * 0.02
     stored = {
         "ct-int4": quantize_int4(dense, group=32),
@@ -122,9 +125,22 @@ def main() -> int:
             f"dequantize {fmt} -> bf16, {rows} x {cols}: {ours * 1e3:.3f} ms ({nbytes / ours / 1e9:.0f} GB/s moved), "
             f"{ref / ours:.1f}x the torch reference, {floor / ours:.2f}x of the copy floor"
         )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--smoke" in argv:
+        print("bench_kernels --smoke: tiny sizes on the CPU (Triton interpreter); nothing measured")
+        run(torch.device("cpu"), smoke=True)
+        return 0
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
+        return 0
     from _common import write_gpu_results
 
-    write_gpu_results("kernels", results)
+    results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
+    write_gpu_results("kernels", results | run(torch.device("cuda"), smoke=False))
     return 0
 
 

@@ -28,6 +28,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
+#: PTX instructions that are not IEEE-rounded, or that flush subnormals to zero (where the
+#: CPU references keep them): approximate / full-range divisions, reciprocals, square
+#: roots, ``ex2`` / ``lg2``, and any ``.ftz`` form
+INEXACT = r"\b(?:div|rcp|sqrt|rsqrt|ex2|lg2|sin|cos)\.(?:approx|full)[.\w]*|\b[a-z0-9]+(?:\.\w+)*\.ftz[.\w]*"
 COMPILED: list[dict] = []
 PTXAS: dict[str, tuple[int, int]] = {}  # binary hash -> (registers, spill bytes) per thread
 
@@ -63,6 +67,7 @@ def _capture(target: GPUTarget):
                 "cubin_bytes": len(kernel.asm["cubin"]),
                 "fma": len(re.findall(r"\bfma\.rn\.", kernel.asm["ptx"])),
                 "mma": len(re.findall(r"\b(?:wgmma|mma)\.", kernel.asm["ptx"])),
+                "inexact": sorted(set(re.findall(INEXACT, kernel.asm["ptx"]))),
             }
         )
         return None

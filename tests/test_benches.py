@@ -74,19 +74,44 @@ def test_nothing_recorded_without_the_environment_variable(bench_modules, monkey
     assert not record.exists()
 
 
-def test_the_gpu_sync_benchmark_runs_on_the_cpu_in_smoke_mode(tmp_path, monkeypatch, capsys):
-    """bench_gpu_sync's code on tiny sizes through the Triton interpreter (nothing is
-    measured there): the GPU run of `make gpu-check` meets code that has run before."""
+@pytest.mark.parametrize(
+    ("name", "printed"),
+    [
+        (
+            "bench_gpu_sync",
+            ("quantize bf16 -> ct-int4", "mxfp4", "fp8-block", "kl64 hash", "load_weights", "update from"),
+        ),
+        (
+            "bench_kernels",
+            (
+                "moe int4, 1 tokens",
+                "moe int4, 8 tokens",
+                "mla decode, 8 heads",
+                "mla decode, 64 heads",
+                "dequantize ct-int4",
+                "dequantize quark-mxfp4",
+                "dequantize fp8-block",
+            ),
+        ),
+    ],
+)
+def test_the_gpu_benchmarks_run_on_the_cpu_in_smoke_mode(tmp_path, monkeypatch, capsys, name, printed):
+    """A GPU benchmark's code on tiny sizes through the Triton interpreter (nothing is
+    measured there, nothing written): the GPU run of `make gpu-check` meets code that has
+    run before."""
     monkeypatch.syspath_prepend(BENCHES)
     monkeypatch.setenv("KIMI_LOADER_BENCH_DIR", os.fspath(tmp_path))
-    for m in ("_common", "bench_gpu_sync"):
+    results_dir = os.path.join(BENCHES, "results")
+    before = set(os.listdir(results_dir))
+    for m in ("_common", name):
         sys.modules.pop(m, None)
-    bench = importlib.import_module("bench_gpu_sync")
+    bench = importlib.import_module(name)
     try:
         assert bench.main(["--smoke"]) == 0
     finally:
-        for m in ("_common", "bench_gpu_sync"):
+        for m in ("_common", name):
             sys.modules.pop(m, None)
-    printed = capsys.readouterr().out
-    for what in ("quantize bf16 -> ct-int4", "mxfp4", "fp8-block", "kl64 hash", "load_weights", "update from"):
-        assert what in printed, what
+    out = capsys.readouterr().out
+    for what in printed:
+        assert what in out, what
+    assert set(os.listdir(results_dir)) == before

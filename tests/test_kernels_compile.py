@@ -6,7 +6,8 @@ the compiler does, and never fuses a multiply with an add; this checks both: eve
 launch compiles, fits the shared memory of one sm_90 block without spilling registers,
 the device executor's data movers stay at most 128 registers a thread, the kernels that
 must be bit exact (dequantization, quantize-on-sync, the device executor, the hash) keep
-no fused multiply-add in their PTX, and the 16-bit prefill MoE is on tensor cores."""
+no fused multiply-add in their PTX and no approximate or flush-to-zero instruction, and
+the 16-bit prefill MoE is on tensor cores."""
 
 from __future__ import annotations
 
@@ -85,6 +86,19 @@ def test_bit_exact_kernels_keep_no_fused_multiply_add(compiled):
     assert not fused, fused
     # (the tolerance-tested matmul kernels do fuse, as they should: the check sees fma)
     assert any(c["fma"] for c in compiled if launched[c["kernel"]] == "moe")
+
+
+def test_bit_exact_kernels_keep_no_approximate_or_flush_to_zero_instruction(compiled):
+    """The GPU's ``exp2`` / ``floor`` (libdevice, flush-to-zero) and ``/`` (``div.approx`` /
+    ``div.full``) are not IEEE: an e4m3 / E2M1 value built with ``exp2``, a floor of a
+    subnormal quotient, a division by a constant would differ from the CPU's in corner
+    cases the interpreter never shows. The decoders build values from their bits and the
+    quantizers divide with ``div_rn``; the tolerance-tested kernels (sigmoid, softmax,
+    SiLU) keep their fast ``exp2``, and the check sees it there."""
+    launched = _launched()
+    inexact = [(c["kernel"], c["constexprs"], c["inexact"]) for c in compiled if launched[c["kernel"]] in BIT_EXACT]
+    assert inexact and not [i for i in inexact if i[2]], [i for i in inexact if i[2]]
+    assert any(c["inexact"] for c in compiled if launched[c["kernel"]] in ("moe", "mla"))
 
 
 def test_16_bit_grouped_moe_multiplies_on_tensor_cores(compiled):

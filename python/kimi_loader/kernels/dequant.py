@@ -51,23 +51,26 @@ def _e8m0(e):
 
 @triton.jit
 def _e4m3(b):
+    """An e4m3fn byte's value as float32, built from its bits (no ``exp2``: the GPU's is an
+    approximation, and flushes subnormals to zero)."""
     b = b.to(tl.int32)
     sign = tl.where((b & 0x80) != 0, -1.0, 1.0)
     exp = (b >> 3) & 0xF
-    man = (b & 7).to(tl.float32)
-    normal = (1.0 + man / 8.0) * tl.exp2((exp - 7).to(tl.float32))
-    sub = man * 0.001953125  # 2^-9
+    man = b & 7
+    normal = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)  # (1 + m/8) * 2^(exp - 7)
+    sub = man.to(tl.float32) * 0.001953125  # m * 2^-9
     v = tl.where(exp == 0, sub, normal)
-    v = tl.where((exp == 15) & ((b & 7) == 7), float("nan"), v)
+    v = tl.where((exp == 15) & (man == 7), float("nan"), v)
     return sign * v
 
 
 @triton.jit
 def _e2m1(code):
-    mag = code & 7
+    """An E2M1 code's value as float32, built from its bits."""
+    mag = (code & 7).to(tl.int32)
     e = mag >> 1
-    m = (mag & 1).to(tl.float32)
-    v = tl.where(e == 0, m * 0.5, (1.0 + m * 0.5) * tl.exp2((e - 1).to(tl.float32)))
+    m = mag & 1
+    v = tl.where(e == 0, m.to(tl.float32) * 0.5, (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True))
     return tl.where((code & 8) != 0, -v, v)
 
 

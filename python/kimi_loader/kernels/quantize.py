@@ -58,8 +58,11 @@ def _as_dtype(v, DT: tl.constexpr):
 
 @triton.jit
 def _rne(x):
-    """Rounds float32 ``x`` (small integers' range) to the nearest integer, ties to even."""
-    f = tl.floor(x)
+    """Rounds float32 ``x`` (small integers' range) to the nearest integer, ties to even.
+    The floor is an integer truncation corrected by one below zero (the GPU's ``floor``
+    flushes subnormals to zero)."""
+    t = x.to(tl.int32)  # toward zero
+    f = (t - (t.to(tl.float32) > x).to(tl.int32)).to(tl.float32)
     d = x - f
     odd = (f.to(tl.int32) & 1) != 0
     return tl.where((d > 0.5) | ((d == 0.5) & odd), f + 1.0, f)
