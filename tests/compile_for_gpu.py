@@ -61,6 +61,7 @@ def _capture(target: GPUTarget):
                 "kernel": self.__name__,
                 "constexprs": {names[k[0]]: repr(v) for k, v in constexprs.items()},
                 "num_warps": options.num_warps,
+                "fp_fusion": options.enable_fp_fusion,
                 "shared": kernel.metadata.shared,
                 "registers": registers,
                 "spill_bytes": spill_bytes,

@@ -47,7 +47,14 @@ def _launched() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("sm90") / "compiled.json"
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": os.fspath(out.parent / "cache")}
+    # Triton 3.10's default (no fusion unless a launch asks): a launch that relied on the
+    # old default would lose its fused multiply-adds, and the fusion check sees it
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "0",
+        "TRITON_CACHE_DIR": os.fspath(out.parent / "cache"),
+        "TRITON_DEFAULT_FP_FUSION": "0",
+    }
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "compile_for_gpu.py"), "90", os.fspath(out)],
         capture_output=True,
@@ -86,6 +93,10 @@ def test_bit_exact_kernels_keep_no_fused_multiply_add(compiled):
     assert not fused, fused
     # (the tolerance-tested matmul kernels do fuse, as they should: the check sees fma)
     assert any(c["fma"] for c in compiled if launched[c["kernel"]] == "moe")
+    # and each floating-point kernel says which it wants (EXACT / FAST): compiled with
+    # fusion off by default (see `compiled`), a launch without FAST would show up here
+    float_kernels = [c for c in compiled if launched[c["kernel"]] != "hash"]
+    assert {c["kernel"] for c in float_kernels if c["fp_fusion"] != (launched[c["kernel"]] not in BIT_EXACT)} == set()
 
 
 def test_bit_exact_kernels_keep_no_approximate_or_flush_to_zero_instruction(compiled):

@@ -23,10 +23,13 @@ import triton.language as tl
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["EXACT", "dequantize", "dequantize_reference", "scale_code"]
+__all__ = ["EXACT", "FAST", "dequantize", "dequantize_reference", "scale_code"]
 
 #: launch options of the bit-exact kernels: IEEE operations as written, none fused
 EXACT = {"enable_fp_fusion": False}
+#: launch options of the tolerance-tested kernels (MoE, routing, MLA decode): multiply-adds
+#: fused, said explicitly (Triton fuses by default up to 3.9; 3.10 turns the default off)
+FAST = {"enable_fp_fusion": True}
 
 
 # -- exact decoders (shared by plan_exec and moe) -----------------------------------------

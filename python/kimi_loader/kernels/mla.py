@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from .dequant import FAST
 
 __all__ = ["mla_decode", "mla_decode_reference"]
 
@@ -104,6 +105,7 @@ def mla_decode(
         BLOCK_L=triton.next_power_of_2(lat),
         BLOCK_R=triton.next_power_of_2(rope),
         BLOCK_S=16,
+        **FAST,
     )
     return out.to(q_nope.dtype)
 

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..errors import InvalidArgumentError
 from ..models.runtime import route_noaux_tc as _runtime_route
-from .dequant import _e2m1, _int4_value, _scale_at, scale_code
+from .dequant import FAST, _e2m1, _int4_value, _scale_at, scale_code
 
 __all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
 
@@ -304,7 +304,7 @@ def moe_w4(
     ids = topk_ids.to(torch.int32).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
     block_n = 32
-    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=32)  # both launches
+    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=32, **FAST)  # both launches
     if grouped or (grouped is None and t * k >= GROUPED_FROM):
         blocks = _expert_blocks(ids, e, _BLOCK_M)
         dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
@@ -469,6 +469,7 @@ def route_noaux_tc(
         K=top_k,
         RENORM=renormalize,
         BLOCK_G=triton.next_power_of_2(gs),
+        **FAST,
     )
     return ids, weights
 
