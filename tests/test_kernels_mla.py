@@ -68,6 +68,26 @@ def test_mla_decode_bf16_on_the_gpu_matches_the_float32_reference(heads, lens):
     assert _rel_err(got, want) < BF16_TOL
 
 
+def test_mla_decode_addresses_caches_past_2_to_the_31_elements():
+    """64 sequences of a 66,600-token cache x 512: the last ones start past 2^31 elements,
+    where int32 offsets wrap around (the interpreter then reads outside the cache and
+    crashes, as a GPU would read another sequence's). One token each: the output is that
+    token's latent exactly. 4.4 GB of address space, a page of it touched per sequence."""
+    b, s, lora, rope = 64, 66_600, 512, 64
+    assert (b - 1) * s * lora > 2**31
+    latent = torch.empty(b, s, lora, dtype=torch.float16)  # (never written: not committed)
+    k_rope = torch.empty(b, s, rope, dtype=torch.float16)
+    g = torch.Generator().manual_seed(0)
+    want = torch.randn(b, lora, generator=g).half()
+    latent[:, 0] = want
+    k_rope[:, 0] = 0
+    q = torch.randn(b, 2, lora, generator=g).half()
+    got = mla_decode(
+        q, torch.randn(b, 2, rope, generator=g).half(), latent, k_rope, torch.ones(b, dtype=torch.int64), 0.1
+    )
+    assert torch.equal(got, want[:, None].expand(b, 2, lora))
+
+
 def test_mla_decode_refuses_bad_lengths():
     q = torch.zeros(2, 4, 8)
     with pytest.raises(InvalidArgumentError, match="seq_lens"):

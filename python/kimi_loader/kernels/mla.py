@@ -40,7 +40,9 @@ def _mla_decode(
     BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    b = tl.program_id(0)
+    # offsets in int64: a batch's cache runs past 2^31 elements (64 sequences of 66k tokens
+    # x 512), where int32 offsets wrap around and read another sequence's memory
+    b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     n = tl.load(seq_lens + b)
     lo = tl.arange(0, BLOCK_L)

@@ -60,7 +60,7 @@ def _gate_up(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pair = tl.program_id(0)  # token * K + slot
+    pair = tl.program_id(0).to(tl.int64)  # token * K + slot (int64: x hidden passes 2^31 at ~37k tokens)
     nb = tl.program_id(1)
     t = pair // K
     e = tl.load(ids + pair).to(tl.int64)
@@ -101,7 +101,7 @@ def _down(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pair = tl.program_id(0)
+    pair = tl.program_id(0).to(tl.int64)
     nb = tl.program_id(1)
     e = tl.load(ids + pair).to(tl.int64)
     w = tl.load(weights + pair).to(tl.float32)
@@ -163,7 +163,8 @@ def _gate_up_grouped(
         cnt = tl.load(blk_count + b)
         m = tl.arange(0, BLOCK_M)
         mmask = m < cnt
-        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0)
+        # int64: (token, slot) x hidden passes 2^31 from ~37k prefill tokens at top-8
+        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0).to(tl.int64)
         tok = pair // K
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < INTER
@@ -213,7 +214,8 @@ def _down_grouped(
         cnt = tl.load(blk_count + b)
         m = tl.arange(0, BLOCK_M)
         mmask = m < cnt
-        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0)
+        # int64: (token, slot) x hidden passes 2^31 from ~37k prefill tokens at top-8
+        pair = tl.load(order + tl.load(blk_start + b) + m, mask=mmask, other=0).to(tl.int64)
         w = tl.load(weights + pair, mask=mmask, other=0.0).to(tl.float32)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         nmask = n < H
