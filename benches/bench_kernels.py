@@ -1,8 +1,10 @@
 """The Triton kernels on a GPU, each next to its torch reference and the memory floor:
 
 - ``moe_w4`` (ct-int4; 1, 8, 64, 256 tokens, per-pair and grouped kernels; Kimi-K2.5's
-  expert shapes, 384 experts, top-8) vs ``moe_w4_reference`` and vs the HBM floor (bytes of the active experts' int4
-  weights and scales / a measured device-to-device copy bandwidth);
+  expert shapes, 384 experts, top-8) vs ``moe_w4_reference`` and vs the HBM floor (bytes
+  of the active experts' int4 weights and scales / a measured device-to-device copy
+  bandwidth), and each batch's kernel again with the other weight tiles of
+  ``kernels.moe.TILES``;
 - ``route_noaux_tc`` vs its reference;
 - ``mla_decode`` at 8 and 64 heads (Kimi-K2.5's latent 512 + rope 64, 4k-token caches)
   vs its torch reference;
@@ -31,7 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 def run(dev: torch.device, smoke: bool) -> dict:
     """The figures on ``dev`` (``smoke``: tiny sizes, one timed call each)."""
     from _common import device_timer
-    from kimi_loader.kernels.moe import moe_w4, moe_w4_reference, route_noaux_tc, route_noaux_tc_reference
+    from kimi_loader.kernels.moe import (
+        GROUPED_FROM,
+        TILES,
+        moe_w4,
+        moe_w4_reference,
+        route_noaux_tc,
+        route_noaux_tc_reference,
+    )
 
     timer = device_timer(dev)
 
@@ -72,7 +81,19 @@ def run(dev: torch.device, smoke: bool) -> dict:
                 logits, bias, top_k=top_k, n_group=1, topk_group=1, routed_scaling_factor=2.827
             )
         )
+        # other weight tiles (BLOCK_N, BLOCK_K) of the kernel this batch takes by default,
+        # to choose the default from on a GPU
+        kind = tokens * top_k >= GROUPED_FROM
+        tiles = {}
+        for tile in TILES[:2] if smoke else TILES:
+            tiles["x".join(map(str, tile))] = _time(
+                lambda x=x, ids=ids, w=w, tile=tile, kind=kind: moe_w4(
+                    x, ids, w, w13, s13, w2, s2, grouped=kind, tile=tile
+                )
+            )
+        best_tile = min(tiles, key=tiles.__getitem__)
         row = {
+            "moe_tiles_s": tiles,
             "moe_s": ours,
             "moe_grouped_s": grouped,
             "moe_reference_s": ref,
@@ -87,7 +108,8 @@ def run(dev: torch.device, smoke: bool) -> dict:
             f"moe int4, {tokens} tokens ({active} experts): per pair {ours * 1e3:.3f} ms, grouped "
             f"{grouped * 1e3:.3f} ms; best {ref / min(ours, grouped):.1f}x the torch reference, "
             f"{floor / min(ours, grouped):.2f}x of the HBM floor; "
-            f"routing {route * 1e6:.0f} us ({route_ref / route:.1f}x)"
+            f"routing {route * 1e6:.0f} us ({route_ref / route:.1f}x); best tile {best_tile} "
+            f"{tiles[best_tile] * 1e3:.3f} ms ({tiles['32x32'] / tiles[best_tile]:.2f}x the default's)"
         )
     from kimi_loader.kernels.mla import mla_decode, mla_decode_reference
 

@@ -113,8 +113,13 @@ def _launch_everything() -> None:
             w2 = torch.zeros(4, 64, 32 // per, dtype=pdt)
             x = torch.randn(20, 64, generator=g).to(act)
             ids = torch.randint(0, 4, (20, 2), generator=g)
+            # every weight tile for bf16 activations and Kimi's bf16 scales, the default else
+            tiles = moe.TILES if (act, sdt) == (torch.bfloat16, torch.bfloat16) else moe.TILES[:1]
             for grouped in (False, True):
-                moe.moe_w4(x, ids, torch.rand(20, 2), w13, scale(4, 64, 2), w2, scale(4, 64, 1), fmt, grouped=grouped)
+                for tile in tiles:
+                    moe.moe_w4(
+                        x, ids, torch.rand(20, 2), w13, scale(4, 64, 2), w2, scale(4, 64, 1), fmt, grouped, tile=tile
+                    )
     moe.route_noaux_tc(
         torch.randn(3, 64, generator=g), torch.zeros(64), top_k=8, n_group=8, topk_group=4, routed_scaling_factor=2.5
     )

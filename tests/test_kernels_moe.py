@@ -13,7 +13,7 @@ from kimi_loader.errors import InvalidArgumentError
 
 pytest.importorskip("triton")
 from conftest import BF16_TOL, QUANTS, on_gpu
-from kimi_loader.kernels.moe import moe_w4, moe_w4_reference
+from kimi_loader.kernels.moe import TILES, moe_w4, moe_w4_reference
 from kimi_loader.quant import quantize_int4, quantize_mxfp4
 
 
@@ -97,6 +97,17 @@ def test_moe_w4_bf16_on_the_gpu_matches_the_float32_reference(
     assert _rel_err(got, want) < BF16_TOL
 
 
+@pytest.mark.parametrize("tile", TILES[1:])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_moe_w4_other_weight_tiles_match_the_reference(tile, grouped):
+    """The tiles bench_kernels times on a GPU compute the same (hidden 96 and 64: tiles
+    wider than a row, partial last tiles)."""
+    x, ids, weights, w13, s13, w2, s2, fmt = _moe_inputs(9, 8, 4, 96, 64, torch.bfloat16, torch.float32, 7)
+    want = moe_w4_reference(x, ids, weights, w13, s13, w2, s2, fmt)
+    got = moe_w4(x, ids, weights, w13, s13, w2, s2, fmt, grouped=grouped, tile=tile)
+    assert _rel_err(got, want) < 1e-5
+
+
 def test_moe_w4_refuses_mismatched_experts():
     g = torch.Generator().manual_seed(0)
     w13, s13 = _experts(2, 64, 64, 32, torch.bfloat16, g)
@@ -106,6 +117,10 @@ def test_moe_w4_refuses_mismatched_experts():
         moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2)
     with pytest.raises(InvalidArgumentError, match="fmt"):
         moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, "nf4")
+    w2, s2 = _experts(2, 64, 32, 32, torch.bfloat16, g)
+    for tile in ((32, 48), (8, 32), (32,)):
+        with pytest.raises(InvalidArgumentError, match="tile"):
+            moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, tile=tile)
 
 
 ROUTING = [

@@ -238,6 +238,10 @@ def _down_grouped(
         tl.store(out + pair[:, None] * H + n[None, :], acc * w[:, None], mask=mmask[:, None] & nmask[None, :])
 
 
+#: weight tiles ``(BLOCK_N, BLOCK_K)`` of the MoE kernels compiled for sm_90 without
+#: spilling (test_kernels_compile) and timed by benches/bench_kernels.py; the default
+#: first (64 x 64 and 64 x 128 spill on sm_90 even with 8 warps)
+TILES = ((32, 32), (32, 128), (16, 128), (16, 256))
 #: (token, slot) pairs per program of the grouped kernels (tl.dot's smallest M)
 _BLOCK_M = 16
 #: from this many (token, slot) pairs on, the grouped kernels run (below: one program per pair)
@@ -280,6 +284,8 @@ def moe_w4(
     w2_scale: torch.Tensor,
     fmt: str = "ct-int4",
     grouped: bool | None = None,
+    *,
+    tile: tuple[int, int] = (32, 32),
 ) -> torch.Tensor:
     """``sum_k topk_weights[t, k] * down_e(silu(gate_e(x_t)) * up_e(x_t))`` with ``e =
     topk_ids[t, k]``, for ``x`` ``[T, H]``; returns ``[T, H]`` in ``x``'s dtype. ``fmt``:
@@ -289,7 +295,11 @@ def moe_w4(
     ``grouped``: ``False``, one program per (token, slot) pair (decode: every expert
     tile is read by the pairs that chose it); ``True``, the pairs sorted by expert and
     blocks of 16 pairs of one expert multiplied with ``tl.dot`` (prefill: an expert's
-    tile is read once per 16 pairs); ``None``: grouped from :data:`GROUPED_FROM` pairs."""
+    tile is read once per 16 pairs); ``None``: grouped from :data:`GROUPED_FROM` pairs.
+    ``tile``: ``(BLOCK_N, BLOCK_K)`` of both kernels' weight tiles, powers of two from 16
+    (:data:`TILES`: those checked for the GPU and timed there)."""
+    if any(b < 16 or b & (b - 1) for b in tile) or len(tile) != 2:
+        raise InvalidArgumentError(f"tile must be two powers of two from 16, got {tile!r}")
     per = {"ct-int4": 8, "quark-mxfp4": 2}.get(fmt)
     if per is None:
         raise InvalidArgumentError(f"fmt must be 'ct-int4' or 'quark-mxfp4', got {fmt!r}")
@@ -305,8 +315,10 @@ def moe_w4(
     x = x.contiguous()
     ids = topk_ids.to(torch.int32).contiguous()
     h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
-    block_n = 32
-    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=32, **FAST)  # both launches
+    block_n, block_k = tile
+    # both launches; tiles above 32 x 32 take 8 warps (with 4 they spill on sm_90)
+    warps = 4 if block_n * block_k <= 1024 else 8
+    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **FAST)
     if grouped or (grouped is None and t * k >= GROUPED_FROM):
         blocks = _expert_blocks(ids, e, _BLOCK_M)
         dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
