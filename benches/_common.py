@@ -199,3 +199,27 @@ def device_timer(device):
         return times[len(times) // 2]
 
     return timed
+
+
+def gpu_main(kind: str, run: Callable, argv: list[str] | None = None) -> int:
+    """The command line of a GPU benchmark: ``--smoke`` runs ``run(cpu, smoke=True)``
+    under the Triton interpreter (nothing measured, nothing written); otherwise, on CUDA,
+    ``run(cuda, smoke=False)``'s figures go to ``gpu-<kind>-<date>.json``; without CUDA it
+    says so and exits 0."""
+    import datetime
+
+    import torch
+
+    argv = sys.argv[1:] if argv is None else argv
+    name = f"bench gpu-{kind}"
+    if "--smoke" in argv:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        print(f"{name} --smoke: tiny sizes on the CPU (Triton interpreter); nothing measured")
+        run(torch.device("cpu"), smoke=True)
+        return 0
+    if not torch.cuda.is_available():
+        print(f"{name}: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
+        return 0
+    results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
+    write_gpu_results(kind, results | run(torch.device("cuda"), smoke=False))
+    return 0

@@ -19,7 +19,6 @@ untried code. Without CUDA and without ``--smoke`` it says so and exits 0.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 
@@ -125,21 +124,9 @@ def run(device: torch.device, smoke: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    smoke = "--smoke" in argv
-    if smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        run(torch.device("cpu"), smoke=True)
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_gpu_sync: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
-        return 0
-    results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
-    results.update(run(torch.device("cuda"), smoke=False))
-    from _common import write_gpu_results
+    from _common import gpu_main
 
-    write_gpu_results("sync", results)
-    return 0
+    return gpu_main("sync", run, argv)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ untried code.
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
 
@@ -151,19 +150,9 @@ def run(dev: torch.device, smoke: bool) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--smoke" in argv:
-        print("bench_kernels --smoke: tiny sizes on the CPU (Triton interpreter); nothing measured")
-        run(torch.device("cpu"), smoke=True)
-        return 0
-    if not torch.cuda.is_available():
-        print("bench_kernels: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
-        return 0
-    from _common import write_gpu_results
+    from _common import gpu_main
 
-    results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
-    write_gpu_results("kernels", results | run(torch.device("cuda"), smoke=False))
-    return 0
+    return gpu_main("kernels", run, argv)
 
 
 if __name__ == "__main__":
