@@ -9,8 +9,8 @@ a launch goes through Triton's own argument binder and specialization for the CU
 backend, is compiled to PTX and a cubin (``ptxas``, shipped with Triton), and is not run.
 What each compiled launch gives is written as JSON: the kernel, its constexprs, its shared
 memory, its registers and spilled bytes per thread (``ptxas -v``), and its PTX's counts
-of fused multiply-adds (``fma.rn``) and of tensor-core matrix multiplies (``mma`` /
-``wgmma``)."""
+of fused multiply-adds (``fma.rn``), of tensor-core matrix multiplies (``mma`` /
+``wgmma``) and of float negations, and its approximate or flush-to-zero instructions."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 #: CPU references keep them): approximate / full-range divisions, reciprocals, square
 #: roots, ``ex2`` / ``lg2``, and any ``.ftz`` form
 INEXACT = r"\b(?:div|rcp|sqrt|rsqrt|ex2|lg2|sin|cos)\.(?:approx|full)[.\w]*|\b[a-z0-9]+(?:\.\w+)*\.ftz[.\w]*"
+#: unary minus on floats, in the TTIR: Triton 3.9 makes it ``arith.negf``, Triton 3.6 (the
+#: GPU machine's) a subtraction from +0, which turns -0 into +0 (0 - 0 = +0); bit-exact
+#: code sets sign bits or multiplies by -1.0 (which LLVM may turn into an exact ``neg``)
+ZERO_CONSTANT = r"(%[\w.#]+) = arith\.constant (?:dense<)?0\.0+e\+00\b"
+
+
+def _negations(ttir: str) -> int:
+    zeros = set(re.findall(ZERO_CONSTANT, ttir))
+    subs = re.findall(r"arith\.subf (%[\w.#]+),", ttir)
+    return len(re.findall(r"\barith\.negf\b", ttir)) + sum(s in zeros for s in subs)
+
+
 COMPILED: list[dict] = []
 PTXAS: dict[str, tuple[int, int]] = {}  # binary hash -> (registers, spill bytes) per thread
 
@@ -69,6 +81,7 @@ def _capture(target: GPUTarget):
                 "fma": len(re.findall(r"\bfma\.rn\.", kernel.asm["ptx"])),
                 "mma": len(re.findall(r"\b(?:wgmma|mma)\.", kernel.asm["ptx"])),
                 "inexact": sorted(set(re.findall(INEXACT, kernel.asm["ptx"]))),
+                "negations": _negations(kernel.asm["ttir"]),
             }
         )
         return None

@@ -6,8 +6,8 @@ the compiler does, and never fuses a multiply with an add; this checks both: eve
 launch compiles, fits the shared memory of one sm_90 block without spilling registers,
 the device executor's data movers stay at most 128 registers a thread, the kernels that
 must be bit exact (dequantization, quantize-on-sync, the device executor, the hash) keep
-no fused multiply-add in their PTX and no approximate or flush-to-zero instruction, and
-the 16-bit prefill MoE is on tensor cores."""
+no fused multiply-add in their PTX, no approximate or flush-to-zero instruction and no
+float negation, and the 16-bit prefill MoE is on tensor cores."""
 
 from __future__ import annotations
 
@@ -110,6 +110,19 @@ def test_bit_exact_kernels_keep_no_approximate_or_flush_to_zero_instruction(comp
     inexact = [(c["kernel"], c["constexprs"], c["inexact"]) for c in compiled if launched[c["kernel"]] in BIT_EXACT]
     assert inexact and not [i for i in inexact if i[2]], [i for i in inexact if i[2]]
     assert any(c["inexact"] for c in compiled if launched[c["kernel"]] in ("moe", "mla"))
+
+
+def test_bit_exact_kernels_negate_no_float(compiled):
+    """A float's unary minus is ``0 - v`` under Triton 3.6 (the GPU machine's; 3.9 emits
+    ``neg``): -0 comes out +0, so an E2M1 -0 code decoded that way differed from the
+    reference's -0 on the GPU only (found by running the interpreter of Triton 3.6). The
+    bit-exact kernels set sign bits or multiply by -1.0; the check sees the negation in
+    the MoE's SiLU / sigmoid (``exp(-x)``), where it is harmless."""
+    launched = _launched()
+    exact = [c for c in compiled if launched[c["kernel"]] in BIT_EXACT]
+    negating = [(c["kernel"], c["constexprs"]) for c in exact if c["negations"]]
+    assert not negating, negating
+    assert any(c["negations"] for c in compiled if launched[c["kernel"]] == "moe")
 
 
 def test_16_bit_grouped_moe_multiplies_on_tensor_cores(compiled):

@@ -69,12 +69,13 @@ def _e4m3(b):
 
 @triton.jit
 def _e2m1(code):
-    """An E2M1 code's value as float32, built from its bits."""
+    """An E2M1 code's value as float32, built from its bits, the sign bit too: Triton 3.6
+    (3.9 does not) compiles a float's unary minus to ``0 - v``, which makes code 8 (-0) +0."""
     mag = (code & 7).to(tl.int32)
     e = mag >> 1
     m = mag & 1
     v = tl.where(e == 0, m.to(tl.float32) * 0.5, (((e + 126) << 23) | (m << 22)).to(tl.float32, bitcast=True))
-    return tl.where((code & 8) != 0, -v, v)
+    return (v.to(tl.uint32, bitcast=True) | ((code & 8).to(tl.uint32) << 28)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
