@@ -568,6 +568,44 @@ def test_a_streamed_bf16_update_into_an_int4_model_quantizes_as_update_from_tens
         assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
+def _odd_sizes_worker(rank: int, port: int, a: str, b: str, out: str, executor: str) -> None:
+    """The trainer sends its tensors in its own order: a 66-byte bf16 norm weight first,
+    then an fp32 bias, which a packed bucket would put 2 bytes past a 4-byte boundary."""
+    import torch.distributed as dist
+
+    from kimi_loader.rl import broadcast_weights
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 0:
+        ck = kimi_loader.open(b)
+        first = [n for n in ck.keys() if n.endswith("q_a_layernorm.weight") or n.endswith("e_score_correction_bias")]
+        names = sorted(first, key=lambda n: "bias" in n) + [n for n in ck.keys() if n not in first]
+        broadcast_weights([(n, ck.get_tensor(n)) for n in names], bucket_bytes=1 << 20)
+    else:
+        model = kimi_loader.from_pretrained(a)
+        report = WeightUpdater(model, baseline=a, executor=executor).update_from_distributed(atomic=False)
+        torch.save({n: p for n, p in model.named_parameters()}, out)
+        assert report.changed_tensors > 0
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("executor", ["cpu", "triton"])
+def test_tensors_of_any_byte_size_in_any_order_stream(tmp_path, executor):
+    """Each tensor starts a 64-byte boundary of its bucket (the receiver views the bucket
+    as each tensor's dtype, the device executor reads it with wide loads): odd byte sizes
+    (``q_lora_rank`` 33: 66-byte norm weights) before fp32 tensors arrive intact."""
+    import torch.multiprocessing as mp
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0, q_lora_rank=33)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1, q_lora_rank=33)
+    out = os.fspath(tmp_path / "streamed.pt")
+    args = (_free_port(), a, b, out, executor)
+    mp.start_processes(_odd_sizes_worker, args=args, nprocs=2, join=True, start_method="spawn")
+    want, got = kimi_loader.from_pretrained(b), torch.load(out)
+    for n, p in want.named_parameters():
+        assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
+
+
 def _device_hash_worker(rank: int, port: int, a: str, b: str, out: str, executor: str) -> None:
     """Rank 0 streams ``b`` three times with ``kl64`` hashes (once more unchanged, then
     with one tensor changed); rank 1 applies each and saves what it saw."""

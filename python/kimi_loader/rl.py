@@ -52,7 +52,7 @@ _LABEL = "<update_from_tensors>"
 _STREAM = "<weight stream>"
 _IPC = "<shared tensors>"
 #: the first object of a :func:`broadcast_weights` stream
-STREAM_FORMAT = "kimi-loader-stream/1"
+STREAM_FORMAT = "kimi-loader-stream/2"  # 2: each tensor of a bucket starts at a multiple of BUCKET_ALIGN
 #: what a :func:`share_tensors` payload says it is
 IPC_FORMAT = "kimi-loader-ipc/1"
 
@@ -487,7 +487,7 @@ class WeightUpdater:
         if not isinstance(header, dict) or header.get("format") != STREAM_FORMAT:
             raise InvalidArgumentError(f"{_STREAM}: not a {STREAM_FORMAT} stream (is the sender a matching version?)")
         meta, buckets = header["meta"], header["buckets"]
-        sizes = [sum(meta[k][3] for k in b) for b in buckets]
+        layouts = [_bucket_offsets(meta, b) for b in buckets]
         try:
             self._check_stream(meta, quantize)
             problem: Exception | None = None
@@ -519,20 +519,19 @@ class WeightUpdater:
         new_sources: dict[str, int] = {}
         received = 0
         try:
-            for b, size in zip(buckets, sizes, strict=True):
+            for b, (offsets, size) in zip(buckets, layouts, strict=True):
                 flat = torch.empty(size, dtype=torch.uint8, device=device)
                 dist.broadcast(flat, src=src, group=group)
                 received += 1
                 if problem is not None:
                     continue  # drained, never applied
                 flat = flat.to(apply_on or "cpu")
-                names, tensors, off = [], [], 0
-                for k in b:
+                names, tensors = [], []
+                for k, off in zip(b, offsets, strict=True):
                     name, st_dtype, shape, nbytes, _h = meta[k]
                     if k in changed:
                         names.append(name)
                         tensors.append(flat[off : off + nbytes].view(TORCH_DTYPES[st_dtype]).view(shape))
-                    off += nbytes
                 if not names:
                     continue
                 hashes = {meta[k][0]: meta[k][4] for k in b if k in changed}
@@ -608,7 +607,7 @@ class WeightUpdater:
         t_post = time.perf_counter()
         report.version = self.version
         report.layers_post_processed = sorted(layers) if new_hashes else []
-        report.bytes_hashed = sum(sizes)
+        report.bytes_hashed = sum(m[3] for m in meta)
         report.seconds = {"receive_and_copy": t_copy - t0, "post_load": t_post - t_copy, "total": t_post - t0}
         return report
 
@@ -799,11 +798,12 @@ def broadcast_weights(
         # for NCCL; a bucket of host tensors is copied to the GPU once, whole)
         on = {t.device for t in parts}
         at = on.pop() if len(on) == 1 and device.type == "cpu" else device
-        flat = (
-            torch.cat([t.reshape(-1).view(torch.uint8).to(at) for t in parts])
-            if parts
-            else torch.empty(0, dtype=torch.uint8, device=device)
-        )
+        offsets, total = _bucket_offsets(meta, b)
+        pad = torch.zeros(BUCKET_ALIGN, dtype=torch.uint8, device=at)
+        pieces = []
+        for t, off, end in zip(parts, offsets, [*offsets[1:], total], strict=True):
+            pieces += [t.reshape(-1).view(torch.uint8).to(at), pad[: end - off - t.nbytes]]
+        flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
         dist.broadcast(flat.to(device), src=src, group=group)
         sent += flat.numel()
     return sent
@@ -847,6 +847,21 @@ def _hashes(items: list[tuple[str, torch.Tensor]], how: str) -> list[int]:
             for k, h in zip(ks, hash_tensors([items[k][1] for k in ks]), strict=True):
                 out[k] = h
     return out
+
+
+#: where each tensor of a streamed bucket starts: a multiple of this many bytes (the
+#: receiver views the bucket as each tensor's dtype, and the device executor reads it with
+#: wide loads; a trainer's tensors come in any order and of any byte size)
+BUCKET_ALIGN = 64
+
+
+def _bucket_offsets(meta: list[Any], bucket: list[int]) -> tuple[list[int], int]:
+    """The byte offset of each tensor of ``bucket`` in it, and the bucket's size."""
+    offsets, at = [], 0
+    for k in bucket:
+        offsets.append(at)
+        at += -(-meta[k][3] // BUCKET_ALIGN) * BUCKET_ALIGN
+    return offsets, at
 
 
 def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
