@@ -286,6 +286,41 @@ def test_update_from_tensors_reads_memory_in_place_and_names_dtype_errors(tmp_pa
         up.update_from_tensors([(norm, ckb.get_tensor(norm))], quantize="nf4")
 
 
+def test_every_sync_entry_point_takes_a_state_dict_and_names_what_is_not_a_pair(tmp_path):
+    """``update_from_tensors``, ``share_tensors`` and ``broadcast_weights`` take what a
+    trainer has at hand: a ``state_dict`` (a mapping), ``named_parameters()`` (pairs of
+    parameters that require grad) or a list; anything else is an InvalidArgumentError
+    naming the item or the tensor, checked before anything is sent or written."""
+    from kimi_loader.rl import broadcast_weights, share_tensors
+
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    state = {n: ckb.get_tensor(n) for n in ckb.keys()}  # a trainer's HF-named state_dict
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model, baseline=a)
+    report = up.update_from_tensors(state)
+    assert report.changed_tensors > 0 and torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))
+    params = ((n, torch.nn.Parameter(t)) for n, t in state.items())  # as named_parameters() gives them
+    assert up.update_from_tensors(params).changed_tensors == 0
+    norm = "language_model.model.norm.weight"
+    bad = [
+        (("not", "pairs"), "item 0 is not a \\(name, tensor\\) pair, got str"),
+        ([(norm,)], "item 0 is not a \\(name, tensor\\) pair, got tuple"),
+        ([(norm, torch.ones(64).numpy())], f"tensor '{norm}' must be a torch.Tensor with data, got ndarray"),
+        ({norm: torch.empty(64, device="meta")}, "got a meta tensor"),
+        ([(7, torch.ones(64))], "tensor name must be a str, got 7"),
+        (torch.ones(3), "item 0 is not a \\(name, tensor\\) pair, got Tensor"),
+        (42, "pairs or a mapping of them, got int"),
+    ]
+    snap = _snapshot(model)
+    for value, msg in bad:
+        for call in (up.update_from_tensors, share_tensors, broadcast_weights):
+            with pytest.raises(kimi_loader.InvalidArgumentError, match=msg):
+                call(value)
+    _assert_unchanged(model, snap)
+
+
 # -- streamed updates (metadata first, bucket by bucket) ---------------------------------
 def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, mode: str) -> None:
     """Rank 0 streams checkpoint ``b`` (mode ``kill-*``: dies after two buckets; ``bad``:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from ._core import MAX_THREADS  # the Rust core's cap (rust/core/src/threads.rs)
@@ -42,3 +42,23 @@ def name(value: Any, what: str = "tensor name") -> str:
     if not isinstance(value, str):
         raise InvalidArgumentError(f"{what} must be a str, got {value!r}")
     return value
+
+
+def named_tensors(value: Any, what: str) -> Iterator[tuple[str, Any]]:
+    """``(name, tensor)`` pairs from a mapping (a ``state_dict``) or an iterable of pairs
+    (``named_parameters()``, a list, a generator), one at a time, each tensor a
+    ``torch.Tensor`` with data (not on the meta device), detached."""
+    import torch
+
+    if isinstance(value, Mapping):
+        value = value.items()
+    elif isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise InvalidArgumentError(f"{what}: (name, tensor) pairs or a mapping of them, got {type(value).__name__}")
+    for k, pair in enumerate(value):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InvalidArgumentError(f"{what}: item {k} is not a (name, tensor) pair, got {type(pair).__name__}")
+        n, t = name(pair[0]), pair[1]
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            got = f"a {t.device.type} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InvalidArgumentError(f"{what}: tensor '{n}' must be a torch.Tensor with data, got {got}", tensor=n)
+        yield n, t.detach()

@@ -29,7 +29,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,9 @@ class UpdateReport:
     executor: str = "cpu"
     seconds: dict[str, float] = field(default_factory=dict)
 
+
+#: what the sync entry points take: ``(name, tensor)`` pairs, or a mapping (a ``state_dict``)
+NamedTensors = Iterable[tuple[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
 #: the tensors that make up one quantized weight, per format (kept in one bucket of a
 #: stream; the Rust core checks that an update sends all of them)
@@ -188,10 +191,9 @@ class WeightUpdater:
         ck = path if isinstance(path, Checkpoint) else open_checkpoint(path, threads=self.threads)
         return self._update(ck, None if names is None else set(names))
 
-    def update_from_tensors(
-        self, named_tensors: Iterable[tuple[str, torch.Tensor]], *, quantize: str | bool | None = None
-    ) -> UpdateReport:
-        """Updates from ``(checkpoint_name, tensor)`` pairs, through the same mappings (fused,
+    def update_from_tensors(self, named_tensors: NamedTensors, *, quantize: str | bool | None = None) -> UpdateReport:
+        """Updates from ``(checkpoint_name, tensor)`` pairs (or a mapping of them, a
+        ``state_dict``), through the same mappings (fused,
         expert, scale, TP/EP slicing). CPU tensors are read where they are (no file, no
         extra copy; do not modify them while the call runs). GPU tensors for a model on
         that GPU are applied there by the Triton executor (``executor="auto"``; no host
@@ -211,15 +213,9 @@ class WeightUpdater:
         is quantized.
         """
         names, tensors = [], []
-        for n, t in named_tensors:
-            n = _validate.name(n)
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                what = f"a {t.device.type} tensor" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise InvalidArgumentError(
-                    f"update tensor '{n}' must be a torch.Tensor with data, got {what}", tensor=n
-                )
+        for n, t in _validate.named_tensors(named_tensors, _LABEL):
             names.append(n)
-            tensors.append(t.detach())
+            tensors.append(t)
         target = self._target_device(tensors)
         tensors = [t.to(target).contiguous() for t in tensors]  # no copy where already so
         if not names:
@@ -700,7 +696,7 @@ def _check_source(ck: Checkpoint, base: str, fmt: Any, shape: Any, what: str) ->
 
 
 # -- colocated processes ----------------------------------------------------------------
-def share_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
+def share_tensors(named_tensors: NamedTensors) -> bytes:
     """Trainer side of a colocated sync (trainer and engine processes on one machine, the
     pattern of SGLang's ``update_weights_from_tensor``): a payload for
     :meth:`WeightUpdater.update_from_ipc` in another process. GPU tensors travel as CUDA
@@ -715,11 +711,8 @@ def share_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> bytes:
 
     host: list[tuple[str, torch.Tensor]] = []
     device: list[tuple[str, torch.Tensor]] = []
-    for n, t in named_tensors:
-        n = _validate.name(n)
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            raise InvalidArgumentError(f"{_IPC}: tensor '{n}' must be a torch.Tensor with data", tensor=n)
-        t = t.detach().contiguous()
+    for n, t in _validate.named_tensors(named_tensors, _IPC):
+        t = t.contiguous()
         (host if t.device.type == "cpu" else device).append((n, t))
     layout, offset = [], 0
     for n, t in host:
@@ -778,7 +771,7 @@ def broadcast_weights(
         meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
         items = None
     else:
-        items = [(_validate.name(n), t.detach().contiguous()) for n, t in named_tensors_or_path]
+        items = [(n, t.contiguous()) for n, t in _validate.named_tensors(named_tensors_or_path, _STREAM)]
         meta = [
             (n, _st_dtype(n, t), list(t.shape), t.nbytes, h)
             for (n, t), h in zip(items, _hashes(items, hash), strict=True)
