@@ -165,13 +165,33 @@ def row(
 
 def write_gpu_results(kind: str, results: dict) -> str:
     """Writes a GPU benchmark's figures (with ``results["date"]``) to
-    ``benches/results/gpu-<kind>-<date>.json`` and says where."""
-    path = os.path.join(ROOT, "benches", "results", f"gpu-{kind}-{results['date']}.json")
+    ``gpu-<kind>-<date>.json`` in ``$KIMI_LOADER_GPU_RESULTS`` (``benches/gpu_check.sh``
+    sets it), else in ``benches/results``, and returns the path."""
+    where = os.environ.get("KIMI_LOADER_GPU_RESULTS") or os.path.join(ROOT, "benches", "results")
+    path = os.path.join(where, f"gpu-{kind}-{results['date']}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as fh:
+    with open(path + ".tmp", "w") as fh:
         json.dump(results, fh, indent=1)
-    print(f"wrote {path}")
+    os.replace(path + ".tmp", path)  # never a half-written file, even when killed
     return path
+
+
+class SavedDict(dict):
+    """The figures of a GPU run, written out (``save()``) on every assignment, to this
+    dict or to one nested in it: a run stopped midway (a time limit, a failed check)
+    keeps every figure it measured."""
+
+    def __init__(self, save: Callable[[], object]) -> None:
+        super().__init__()
+        self._save = save
+
+    def __setitem__(self, key, value) -> None:
+        if isinstance(value, dict) and not isinstance(value, SavedDict):
+            nested = SavedDict(self._save)
+            dict.update(nested, value)
+            value = nested
+        super().__setitem__(key, value)
+        self._save()
 
 
 def device_timer(device):
@@ -202,11 +222,14 @@ def device_timer(device):
 
 
 def gpu_main(kind: str, run: Callable, argv: list[str] | None = None) -> int:
-    """The command line of a GPU benchmark: ``--smoke`` runs ``run(cpu, smoke=True)``
+    """The command line of a GPU benchmark: ``--smoke`` runs ``run(cpu, True, out)``
     under the Triton interpreter (nothing measured, nothing written); otherwise, on CUDA,
-    ``run(cuda, smoke=False)``'s figures go to ``gpu-<kind>-<date>.json``; without CUDA it
-    says so and exits 0."""
+    ``run(cuda, False, out)`` fills ``out`` (``out["rows"]``, a dict per figure), written
+    to ``gpu-<kind>-<date>.json`` as each figure comes in; an exception is recorded
+    there (``out["error"]``) and makes the exit status 1. Without CUDA it says so and
+    exits 0."""
     import datetime
+    import traceback
 
     import torch
 
@@ -215,11 +238,20 @@ def gpu_main(kind: str, run: Callable, argv: list[str] | None = None) -> int:
     if "--smoke" in argv:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         print(f"{name} --smoke: tiny sizes on the CPU (Triton interpreter); nothing measured")
-        run(torch.device("cpu"), smoke=True)
+        run(torch.device("cpu"), True, {"rows": {}})
         return 0
     if not torch.cuda.is_available():
         print(f"{name}: no CUDA device here; nothing measured (run `make gpu-check` on a GPU machine)")
         return 0
-    results = {"gpu": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat()}
-    write_gpu_results(kind, results | run(torch.device("cuda"), smoke=False))
+    out = SavedDict(lambda: write_gpu_results(kind, out))
+    out.update(gpu=torch.cuda.get_device_name(), date=datetime.date.today().isoformat())
+    out["rows"] = {}
+    try:
+        run(torch.device("cuda"), False, out)
+    except Exception as e:
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"{name}: failed after {len(out['rows'])} figures; those are in {write_gpu_results(kind, out)}")
+        return 1
+    print(f"wrote {write_gpu_results(kind, out)}")
     return 0

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(dev: torch.device, smoke: bool) -> dict:
+def run(dev: torch.device, smoke: bool, out: dict) -> None:
     """The figures on ``dev`` (``smoke``: tiny sizes, one timed call each)."""
     from _common import device_timer
     from kimi_loader.kernels.moe import (
@@ -46,11 +46,10 @@ def run(dev: torch.device, smoke: bool) -> dict:
     def _time(fn, repeat: int = 20) -> float:
         return timer(fn, 1 if smoke else repeat)
 
-    results: dict = {"rows": {}}
     n = (1 << 16) if smoke else (1 << 30)
     a, b = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty(n, dtype=torch.uint8, device=dev)
     copy_bw = 2 * n / _time(lambda: b.copy_(a))  # read + write
-    results["d2d_copy_GBps"] = copy_bw / 1e9
+    out["d2d_copy_GBps"] = copy_bw / 1e9
     experts, hidden, inter, top_k = (8, 64, 32, 4) if smoke else (384, 7168, 2048, 8)
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randint(
@@ -102,7 +101,7 @@ def run(dev: torch.device, smoke: bool) -> dict:
             "route_reference_s": route_ref,
             "active_experts": active,
         }
-        results["rows"][f"moe_decode_{tokens}"] = row
+        out["rows"][f"moe_decode_{tokens}"] = row
         print(
             f"moe int4, {tokens} tokens ({active} experts): per pair {ours * 1e3:.3f} ms, grouped "
             f"{grouped * 1e3:.3f} ms; best {ref / min(ours, grouped):.1f}x the torch reference, "
@@ -121,7 +120,7 @@ def run(dev: torch.device, smoke: bool) -> dict:
         lens = torch.full((b,), s, device=dev)
         ours = _time(lambda q=q, qr=qr, lat=lat, kr=kr, lens=lens: mla_decode(q, qr, lat, kr, lens, 0.04))
         ref = _time(lambda q=q, qr=qr, lat=lat, kr=kr, lens=lens: mla_decode_reference(q, qr, lat, kr, lens, 0.04), 5)
-        results["rows"][f"mla_decode_{heads}_heads"] = {"mla_s": ours, "mla_reference_s": ref}
+        out["rows"][f"mla_decode_{heads}_heads"] = {"mla_s": ours, "mla_reference_s": ref}
         print(
             f"mla decode, {heads} heads, {b} x {s} tokens: {ours * 1e3:.3f} ms, {ref / ours:.1f}x the torch reference"
         )
@@ -141,12 +140,11 @@ def run(dev: torch.device, smoke: bool) -> dict:
         ours = _time(lambda fmt=fmt, t=tensors: dequantize(fmt, t, torch.bfloat16))
         ref = _time(lambda fmt=fmt, t=tensors: dequantize_reference(fmt, t, torch.bfloat16), 5)
         floor = nbytes / copy_bw
-        results["rows"][f"dequant_{fmt}"] = {"dequant_s": ours, "reference_s": ref, "copy_floor_s": floor}
+        out["rows"][f"dequant_{fmt}"] = {"dequant_s": ours, "reference_s": ref, "copy_floor_s": floor}
         print(
             f"dequantize {fmt} -> bf16, {rows} x {cols}: {ours * 1e3:.3f} ms ({nbytes / ours / 1e9:.0f} GB/s moved), "
             f"{ref / ours:.1f}x the torch reference, {floor / ours:.2f}x of the copy floor"
         )
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:

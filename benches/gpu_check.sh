@@ -2,8 +2,8 @@
 # The GPU checks of `make gpu-check`: the gpu-marked tests (bf16 on the device, the
 # device executor, the staged CUDA loads), then benches/bench_kernels.py and
 # benches/bench_gpu_sync.py. PY: the Python that has torch, triton and kimi_loader (default
-# python3); $1: where the test log, the JUnit report and copies of the figures go (default
-# benches/results, where the benchmarks write them). The benchmarks run even when a test
+# python3); $1: where the test log, the JUnit report and the figures go (default
+# benches/results). The benchmarks run even when a test
 # fails; the exit status is the tests' (or a benchmark's, if one failed).
 #
 # On a lent GPU machine (its own torch and triton, no package index), after
@@ -23,10 +23,10 @@ export PYTHONUNBUFFERED=1
 status=0
 KIMI_LOADER_GPU_TESTS=1 "$PY" -m pytest -m gpu -v -p no:cacheprovider --continue-on-collection-errors ${GPU_PYTEST_ARGS:-} \
   --junitxml="$out/gpu-tests-$day.xml" 2>&1 | tee -a "$out/gpu-tests-$day.log" || status=$?
+# each benchmark writes its figures into $out as they come in: a run stopped at a time
+# limit still brings back what was measured
 for b in bench_kernels bench_gpu_sync; do
-  (cd benches && "$PY" "$b.py") 2>&1 | tee -a "$out/gpu-bench-$day.log" || status=$((status ? status : 1))
+  (cd benches && KIMI_LOADER_GPU_RESULTS="$out" "$PY" "$b.py") 2>&1 | tee -a "$out/gpu-bench-$day.log" ||
+    status=$((status ? status : 1))
 done
-if [ "$out" != "$(pwd)/benches/results" ]; then
-  cp benches/results/gpu-*-"$day".json "$out"/ 2>/dev/null || status=$((status ? status : 1))
-fi
 exit $status

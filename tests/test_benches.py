@@ -11,6 +11,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 _HOUR = datetime.timedelta(hours=1)  # the second run is an hour later
 
@@ -115,3 +116,38 @@ def test_the_gpu_benchmarks_run_on_the_cpu_in_smoke_mode(tmp_path, monkeypatch, 
     for what in printed:
         assert what in out, what
     assert set(os.listdir(results_dir)) == before
+
+
+def test_a_gpu_benchmark_stopped_midway_keeps_what_it_measured(tmp_path, monkeypatch, capsys):
+    """On a GPU, each figure is written as it comes in (a run killed at its time limit
+    keeps the figures before it), and a failure is recorded next to them and makes the
+    exit status 1. (``torch.cuda`` is faked: the file is what is checked.)"""
+    monkeypatch.syspath_prepend(BENCHES)
+    sys.modules.pop("_common", None)
+    try:
+        common = importlib.import_module("_common")
+        monkeypatch.setenv("KIMI_LOADER_GPU_RESULTS", os.fspath(tmp_path))  # as gpu_check.sh sets it
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a fake GPU")
+        seen = []
+
+        def run(device, smoke, out):
+            assert device.type == "cuda" and not smoke
+            out["copy_GBps"] = 4000.0
+            out["rows"]["first"] = {"ours_s": 1.0}
+            seen.append(json.load(open(path())))  # on disk before the next figure is measured
+            out["rows"]["second"] = {"ours_s": 2.0, "tiles": {"32x32": 3.0}}
+            raise AssertionError("the quantizer is wrong")
+
+        def path():
+            (name,) = os.listdir(tmp_path)
+            return tmp_path / name
+
+        assert common.gpu_main("test", run, []) == 1
+    finally:
+        sys.modules.pop("_common", None)
+    assert seen[0]["rows"] == {"first": {"ours_s": 1.0}} and seen[0]["copy_GBps"] == 4000.0
+    got = json.load(open(path()))
+    assert got["gpu"] == "a fake GPU" and got["error"] == "AssertionError: the quantizer is wrong"
+    assert got["rows"] == {"first": {"ours_s": 1.0}, "second": {"ours_s": 2.0, "tiles": {"32x32": 3.0}}}
+    assert path().name.startswith("gpu-test-") and "failed after 2 figures" in capsys.readouterr().out
