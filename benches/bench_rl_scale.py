@@ -109,18 +109,19 @@ def _receive_all(up: WeightUpdater) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from kimi_loader.rl import _bucket_offsets
+
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
     meta, buckets = box[0]["meta"], box[0]["buckets"]
     tensors = {}
     for b in buckets:
-        flat = torch.empty(sum(meta[k][3] for k in b), dtype=torch.uint8)
+        offsets, size = _bucket_offsets(meta, b)
+        flat = torch.empty(size, dtype=torch.uint8)
         dist.broadcast(flat, src=0)
-        off = 0
-        for k in b:
+        for k, off in zip(b, offsets, strict=True):
             name, st, shape, nbytes, _ = meta[k]
             tensors[name] = flat[off : off + nbytes].view(kimi_loader.formats.TORCH_DTYPES[st]).view(shape)
-            off += nbytes
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         save_file(tensors, os.path.join(d, "u.safetensors"))
         up.update_from_disk(os.path.join(d, "u.safetensors"))
