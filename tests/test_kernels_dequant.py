@@ -11,7 +11,10 @@ import torch
 from kimi_loader.errors import InvalidArgumentError
 
 pytest.importorskip("triton")
-from kimi_loader.kernels.dequant import dequantize, dequantize_reference
+import triton
+import triton.language as tl
+
+from kimi_loader.kernels.dequant import _round_bf16, dequantize, dequantize_reference
 from kimi_loader.quant import quantize_int4
 
 
@@ -108,3 +111,25 @@ def test_dequantize_kernel_bf16_on_the_gpu(fmt, lead, rows, cols, scale_dtype):
     want = dequantize_reference(fmt, tensors, torch.bfloat16)
     got = dequantize(fmt, {k: v.cuda() for k, v in tensors.items()}, torch.bfloat16).cpu()
     _assert_bitwise(got, want)
+
+
+@triton.jit
+def _round_bf16_kernel(x, out, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(out + i, _round_bf16(tl.load(x + i)))
+
+
+def test_bf16_rounding_keeps_every_nan_a_nan():
+    """The kernels' float32 -> bf16 rounding (by bits) against torch's: ties to even, and
+    NaNs of any payload stay NaN. A GPU's NaN is 0x7FFFFFFF: the rounding carry made it
+    -0 (and 0x7F800001 infinity), so a NaN scale dequantized to a silent -0 on a GPU."""
+    bits = [0x7FFFFFFF, 0xFFFFFFFF, 0x7FC00000, 0x7F800001, 0xFFFF8000, 0x7F800000, 0xFF800000]
+    bits += [0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7FFFFF, 0x00000001, 0x80000000, 0x3F7FFFFF]
+    x = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([x, torch.randn(50, generator=torch.Generator().manual_seed(3))])
+    out = torch.full((64,), 1.0)
+    _round_bf16_kernel[(1,)](x, out, N=64)
+    want = x.to(torch.bfloat16).float()
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan), [hex(b) for b, g, w in zip(bits, out.isnan(), nan, strict=False) if g != w]
+    assert torch.equal(out[~nan].view(torch.int32), want[~nan].view(torch.int32))

@@ -39,10 +39,12 @@ def _bf16_to_f32(u16):
 
 
 @triton.jit
-def _round_bf16(v):  # float32 -> the nearest bf16 value (ties to even), as float32
+def _round_bf16(v):
+    """float32 -> the nearest bf16 value (ties to even), as float32; NaN stays NaN (a
+    GPU's NaN is 0x7FFFFFFF, which the rounding carry would make -0)."""
     bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(v != v, (bits | 0x00400000) & 0xFFFF0000, rounded).to(tl.float32, bitcast=True)
 
 
 @triton.jit
