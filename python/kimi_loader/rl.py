@@ -192,9 +192,9 @@ class WeightUpdater:
         return self._update(ck, None if names is None else set(names))
 
     def update_from_tensors(self, named_tensors: NamedTensors, *, quantize: str | bool | None = None) -> UpdateReport:
-        """Updates from ``(checkpoint_name, tensor)`` pairs (or a mapping of them, a
-        ``state_dict``), through the same mappings (fused,
-        expert, scale, TP/EP slicing). CPU tensors are read where they are (no file, no
+        """Updates from ``(checkpoint_name, tensor)`` pairs, or a mapping of them (a
+        ``state_dict``), through the same mappings (fused, expert, scale, TP/EP
+        slicing). CPU tensors are read where they are (no file, no
         extra copy; do not modify them while the call runs). GPU tensors for a model on
         that GPU are applied there by the Triton executor (``executor="auto"``; no host
         round trip, no hash skipping); otherwise they are copied to the host first (CPU
