@@ -224,3 +224,29 @@ def test_quantize_on_sync_on_the_device_equals_the_host(tmp_path):
     )
     for (n, p), (_, q) in zip(host.state_dict().items(), dev.state_dict().items(), strict=True):
         assert torch.equal(as_bytes(p), as_bytes(q.cpu())), n
+
+
+def test_ops_taller_than_a_cuda_grid_are_refused_before_any_launch(tmp_path, monkeypatch):
+    """A launch's second grid axis is an op's blocks of 16 rows, and CUDA allows 65535
+    blocks there: an op of more rows (a 1-D tensor of over a million elements is one
+    element a row) would fail at its launch on a GPU, after the launches of other op
+    kinds had written the model. It is refused before the first launch, naming the
+    tensor, on every device (the limit lowered here to the tiny model's 256-row embedding)."""
+    from kimi_loader.rl import WeightUpdater
+    from kimi_loader.synth import make_checkpoint
+
+    assert plan_exec.MAX_OP_ROWS == 65535 * 16
+    a = make_checkpoint(tmp_path / "a", quant="bf16", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    model = kimi_loader.from_pretrained(a)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    monkeypatch.setattr(plan_exec, "MAX_OP_ROWS", 255)
+    up = WeightUpdater(model, baseline=a, executor="triton")
+    with pytest.raises(kimi_loader.UnsupportedFormatError, match="256 rows, more than the device executor's 255") as e:
+        up.update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()])
+    assert e.value.tensor in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight")
+    for n, p in model.state_dict().items():
+        assert torch.equal(as_bytes(p), as_bytes(before[n])), n
+    monkeypatch.setattr(plan_exec, "MAX_OP_ROWS", 256)
+    assert up.update_from_tensors([(n, ckb.get_tensor(n)) for n in ckb.keys()]).changed_tensors > 0

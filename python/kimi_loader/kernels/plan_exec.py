@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .. import _core
-from ..errors import InvalidArgumentError
+from ..errors import InvalidArgumentError, UnsupportedFormatError
 
 # the helpers _scale_at calls are imported too: the Triton interpreter resolves the names
 # of nested jit calls in the launching kernel's module
@@ -46,6 +46,10 @@ __all__ = ["Staged", "commit", "execute", "stage"]
 _COLS = _core.OP_TABLE_COLS
 _ROWS = 16  # rows of one op per program
 _BLOCK = 256  # columns per step (bytes, for copies): a step moves a TILE x _BLOCK tile
+#: the most rows one op may have: a launch's second grid axis is an op's blocks of _ROWS
+#: rows, and CUDA allows 65535 blocks there (the interpreter has no such limit; the check
+#: holds everywhere, so what passes on CPU passes on a GPU)
+MAX_OP_ROWS = 65535 * _ROWS
 
 
 def _tile_rows(device: torch.device) -> int:
@@ -173,6 +177,15 @@ def _table(plan: Any, which: list[int], dests: Sequence[torch.Tensor | None]) ->
     """The descriptor table of ops ``which`` with absolute addresses (sources, scales and
     destinations), and the destinations' device; every destination checked."""
     table = torch.frombuffer(bytearray(plan.op_table(which)), dtype=torch.int64).view(-1, _COLS).clone()
+    tall = ((table[:, 4] - table[:, 3]) > MAX_OP_ROWS).nonzero()
+    if len(tall):  # (a 1-D tensor is one element a row)
+        k = int(tall[0])
+        src, dest = plan.op_sources()[which[k]][0], plan.ops()[which[k]][1]
+        raise UnsupportedFormatError(
+            f"tensor '{src}' -> '{dest}': {int(table[k, 4] - table[k, 3])} rows, more than the device executor's "
+            f"{MAX_OP_ROWS} an op (65535 blocks of {_ROWS}: CUDA's grid limit)",
+            tensor=src,
+        )
     dest_ids = table[:, 9].tolist()
     devices = set()
     for d in set(dest_ids):
