@@ -118,7 +118,7 @@ def test_moe_w4_refuses_mismatched_experts():
     with pytest.raises(InvalidArgumentError, match="fmt"):
         moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, "nf4")
     w2, s2 = _experts(2, 64, 32, 32, torch.bfloat16, g)
-    for tile in ((32, 48), (8, 32), (32,)):
+    for tile in ((32, 48), (8, 32), (32,), None, (32, "32"), (32.0, 32)):
         with pytest.raises(InvalidArgumentError, match="tile"):
             moe_w4(x, torch.tensor([[0]]), torch.ones(1, 1), w13, s13, w2, s2, tile=tile)
 

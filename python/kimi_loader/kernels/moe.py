@@ -298,7 +298,8 @@ def moe_w4(
     tile is read once per 16 pairs); ``None``: grouped from :data:`GROUPED_FROM` pairs.
     ``tile``: ``(BLOCK_N, BLOCK_K)`` of both kernels' weight tiles, powers of two from 16
     (:data:`TILES`: those checked for the GPU and timed there)."""
-    if any(b < 16 or b & (b - 1) for b in tile) or len(tile) != 2:
+    ok = isinstance(tile, (tuple, list)) and len(tile) == 2 and all(type(b) is int for b in tile)
+    if not ok or any(b < 16 or b & (b - 1) for b in tile):
         raise InvalidArgumentError(f"tile must be two powers of two from 16, got {tile!r}")
     per = {"ct-int4": 8, "quark-mxfp4": 2}.get(fmt)
     if per is None:
