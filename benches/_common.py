@@ -163,12 +163,17 @@ def row(
     return f"  {label:<44} {seconds * 1e3:9.1f} ms  {ratio}  {extra}"
 
 
+def gpu_results_path(kind: str, date: str) -> str:
+    """``gpu-<kind>-<date>.json`` in ``$KIMI_LOADER_GPU_RESULTS`` (``benches/gpu_check.sh``
+    sets it), else in ``benches/results``."""
+    where = os.environ.get("KIMI_LOADER_GPU_RESULTS") or os.path.join(ROOT, "benches", "results")
+    return os.path.join(where, f"gpu-{kind}-{date}.json")
+
+
 def write_gpu_results(kind: str, results: dict) -> str:
     """Writes a GPU benchmark's figures (with ``results["date"]``) to
-    ``gpu-<kind>-<date>.json`` in ``$KIMI_LOADER_GPU_RESULTS`` (``benches/gpu_check.sh``
-    sets it), else in ``benches/results``, and returns the path."""
-    where = os.environ.get("KIMI_LOADER_GPU_RESULTS") or os.path.join(ROOT, "benches", "results")
-    path = os.path.join(where, f"gpu-{kind}-{results['date']}.json")
+    :func:`gpu_results_path` and returns the path."""
+    path = gpu_results_path(kind, results["date"])
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path + ".tmp", "w") as fh:
         json.dump(results, fh, indent=1)
@@ -250,8 +255,8 @@ def gpu_main(kind: str, run: Callable, argv: list[str] | None = None) -> int:
         run(torch.device("cuda"), False, out)
     except Exception as e:
         traceback.print_exc()
-        out["error"] = f"{type(e).__name__}: {e}"
-        print(f"{name}: failed after {len(out['rows'])} figures; those are in {write_gpu_results(kind, out)}")
+        out["error"] = f"{type(e).__name__}: {e}"  # (saved, as every assignment)
+        print(f"{name}: failed after {len(out['rows'])} figures; those are in {gpu_results_path(kind, out['date'])}")
         return 1
-    print(f"wrote {write_gpu_results(kind, out)}")
+    print(f"wrote {gpu_results_path(kind, out['date'])}")
     return 0
