@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import pytest
 import torch
@@ -41,3 +43,53 @@ def synth_dir(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _every_launch_on_its_tensors_device():
+    """Every Triton launch in this suite is checked: it happens inside
+    :func:`kimi_loader.kernels._device.on_device`, and every tensor argument is on the
+    device that made current (Triton launches on the current CUDA device and stream,
+    not on the pointers' device). Otherwise the launch raises ``AssertionError``."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    from kimi_loader.kernels import _device
+
+    state = threading.local()
+    real_current = _device._current
+
+    @contextlib.contextmanager
+    def current(device):
+        stack = state.__dict__.setdefault("stack", [])
+        stack.append(device)
+        try:
+            with real_current(device):
+                yield
+        finally:
+            stack.pop()
+
+    def checked(run):
+        def launch(self, *args, grid, warmup, **kwargs):
+            if not warmup:
+                name = getattr(self, "__name__", repr(self))
+                stack = getattr(state, "stack", [])
+                assert stack, f"kernel {name} launched outside kimi_loader.kernels._device.on_device"
+                off = [
+                    str(a.device)
+                    for a in (*args, *kwargs.values())
+                    if isinstance(a, torch.Tensor) and a.device != stack[-1]
+                ]
+                assert not off, f"kernel {name} launched on {stack[-1]} with tensors on {off}"
+            return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+        return launch
+
+    patched = [(cls, cls.run) for cls in (InterpretedFunction, JITFunction)]
+    _device._current = current
+    for cls, run in patched:
+        cls.run = checked(run)
+    yield
+    _device._current = real_current
+    for cls, run in patched:
+        cls.run = run

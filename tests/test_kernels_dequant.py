@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 import triton
 import triton.language as tl
 
+from kimi_loader.kernels._device import on_device
 from kimi_loader.kernels.dequant import _round_bf16, dequantize, dequantize_reference
 from kimi_loader.quant import quantize_int4
 
@@ -128,7 +129,8 @@ def test_bf16_rounding_keeps_every_nan_a_nan():
     x = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
     x = torch.cat([x, torch.randn(50, generator=torch.Generator().manual_seed(3))])
     out = torch.full((64,), 1.0)
-    _round_bf16_kernel[(1,)](x, out, N=64)
+    with on_device("_round_bf16", x=x, out=out):
+        _round_bf16_kernel[(1,)](x, out, N=64)
     want = x.to(torch.bfloat16).float()
     nan = want.isnan()
     assert torch.equal(out.isnan(), nan), [hex(b) for b, g, w in zip(bits, out.isnan(), nan, strict=False) if g != w]

@@ -402,6 +402,26 @@ def test_cuda_destinations(synth_dir):
         assert torch.equal(as_bytes(a), as_bytes(b.cpu())), n
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_destinations_spread_over_two_gpus(synth_dir):
+    """A model spread over GPUs in one process (odd layers on cuda:1, the rest on
+    cuda:0, cuda:0 current): each destination's copies run on its own device's
+    stream and an arena is rewritten only when both devices' copies from it are done
+    (with one stream, cuda:1's copies were unordered with the arena's reuse)."""
+    path = synth_dir("kimi-k2.5-tiny", "ct-int4")
+    ck = kimi_loader.open(path)
+    cpu, spread = for_config(ck.config), for_config(ck.config)
+    for n, p in spread.named_parameters():  # odd layers on cuda:1 (a pipeline-style device_map)
+        layer = int(n.split("layers.")[1].split(".")[0]) if "layers." in n else 0
+        p.data = p.data.to(f"cuda:{layer % 2}")
+    torch.cuda.set_device(0)
+    kimi_loader.load_weights(cpu, ck)
+    kimi_loader.load_weights(spread, ck, staging_bytes=64 << 10)
+    for (n, a), (_, b) in zip(cpu.named_parameters(), spread.named_parameters(), strict=True):
+        assert torch.equal(as_bytes(a), as_bytes(b.cpu())), n
+
+
 def test_execute_refuses_ops_without_a_buffer(synth_dir):
     from kimi_loader.loader import plan_for
 

@@ -497,6 +497,64 @@ def test_stage_then_commit_is_execute_atomic_in_two_halves(tmp_path):
         plan.commit([0, 0], targets, arena)
 
 
+@pytest.mark.parametrize("quant", ["ct-int4", "fp8-block"])
+def test_host_staged_ops_committed_by_runs_equal_the_rust_executor(tmp_path, quant):
+    """How host sources reach a model on a GPU (which the Rust executor cannot write):
+    the ops staged on the host in destination order, then one copy per run of bytes
+    contiguous in the arena and a destination. Exercised here into host destinations
+    against ``Plan.execute_atomic``: a shuffled 60% subset of the ops (ragged runs), then
+    every op, where each destination is one run."""
+    from kimi_loader.loader import plan_for
+    from kimi_loader.rl import _HostStaged
+
+    a = make_checkpoint(tmp_path / "a", quant=quant, seed=0)
+    b = make_checkpoint(tmp_path / "b", quant=quant, seed=1)
+    want, got = kimi_loader.from_pretrained(a), kimi_loader.from_pretrained(a)
+    ckb = kimi_loader.open(b)
+    for part in (0.6, 1.0):
+        plans = [plan_for(m, ckb) for m in (want, got)]
+        plan = plans[0].plan
+        n = len(plan)
+        which = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: int(n * part)].tolist()
+        dests = [[p.dests[name] for name in p.plan.dest_names()] for p in plans]
+        op_dests = plan.op_dests()
+        plan.execute_atomic(which, {op_dests[k]: dests[0][op_dests[k]] for k in which})
+        staged = _HostStaged(plans[1].plan, which)
+        assert staged.arena.numel() == plan.staged_bytes(which)
+        staged._copy_runs(dests[1])
+        for (name, x), (_, y) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+            assert torch.equal(as_bytes(x), as_bytes(y)), (part, name)
+    assert len(staged.runs()) == len(set(op_dests))  # every op staged: a copy per destination
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("executor", ["auto", "cpu", "triton"])
+def test_a_model_on_the_gpu_updates_from_host_memory_and_disk(tmp_path, executor):
+    """A rollout engine on a GPU updated from host memory (a trainer's CPU state dict)
+    and from a checkpoint on disk, by each executor: ``cpu`` and ``auto`` stage on the
+    host and copy in runs, ``triton`` moves the sources to the GPU first (a GPU kernel
+    never reads a host pointer); a checkpoint on disk goes through the host whatever
+    the executor. Equal to a fresh load; the same checkpoint again changes nothing."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="ct-int4", seed=1)
+    ckb = kimi_loader.open(b)
+    want = kimi_loader.from_pretrained(b)
+    for how in ("tensors", "disk"):
+        model = kimi_loader.from_pretrained(a, device="cuda")
+        up = WeightUpdater(model, baseline=a, executor=executor)
+        if how == "tensors":
+            report = up.update_from_tensors({n: ckb.get_tensor(n) for n in ckb.keys()})
+        else:
+            report = up.update_from_disk(b)
+        # (a checkpoint on disk goes through the host whatever the executor)
+        assert report.executor == ("triton" if executor == "triton" and how == "tensors" else "cpu"), (how, report)
+        for n, p in want.named_parameters():
+            assert torch.equal(as_bytes(dict(model.named_parameters())[n].cpu()), as_bytes(p)), (how, n)
+        up.update_from_disk(b)  # (device sources are not hashed: after this one, the host hashes are known)
+        assert up.update_from_disk(b).changed_tensors == 0
+
+
 def _memory_worker(rank: int, port: int, a: str, b: str, out: str, atomic: bool) -> None:
     import json
     import threading

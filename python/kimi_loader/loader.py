@@ -324,7 +324,9 @@ def _execute_direct(plan, tensors: list[torch.Tensor], callback) -> None:
 def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) -> None:
     """Destinations that are not plain CPU memory (CUDA): the plan writes a batch of
     destinations into one of two staging arenas (pinned when CUDA is available) while the
-    previous arena's host-to-device copies run on a side stream. A destination larger
+    previous arena's host-to-device copies run on side streams, one per destination
+    device (a model spread over GPUs: each copy on its own device's stream, an arena
+    rewritten only when every device's copies from it are done). A destination larger
     than the arena gets a staging buffer of its own."""
     op_dests = plan.op_dests()
     nbytes = [t.numel() * t.element_size() for t in tensors]
@@ -343,39 +345,73 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
                 size += nbytes[d]
             k += 1
         batches.append((dests, start, k))
-    cuda = any(t.device.type == "cuda" for t in tensors) and torch.cuda.is_available()
-    stream = torch.cuda.Stream(device=next(t.device for t in tensors if t.device.type == "cuda")) if cuda else None
-    arenas = [torch.empty(budget, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-    in_flight: list[Any] = [None, None]  # (event, buffer kept alive) per arena
+    uploads = _Uploads(tensors)
+    arenas = [torch.empty(budget, dtype=torch.uint8, pin_memory=uploads.pinned) for _ in range(2)]
+    in_flight: list[Any] = [None, None]  # (events, buffer kept alive) per arena
     total, written = plan.bytes_written, 0
-    for i, (dests, start, end) in enumerate(batches):
-        slot = i % 2
-        if in_flight[slot] is not None:
-            in_flight[slot][0].synchronize()  # the arena's previous copies are done
-            in_flight[slot] = None
-        size = sum(nbytes[d] for d in dests)
-        arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
-        views, off = {}, 0
-        for d in dests:
-            views[d] = arena[off : off + nbytes[d]]
-            off += nbytes[d]
-        plan.execute(views, start, end)
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(stream.device))
-            with torch.cuda.stream(stream):
-                for d, v in views.items():
-                    tensors[d].view(-1).view(torch.uint8).copy_(v, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            in_flight[slot] = (event, arena)
-        else:
-            for d, v in views.items():
-                tensors[d].view(-1).view(torch.uint8).copy_(v)
-        written += size
-        if callback:
-            callback(min(written, total), total)
-    if stream is not None:
-        stream.synchronize()
+    try:
+        for i, (dests, start, end) in enumerate(batches):
+            slot = i % 2
+            if in_flight[slot] is not None:
+                uploads.wait(in_flight[slot][0])  # the arena's previous copies are done
+                in_flight[slot] = None
+            size = sum(nbytes[d] for d in dests)
+            arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=uploads.pinned)
+            views, off = {}, 0
+            for d in dests:
+                views[d] = arena[off : off + nbytes[d]]
+                off += nbytes[d]
+            plan.execute(views, start, end)
+            in_flight[slot] = (uploads.copy([(tensors[d], v) for d, v in views.items()]), arena)
+            written += size
+            if callback:
+                callback(min(written, total), total)
+    finally:
+        uploads.finish()  # (also on a failure: no copy may still read an arena being freed)
+
+
+class _Uploads:
+    """Host-to-device copies of staged bytes: asynchronous on a side stream of each CUDA
+    destination's device (each made to wait for the work already queued on that device),
+    plain copies otherwise (CUDA absent: the staged path exercised on CPU)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        devices = {t.device for t in tensors if t.device.type == "cuda"}
+        self.pinned = bool(devices) and torch.cuda.is_available()
+        self.streams: dict[torch.device, Any] = {}
+        if self.pinned:
+            for dev in sorted(devices, key=str):
+                stream = torch.cuda.Stream(device=dev)
+                stream.wait_stream(torch.cuda.current_stream(dev))
+                self.streams[dev] = stream
+
+    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+        """Copies each ``(destination, staged bytes)``; returns the events that mark the
+        copies done (none: they are)."""
+        used: dict[torch.device, Any] = {}
+        for dest, staged in pairs:
+            stream = self.streams.get(dest.device)
+            if stream is None:
+                dest.view(-1).view(torch.uint8).copy_(staged)
+                continue
+            with torch.cuda.stream(stream):  # (also makes the stream's device current)
+                dest.view(-1).view(torch.uint8).copy_(staged, non_blocking=True)
+            used[dest.device] = stream
+        events = []
+        for stream in used.values():
+            event = torch.cuda.Event()
+            event.record(stream)
+            events.append(event)
+        return events
+
+    @staticmethod
+    def wait(events: list[Any]) -> None:
+        for event in events:
+            event.synchronize()
+
+    def finish(self) -> None:
+        for stream in self.streams.values():
+            stream.synchronize()
 
 
 class _ProgressBar:

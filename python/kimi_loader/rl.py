@@ -224,11 +224,15 @@ class WeightUpdater:
 
     def _target_device(self, tensors: list[torch.Tensor]) -> torch.device:
         """Where an update's tensors are applied: the GPU they are on when the model lives
-        there too (and the executor allows it), else the host."""
+        there too (and the executor allows it), else the host. ``executor="triton"``: the
+        model's device always (the device executor reads its sources from there: host
+        tensors are copied over, never read through a host pointer by a GPU kernel)."""
+        model_device = self._model_device()
+        if self.executor == "triton" and model_device is not None:
+            return model_device
         on = {t.device for t in tensors if t.device.type != "cpu"}
         if not on or self.executor == "cpu":
             return torch.device("cpu")
-        model_device = self._model_device()
         if len(on) == 1 and model_device in on:
             return model_device
         return torch.device("cpu")
@@ -247,7 +251,7 @@ class WeightUpdater:
                 _core.from_tensors(label, names, tensors, self.threads, device=on_device), threads=self.threads
             )
             try:
-                report = self._update_locked(ck, None, on_device=on_device)
+                report = self._update_locked(ck, None, on_device=on_device, memory=True)
             finally:
                 ck.core.release()  # the plan keeps the names, never the caller's memory
             self._source_hashes.update(source_hashes)
@@ -504,7 +508,7 @@ class WeightUpdater:
         apply_on = self._stream_device()
         if apply_on is not None:
             from .kernels import plan_exec
-        staged: list[tuple[Any, list[int], dict[int, torch.Tensor], torch.Tensor]] = []
+        staged: list[tuple[_HostStaged, list[torch.Tensor]]] = []
         staged_dev: list[Any] = []
         unhashed: set[str] = set()  # quantized parts made in device memory (not hashed)
         layers: set[int] = set()
@@ -547,24 +551,21 @@ class WeightUpdater:
                             hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
                         else:
                             unhashed.update(qnames)
-                    ops, op_dests = plan.ops(), plan.op_dests()
+                    ops = plan.ops()
                     which = list(range(len(ops)))
-                    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
                     layers.update(x for op in ops if (x := layer_index(op[1])) is not None)
                     report.bytes_changed += sum(op[3] for op in ops)
                     if atomic and apply_on is not None:
                         staged_dev.append(plan_exec.stage(plan, which, dests))  # device memory
                     elif atomic:
-                        arena = torch.empty(plan.staged_bytes(which), dtype=torch.uint8)
-                        plan.stage(which, arena)  # the model is not touched yet
-                        staged.append((plan, which, targets, arena))
+                        staged.append((_HostStaged(plan, which), dests))  # the model is not touched yet
                     else:
                         if which:
                             self._mark_inconsistent()
                         if apply_on is not None:
                             plan_exec.execute(plan, which, dests)
                         else:
-                            plan.execute_atomic(which, targets)  # this bucket, straight into the model
+                            _apply_host(plan, which, dests)  # this bucket, straight into the model
                 finally:
                     ck.core.release()
                 new_hashes.update(hashes)
@@ -586,11 +587,11 @@ class WeightUpdater:
             ) from e
         if problem is not None:
             raise problem
-        for plan, which, targets, arena in staged:  # everything arrived: commit
-            plan.commit(which, targets, arena)
+        for part, part_dests in staged:  # everything arrived: commit
+            part.commit(part_dests)
         if staged_dev:
             plan_exec.commit(staged_dev)
-        report.bytes_staged = sum(a.numel() for *_, a in staged) + sum(x.nbytes for x in staged_dev)
+        report.bytes_staged = sum(part.arena.numel() for part, _ in staged) + sum(x.nbytes for x in staged_dev)
         del staged, staged_dev
         t_copy = time.perf_counter()
         self._state.set(list(new_hashes.items()))
@@ -611,7 +612,12 @@ class WeightUpdater:
         with self._lock:
             return self._update_locked(ck, only)
 
-    def _update_locked(self, ck: Checkpoint, only: set[str] | None, on_device: bool = False) -> UpdateReport:
+    def _update_locked(
+        self, ck: Checkpoint, only: set[str] | None, on_device: bool = False, memory: bool = False
+    ) -> UpdateReport:
+        """``on_device``: the sources are device memory; ``memory``: tensors handed over
+        in memory (the device executor reads those only: a checkpoint on disk goes through
+        the host whatever the executor)."""
         t0 = time.perf_counter()
         if only is not None:
             absent = sorted(n for n in only if n not in ck)
@@ -629,17 +635,16 @@ class WeightUpdater:
             sel = self._state.select(plan, ck.core, None if only is None else sorted(only))
             which = sel.which
         t_hash = time.perf_counter()
-        if on_device or self.executor == "triton":
+        device_exec = on_device or (self.executor == "triton" and memory)
+        if device_exec:
             from .kernels import plan_exec
 
             # every check (op kinds, sources, destinations) runs before the first launch,
             # and device reads do not fail midway: no staging is needed
             plan_exec.execute(plan, which, dests)
         else:
-            op_dests = plan.op_dests()
-            targets = {op_dests[k]: dests[op_dests[k]] for k in which}
             assert sel is not None
-            plan.execute_atomic(which, targets, self._staging(sel.bytes_changed))  # all-or-nothing
+            _apply_host(plan, which, dests, self._staging(sel.bytes_changed))  # all-or-nothing
         t_copy = time.perf_counter()
         if sel is not None:
             self._state.commit(sel)
@@ -663,7 +668,7 @@ class WeightUpdater:
             bytes_hashed=0 if sel is None else sel.bytes_hashed,
             layers_post_processed=layers,
             replanned=replanned,
-            executor="triton" if on_device or self.executor == "triton" else "cpu",
+            executor="triton" if device_exec else "cpu",
             seconds={
                 "plan": t_plan - t0,
                 "hash": t_hash - t_plan,
@@ -672,6 +677,68 @@ class WeightUpdater:
                 "total": t_post - t0,
             },
         )
+
+
+class _HostStaged:
+    """The outputs of ops with host sources, executed by the Rust executor into a host
+    arena (every source read and checked; no destination touched), committed later into
+    destinations anywhere: host ones by ``Plan.commit``; a model on a GPU, which the Rust
+    executor cannot write, by one ``copy_`` per run of bytes contiguous in both the arena
+    and a destination (the ops are staged in destination order, so a destination whose
+    every op is staged is one copy)."""
+
+    def __init__(self, plan: Any, which: list[int], arena: torch.Tensor | None = None) -> None:
+        layout = torch.frombuffer(bytearray(plan.op_layout(which)), dtype=torch.int64).view(-1, 3)
+        by_offset = torch.argsort(layout[:, 1], stable=True)
+        order = by_offset[torch.argsort(layout[by_offset, 0], stable=True)]  # by destination, then offset
+        self.plan, self.which = plan, [which[i] for i in order.tolist()]
+        self.layout = layout[order]
+        need = plan.staged_bytes(self.which)
+        if arena is None or arena.numel() < need:
+            arena = torch.empty(need, dtype=torch.uint8)
+        self.arena = arena[:need]
+        if need:
+            plan.stage(self.which, self.arena)
+
+    def commit(self, dests: list[torch.Tensor]) -> None:
+        op_dests = self.plan.op_dests()
+        targets = {op_dests[k]: dests[op_dests[k]] for k in self.which}
+        if all(t.device.type == "cpu" for t in targets.values()):
+            self.plan.commit(self.which, targets, self.arena)  # (parallel, in Rust)
+        else:
+            self._copy_runs(dests)
+
+    def runs(self) -> list[tuple[int, int, int, int]]:
+        """``(destination index, first byte, end byte, arena offset)`` of each run of
+        staged bytes contiguous in both the arena and one destination."""
+        if not len(self.layout):
+            return []
+        dest, off, size = self.layout.unbind(1)
+        at = torch.cumsum(size, 0) - size  # each op's bytes in the arena
+        # a run ends where the next op goes to another destination or not right after
+        starts = torch.ones(len(dest), dtype=torch.bool)
+        starts[1:] = (dest[1:] != dest[:-1]) | (off[1:] != off[:-1] + size[:-1])
+        first = starts.nonzero().flatten()
+        last = torch.cat([first[1:], torch.tensor([len(dest)])]) - 1
+        return list(
+            zip(*(v.tolist() for v in (dest[first], off[first], off[last] + size[last], at[first])), strict=True)
+        )
+
+    def _copy_runs(self, dests: list[torch.Tensor]) -> None:
+        for d, lo, hi, at in self.runs():
+            dests[d].view(-1).view(torch.uint8)[lo:hi].copy_(self.arena[at : at + hi - lo])
+
+
+def _apply_host(plan: Any, which: list[int], dests: list[torch.Tensor], arena: torch.Tensor | None = None) -> None:
+    """The ops ``which`` (host sources) all-or-nothing into ``dests``: the Rust executor
+    where every destination is host memory (``arena``: its staging), else staged on the
+    host, then copied to the device (:class:`_HostStaged`)."""
+    op_dests = plan.op_dests()
+    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
+    if all(t.device.type == "cpu" for t in targets.values()):
+        plan.execute_atomic(which, targets, arena)
+    else:
+        _HostStaged(plan, which, arena).commit(dests)
 
 
 def _quantized_module(ck: Checkpoint, base: str) -> Any:

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from ._device import on_device
 
 __all__ = ["EXACT", "FAST", "dequantize", "dequantize_reference", "scale_code"]
 
@@ -177,7 +178,7 @@ def dequantize(
         w, s = tensors[data_key], tensors[scale_key]
     except KeyError as e:
         raise InvalidArgumentError(f"{fmt} dequantization needs {data_key!r} and {scale_key!r}") from e
-    if w.dim() < 2 or s.dim() != w.dim() or w.shape[:-2] != s.shape[:-2] or w.device != s.device:
+    if w.dim() < 2 or s.dim() != w.dim() or w.shape[:-2] != s.shape[:-2]:
         raise InvalidArgumentError(f"{fmt}: {data_key} {list(w.shape)} and {scale_key} {list(s.shape)} do not match")
     lead = w.shape[:-2]
     rows = w.shape[-2]
@@ -201,24 +202,25 @@ def dequantize(
     wb = w.contiguous().view(torch.uint8)
     sb = s.contiguous().view(torch.uint8) if s.element_size() == 1 else s.contiguous()
     block_r, block_c = 16, 64
-    _dequant[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), n)](
-        wb,
-        sb,
-        out,
-        rows,
-        cols,
-        wb.shape[-1],
-        want[1],
-        want[0] * want[1],
-        br,
-        bc,
-        FMT=code,
-        SDT=scale_code(s),
-        DST=_OUT[dtype],
-        BLOCK_R=block_r,
-        BLOCK_C=block_c,
-        **EXACT,
-    )
+    with on_device(fmt, **{data_key: w, scale_key: s}):
+        _dequant[(triton.cdiv(rows, block_r), triton.cdiv(cols, block_c), n)](
+            wb,
+            sb,
+            out,
+            rows,
+            cols,
+            wb.shape[-1],
+            want[1],
+            want[0] * want[1],
+            br,
+            bc,
+            FMT=code,
+            SDT=scale_code(s),
+            DST=_OUT[dtype],
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+            **EXACT,
+        )
     return out
 
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from ._device import on_device
 
 __all__ = ["ALGORITHM", "hash_reference", "hash_tensors"]
 
@@ -101,7 +102,8 @@ def hash_tensors(tensors: Sequence[torch.Tensor]) -> list[int]:
         items = torch.tensor(rows, dtype=torch.int64).to(device)
         partial = torch.empty(len(rows), dtype=torch.int64, device=device)
         base_u8 = base.view(-1).view(torch.uint8) if base.numel() else base
-        _hash_chunks[(len(rows),)](base_u8, items, partial, _C1, _C2, _GOLD, CHUNK=_CHUNK, BLOCK=_BLOCK)
+        with on_device("hash_tensors", tensors=base):
+            _hash_chunks[(len(rows),)](base_u8, items, partial, _C1, _C2, _GOLD, CHUNK=_CHUNK, BLOCK=_BLOCK)
         sums = torch.zeros(len(tensors), dtype=torch.int64, device=device)
         sums.index_add_(0, torch.tensor(owner, device=device), partial)  # (wraps modulo 2^64)
         totals = sums.cpu().tolist()

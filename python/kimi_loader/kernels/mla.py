@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from ._device import on_device
 from .dequant import FAST
 
 __all__ = ["mla_decode", "mla_decode_reference"]
@@ -88,27 +89,28 @@ def mla_decode(
     s = latent.shape[1]
     if latent.shape != (b, s, lat) or k_rope.shape != (b, s, rope) or q_rope.shape[:2] != (b, h):
         raise InvalidArgumentError("query and cache shapes do not match")
-    lens = seq_lens.to(torch.int32).contiguous()
+    lens = seq_lens.to(device=q_nope.device, dtype=torch.int32).contiguous()  # (host lengths welcome)
     if len(lens) != b or bool((lens < 1).any()) or bool((lens > s).any()):
         raise InvalidArgumentError(f"seq_lens must be {b} lengths in 1..{s}")
     out = torch.empty(b, h, lat, dtype=torch.float32, device=q_nope.device)
-    _mla_decode[(b, h)](
-        q_nope.contiguous(),
-        q_rope.contiguous(),
-        latent.contiguous(),
-        k_rope.contiguous(),
-        lens,
-        out,
-        float(scale),
-        h,
-        s,
-        L=lat,
-        R=rope,
-        BLOCK_L=triton.next_power_of_2(lat),
-        BLOCK_R=triton.next_power_of_2(rope),
-        BLOCK_S=16,
-        **FAST,
-    )
+    with on_device("mla_decode", q_nope=q_nope, q_rope=q_rope, latent=latent, k_rope=k_rope):
+        _mla_decode[(b, h)](
+            q_nope.contiguous(),
+            q_rope.contiguous(),
+            latent.contiguous(),
+            k_rope.contiguous(),
+            lens,
+            out,
+            float(scale),
+            h,
+            s,
+            L=lat,
+            R=rope,
+            BLOCK_L=triton.next_power_of_2(lat),
+            BLOCK_R=triton.next_power_of_2(rope),
+            BLOCK_S=16,
+            **FAST,
+        )
     return out.to(q_nope.dtype)
 
 

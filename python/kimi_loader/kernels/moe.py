@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..errors import InvalidArgumentError
 from ..models.runtime import route_noaux_tc as _runtime_route
+from ._device import on_device
 from .dequant import FAST, _e2m1, _int4_value, _scale_at, scale_code
 
 __all__ = ["moe_w4", "moe_w4_reference", "route_noaux_tc", "route_noaux_tc_reference"]
@@ -311,57 +312,67 @@ def moe_w4(
     group = hidden // w13_scale.shape[-1]
     if row * per != hidden or w2.shape != (e, hidden, inter // per) or inter // w2_scale.shape[-1] != group:
         raise InvalidArgumentError("expert tensors do not match x / each other")
-    sdt = scale_code(w13_scale)
-    code = 2 if fmt == "quark-mxfp4" else 1
-    x = x.contiguous()
-    ids = topk_ids.to(torch.int32).contiguous()
-    h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
-    block_n, block_k = tile
-    # both launches; tiles above 32 x 32 take 8 warps (with 4 they spill on sm_90)
-    warps = 4 if block_n * block_k <= 1024 else 8
-    meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **FAST)
-    if grouped or (grouped is None and t * k >= GROUPED_FROM):
-        blocks = _expert_blocks(ids, e, _BLOCK_M)
-        dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
-        grid = len(blocks[1])
-        _gate_up_grouped[(grid, triton.cdiv(inter, block_n))](
-            x, *blocks, w13, w13_scale, h, hidden, inter, w13.shape[-1], w13_scale.shape[-1],
-            K=k, DOT=dot, BLOCK_M=_BLOCK_M, **meta,
-        )  # fmt: skip
+    with on_device(
+        "moe_w4",
+        x=x,
+        topk_ids=topk_ids,
+        topk_weights=topk_weights,
+        w13=w13,
+        w13_scale=w13_scale,
+        w2=w2,
+        w2_scale=w2_scale,
+    ):
+        sdt = scale_code(w13_scale)
+        code = 2 if fmt == "quark-mxfp4" else 1
+        x = x.contiguous()
+        ids = topk_ids.to(torch.int32).contiguous()
+        h = torch.empty(t * k, inter, dtype=torch.float32, device=x.device)
+        block_n, block_k = tile
+        # both launches; tiles above 32 x 32 take 8 warps (with 4 they spill on sm_90)
+        warps = 4 if block_n * block_k <= 1024 else 8
+        meta = dict(GROUP=group, SDT=sdt, FMT=code, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, **FAST)
+        if grouped or (grouped is None and t * k >= GROUPED_FROM):
+            blocks = _expert_blocks(ids, e, _BLOCK_M)
+            dot = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
+            grid = len(blocks[1])
+            _gate_up_grouped[(grid, triton.cdiv(inter, block_n))](
+                x, *blocks, w13, w13_scale, h, hidden, inter, w13.shape[-1], w13_scale.shape[-1],
+                K=k, DOT=dot, BLOCK_M=_BLOCK_M, **meta,
+            )  # fmt: skip
+            partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
+            _down_grouped[(grid, triton.cdiv(hidden, block_n))](
+                h, *blocks, topk_weights.to(torch.float32).contiguous(), w2, w2_scale, partial, hidden, inter,
+                w2.shape[-1], w2_scale.shape[-1], DOT=dot, BLOCK_M=_BLOCK_M, **meta,
+            )  # fmt: skip
+            return partial.view(t, k, hidden).sum(1).to(x.dtype)
+        _gate_up[(t * k, triton.cdiv(inter, block_n))](
+            x,
+            ids,
+            w13,
+            w13_scale,
+            h,
+            hidden,
+            inter,
+            w13.shape[-1],
+            w13_scale.shape[-1],
+            K=k,
+            **meta,
+        )
         partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
-        _down_grouped[(grid, triton.cdiv(hidden, block_n))](
-            h, *blocks, topk_weights.to(torch.float32).contiguous(), w2, w2_scale, partial, hidden, inter,
-            w2.shape[-1], w2_scale.shape[-1], DOT=dot, BLOCK_M=_BLOCK_M, **meta,
-        )  # fmt: skip
+        _down[(t * k, triton.cdiv(hidden, block_n))](
+            h,
+            ids,
+            topk_weights.to(torch.float32).contiguous(),
+            w2,
+            w2_scale,
+            partial,
+            hidden,
+            inter,
+            w2.shape[-1],
+            w2_scale.shape[-1],
+            **meta,
+        )
         return partial.view(t, k, hidden).sum(1).to(x.dtype)
-    _gate_up[(t * k, triton.cdiv(inter, block_n))](
-        x,
-        ids,
-        w13,
-        w13_scale,
-        h,
-        hidden,
-        inter,
-        w13.shape[-1],
-        w13_scale.shape[-1],
-        K=k,
-        **meta,
-    )
-    partial = torch.empty(t * k, hidden, dtype=torch.float32, device=x.device)
-    _down[(t * k, triton.cdiv(hidden, block_n))](
-        h,
-        ids,
-        topk_weights.to(torch.float32).contiguous(),
-        w2,
-        w2_scale,
-        partial,
-        hidden,
-        inter,
-        w2.shape[-1],
-        w2_scale.shape[-1],
-        **meta,
-    )
-    return partial.view(t, k, hidden).sum(1).to(x.dtype)
 
 
 def moe_w4_reference(
@@ -470,22 +481,23 @@ def route_noaux_tc(
     gs = e // n_group
     ids = torch.empty(t, top_k, dtype=torch.int32, device=router_logits.device)
     weights = torch.empty(t, top_k, dtype=torch.float32, device=router_logits.device)
-    _route[(t,)](
-        router_logits.contiguous(),
-        correction_bias.contiguous(),
-        ids,
-        weights,
-        e,
-        float(routed_scaling_factor),
-        GS=gs,
-        NG=triton.next_power_of_2(n_group),
-        NG_REAL=n_group,
-        TOPK_GROUP=topk_group,
-        K=top_k,
-        RENORM=renormalize,
-        BLOCK_G=triton.next_power_of_2(gs),
-        **FAST,
-    )
+    with on_device("route_noaux_tc", router_logits=router_logits, correction_bias=correction_bias):
+        _route[(t,)](
+            router_logits.contiguous(),
+            correction_bias.contiguous(),
+            ids,
+            weights,
+            e,
+            float(routed_scaling_factor),
+            GS=gs,
+            NG=triton.next_power_of_2(n_group),
+            NG_REAL=n_group,
+            TOPK_GROUP=topk_group,
+            K=top_k,
+            RENORM=renormalize,
+            BLOCK_G=triton.next_power_of_2(gs),
+            **FAST,
+        )
     return ids, weights
 
 

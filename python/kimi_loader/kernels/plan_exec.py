@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .. import _core
 from ..errors import InvalidArgumentError, UnsupportedFormatError
+from ._device import on_device
 
 # the helpers _scale_at calls are imported too: the Triton interpreter resolves the names
 # of nested jit calls in the launching kernel's module
@@ -229,9 +230,10 @@ def _run(table: torch.Tensor, device: torch.device, base: torch.Tensor) -> None:
     def launch(kernel, sel: torch.Tensor, **meta) -> None:
         # as many row blocks as the launch's tallest op needs
         grid_rows = -(-int((sel[:, 4] - sel[:, 3]).max()) // _ROWS)
-        kernel[(len(sel), grid_rows)](
-            base_u8, sel.contiguous().to(device), COLS=_COLS, ROWS=_ROWS, TILE=tile, BLOCK=_BLOCK, **meta, **EXACT
-        )
+        with on_device("the device executor", destinations=base):
+            kernel[(len(sel), grid_rows)](
+                base_u8, sel.contiguous().to(device), COLS=_COLS, ROWS=_ROWS, TILE=tile, BLOCK=_BLOCK, **meta, **EXACT
+            )
 
     kinds = table[:, 0]
     copies = table[kinds == 0]

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ..errors import InvalidArgumentError
+from ._device import on_device
 from .dequant import EXACT, _bf16_to_f32, _round_bf16
 
 __all__ = ["quantize_fp8_block", "quantize_int4", "quantize_mxfp4", "takes"]
@@ -272,22 +273,23 @@ def quantize_int4(
     packed = torch.empty(out, inp // 8, dtype=torch.int32, device=w.device)
     scale = torch.empty(out, inp // group, dtype=scale_dtype, device=w.device)
     bad = torch.zeros(1, dtype=torch.int32, device=w.device)
-    if out and inp:
-        _int4_kernel[(triton.cdiv(out, _ROWS), inp // group)](
-            src,
-            packed.view(torch.uint8),
-            scale.view(torch.int16) if scale_dtype == torch.bfloat16 else scale,
-            bad,
-            out,
-            inp,
-            GROUP=group,
-            IN=_IN[w.dtype],
-            SDT=_IN[scale_dtype],
-            QDT=_promoted(w, scale_dtype),
-            QAT=rule == "int4-qat",
-            ROWS=_ROWS,
-            **EXACT,
-        )
+    with on_device(what or "quantize_int4", w=w):
+        if out and inp:
+            _int4_kernel[(triton.cdiv(out, _ROWS), inp // group)](
+                src,
+                packed.view(torch.uint8),
+                scale.view(torch.int16) if scale_dtype == torch.bfloat16 else scale,
+                bad,
+                out,
+                inp,
+                GROUP=group,
+                IN=_IN[w.dtype],
+                SDT=_IN[scale_dtype],
+                QDT=_promoted(w, scale_dtype),
+                QAT=rule == "int4-qat",
+                ROWS=_ROWS,
+                **EXACT,
+            )
     _checked(bad, what)
     return {
         "weight_packed": packed,
@@ -303,10 +305,11 @@ def quantize_mxfp4(w: torch.Tensor, *, group: int = 32, what: str = "") -> dict[
     packed = torch.empty(out, inp // 2, dtype=torch.uint8, device=w.device)
     scale = torch.empty(out, inp // group, dtype=torch.uint8, device=w.device)
     bad = torch.zeros(1, dtype=torch.int32, device=w.device)
-    if out and inp:
-        _mxfp4_kernel[(triton.cdiv(out, _ROWS), inp // group)](
-            src, packed, scale, bad, out, inp, GROUP=group, IN=_IN[w.dtype], ROWS=_ROWS, **EXACT
-        )
+    with on_device(what or "quantize_mxfp4", w=w):
+        if out and inp:
+            _mxfp4_kernel[(triton.cdiv(out, _ROWS), inp // group)](
+                src, packed, scale, bad, out, inp, GROUP=group, IN=_IN[w.dtype], ROWS=_ROWS, **EXACT
+            )
     _checked(bad, what)
     return {"weight": packed, "weight_scale": scale}
 
@@ -325,20 +328,21 @@ def quantize_fp8_block(
     q = torch.empty(out, inp, dtype=torch.float8_e4m3fn, device=w.device)
     inv = torch.empty(ob, ib, dtype=torch.float32, device=w.device)
     bad = torch.zeros(1, dtype=torch.int32, device=w.device)
-    if ob and ib:
-        _fp8_kernel[(ob, ib)](
-            src,
-            q.view(torch.uint8),
-            inv,
-            bad,
-            out,
-            inp,
-            br,
-            bc,
-            IN=_IN[w.dtype],
-            TR=triton.next_power_of_2(br),
-            TC=triton.next_power_of_2(bc),
-            **EXACT,
-        )
+    with on_device(what or "quantize_fp8_block", w=w):
+        if ob and ib:
+            _fp8_kernel[(ob, ib)](
+                src,
+                q.view(torch.uint8),
+                inv,
+                bad,
+                out,
+                inp,
+                br,
+                bc,
+                IN=_IN[w.dtype],
+                TR=triton.next_power_of_2(br),
+                TC=triton.next_power_of_2(bc),
+                **EXACT,
+            )
     _checked(bad, what)
     return {"weight": q, "weight_scale_inv": inv}

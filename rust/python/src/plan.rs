@@ -458,6 +458,22 @@ impl Plan {
         Ok(PyBytes::new(py, &bytes))
     }
 
+    /// Where the outputs of the ops `which` go: little-endian int64 triples `(destination
+    /// index, byte offset, bytes)`, one per op in `which` order (any checkpoint kind; for
+    /// copying a host-staged arena into destinations the Rust executor cannot write).
+    fn op_layout<'py>(&self, py: Python<'py>, which: Vec<usize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_which(py, &which)?;
+        let mut bytes = Vec::with_capacity(which.len() * 24);
+        for &k in &which {
+            let op = &self.inner.ops[k];
+            let size = op.out_elems() * self.inner.dests[op.dest as usize].dtype.size();
+            for v in [u64::from(op.dest), op.dest_offset, size] {
+                bytes.extend_from_slice(&(v as i64).to_le_bytes());
+            }
+        }
+        Ok(PyBytes::new(py, &bytes))
+    }
+
     /// Bytes that staging the ops `which` takes (the sum of their outputs).
     fn staged_bytes(&self, py: Python<'_>, which: Vec<usize>) -> PyResult<u64> {
         self.check_which(py, &which)?;
