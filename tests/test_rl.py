@@ -389,6 +389,19 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
     except kimi_loader.InconsistentWeightsError:
         result["runs"] = False
     torch.save({n: p for n, p in model.named_parameters()}, os.path.join(out, f"rank{rank}.pt"))
+    if mode.startswith("kill"):
+        # a subset after the break leaves a mix of versions: still refused; the whole old
+        # checkpoint again (complete: every tensor presented) restores it bit for bit,
+        # the tensors the broken stream wrote included (their hashes were forgotten)
+        name = next(n for n in ck.keys() if n.endswith("norm.weight"))
+        up.update_from_tensors({name: ck.get_tensor(name)})
+        result["partial_consistent"] = model.language_model.weights_consistent
+        up.update_from_disk(ck)
+        result["rollback_consistent"] = model.language_model.weights_consistent
+        result["rollback_equal"] = all(
+            torch.equal(as_bytes(p), as_bytes(before[n])) for n, p in model.named_parameters()
+        )
+        result["rollback_logits_finite"] = bool(torch.isfinite(model(IDS)).all())
     with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
         json.dump(result, fh)
     if not mode.startswith("kill"):
@@ -453,7 +466,9 @@ def test_a_streamed_update_equals_a_direct_load(tmp_path, mode):
 @pytest.mark.parametrize("mode", ["kill-atomic", "kill-streaming", "kill-atomic+triton", "kill-streaming+triton"])
 def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
     """atomic: every receiver's model is bitwise unchanged; streaming: the receivers that
-    applied a bucket are marked inconsistent (version not bumped) and refuse to run."""
+    applied a bucket are marked inconsistent (version not bumped) and refuse to run, and
+    still do after an update of a subset; an update presenting every tensor (the old
+    checkpoint again) makes them whole and consistent."""
     _a, _b, results = _run_stream(tmp_path, mode)
     for res in results:
         assert res["error"] == "CheckpointIOError" and "broke after 2 of" in res["message"], res
@@ -462,6 +477,8 @@ def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
             assert res["unchanged"] and res["consistent"] and res["runs"]
         else:
             assert not res["unchanged"] and not res["consistent"] and not res["runs"]
+            assert not res["partial_consistent"], res  # (a subset update used to mark it consistent)
+        assert res["rollback_consistent"] and res["rollback_equal"] and res["rollback_logits_finite"], res
 
 
 def test_a_stream_that_does_not_fit_the_plan_is_refused_before_a_byte_lands(tmp_path):

@@ -243,6 +243,7 @@ class WeightUpdater:
         with self._lock:
             t0 = time.perf_counter()
             source_hashes: dict[str, int] = {}
+            presented = list(names)
             if quantize:
                 names, tensors, source_hashes = self._quantize(names, tensors, quantize, label)
             t_quant = time.perf_counter() - t0
@@ -251,7 +252,7 @@ class WeightUpdater:
                 _core.from_tensors(label, names, tensors, self.threads, device=on_device), threads=self.threads
             )
             try:
-                report = self._update_locked(ck, None, on_device=on_device, memory=True)
+                report = self._update_locked(ck, None, on_device=on_device, memory=True, presented=presented)
             finally:
                 ck.core.release()  # the plan keeps the names, never the caller's memory
             self._source_hashes.update(source_hashes)
@@ -384,20 +385,39 @@ class WeightUpdater:
         changed bytes); a broken stream leaves the model bitwise unchanged.
         ``atomic=False``: each bucket is applied as it arrives (extra memory: about two
         buckets); a broken stream leaves ``model.weights_consistent`` false, the version
-        unchanged, and the model refuses to run until a complete update lands.
+        unchanged, and the model refuses to run until a complete update lands: one that
+        presents every tensor of the plan, changed or not (the stream again, the whole
+        checkpoint from disk or memory; an update of a subset leaves the mix as it is).
+        What the broken stream wrote is rewritten by any later update (its hashes are
+        forgotten), rolling back to the previous checkpoint included.
         ``quantize``: as :meth:`update_from_tensors`. Needs the compiled plan (``baseline``
         or an earlier complete update)."""
         with self._lock:
             return self._receive_stream(group, src, atomic, quantize)
 
-    def _bump_version(self) -> None:
+    def _bump_version(self, presented: Iterable[str]) -> None:
+        """A new version landed. An inconsistent model (a broken ``atomic=False`` stream)
+        becomes consistent only through an update that ``presented`` every tensor the
+        plan reads (changed or not): one of a subset leaves the others as the broken
+        stream left them, a mix of versions."""
         from .hooks import hook_target
 
         self.version += 1
-        for m in {id(self.model): self.model, id(t := hook_target(self.model)[0]): t}.values():
+        models = {id(self.model): self.model, id(t := hook_target(self.model)[0]): t}.values()
+        broken = [m for m in models if vars(m).get("weights_consistent") is False]
+        complete = bool(broken) and self._covers(presented)  # (checked only when it matters)
+        for m in models:
             m.weights_version = self.version  # (the runtime's KV caches check it)
-            if "weights_consistent" in vars(m):
+            if complete and m in broken:
                 m.weights_consistent = True
+
+    def _covers(self, presented: Iterable[str]) -> bool:
+        """Whether ``presented`` (checkpoint names; an unquantized ``<module>.weight``
+        stands for its quantized module's parts) names every tensor of the plan."""
+        given = set(presented)
+        if not self._known:  # (no complete plan yet: what was given is the whole model)
+            return True
+        return all(n in given or f"{n.rsplit('.', 1)[0]}.weight" in given for n in self._known)
 
     def _mark_inconsistent(self) -> None:
         from .hooks import hook_target
@@ -575,6 +595,11 @@ class WeightUpdater:
         except Exception as e:  # the transport broke (the sender died, a timeout, ...)
             from .errors import CheckpointIOError
 
+            if not atomic:  # what the applied buckets wrote is not what the hashes say the
+                # model holds: forgotten, so that any later update rewrites it
+                self._state.forget(sorted(set(new_hashes) | unhashed))
+                for n in new_sources:
+                    self._source_hashes.pop(n, None)
             state = (
                 "the model is unchanged"
                 if atomic or not new_hashes
@@ -597,7 +622,7 @@ class WeightUpdater:
         self._state.set(list(new_hashes.items()))
         self._state.forget(sorted(unhashed))
         self._source_hashes.update(new_sources)
-        self._bump_version()
+        self._bump_version(m[0] for m in meta)
         post = getattr(self.model, "post_load_weights", None)
         if post is not None and new_hashes:
             post(layers=sorted(layers))
@@ -613,11 +638,17 @@ class WeightUpdater:
             return self._update_locked(ck, only)
 
     def _update_locked(
-        self, ck: Checkpoint, only: set[str] | None, on_device: bool = False, memory: bool = False
+        self,
+        ck: Checkpoint,
+        only: set[str] | None,
+        on_device: bool = False,
+        memory: bool = False,
+        presented: Iterable[str] | None = None,
     ) -> UpdateReport:
         """``on_device``: the sources are device memory; ``memory``: tensors handed over
         in memory (the device executor reads those only: a checkpoint on disk goes through
-        the host whatever the executor)."""
+        the host whatever the executor); ``presented``: the names the caller gave (default
+        ``only``, else the checkpoint's), for :meth:`_bump_version`."""
         t0 = time.perf_counter()
         if only is not None:
             absent = sorted(n for n in only if n not in ck)
@@ -650,7 +681,7 @@ class WeightUpdater:
             self._state.commit(sel)
         else:  # applied unhashed: what the model held for them is no longer known
             self._state.forget(ck.keys())
-        self._bump_version()
+        self._bump_version(presented if presented is not None else (only if only is not None else ck.keys()))
         ops = plan.ops() if sel is None else []  # (unhashed: every op of the given tensors ran)
         if sel is not None:
             layers = sel.layers if which else []
