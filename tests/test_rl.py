@@ -956,3 +956,24 @@ def test_quantize_on_sync_refuses_a_source_of_the_wrong_shape(tmp_path):
         assert e.value.expected == (32, 64) and e.value.found == shape
     _assert_unchanged(model, snap)
     assert up.version == 0
+
+
+def test_quantize_on_sync_after_a_checkpoint_rewrote_the_quantized_parts(tmp_path):
+    """bf16 weights synced into an int4 model (quantize-on-sync), the int4 checkpoint
+    loaded over them (a rollback), then the same bf16 weights again: they are quantized
+    and written again. The source hashes of the first sync used to skip them as
+    unchanged, leaving the rollback's experts in place."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="bf16", seed=1)
+    ckb = kimi_loader.open(b)
+    trainer = {n: ckb.get_tensor(n) for n in ckb.keys()}
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model, baseline=a)
+    up.update_from_tensors(trainer, quantize=True)
+    want = _snapshot(model)
+    assert up.update_from_tensors(trainer, quantize=True).changed_tensors == 0  # (unchanged: skipped)
+    up.update_from_disk(a)
+    experts = "language_model.model.layers.1.mlp.experts.w13_weight_packed"
+    assert not torch.equal(as_bytes(dict(model.named_parameters())[experts]), as_bytes(want[experts]))
+    assert up.update_from_tensors(trainer, quantize=True).changed_tensors > 0
+    _assert_unchanged(model, want)

@@ -411,6 +411,17 @@ class WeightUpdater:
             if complete and m in broken:
                 m.weights_consistent = True
 
+    def _forget_sources(self, written: Iterable[str]) -> None:
+        """Quantized parts were ``written`` as given (a checkpoint, a stream of int4): the
+        unquantized source last synced for their module (quantize-on-sync) is no longer
+        what the model holds, so its hash goes (else the same bf16 weights synced again
+        would be skipped, leaving the parts written since)."""
+        if self._source_hashes:
+            for n in written:
+                base, _, suffix = n.rpartition(".")
+                if suffix != "weight":
+                    self._source_hashes.pop(f"{base}.weight", None)
+
     def _covers(self, presented: Iterable[str]) -> bool:
         """Whether ``presented`` (checkpoint names; an unquantized ``<module>.weight``
         stands for its quantized module's parts) names every tensor of the plan."""
@@ -598,6 +609,7 @@ class WeightUpdater:
             if not atomic:  # what the applied buckets wrote is not what the hashes say the
                 # model holds: forgotten, so that any later update rewrites it
                 self._state.forget(sorted(set(new_hashes) | unhashed))
+                self._forget_sources([*new_hashes, *unhashed])
                 for n in new_sources:
                     self._source_hashes.pop(n, None)
             state = (
@@ -621,6 +633,7 @@ class WeightUpdater:
         t_copy = time.perf_counter()
         self._state.set(list(new_hashes.items()))
         self._state.forget(sorted(unhashed))
+        self._forget_sources([*new_hashes, *unhashed])
         self._source_hashes.update(new_sources)
         self._bump_version(m[0] for m in meta)
         post = getattr(self.model, "post_load_weights", None)
@@ -677,6 +690,7 @@ class WeightUpdater:
             assert sel is not None
             _apply_host(plan, which, dests, self._staging(sel.bytes_changed))  # all-or-nothing
         t_copy = time.perf_counter()
+        self._forget_sources(only if only is not None else ck.keys())
         if sel is not None:
             self._state.commit(sel)
         else:  # applied unhashed: what the model held for them is no longer known
