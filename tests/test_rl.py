@@ -977,3 +977,18 @@ def test_quantize_on_sync_after_a_checkpoint_rewrote_the_quantized_parts(tmp_pat
     assert not torch.equal(as_bytes(dict(model.named_parameters())[experts]), as_bytes(want[experts]))
     assert up.update_from_tensors(trainer, quantize=True).changed_tensors > 0
     _assert_unchanged(model, want)
+
+
+def test_what_counts_as_presenting_every_tensor_again():
+    """After a broken ``atomic=False`` stream, the model is consistent again once an update
+    presents every tensor the stream announced: a module's weight counts in any of its
+    forms (unquantized ``.weight`` for quantize-on-sync, or its quantized parts)."""
+    from kimi_loader.rl import _covers
+
+    needed = {"m.experts.0.w1.weight_packed", "m.experts.0.w1.weight_scale", "m.norm.weight", "m.gate.e_bias"}
+    assert _covers(needed, ["m.experts.0.w1.weight", "m.norm.weight", "m.gate.e_bias"])
+    assert _covers(needed, [*needed, "m.other.weight"])
+    assert not _covers(needed, ["m.experts.0.w1.weight", "m.norm.weight"])  # the bias is missing
+    assert not _covers(needed, ["m.experts.0.w1.weight_packed", "m.experts.0.w1.weight_scale", "m.gate.e_bias"])
+    assert _covers({"m.experts.0.w1.weight"}, ["m.experts.0.w1.weight_packed", "m.experts.0.w1.weight_scale"])
+    assert _covers(set(), [])

@@ -119,6 +119,9 @@ class WeightUpdater:
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
+        # the names broken atomic=False streams announced: to present again before the
+        # model is consistent (each may hold either version)
+        self._pending: set[str] = set()
         self._dests: list[torch.Tensor] = []  # by the plan's destination index
         # the hash of every source tensor as the model holds it (kept in Rust)
         self._state = _core.UpdateState()
@@ -386,8 +389,9 @@ class WeightUpdater:
         ``atomic=False``: each bucket is applied as it arrives (extra memory: about two
         buckets); a broken stream leaves ``model.weights_consistent`` false, the version
         unchanged, and the model refuses to run until a complete update lands: one that
-        presents every tensor of the plan, changed or not (the stream again, the whole
-        checkpoint from disk or memory; an update of a subset leaves the mix as it is).
+        presents again every tensor the broken stream announced, changed or not (the
+        stream again, the whole checkpoint from disk or memory; an update of a subset
+        leaves the mix as it is).
         What the broken stream wrote is rewritten by any later update (its hashes are
         forgotten), rolling back to the previous checkpoint included.
         ``quantize``: as :meth:`update_from_tensors`. Needs the compiled plan (``baseline``
@@ -397,15 +401,18 @@ class WeightUpdater:
 
     def _bump_version(self, presented: Iterable[str]) -> None:
         """A new version landed. An inconsistent model (a broken ``atomic=False`` stream)
-        becomes consistent only through an update that ``presented`` every tensor the
-        plan reads (changed or not): one of a subset leaves the others as the broken
-        stream left them, a mix of versions."""
+        becomes consistent only through an update that ``presented`` again every tensor
+        the broken streams announced (changed or not; the whole plan when no stream
+        broke): after one of a subset, the others may still hold either version.
+        ``presented`` is checked only for an inconsistent model."""
         from .hooks import hook_target
 
         self.version += 1
         models = {id(self.model): self.model, id(t := hook_target(self.model)[0]): t}.values()
         broken = [m for m in models if vars(m).get("weights_consistent") is False]
-        complete = bool(broken) and self._covers(presented)  # (checked only when it matters)
+        complete = bool(broken) and _covers(self._pending or self._known, presented)
+        if complete:
+            self._pending = set()
         for m in models:
             m.weights_version = self.version  # (the runtime's KV caches check it)
             if complete and m in broken:
@@ -421,14 +428,6 @@ class WeightUpdater:
                 base, _, suffix = n.rpartition(".")
                 if suffix != "weight":
                     self._source_hashes.pop(f"{base}.weight", None)
-
-    def _covers(self, presented: Iterable[str]) -> bool:
-        """Whether ``presented`` (checkpoint names; an unquantized ``<module>.weight``
-        stands for its quantized module's parts) names every tensor of the plan."""
-        given = set(presented)
-        if not self._known:  # (no complete plan yet: what was given is the whole model)
-            return True
-        return all(n in given or f"{n.rsplit('.', 1)[0]}.weight" in given for n in self._known)
 
     def _mark_inconsistent(self) -> None:
         from .hooks import hook_target
@@ -593,6 +592,7 @@ class WeightUpdater:
                     else:
                         if which:
                             self._mark_inconsistent()
+                            self._pending.update(m[0] for m in meta)
                         if apply_on is not None:
                             plan_exec.execute(plan, which, dests)
                         else:
@@ -722,6 +722,19 @@ class WeightUpdater:
                 "total": t_post - t0,
             },
         )
+
+
+def _covers(needed: set[str], presented: Iterable[str]) -> bool:
+    """Whether ``presented`` names every tensor of ``needed``, a module's weight by any of
+    its forms (``<module>.weight`` unquantized, or its quantized parts)."""
+
+    def module(name: str) -> str:
+        base, _, suffix = name.rpartition(".")
+        return base if suffix.startswith("weight") else name
+
+    given = set(presented)
+    modules = {module(n) for n in given}
+    return all(n in given or module(n) in modules for n in needed)
 
 
 class _HostStaged:
