@@ -230,6 +230,8 @@ def test_ctrl_c_interrupts_a_load_between_batches(synth_dir):
         f"""
         import signal, kimi_loader
         from kimi_loader.models import for_config
+        # (a shell's background job starts with SIGINT ignored, and Python keeps it so)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         ck = kimi_loader.open({path!r})
         model = for_config(ck.config, dtype=__import__("torch").float32)
         calls = []

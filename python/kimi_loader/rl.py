@@ -759,6 +759,8 @@ class _HostStaged:
             plan.stage(self.which, self.arena)
 
     def commit(self, dests: list[torch.Tensor]) -> None:
+        if not self.which:
+            return
         op_dests = self.plan.op_dests()
         targets = {op_dests[k]: dests[op_dests[k]] for k in self.which}
         if all(t.device.type == "cpu" for t in targets.values()):

@@ -12,4 +12,8 @@ wrongly). Importing :mod:`kimi_loader` never imports Triton; these modules do, w
 - :mod:`~kimi_loader.kernels.plan_exec`: a copy plan's copy and convert ops as batched
   kernels (one launch per op kind, a descriptor table of sources, destinations and
   sizes): the device executor of hot-reload. Reference: the Rust CPU executor.
+
+Every entry point launches on its tensors' device, made current for the launch
+(:func:`~kimi_loader.kernels._device.on_device`; Triton itself launches on the current
+device, wherever the pointers are), and refuses tensors on two devices by name.
 """
