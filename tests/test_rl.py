@@ -992,3 +992,26 @@ def test_what_counts_as_presenting_every_tensor_again():
     assert not _covers(needed, ["m.experts.0.w1.weight_packed", "m.experts.0.w1.weight_scale", "m.gate.e_bias"])
     assert _covers({"m.experts.0.w1.weight"}, ["m.experts.0.w1.weight_packed", "m.experts.0.w1.weight_scale"])
     assert _covers(set(), [])
+
+
+def test_an_empty_update_changes_nothing_from_every_entry_point(tmp_path):
+    """A trainer's delta can be empty (nothing changed this step): from memory, a state
+    dict, shared memory or a subset of a checkpoint, it is an update that changes nothing
+    (it used to be an InvalidArgumentError from memory and a no-op from disk)."""
+    from kimi_loader.rl import share_tensors
+
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model, baseline=a)
+    snap = _snapshot(model)
+    for update in (
+        lambda: up.update_from_tensors([]),
+        lambda: up.update_from_tensors({}, quantize=True),
+        lambda: up.update_from_ipc(share_tensors([])),
+        lambda: up.update_from_disk(a, names=[]),
+    ):
+        version = up.version
+        report = update()
+        assert (report.tensors, report.changed_tensors, report.bytes_changed) == (0, 0, 0), report
+        assert report.version == up.version == version + 1
+    _assert_unchanged(model, snap)

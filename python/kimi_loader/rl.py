@@ -203,7 +203,7 @@ class WeightUpdater:
         round trip, no hash skipping); otherwise they are copied to the host first (CPU
         tensors of a mixed update go to the GPU). A dtype or shape that differs from what the model was
         planned for raises :class:`~kimi_loader.ShapeMismatchError` naming the tensor, the
-        parameter and both.
+        parameter and both. No tensors: an update that changes nothing.
 
         ``quantize``: unquantized (bf16 / fp16 / fp32) weights for modules the model
         stores quantized (ct-int4, MXFP4, FP8-block) are quantized on the way in, e.g.
@@ -221,8 +221,6 @@ class WeightUpdater:
             tensors.append(t)
         target = self._target_device(tensors)
         tensors = [t.to(target).contiguous() for t in tensors]  # no copy where already so
-        if not names:
-            raise InvalidArgumentError("no tensors to update from")
         return self._update_from_memory(names, tensors, quantize)
 
     def _target_device(self, tensors: list[torch.Tensor]) -> torch.device:
