@@ -1015,3 +1015,18 @@ def test_an_empty_update_changes_nothing_from_every_entry_point(tmp_path):
         assert (report.tensors, report.changed_tensors, report.bytes_changed) == (0, 0, 0), report
         assert report.version == up.version == version + 1
     _assert_unchanged(model, snap)
+
+
+def test_a_models_own_state_dict_is_refused_naming_a_fused_parameter(tmp_path):
+    """Another runtime's ``state_dict()`` names fused parameters (``fused_qkv_a_proj_with_mqa``,
+    ``experts.w13_weight_packed``) that no checkpoint has: refused by name before anything
+    is read (it failed on a fused shape, or on the first dtype), the model unchanged."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    model = kimi_loader.from_pretrained(a, dtype=torch.bfloat16)
+    up = WeightUpdater(model, baseline=a)
+    snap = _snapshot(model)
+    with pytest.raises(kimi_loader.InvalidArgumentError, match="is a parameter of the model") as e:
+        up.update_from_tensors(model.state_dict())
+    assert e.value.tensor in dict(model.named_parameters()) and e.value.tensor not in kimi_loader.open(a).keys()
+    _assert_unchanged(model, snap)
+    assert up.version == 0

@@ -243,6 +243,7 @@ class WeightUpdater:
     ) -> UpdateReport:
         with self._lock:
             t0 = time.perf_counter()
+            self._check_not_own_names(names, label)
             source_hashes: dict[str, int] = {}
             presented = list(names)
             if quantize:
@@ -261,6 +262,24 @@ class WeightUpdater:
                 report.seconds["quantize"] = t_quant
                 report.seconds["total"] += t_quant
             return report
+
+    def _check_not_own_names(self, names: list[str], label: str) -> None:
+        """Updates name tensors as the checkpoint does. A name the plan does not know that
+        is one of the model's own parameters or buffers (another runtime's
+        ``state_dict()``: fused ``w13_weight_packed``, ``gate_up_proj``) is refused by
+        name before anything is read, instead of failing later on a fused shape."""
+        unknown = [n for n in names if n not in self._known] if self._known else []
+        if not unknown:
+            return
+        own = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        mine = [n for n in unknown if n in own]
+        if mine:
+            raise InvalidArgumentError(
+                f"{label}: '{mine[0]}' is a parameter of the model, not a tensor of the checkpoint it was planned "
+                f"for ({len(mine)} such name(s)); updates name tensors as the checkpoint does (e.g. "
+                f"'{sorted(self._known)[0]}'), so a model's own state_dict() is not an update",
+                tensor=mine[0],
+            )
 
     def _quantize(
         self,
