@@ -572,6 +572,32 @@ def test_a_model_on_the_gpu_updates_from_host_memory_and_disk(tmp_path, executor
         assert up.update_from_disk(b).changed_tensors == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_a_model_spread_over_two_gpus_updates_through_the_host(tmp_path):
+    """Odd layers on cuda:1, the rest on cuda:0: the device executor writes one device,
+    so GPU tensors and a checkpoint on disk both go through the host and are copied a
+    destination at a time (before: "the destinations are on several devices")."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="ct-int4", seed=1)
+    ckb = kimi_loader.open(b)
+    want = kimi_loader.from_pretrained(b)
+    for how in ("tensors", "disk"):
+        model = kimi_loader.from_pretrained(a)
+        for n, p in model.named_parameters():
+            layer = int(n.split("layers.")[1].split(".")[0]) if "layers." in n else 0
+            p.data = p.data.to(f"cuda:{layer % 2}")
+        up = WeightUpdater(model, baseline=a)
+        if how == "tensors":
+            report = up.update_from_tensors({n: ckb.get_tensor(n).to("cuda:0") for n in ckb.keys()})
+        else:
+            report = up.update_from_disk(b)
+        assert report.executor == "cpu", report
+        got = dict(model.named_parameters())
+        for n, p in want.named_parameters():
+            assert torch.equal(as_bytes(got[n].cpu()), as_bytes(p)), (how, n)
+
+
 def _memory_worker(rank: int, port: int, a: str, b: str, out: str, atomic: bool) -> None:
     import json
     import threading

@@ -123,6 +123,7 @@ class WeightUpdater:
         # model is consistent (each may hold either version)
         self._pending: set[str] = set()
         self._dests: list[torch.Tensor] = []  # by the plan's destination index
+        self._dest_devices: set[torch.device] | None = None
         # the hash of every source tensor as the model holds it (kept in Rust)
         self._state = _core.UpdateState()
         # quantize-on-sync: the checkpoint the plan was compiled for (its names, dtypes and
@@ -162,6 +163,7 @@ class WeightUpdater:
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
             self._plan, self._known = planned.plan, set(ck.keys())
             self._dests = [planned.dests[n] for n in planned.plan.dest_names()]
+            self._dest_devices = None  # (their devices, computed when first asked)
             self._compiled, self._fp8_block = ck, planned.fp8_block
         return planned
 
@@ -516,12 +518,17 @@ class WeightUpdater:
         return None
 
     def _model_device(self) -> torch.device | None:
-        """Where the model's weights live (its planned destinations', else its first
-        parameter's device; ``None`` for a model without either)."""
-        first = next(iter(self._dests), None)
-        if first is None:
-            first = next(self.model.parameters(), None)
-        return None if first is None else first.device
+        """Where the model's weights live: the one device of its planned destinations
+        (else of its parameters); ``None`` for a model without either, or spread over
+        several devices (the device executor writes one device: such a model is updated
+        through the host, a copy per destination)."""
+        if self._dests:
+            if self._dest_devices is None:
+                self._dest_devices = {t.device for t in self._dests}
+            devices = self._dest_devices
+        else:
+            devices = {p.device for p in self.model.parameters()}
+        return next(iter(devices)) if len(devices) == 1 else None
 
     def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
         import torch.distributed as dist
