@@ -1056,3 +1056,31 @@ def test_a_models_own_state_dict_is_refused_naming_a_fused_parameter(tmp_path):
     assert e.value.tensor in dict(model.named_parameters()) and e.value.tensor not in kimi_loader.open(a).keys()
     _assert_unchanged(model, snap)
     assert up.version == 0
+
+
+def test_a_failed_post_load_step_leaves_the_model_refused_until_rewritten(tmp_path, monkeypatch):
+    """The weights are written, then ``post_load_weights`` fails (a GPU out of memory
+    building ``w_kc``, Ctrl-C): the derived buffers are stale, so the model is marked
+    inconsistent and refuses to run (it ran on stale ``w_kc`` / ``w_vc``), and the same
+    update again rewrites those tensors and redoes the step (their hashes were kept,
+    so it was a no-op)."""
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    b = make_checkpoint(tmp_path / "b", quant="ct-int4", seed=1)
+    model = kimi_loader.from_pretrained(a)
+    up = WeightUpdater(model, baseline=a)
+
+    def out_of_memory(self, layers=None):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(model.language_model), "post_load_weights", out_of_memory)
+    with pytest.raises(RuntimeError, match="simulated") as e:
+        up.update_from_disk(b)
+    assert "refuses to run until an update presents those tensors again" in "".join(e.value.__notes__)
+    assert not model.language_model.weights_consistent
+    with pytest.raises(kimi_loader.InconsistentWeightsError):
+        model(IDS)
+    monkeypatch.undo()
+    report = up.update_from_disk(b)
+    assert report.changed_tensors > 0 and report.layers_post_processed, report
+    assert model.language_model.weights_consistent
+    assert torch.equal(model(IDS), kimi_loader.from_pretrained(b)(IDS))

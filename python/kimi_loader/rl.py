@@ -29,7 +29,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -437,6 +437,30 @@ class WeightUpdater:
             if complete and m in broken:
                 m.weights_consistent = True
 
+    def _post_load(self, layers: list[int], written: Callable[[], list[str]]) -> None:
+        """The model's post-load step for ``layers`` (derived buffers: MLA ``w_kc`` /
+        ``w_vc``). If it fails (a GPU out of memory, Ctrl-C), the new weights are in but
+        their derived buffers are stale: the model is marked inconsistent (the runtime
+        refuses to run), and the tensors just ``written`` are forgotten by the hash state
+        and must be presented again, so that the next update rewrites them and redoes
+        the step (``written``: their names, asked for only then)."""
+        post = getattr(self.model, "post_load_weights", None)
+        if post is None:
+            return
+        try:
+            post(layers=layers)
+        except BaseException as e:
+            names = written()
+            self._state.forget(sorted(set(names)))
+            self._forget_sources(names)
+            self._pending.update(names)
+            self._mark_inconsistent()
+            e.add_note(
+                f"kimi_loader: post_load_weights(layers={layers}) failed after the weights were written; the model "
+                "refuses to run until an update presents those tensors again (the same one will do)"
+            )
+            raise
+
     def _forget_sources(self, written: Iterable[str]) -> None:
         """Quantized parts were ``written`` as given (a checkpoint, a stream of int4): the
         unquantized source last synced for their module (quantize-on-sync) is no longer
@@ -660,9 +684,8 @@ class WeightUpdater:
         self._forget_sources([*new_hashes, *unhashed])
         self._source_hashes.update(new_sources)
         self._bump_version(m[0] for m in meta)
-        post = getattr(self.model, "post_load_weights", None)
-        if post is not None and new_hashes:
-            post(layers=sorted(layers))
+        if new_hashes:
+            self._post_load(sorted(layers), lambda: [*new_hashes, *unhashed])
         t_post = time.perf_counter()
         report.version = self.version
         report.layers_post_processed = sorted(layers) if new_hashes else []
@@ -725,9 +748,8 @@ class WeightUpdater:
             layers = sel.layers if which else []
         else:
             layers = sorted({x for op in ops if (x := layer_index(op[1])) is not None})
-        post = getattr(self.model, "post_load_weights", None)
-        if post is not None and which:
-            post(layers=layers)
+        if which:
+            self._post_load(layers, lambda: _source_names(plan, which))
         t_post = time.perf_counter()
         return UpdateReport(
             version=self.version,
@@ -746,6 +768,12 @@ class WeightUpdater:
                 "total": t_post - t0,
             },
         )
+
+
+def _source_names(plan: Any, which: list[int]) -> list[str]:
+    """The checkpoint tensors the ops ``which`` read."""
+    sources = plan.op_sources()
+    return [sources[k][0] for k in which]
 
 
 def _covers(needed: set[str], presented: Iterable[str]) -> bool:
