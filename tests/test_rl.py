@@ -538,7 +538,7 @@ def test_host_staged_ops_committed_by_runs_equal_the_rust_executor(tmp_path, qua
         plan.execute_atomic(which, {op_dests[k]: dests[0][op_dests[k]] for k in which})
         staged = _HostStaged(plans[1].plan, which)
         assert staged.arena.numel() == plan.staged_bytes(which)
-        staged._copy_runs(dests[1])
+        staged.copy_runs(dests[1])
         for (name, x), (_, y) in zip(want.named_parameters(), got.named_parameters(), strict=True):
             assert torch.equal(as_bytes(x), as_bytes(y)), (part, name)
     assert len(staged.runs()) == len(set(op_dests))  # every op staged: a copy per destination

@@ -123,7 +123,6 @@ class WeightUpdater:
         # model is consistent (each may hold either version)
         self._pending: set[str] = set()
         self._dests: list[torch.Tensor] = []  # by the plan's destination index
-        self._dest_devices: set[torch.device] | None = None
         # the hash of every source tensor as the model holds it (kept in Rust)
         self._state = _core.UpdateState()
         # quantize-on-sync: the checkpoint the plan was compiled for (its names, dtypes and
@@ -163,7 +162,6 @@ class WeightUpdater:
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
             self._plan, self._known = planned.plan, set(ck.keys())
             self._dests = [planned.dests[n] for n in planned.plan.dest_names()]
-            self._dest_devices = None  # (their devices, computed when first asked)
             self._compiled, self._fp8_block = ck, planned.fp8_block
         return planned
 
@@ -247,7 +245,7 @@ class WeightUpdater:
             t0 = time.perf_counter()
             self._check_not_own_names(names, label)
             source_hashes: dict[str, int] = {}
-            presented = list(names)
+            presented = names  # (what the caller gave; _quantize returns new lists)
             if quantize:
                 names, tensors, source_hashes = self._quantize(names, tensors, quantize, label)
             t_quant = time.perf_counter() - t0
@@ -546,12 +544,7 @@ class WeightUpdater:
         (else of its parameters); ``None`` for a model without either, or spread over
         several devices (the device executor writes one device: such a model is updated
         through the host, a copy per destination)."""
-        if self._dests:
-            if self._dest_devices is None:
-                self._dest_devices = {t.device for t in self._dests}
-            devices = self._dest_devices
-        else:
-            devices = {p.device for p in self.model.parameters()}
+        devices = {t.device for t in (self._dests or self.model.parameters())}
         return next(iter(devices)) if len(devices) == 1 else None
 
     def _receive_stream(self, group: Any, src: int, atomic: bool, quantize: str | bool | None) -> UpdateReport:
@@ -737,12 +730,13 @@ class WeightUpdater:
             assert sel is not None
             _apply_host(plan, which, dests, self._staging(sel.bytes_changed))  # all-or-nothing
         t_copy = time.perf_counter()
-        self._forget_sources(only if only is not None else ck.keys())
+        written: Iterable[str] = only if only is not None else ck  # (iterated only when needed)
+        self._forget_sources(written)
         if sel is not None:
             self._state.commit(sel)
         else:  # applied unhashed: what the model held for them is no longer known
             self._state.forget(ck.keys())
-        self._bump_version(presented if presented is not None else (only if only is not None else ck.keys()))
+        self._bump_version(presented if presented is not None else written)
         ops = plan.ops() if sel is None else []  # (unhashed: every op of the given tensors ran)
         if sel is not None:
             layers = sel.layers if which else []
@@ -813,12 +807,11 @@ class _HostStaged:
     def commit(self, dests: list[torch.Tensor]) -> None:
         if not self.which:
             return
-        op_dests = self.plan.op_dests()
-        targets = {op_dests[k]: dests[op_dests[k]] for k in self.which}
-        if all(t.device.type == "cpu" for t in targets.values()):
+        targets = _host_targets(self.plan, self.which, dests)
+        if targets is not None:
             self.plan.commit(self.which, targets, self.arena)  # (parallel, in Rust)
         else:
-            self._copy_runs(dests)
+            self.copy_runs(dests)
 
     def runs(self) -> list[tuple[int, int, int, int]]:
         """``(destination index, first byte, end byte, arena offset)`` of each run of
@@ -836,7 +829,7 @@ class _HostStaged:
             zip(*(v.tolist() for v in (dest[first], off[first], off[last] + size[last], at[first])), strict=True)
         )
 
-    def _copy_runs(self, dests: list[torch.Tensor]) -> None:
+    def copy_runs(self, dests: list[torch.Tensor]) -> None:
         for d, lo, hi, at in self.runs():
             dests[d].view(-1).view(torch.uint8)[lo:hi].copy_(self.arena[at : at + hi - lo])
 
@@ -845,12 +838,19 @@ def _apply_host(plan: Any, which: list[int], dests: list[torch.Tensor], arena: t
     """The ops ``which`` (host sources) all-or-nothing into ``dests``: the Rust executor
     where every destination is host memory (``arena``: its staging), else staged on the
     host, then copied to the device (:class:`_HostStaged`)."""
-    op_dests = plan.op_dests()
-    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
-    if all(t.device.type == "cpu" for t in targets.values()):
+    targets = _host_targets(plan, which, dests)
+    if targets is not None:
         plan.execute_atomic(which, targets, arena)
     else:
-        _HostStaged(plan, which, arena).commit(dests)
+        _HostStaged(plan, which, arena).copy_runs(dests)
+
+
+def _host_targets(plan: Any, which: list[int], dests: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+    """``{destination index: tensor}`` of the ops ``which`` when all are host memory (what
+    the Rust executor writes), else ``None``."""
+    op_dests = plan.op_dests()
+    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
+    return targets if all(t.device.type == "cpu" for t in targets.values()) else None
 
 
 def _quantized_module(ck: Checkpoint, base: str) -> Any:
