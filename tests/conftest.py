@@ -51,8 +51,12 @@ def _every_launch_on_its_tensors_device():
     :func:`kimi_loader.kernels._device.on_device`, and every tensor argument is on the
     device that made current (Triton launches on the current CUDA device and stream,
     not on the pointers' device). Otherwise the launch raises ``AssertionError``."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # (no Triton: no launch to check; the kernel tests skip themselves)
+        yield
+        return
 
     from kimi_loader.kernels import _device
 
