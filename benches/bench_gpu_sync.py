@@ -9,8 +9,9 @@
   executor) vs ``torch`` per-tensor ``copy_`` of the same tensors and vs the copy floor;
 - ``load_weights`` from a checkpoint on disk (page cache warm) into a model on the GPU
   (the pinned staging pipeline) vs the measured pinned host-to-device bandwidth (goal
-  >= 0.8x), and a full ``update_from_disk`` of that model (host-staged ops, one copy a
-  destination) vs the same ceiling.
+  >= 0.8x), a full ``update_from_disk`` of that model (host-staged ops, one copy a
+  destination) and an RL step from a trainer's CPU tensors (two versions in turn, the
+  pinned arena kept) vs the same ceiling.
 
 ``make gpu-check`` runs it on a GPU and writes ``benches/results/gpu-sync-<date>.json``.
 ``--smoke``: the same code on tiny sizes on the CPU (the Triton interpreter; nothing
@@ -110,6 +111,28 @@ def run(device: torch.device, smoke: bool, out: dict) -> None:
         f"full update from disk onto {device} ({nbytes / 1e9:.2f} GB, host-staged): {disk * 1e3:.1f} ms, "
         f"{nbytes / h2d_bw / disk:.2f}x of pinned host-to-device"
     )
+    # an RL engine's step from a trainer's CPU state dict: one updater, two versions in
+    # turn (every floating tensor changes), the pinned staging arena kept between steps
+    host = [[(k, t) for k in ck.keys() for t in [ck.get_tensor(k)]]]
+    host.append([(k, -t if t.is_floating_point() else t) for k, t in host[0]])
+    up = WeightUpdater(model, executor="cpu")
+    step = [0]
+
+    def from_host() -> None:
+        step[0] += 1
+        up.update_from_tensors(host[step[0] % 2])
+
+    steps = timed(from_host, max(1, repeat // 2))
+    out["rows"]["update_from_host_tensors_to_device"] = {
+        "ours_s": steps,
+        "h2d_ceiling_s": nbytes / h2d_bw,
+        "bytes": nbytes,
+    }
+    print(
+        f"RL step from host tensors onto {device} ({nbytes / 1e9:.2f} GB, hashed, host-staged, kept arena): "
+        f"{steps * 1e3:.1f} ms, {nbytes / h2d_bw / steps:.2f}x of pinned host-to-device"
+    )
+    host.clear()  # (the two host versions freed)
     items = [(k, ck.get_tensor(k).to(device)) for k in ck.keys()]
     copies = [torch.empty_like(t) for _, t in items]
     up = WeightUpdater(model, executor="triton")  # (what "auto" picks for GPU tensors)

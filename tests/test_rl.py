@@ -544,6 +544,23 @@ def test_host_staged_ops_committed_by_runs_equal_the_rust_executor(tmp_path, qua
     assert len(staged.runs()) == len(set(op_dests))  # every op staged: a copy per destination
 
 
+def test_staging_bound_for_a_gpu_is_pinned_or_pageable_when_refused(tmp_path):
+    """Host bytes bound for a GPU are staged page-locked (asynchronous copies at the
+    pinned rate); where the driver refuses (here without a GPU: no driver), the same
+    bytes in pageable memory, and the kept arena is not reallocated on every update to
+    try again."""
+    from kimi_loader.loader import host_buffer
+
+    buf = host_buffer(64, pinned=True)
+    assert (buf.numel(), buf.dtype, buf.is_pinned()) == (64, torch.uint8, torch.cuda.is_available())
+    a = make_checkpoint(tmp_path / "a", quant="ct-int4", seed=0)
+    up = WeightUpdater(kimi_loader.from_pretrained(a), baseline=a)
+    first = up._staging(100, True)
+    assert first.numel() >= 100 and first.is_pinned() == torch.cuda.is_available()
+    assert up._staging(80, True).data_ptr() == first.data_ptr()  # (kept, whichever it is)
+    assert up._staging(200, False).numel() >= 200  # (grown when too small)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("executor", ["auto", "cpu", "triton"])
@@ -570,6 +587,7 @@ def test_a_model_on_the_gpu_updates_from_host_memory_and_disk(tmp_path, executor
             assert torch.equal(as_bytes(dict(model.named_parameters())[n].cpu()), as_bytes(p)), (how, n)
         up.update_from_disk(b)  # (device sources are not hashed: after this one, the host hashes are known)
         assert up.update_from_disk(b).changed_tensors == 0
+        assert up._arena is not None and up._arena.is_pinned(), how  # (bytes for a GPU: page-locked)
 
 
 @pytest.mark.gpu

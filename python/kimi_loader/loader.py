@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,7 +346,7 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
             k += 1
         batches.append((dests, start, k))
     uploads = _Uploads(tensors)
-    arenas = [torch.empty(budget, dtype=torch.uint8, pin_memory=uploads.pinned) for _ in range(2)]
+    arenas = [host_buffer(budget, uploads.pinned) for _ in range(2)]
     in_flight: list[Any] = [None, None]  # (events, buffer kept alive) per arena
     total, written = plan.bytes_written, 0
     try:
@@ -356,13 +356,13 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
                 uploads.wait(in_flight[slot][0])  # the arena's previous copies are done
                 in_flight[slot] = None
             size = sum(nbytes[d] for d in dests)
-            arena = arenas[slot] if size <= budget else torch.empty(size, dtype=torch.uint8, pin_memory=uploads.pinned)
+            arena = arenas[slot] if size <= budget else host_buffer(size, uploads.pinned)
             views, off = {}, 0
             for d in dests:
                 views[d] = arena[off : off + nbytes[d]]
                 off += nbytes[d]
             plan.execute(views, start, end)
-            in_flight[slot] = (uploads.copy([(tensors[d], v) for d, v in views.items()]), arena)
+            in_flight[slot] = (uploads.copy([(_flat_bytes(tensors[d]), v) for d, v in views.items()]), arena)
             written += size
             if callback:
                 callback(min(written, total), total)
@@ -370,14 +370,38 @@ def _execute_staged(plan, tensors: list[torch.Tensor], callback, budget: int) ->
         uploads.finish()  # (also on a failure: no copy may still read an arena being freed)
 
 
+def _flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of contiguous tensor ``t`` as a flat uint8 view."""
+    return t.view(-1).view(torch.uint8)
+
+
+def wants_pinned(devices: Iterable[torch.device]) -> bool:
+    """Whether host bytes bound for ``devices`` are worth staging in pinned memory: some
+    are CUDA devices (pinned host-to-device copies run asynchronously, at about twice the
+    pageable rate)."""
+    return any(d.type == "cuda" for d in devices) and torch.cuda.is_available()
+
+
+def host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """``nbytes`` of host memory, page-locked when ``pinned`` and the driver grants it
+    (pinned memory is a limited resource: refused, the copies run from pageable memory,
+    slower but the same bytes)."""
+    if pinned:
+        try:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError as e:  # (cudaHostAlloc refused: out of page-locked memory)
+            log.debug("%d bytes of pinned staging refused (%s); staging in pageable memory", nbytes, e)
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
 class _Uploads:
     """Host-to-device copies of staged bytes: asynchronous on a side stream of each CUDA
     destination's device (each made to wait for the work already queued on that device),
     plain copies otherwise (CUDA absent: the staged path exercised on CPU)."""
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
         devices = {t.device for t in tensors if t.device.type == "cuda"}
-        self.pinned = bool(devices) and torch.cuda.is_available()
+        self.pinned = wants_pinned(devices)
         self.streams: dict[torch.device, Any] = {}
         if self.pinned:
             for dev in sorted(devices, key=str):
@@ -385,17 +409,17 @@ class _Uploads:
                 stream.wait_stream(torch.cuda.current_stream(dev))
                 self.streams[dev] = stream
 
-    def copy(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
-        """Copies each ``(destination, staged bytes)``; returns the events that mark the
-        copies done (none: they are)."""
+    def copy(self, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> list[Any]:
+        """Copies each ``(destination bytes, staged bytes)`` (uint8 views of equal length);
+        returns the events that mark the copies done (none: they are)."""
         used: dict[torch.device, Any] = {}
         for dest, staged in pairs:
             stream = self.streams.get(dest.device)
             if stream is None:
-                dest.view(-1).view(torch.uint8).copy_(staged)
+                dest.copy_(staged)
                 continue
             with torch.cuda.stream(stream):  # (also makes the stream's device current)
-                dest.view(-1).view(torch.uint8).copy_(staged, non_blocking=True)
+                dest.copy_(staged, non_blocking=True)
             used[dest.device] = stream
         events = []
         for stream in used.values():

@@ -38,7 +38,16 @@ import torch
 from . import _core, _validate
 from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError
 from .formats import TORCH_DTYPES, format_matching, layer_index, stored_suffixes
-from .loader import IncompleteLoadError, PlannedLoad, plan_for, resolve_parallel
+from .loader import (
+    IncompleteLoadError,
+    PlannedLoad,
+    _flat_bytes,
+    _Uploads,
+    host_buffer,
+    plan_for,
+    resolve_parallel,
+    wants_pinned,
+)
 from .reader import Checkpoint
 from .reader import open as open_checkpoint
 from .registry import FORMATS
@@ -132,6 +141,7 @@ class WeightUpdater:
         self._source_hashes: dict[str, int] = {}
         self.keep_staging = keep_staging
         self._arena: torch.Tensor | None = None
+        self._pin_refused = False  # (the driver refused to page-lock the arena once)
         # one update at a time: a second thread waits for the first; release_staging waits
         # for a running update instead of freeing the buffer under it
         self._lock = threading.RLock()
@@ -180,11 +190,17 @@ class WeightUpdater:
         with self._lock:
             self._arena = None
 
-    def _staging(self, nbytes: int) -> torch.Tensor | None:
+    def _staging(self, nbytes: int, pinned: bool = False) -> torch.Tensor | None:
+        """The kept staging arena of at least ``nbytes`` (``None``: not kept), page-locked
+        when ``pinned`` (its bytes go to a GPU) unless the driver refused that before."""
         if not self.keep_staging or nbytes == 0:
             return None
-        if self._arena is None or self._arena.numel() < nbytes:
-            self._arena = torch.empty(nbytes, dtype=torch.uint8)
+        a = self._arena
+        repin = pinned and not self._pin_refused and a is not None and not a.is_pinned()
+        if a is None or a.numel() < nbytes or repin:
+            self._arena = None  # (freed before its successor is allocated)
+            self._arena = host_buffer(nbytes, pinned and not self._pin_refused)
+            self._pin_refused |= pinned and not self._arena.is_pinned()
         return self._arena
 
     # -- updates -----------------------------------------------------------------------
@@ -629,7 +645,8 @@ class WeightUpdater:
                     if atomic and apply_on is not None:
                         staged_dev.append(plan_exec.stage(plan, which, dests))  # device memory
                     elif atomic:
-                        staged.append((_HostStaged(plan, which), dests))  # the model is not touched yet
+                        part = _HostStaged(plan, which, wants_pinned(t.device for t in dests))
+                        staged.append((part, dests))  # the model is not touched yet
                     else:
                         if which:
                             self._mark_inconsistent()
@@ -728,7 +745,7 @@ class WeightUpdater:
             plan_exec.execute(plan, which, dests)
         else:
             assert sel is not None
-            _apply_host(plan, which, dests, self._staging(sel.bytes_changed))  # all-or-nothing
+            _apply_host(plan, which, dests, self._staging)  # all-or-nothing
         t_copy = time.perf_counter()
         written: Iterable[str] = only if only is not None else ck  # (iterated only when needed)
         self._forget_sources(written)
@@ -783,6 +800,10 @@ def _covers(needed: set[str], presented: Iterable[str]) -> bool:
     return all(n in given or module(n) in modules for n in needed)
 
 
+#: ``(nbytes, pinned) -> arena or None``: where an update stages (``WeightUpdater._staging``)
+_Staging = Callable[[int, bool], "torch.Tensor | None"]
+
+
 class _HostStaged:
     """The outputs of ops with host sources, executed by the Rust executor into a host
     arena (every source read and checked; no destination touched), committed later into
@@ -791,15 +812,16 @@ class _HostStaged:
     and a destination (the ops are staged in destination order, so a destination whose
     every op is staged is one copy)."""
 
-    def __init__(self, plan: Any, which: list[int], arena: torch.Tensor | None = None) -> None:
+    def __init__(self, plan: Any, which: list[int], pinned: bool = False, staging: _Staging | None = None) -> None:
         layout = torch.frombuffer(bytearray(plan.op_layout(which)), dtype=torch.int64).view(-1, 3)
         by_offset = torch.argsort(layout[:, 1], stable=True)
         order = by_offset[torch.argsort(layout[by_offset, 0], stable=True)]  # by destination, then offset
         self.plan, self.which = plan, [which[i] for i in order.tolist()]
         self.layout = layout[order]
         need = plan.staged_bytes(self.which)
+        arena = staging(need, pinned) if staging is not None else None
         if arena is None or arena.numel() < need:
-            arena = torch.empty(need, dtype=torch.uint8)
+            arena = host_buffer(need, pinned)
         self.arena = arena[:need]
         if need:
             plan.stage(self.which, self.arena)
@@ -807,8 +829,8 @@ class _HostStaged:
     def commit(self, dests: list[torch.Tensor]) -> None:
         if not self.which:
             return
-        targets = _host_targets(self.plan, self.which, dests)
-        if targets is not None:
+        targets = _op_targets(self.plan, self.which, dests)
+        if _on_host(targets):
             self.plan.commit(self.which, targets, self.arena)  # (parallel, in Rust)
         else:
             self.copy_runs(dests)
@@ -830,27 +852,39 @@ class _HostStaged:
         )
 
     def copy_runs(self, dests: list[torch.Tensor]) -> None:
-        for d, lo, hi, at in self.runs():
-            dests[d].view(-1).view(torch.uint8)[lo:hi].copy_(self.arena[at : at + hi - lo])
+        """One copy per run; to a GPU asynchronously on a side stream of its device (from
+        pinned memory, the copies overlap one another's set-up), all done on return."""
+        runs = self.runs()
+        uploads = _Uploads(dests[d] for d in {r[0] for r in runs})
+        try:
+            uploads.copy((_flat_bytes(dests[d])[lo:hi], self.arena[at : at + hi - lo]) for d, lo, hi, at in runs)
+        finally:
+            uploads.finish()  # (the arena may be reused or freed once this returns)
 
 
-def _apply_host(plan: Any, which: list[int], dests: list[torch.Tensor], arena: torch.Tensor | None = None) -> None:
+def _apply_host(plan: Any, which: list[int], dests: list[torch.Tensor], staging: _Staging | None = None) -> None:
     """The ops ``which`` (host sources) all-or-nothing into ``dests``: the Rust executor
-    where every destination is host memory (``arena``: its staging), else staged on the
-    host, then copied to the device (:class:`_HostStaged`)."""
-    targets = _host_targets(plan, which, dests)
-    if targets is not None:
+    where every destination is host memory, else staged on the host (pinned for a GPU),
+    then copied to the device (:class:`_HostStaged`). ``staging``: the arena to stage in
+    (default: one of the update's own)."""
+    targets = _op_targets(plan, which, dests)
+    if _on_host(targets):
+        arena = staging(plan.staged_bytes(which), False) if staging is not None and which else None
         plan.execute_atomic(which, targets, arena)
     else:
-        _HostStaged(plan, which, arena).copy_runs(dests)
+        pinned = wants_pinned(t.device for t in targets.values())
+        _HostStaged(plan, which, pinned, staging).copy_runs(dests)
 
 
-def _host_targets(plan: Any, which: list[int], dests: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
-    """``{destination index: tensor}`` of the ops ``which`` when all are host memory (what
-    the Rust executor writes), else ``None``."""
+def _op_targets(plan: Any, which: list[int], dests: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """``{destination index: tensor}`` of the ops ``which``."""
     op_dests = plan.op_dests()
-    targets = {op_dests[k]: dests[op_dests[k]] for k in which}
-    return targets if all(t.device.type == "cpu" for t in targets.values()) else None
+    return {op_dests[k]: dests[op_dests[k]] for k in which}
+
+
+def _on_host(targets: dict[int, torch.Tensor]) -> bool:
+    """Whether every target is host memory (what the Rust executor writes)."""
+    return all(t.device.type == "cpu" for t in targets.values())
 
 
 def _quantized_module(ck: Checkpoint, base: str) -> Any:
