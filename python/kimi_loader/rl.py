@@ -98,7 +98,8 @@ class WeightUpdater:
     with it the first update is already a delta. Without it the first update writes every
     tensor it is given. ``keep_staging``: keep the staging buffer of all-or-nothing updates
     between updates (it grows to the largest update's changed bytes; steady-state updates
-    then write into memory that is already faulted in). :meth:`release_staging` frees it.
+    then write into memory that is already faulted in; for a model on a GPU it is
+    page-locked). :meth:`release_staging` frees it.
     """
 
     def __init__(
@@ -189,6 +190,12 @@ class WeightUpdater:
         for an update running in another thread."""
         with self._lock:
             self._arena = None
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                # page-locked blocks stay cached by torch's host allocator after their
+                # tensors die: handed back to the driver (only the unused ones)
+                empty = getattr(torch._C, "_host_emptyCache", None)
+                if empty is not None:
+                    empty()
 
     def _staging(self, nbytes: int, pinned: bool = False) -> torch.Tensor | None:
         """The kept staging arena of at least ``nbytes`` (``None``: not kept), page-locked
