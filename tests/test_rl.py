@@ -278,6 +278,7 @@ def test_update_from_tensors_reads_memory_in_place_and_names_dtype_errors(tmp_pa
     msg = str(e.value)
     assert "<update_from_tensors>" in msg and f"'{norm}'" in msg and "norm.weight" in msg.split("'" + norm + "'")[1]
     assert "BF16" in msg and "F32" in msg and e.value.tensor == norm
+    assert "dtype mismatch" in msg and "shape mismatch" not in msg, msg  # (the shape is right)
     # quantize= without knowing the stored formats is refused
     fresh = WeightUpdater(kimi_loader.from_pretrained(a))
     with pytest.raises(kimi_loader.InvalidArgumentError, match="baseline"):

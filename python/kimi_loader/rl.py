@@ -541,8 +541,9 @@ class WeightUpdater:
                     tensor=name,
                 )
             if stored.st_dtype != st_dtype or list(stored.shape) != list(shape):
+                what = "dtype" if stored.st_dtype != st_dtype else "shape"
                 raise ShapeMismatchError(
-                    f"{_STREAM}: tensor '{name}': the model was planned for {stored.st_dtype} "
+                    f"{_STREAM}: tensor '{name}': {what} mismatch: the model was planned for {stored.st_dtype} "
                     f"{list(stored.shape)}, the stream has {st_dtype} {list(shape)}",
                     tensor=name,
                     expected=tuple(stored.shape),

@@ -190,7 +190,7 @@ fn fmt_tensor(t: &Option<String>) -> String {
 fn fmt_mismatch(s: &Shapes) -> String {
     if s.found == s.expected {
         // same shape: the detail says what differs (e.g. the dtype)
-        format!("mismatch (shape {:?} as expected)", s.found)
+        format!("shape {:?} as expected", s.found)
     } else {
         format!(
             "shape mismatch: checkpoint has {:?}, expected {:?}",

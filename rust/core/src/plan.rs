@@ -1114,7 +1114,8 @@ impl Plan {
                             &e.name,
                             Some(&self.dests[dest as usize].name),
                             format!(
-                                "the model was planned for {} {:?}, this tensor is {} {:?}",
+                                "{} mismatch: the model was planned for {} {:?}, this tensor is {} {:?}",
+                                if ne.dtype != e.dtype { "dtype" } else { "shape" },
                                 e.dtype,
                                 e.shape.as_slice(),
                                 ne.dtype,
