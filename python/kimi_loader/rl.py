@@ -129,6 +129,7 @@ class WeightUpdater:
         self.version = 0
         self._plan = None  # the compiled plan (built for a complete checkpoint)
         self._known: set[str] = set()  # every name of the checkpoint the plan was built for
+        self._reads: tuple[set[str], set[str]] | None = None  # (names the plan reads, their units)
         # the names broken atomic=False streams announced: to present again before the
         # model is consistent (each may hold either version)
         self._pending: set[str] = set()
@@ -171,7 +172,7 @@ class WeightUpdater:
                 unused=planned.plan.unused(),
             )
         if not planned.plan.missing():  # a complete checkpoint: the plan to replay from now on
-            self._plan, self._known = planned.plan, set(ck.keys())
+            self._plan, self._known, self._reads = planned.plan, set(ck.keys()), None
             self._dests = [planned.dests[n] for n in planned.plan.dest_names()]
             self._compiled, self._fp8_block = ck, planned.fp8_block
         return planned
@@ -551,6 +552,16 @@ class WeightUpdater:
                 )
         self._plan.check_units(ck.core, sorted(plain))
 
+    def _reads_of(self, name: str, quantize: str | bool | None) -> bool:
+        """Whether this rank's compiled plan reads checkpoint tensor ``name`` (with
+        ``quantize``: also the unquantized weight of a quantized module it reads). What it
+        does not read (other ranks' parts, ignored tensors) a stream need not carry."""
+        if self._reads is None:
+            reads = {n for pair in self._plan.op_sources() for n in pair if n is not None}
+            self._reads = (reads, {_unit_key(n) for n in reads})
+        reads, units = self._reads
+        return name in reads or (bool(quantize) and name.endswith(".weight") and name[: -len(".weight")] in units)
+
     def _stream_device(self) -> torch.device | None:
         """The device a stream's buckets are applied on by the Triton executor (``None``:
         through the host, by the Rust executor): the model's GPU (NCCL buckets arrive
@@ -596,7 +607,18 @@ class WeightUpdater:
                 return self._source_hashes[name]
             return self._state.get(name)
 
-        changed = {k for k, m in enumerate(meta) if held(m[0]) != m[4]}
+        # what this rank reads and does not hold (nothing when the stream is refused)
+        differ = (
+            set()
+            if problem
+            else {k for k, m in enumerate(meta) if self._reads_of(m[0], quantize) and held(m[0]) != m[4]}
+        )
+        # the parts of a quantized weight are read together (a dequantizing op reads the
+        # data and its scale): one changed part sends its unit whole (they share a bucket)
+        units: dict[str, list[int]] = {}
+        for k, m in enumerate(meta):
+            units.setdefault(_unit_key(m[0]), []).append(k)
+        changed = {j for k in differ for j in units[_unit_key(meta[k][0])]}
         # where buckets are applied: on the model's device by the Triton executor (NCCL
         # buckets never leave the GPU; staging for atomic=True is device memory too), or
         # through the host by the Rust executor
@@ -613,71 +635,92 @@ class WeightUpdater:
         new_hashes: dict[str, int] = {}
         new_sources: dict[str, int] = {}
         received = 0
+
+        def forget_applied() -> None:
+            # what the applied buckets wrote is not what the hashes say the model holds:
+            # forgotten, so that any later update rewrites it
+            self._state.forget(sorted(set(new_hashes) | unhashed))
+            self._forget_sources([*new_hashes, *unhashed])
+            for n in new_sources:
+                self._source_hashes.pop(n, None)
+
+        # a host receiver takes every bucket into one buffer (nothing outlives its bucket:
+        # what is staged is copied out): one allocation, where a fresh one per bucket among
+        # the kept staging arenas fragmented the heap (the peak grew with the model)
+        inbox = (
+            torch.empty(max((s for _, s in layouts), default=0), dtype=torch.uint8) if device.type == "cpu" else None
+        )
         try:
             for b, (offsets, size) in zip(buckets, layouts, strict=True):
-                flat = torch.empty(size, dtype=torch.uint8, device=device)
+                flat = inbox[:size] if inbox is not None else torch.empty(size, dtype=torch.uint8, device=device)
                 dist.broadcast(flat, src=src, group=group)
                 received += 1
                 if problem is not None:
                     continue  # drained, never applied
-                flat = flat.to(apply_on or "cpu")
-                names, tensors = [], []
-                for k, off in zip(b, offsets, strict=True):
-                    name, st_dtype, shape, nbytes, _h = meta[k]
-                    if k in changed:
-                        names.append(name)
-                        tensors.append(flat[off : off + nbytes].view(TORCH_DTYPES[st_dtype]).view(shape))
-                if not names:
-                    continue
-                hashes = {meta[k][0]: meta[k][4] for k in b if k in changed}
-                if quantize:
-                    names, tensors, sources = self._quantize(names, tensors, quantize, _STREAM, known=hashes)
-                    new_sources.update(sources)
-                    hashes = {n: hashes[n] for n in names if n in hashes}
-                host = flat.device.type == "cpu"
-                ck = Checkpoint(
-                    _core.from_tensors(_STREAM, names, tensors, self.threads, device=not host), threads=self.threads
-                )
                 try:
-                    plan, dests, _ = self._plan_for(ck)
-                    if quantize:  # the quantized parts' hashes are computed here (host memory)
-                        qnames = [n for n in names if n not in hashes]
-                        if host:
-                            hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
+                    flat = flat.to(apply_on or "cpu")
+                    names, tensors = [], []
+                    for k, off in zip(b, offsets, strict=True):
+                        name, st_dtype, shape, nbytes, _h = meta[k]
+                        if k in changed:
+                            names.append(name)
+                            tensors.append(flat[off : off + nbytes].view(TORCH_DTYPES[st_dtype]).view(shape))
+                    if not names:
+                        continue
+                    hashes = {meta[k][0]: meta[k][4] for k in b if k in changed}
+                    if quantize:
+                        names, tensors, sources = self._quantize(names, tensors, quantize, _STREAM, known=hashes)
+                        new_sources.update(sources)
+                        hashes = {n: hashes[n] for n in names if n in hashes}
+                    host = flat.device.type == "cpu"
+                    ck = Checkpoint(
+                        _core.from_tensors(_STREAM, names, tensors, self.threads, device=not host), threads=self.threads
+                    )
+                    try:
+                        plan, dests, _ = self._plan_for(ck)
+                        if quantize:  # the quantized parts' hashes are computed here (host memory)
+                            qnames = [n for n in names if n not in hashes]
+                            if host:
+                                hashes.update(zip(qnames, ck.core.hash_tensors(qnames), strict=True))
+                            else:
+                                unhashed.update(qnames)
+                        ops = plan.ops()
+                        which = list(range(len(ops)))
+                        layers.update(x for op in ops if (x := layer_index(op[1])) is not None)
+                        report.bytes_changed += sum(op[3] for op in ops)
+                        if atomic and apply_on is not None:
+                            staged_dev.append(plan_exec.stage(plan, which, dests))  # device memory
+                        elif atomic:
+                            part = _HostStaged(plan, which, wants_pinned(t.device for t in dests))
+                            staged.append((part, dests))  # the model is not touched yet
                         else:
-                            unhashed.update(qnames)
-                    ops = plan.ops()
-                    which = list(range(len(ops)))
-                    layers.update(x for op in ops if (x := layer_index(op[1])) is not None)
-                    report.bytes_changed += sum(op[3] for op in ops)
-                    if atomic and apply_on is not None:
-                        staged_dev.append(plan_exec.stage(plan, which, dests))  # device memory
-                    elif atomic:
-                        part = _HostStaged(plan, which, wants_pinned(t.device for t in dests))
-                        staged.append((part, dests))  # the model is not touched yet
-                    else:
-                        if which:
-                            self._mark_inconsistent()
-                            self._pending.update(m[0] for m in meta)
-                        if apply_on is not None:
-                            plan_exec.execute(plan, which, dests)
-                        else:
-                            _apply_host(plan, which, dests)  # this bucket, straight into the model
-                finally:
-                    ck.core.release()
-                new_hashes.update(hashes)
-                report.changed_tensors += len(hashes)
+                            if which:
+                                self._mark_inconsistent()
+                                self._pending.update(m[0] for m in meta)
+                            if apply_on is not None:
+                                plan_exec.execute(plan, which, dests)
+                            else:
+                                _apply_host(plan, which, dests)  # this bucket, straight into the model
+                    finally:
+                        ck.core.release()
+                    new_hashes.update(hashes)
+                    report.changed_tensors += sum(1 for k in b if k in differ)
+                except KimiLoaderError as e:  # (the rest is drained: the sender is not left blocked)
+                    problem = e
+                    if not atomic:
+                        if new_hashes or unhashed:
+                            e.add_note(
+                                f"kimi_loader: earlier buckets of the stream were applied ({len(new_hashes)} tensors); "
+                                "the model holds a mix of versions and refuses to run until a complete update"
+                            )
+                        forget_applied()
         except KimiLoaderError:
             raise
         except Exception as e:  # the transport broke (the sender died, a timeout, ...)
             from .errors import CheckpointIOError
 
-            if not atomic:  # what the applied buckets wrote is not what the hashes say the
-                # model holds: forgotten, so that any later update rewrites it
-                self._state.forget(sorted(set(new_hashes) | unhashed))
-                self._forget_sources([*new_hashes, *unhashed])
-                for n in new_sources:
-                    self._source_hashes.pop(n, None)
+            if not atomic:
+                forget_applied()
             state = (
                 "the model is unchanged"
                 if atomic or not new_hashes
@@ -1078,14 +1121,19 @@ def _bucket_offsets(meta: list[Any], bucket: list[int]) -> tuple[list[int], int]
     return offsets, at
 
 
+def _unit_key(name: str) -> str:
+    """What the parts of one quantized weight share (its module; the name itself for
+    any other tensor)."""
+    base, _, suffix = name.rpartition(".")
+    return base if any(suffix in u for u in _UNITS) else name
+
+
 def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
     """Indices of ``meta`` in buckets of about ``bucket_bytes``; a quantized weight's parts
     (same module, suffixes of one unit) are never split across buckets."""
     units: dict[str, list[int]] = {}
     for k, (name, *_rest) in enumerate(meta):
-        base, _, suffix = name.rpartition(".")
-        key = base if any(suffix in u for u in _UNITS) else name
-        units.setdefault(key, []).append(k)
+        units.setdefault(_unit_key(name), []).append(k)
     buckets: list[list[int]] = []
     cur: list[int] = []
     size = 0
