@@ -557,6 +557,7 @@ class WeightUpdater:
         ``quantize``: also the unquantized weight of a quantized module it reads). What it
         does not read (other ranks' parts, ignored tensors) a stream need not carry."""
         if self._reads is None:
+            assert self._plan is not None  # (checked by _check_stream first)
             reads = {n for pair in self._plan.op_sources() for n in pair if n is not None}
             self._reads = (reads, {_unit_key(n) for n in reads})
         reads, units = self._reads
