@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -324,15 +325,21 @@ def test_every_sync_entry_point_takes_a_state_dict_and_names_what_is_not_a_pair(
 
 # -- streamed updates (metadata first, bucket by bucket) ---------------------------------
 def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, mode: str) -> None:
-    """Rank 0 streams checkpoint ``b`` (mode ``kill-*``: dies after two buckets; ``bad``:
-    one tensor with a wrong shape); ranks 1.. are TP receivers holding ``a``, that write
-    what they observed to ``out/rank{r}.pt``."""
+    """Rank 0 streams checkpoint ``b`` (mode ``kill-*``: dies after two buckets, of the
+    last receiver with ``@pull``; ``bad``: one tensor with a wrong shape), twice when it
+    completes; ranks 1.. are TP receivers holding ``a``, that write what they observed to
+    ``out/rank{r}.pt``. ``@pull``: :func:`send_weights` (each receiver sent what it asks
+    for) to receivers that also split the experts (EP, the serving layout: each reads
+    half of them), else :func:`broadcast_weights` to TP receivers."""
     import datetime
     import json
 
     import torch.distributed as dist
 
-    from kimi_loader.rl import broadcast_weights
+    from kimi_loader.rl import broadcast_weights, send_weights
+
+    mode, _, via = mode.partition("@")
+    twice = mode.partition("+")[0] in ("atomic", "streaming")
 
     dist.init_process_group(
         "gloo",
@@ -347,11 +354,13 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
         items = [(n, ck.get_tensor(n)) for n in ck.keys()]
         if mode == "bad":
             items[5] = (items[5][0], torch.zeros(3, 3, dtype=items[5][1].dtype))
+        send = send_weights if via == "pull" else broadcast_weights
         if mode.startswith("kill"):
-            real, sent = dist.broadcast, [0]
+            what = "send" if via == "pull" else "broadcast"
+            real, sent = getattr(dist, what), [0]
 
             def dying(t, *args, **kw):
-                sent[0] += 1
+                sent[0] += via != "pull" or kw.get("dst") == world - 1
                 if sent[0] > 2:
                     import time
 
@@ -359,24 +368,34 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
                     os._exit(3)  # the trainer dies mid-stream
                 return real(t, *args, **kw)
 
-            dist.broadcast = dying
-        broadcast_weights(items, bucket_bytes=32 << 10)
+            setattr(dist, what, dying)
+        for _ in range(2 if twice else 1):
+            try:
+                send(items, bucket_bytes=32 << 10)
+                assert mode != "bad", "the sender was not told that the receivers refused"
+            except kimi_loader.PeerUpdateError as e:  # (the receivers' vote)
+                assert mode == "bad" and e.ranks == list(range(1, world)), (mode, e.ranks)
         dist.destroy_process_group()
         return
     tp = world - 1
+    par = dict(tp_rank=rank - 1, tp_size=tp) | (dict(ep_size=tp) if via == "pull" else {})
     ck = kimi_loader.open(a)
-    model = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=tp)
-    kimi_loader.load_weights(model, ck, tp_rank=rank - 1, tp_size=tp)
+    model = kimi_loader.models.for_config(ck.config, **par)
+    kimi_loader.load_weights(model, ck, **par)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mode, _, executor = mode.partition("+")
-    up = WeightUpdater(model, tp_rank=rank - 1, tp_size=tp, baseline=ck, executor=executor or "auto")
+    up = WeightUpdater(model, **par, baseline=ck, executor=executor or "auto")
     result: dict = {"mode": mode}
     try:
         report = up.update_from_distributed(atomic=not mode.endswith("streaming"))
         result["changed"] = report.changed_tensors
         result["bytes_changed"] = report.bytes_changed
         result["bytes_staged"] = report.bytes_staged
+        result["bytes_received"] = report.bytes_received
         result["executor"] = report.executor
+        if twice:  # the same again: nothing changed
+            again = up.update_from_distributed(atomic=not mode.endswith("streaming"))
+            result["again"] = [again.changed_tensors, again.bytes_received]
     except kimi_loader.KimiLoaderError as e:
         result["error"] = type(e).__name__
         result["message"] = str(e)
@@ -441,38 +460,69 @@ def _run_stream(tmp_path, mode: str, world: int = 3) -> tuple[str, str, list[dic
     return a, b, [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(1, world)]
 
 
-@pytest.mark.parametrize("mode", ["atomic", "streaming", "atomic+triton", "streaming+triton"])
+@pytest.mark.parametrize(
+    "mode", ["atomic", "streaming", "atomic+triton", "streaming+triton", "atomic@pull", "streaming+triton@pull"]
+)
 def test_a_streamed_update_equals_a_direct_load(tmp_path, mode):
     """``+triton``: the buckets are applied where they arrived by the device executor
     (the NCCL path of a GPU model; here gloo buckets and the Triton interpreter), staged
-    in the device's memory for ``atomic``."""
+    in the device's memory for ``atomic``. ``@pull``: each receiver is sent only what it
+    reads and does not hold (its TP half of what changed; nothing the second time)."""
     _a, b, results = _run_stream(tmp_path, mode)
     ck = kimi_loader.open(b)
+    stream = sum(-(-ck.tensor_info(n).nbytes // 64) * 64 for n in ck.keys())  # every bucket of a broadcast
+    pull = mode.endswith("@pull")
     for rank, res in enumerate(results, start=1):
-        assert "error" not in res and res["changed"] > 0 and res["consistent"] and res["runs"] and res["version"] == 1
+        assert "error" not in res and res["changed"] > 0 and res["consistent"] and res["runs"] and res["version"] == 2
+        if pull:  # half the experts (their aligned bytes), and the rest
+            experts = sum(-(-ck.tensor_info(n).nbytes // 64) * 64 for n in ck.keys() if ".experts." in n)
+            assert res["bytes_received"] == stream - experts // 2, (res, stream, experts)
+            assert res["again"] == [0, 0], res
+        else:
+            assert res["bytes_received"] == stream and res["again"] == [0, stream], (res, stream)
         # atomic: this rank's changed bytes were held back (16-byte aligned on the device), never the model
-        assert res["executor"] == ("triton" if mode.endswith("+triton") else "cpu"), res
+        assert res["executor"] == ("triton" if "+triton" in mode else "cpu"), res
         staged = res["bytes_staged"]
         if mode.startswith("atomic"):
             assert res["bytes_changed"] <= staged <= res["bytes_changed"] + 16 * res["changed"], res
         else:
             assert staged == 0, res
         got = torch.load(tmp_path / f"rank{rank}.pt")
-        want = kimi_loader.models.for_config(ck.config, tp_rank=rank - 1, tp_size=2)
-        kimi_loader.load_weights(want, ck, tp_rank=rank - 1, tp_size=2)
+        par = dict(tp_rank=rank - 1, tp_size=2) | (dict(ep_size=2) if pull else {})
+        want = kimi_loader.models.for_config(ck.config, **par)
+        kimi_loader.load_weights(want, ck, **par)
         for n, p in want.named_parameters():
             assert torch.equal(as_bytes(got[n]), as_bytes(p)), n
 
 
-@pytest.mark.parametrize("mode", ["kill-atomic", "kill-streaming", "kill-atomic+triton", "kill-streaming+triton"])
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "kill-atomic",
+        "kill-streaming",
+        "kill-atomic+triton",
+        "kill-streaming+triton",
+        "kill-atomic@pull",
+        "kill-streaming@pull",
+    ],
+)
 def test_a_stream_broken_by_a_dead_trainer(tmp_path, mode):
     """atomic: every receiver's model is bitwise unchanged; streaming: the receivers that
     applied a bucket are marked inconsistent (version not bumped) and refuse to run, and
     still do after an update of a subset; an update presenting every tensor (the old
-    checkpoint again) makes them whole and consistent."""
+    checkpoint again) makes them whole and consistent. ``@pull``: the receivers are
+    served one after the other; the trainer dies serving the last, after the first got
+    its whole part: the first is left as the others are (it waits for the group's vote
+    before committing; a streaming one marks itself inconsistent), not at a version the
+    others do not hold."""
     _a, _b, results = _run_stream(tmp_path, mode)
-    for res in results:
+    if mode.endswith("@pull"):  # the first receiver had its whole part: the group's vote broke
+        assert results[0]["error"] == "CheckpointIOError", results[0]
+        m = re.search(r"broke after (\d+) of (\d+) buckets", results[0]["message"])
+        assert m and m[1] == m[2] != "0", results[0]
+    for res in results[1:] if mode.endswith("@pull") else results:
         assert res["error"] == "CheckpointIOError" and "broke after 2 of" in res["message"], res
+    for res in results:
         assert res["version"] == 0
         if mode.startswith("kill-atomic"):
             assert res["unchanged"] and res["consistent"] and res["runs"]

@@ -23,6 +23,7 @@ __all__ = [
     "InvalidArgumentError",
     "KimiLoaderError",
     "MissingTensorError",
+    "PeerUpdateError",
     "PlanError",
     "ShapeMismatchError",
     "UnsupportedFormatError",
@@ -125,6 +126,19 @@ class IncompleteLoadError(KimiLoaderError):
 class InconsistentWeightsError(KimiLoaderError, RuntimeError):
     """The model holds parts of two weight versions: a streamed update with
     ``atomic=False`` broke midway. It refuses to run until a complete update lands."""
+
+
+class PeerUpdateError(KimiLoaderError, RuntimeError):
+    """Another rank of a streamed update's group did not apply it (refused it, or failed
+    applying it): ``ranks`` names them. The ranks agree at the end of every stream, so
+    none serves a version the others do not hold: an ``atomic=True`` receiver commits
+    nothing (its model is unchanged); an ``atomic=False`` one that applied buckets is
+    marked inconsistent and refuses to run until a complete update lands. The sender
+    raises it too."""
+
+    def __init__(self, message: str = "", *, ranks: list[int] | None = None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.ranks: list[int] = list(ranks or [])
 
 
 class InternalError(KimiLoaderError, RuntimeError):

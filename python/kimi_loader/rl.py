@@ -25,6 +25,7 @@ new bytes for that update (the next update, whose hashes differ, repairs it).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import threading
@@ -36,7 +37,7 @@ from typing import Any
 import torch
 
 from . import _core, _validate
-from .errors import InvalidArgumentError, KimiLoaderError, ShapeMismatchError
+from .errors import InvalidArgumentError, KimiLoaderError, PeerUpdateError, ShapeMismatchError
 from .formats import TORCH_DTYPES, format_matching, layer_index, stored_suffixes
 from .loader import (
     IncompleteLoadError,
@@ -52,7 +53,7 @@ from .reader import Checkpoint
 from .reader import open as open_checkpoint
 from .registry import FORMATS
 
-__all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights", "share_tensors"]
+__all__ = ["UpdateReport", "WeightUpdater", "broadcast_weights", "send_weights", "share_tensors"]
 
 _ST_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -61,7 +62,7 @@ _LABEL = "<update_from_tensors>"
 _STREAM = "<weight stream>"
 _IPC = "<shared tensors>"
 #: the first object of a :func:`broadcast_weights` stream
-STREAM_FORMAT = "kimi-loader-stream/2"  # 2: each tensor of a bucket starts at a multiple of BUCKET_ALIGN
+STREAM_FORMAT = "kimi-loader-stream/3"  # 2: each tensor of a bucket starts at a multiple of BUCKET_ALIGN; 3: pull
 #: what a :func:`share_tensors` payload says it is
 IPC_FORMAT = "kimi-loader-ipc/1"
 
@@ -77,6 +78,9 @@ class UpdateReport:
     replanned: bool = False
     #: bytes held back until the whole update arrived (a streamed ``atomic=True`` update)
     bytes_staged: int = 0
+    #: bytes a streamed update received (every bucket of a broadcast; what this rank asked
+    #: for from :func:`send_weights`)
+    bytes_received: int = 0
     #: what applied it: ``"cpu"`` (the Rust executor, host memory) or ``"triton"`` (the
     #: device executor, on the model's device)
     executor: str = "cpu"
@@ -418,8 +422,9 @@ class WeightUpdater:
     def update_from_distributed(
         self, group: Any = None, *, src: int = 0, atomic: bool = True, quantize: str | bool | None = None
     ) -> UpdateReport:
-        """Receives a :func:`broadcast_weights` stream from rank ``src`` and applies it,
-        bucket by bucket as it arrives; this rank keeps only its TP/EP part.
+        """Receives a :func:`broadcast_weights` or :func:`send_weights` stream from rank
+        ``src`` and applies it, bucket by bucket as it arrives; this rank keeps only its
+        TP/EP part (from ``send_weights`` it is sent only that part, and only what changed).
 
         The stream starts with every tensor's name, dtype, shape and xxh3; all of it is
         checked against the compiled plan before the first bucket lands (a problem raises
@@ -593,8 +598,9 @@ class WeightUpdater:
         header = box[0]
         if not isinstance(header, dict) or header.get("format") != STREAM_FORMAT:
             raise InvalidArgumentError(f"{_STREAM}: not a {STREAM_FORMAT} stream (is the sender a matching version?)")
-        meta, buckets = header["meta"], header["buckets"]
-        layouts = [_bucket_offsets(meta, b) for b in buckets]
+        meta = header["meta"]
+        pull = header.get("pull")  # bucket bytes: send_weights sends this rank what it asks for
+        buckets: list[list[int]] = [] if pull else header["buckets"]
         try:
             self._check_stream(meta, quantize)
             problem: Exception | None = None
@@ -645,17 +651,28 @@ class WeightUpdater:
             for n in new_sources:
                 self._source_hashes.pop(n, None)
 
-        # a host receiver takes every bucket into one buffer (nothing outlives its bucket:
-        # what is staged is copied out): one allocation, where a fresh one per bucket among
-        # the kept staging arenas fragmented the heap (the peak grew with the model)
-        inbox = (
-            torch.empty(max((s for _, s in layouts), default=0), dtype=torch.uint8) if device.type == "cpu" else None
-        )
         try:
+            if pull:  # the answer: what this rank reads and does not hold (nothing when refused)
+                want = sorted(changed)
+                _send_wanted(want, src, group, device)
+                buckets = _wanted_buckets(meta, want, pull)
+            layouts = [_bucket_offsets(meta, b) for b in buckets]
+            # a host receiver takes every bucket into one buffer (nothing outlives its bucket:
+            # what is staged is copied out): one allocation, where a fresh one per bucket among
+            # the kept staging arenas fragmented the heap (the peak grew with the model)
+            inbox = (
+                torch.empty(max((s for _, s in layouts), default=0), dtype=torch.uint8)
+                if device.type == "cpu"
+                else None
+            )
             for b, (offsets, size) in zip(buckets, layouts, strict=True):
                 flat = inbox[:size] if inbox is not None else torch.empty(size, dtype=torch.uint8, device=device)
-                dist.broadcast(flat, src=src, group=group)
+                if pull:
+                    dist.recv(flat, src=src, group=group)
+                else:
+                    dist.broadcast(flat, src=src, group=group)
                 received += 1
+                report.bytes_received += size
                 if problem is not None:
                     continue  # drained, never applied
                 try:
@@ -715,6 +732,10 @@ class WeightUpdater:
                                 "the model holds a mix of versions and refuses to run until a complete update"
                             )
                         forget_applied()
+            # every rank says whether it applied the stream, before any commits: no rank
+            # serves a version the others do not hold (a rank refused, one failed applying
+            # a bucket, or, with send_weights, the sender died serving a later rank)
+            failed = _vote(group, device, problem is not None)
         except KimiLoaderError:
             raise
         except Exception as e:  # the transport broke (the sender died, a timeout, ...)
@@ -734,6 +755,19 @@ class WeightUpdater:
             ) from e
         if problem is not None:
             raise problem
+        if failed:
+            if atomic:
+                state = "nothing was committed: the model is unchanged"
+            else:
+                forget_applied()
+                state = (
+                    "this rank applied it: the model is marked inconsistent and refuses to run until a complete update"
+                    if new_hashes or unhashed
+                    else "this rank had nothing to change"
+                )
+            raise PeerUpdateError(
+                f"{_STREAM}: rank(s) {failed} of the group did not apply the stream; {state}", ranks=failed
+            )
         for part, part_dests in staged:  # everything arrived: commit
             part.commit(part_dests)
         if staged_dev:
@@ -1009,6 +1043,9 @@ def broadcast_weights(
     bucket). Receivers call :meth:`WeightUpdater.update_from_distributed`. Returns the
     bytes sent.
 
+    Every receiver gets every bucket (one collective each): with a sharded engine, where
+    each rank keeps a part, :func:`send_weights` sends each one only the bytes it asks for.
+
     Tensors stay where they are: GPU tensors are hashed on their GPU and each bucket is
     assembled on the communication device (NCCL: the GPU), so a GPU trainer's weights are
     never copied to the host. ``hash``: ``"auto"`` (xxh3 of host memory, the ``kl64``
@@ -1019,41 +1056,126 @@ def broadcast_weights(
     it is sent, the next ones are deltas."""
     import torch.distributed as dist
 
-    if hash not in ("auto", "xxh3", "device"):
-        raise InvalidArgumentError(f"hash must be 'auto', 'xxh3' or 'device', got {hash!r}")
-
-    if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
-        # a checkpoint is read bucket by bucket with pread (never through the map, where a
-        # file truncated underneath would fault): a changed file is a CheckpointIOError
-        ck = (
-            named_tensors_or_path
-            if isinstance(named_tensors_or_path, Checkpoint)
-            else open_checkpoint(named_tensors_or_path)
-        )
-        names = ck.keys()
-        infos = [ck.tensor_info(n) for n in names]
-        hashes = ck.core.hash_tensors(names)
-        meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
-        items = None
-    else:
-        items = [(n, t.contiguous()) for n, t in _validate.named_tensors(named_tensors_or_path, _STREAM)]
-        meta = [
-            (n, _st_dtype(n, t), list(t.shape), t.nbytes, h)
-            for (n, t), h in zip(items, _hashes(items, hash), strict=True)
-        ]
-    buckets = _buckets(meta, bucket_bytes)
-    device = _comm_device(group)
-    header = {"format": STREAM_FORMAT, "meta": meta, "buckets": buckets}
-    dist.broadcast_object_list([header], src=src, group=group, device=device)
+    source = _StreamSource(named_tensors_or_path, hash, group, src)
+    buckets = _buckets(source.meta, bucket_bytes)
+    dist.broadcast_object_list(
+        [{"format": STREAM_FORMAT, "meta": source.meta, "buckets": buckets}], src=src, group=group, device=source.device
+    )
     sent = 0
     for b in buckets:
-        if items is None:
-            got = ck.read_tensors([meta[k][0] for k in b])
+        flat = source.bucket(b)
+        dist.broadcast(flat, src=src, group=group)
+        sent += flat.numel()
+    _sender_vote(group, source.device)
+    return sent
+
+
+def send_weights(
+    named_tensors_or_path: Any,
+    group: Any = None,
+    *,
+    src: int = 0,
+    bucket_bytes: int = 64 << 20,
+    hash: str = "auto",  # noqa: A002 (the option's name)
+) -> int:
+    """Trainer side, point to point: as :func:`broadcast_weights` (same arguments, same
+    receiver call, :meth:`WeightUpdater.update_from_distributed`), but each receiver, once
+    it has checked the table of every tensor, answers with the tensors it reads and does
+    not hold, and is sent only those, in buckets of about ``bucket_bytes``. A TP/EP rank
+    then receives its part of what changed, not the model; a receiver that holds
+    everything receives nothing. The receivers are served one after the other (each
+    bucket a ``send`` / ``recv``); a checkpoint path is read once per receiver that wants
+    a tensor. Returns the bytes sent, all receivers together."""
+    import torch.distributed as dist
+
+    source = _StreamSource(named_tensors_or_path, hash, group, src)
+    dist.broadcast_object_list(
+        [{"format": STREAM_FORMAT, "meta": source.meta, "buckets": None, "pull": int(bucket_bytes)}],
+        src=src,
+        group=group,
+        device=source.device,
+    )
+    ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+    # every receiver's answer first (one that wants nothing is not kept waiting)
+    wants = {r: _recv_wanted(r, group, source.device, len(source.meta)) for r in ranks if r != src}
+    sent = 0
+    for r, want in wants.items():
+        for b in _wanted_buckets(source.meta, want, bucket_bytes):
+            flat = source.bucket(b)
+            dist.send(flat, dst=r, group=group)
+            sent += flat.numel()
+    _sender_vote(group, source.device)
+    return sent
+
+
+def _vote(group: Any, device: torch.device, failed: bool) -> list[int]:
+    """The end of every stream: each rank of the group (the sender too) says whether it
+    failed; returns the (global) ranks that did."""
+    import torch.distributed as dist
+
+    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    flags = torch.zeros(len(ranks), dtype=torch.int64, device=device)
+    flags[dist.get_rank(group)] = int(failed)
+    dist.all_reduce(flags, group=group)
+    return [r for r, f in zip(ranks, flags.tolist(), strict=True) if f]
+
+
+def _sender_vote(group: Any, device: torch.device) -> None:
+    failed = _vote(group, device, False)
+    if failed:
+        raise PeerUpdateError(
+            f"{_STREAM}: rank(s) {failed} did not apply the stream (each raised why); the receivers "
+            "committed nothing (atomic) or refuse to run until a complete update",
+            ranks=failed,
+        )
+
+
+class _StreamSource:
+    """What a trainer streams: the table (name, dtype, shape, bytes, hash of each tensor)
+    and each bucket's bytes, assembled on the communication device."""
+
+    def __init__(self, named_tensors_or_path: Any, how: str, group: Any, src: int) -> None:
+        import torch.distributed as dist
+
+        if how not in ("auto", "xxh3", "device"):
+            raise InvalidArgumentError(f"hash must be 'auto', 'xxh3' or 'device', got {how!r}")
+        if dist.get_rank() != src:
+            raise InvalidArgumentError(
+                f"{_STREAM}: the sender must be rank src={src} (this is rank {dist.get_rank()}); "
+                "the other ranks call WeightUpdater.update_from_distributed"
+            )
+        self.device = _comm_device(group)
+        self.items: list[tuple[str, torch.Tensor]] | None = None
+        if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
+            # a checkpoint is read bucket by bucket with pread (never through the map, where a
+            # file truncated underneath would fault): a changed file is a CheckpointIOError
+            self.ck = (
+                named_tensors_or_path
+                if isinstance(named_tensors_or_path, Checkpoint)
+                else open_checkpoint(named_tensors_or_path)
+            )
+            names = self.ck.keys()
+            infos = [self.ck.tensor_info(n) for n in names]
+            hashes = self.ck.core.hash_tensors(names)
+            self.meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
+        else:
+            items = [(n, t.contiguous()) for n, t in _validate.named_tensors(named_tensors_or_path, _STREAM)]
+            self.meta = [
+                (n, _st_dtype(n, t), list(t.shape), t.nbytes, h)
+                for (n, t), h in zip(items, _hashes(items, how), strict=True)
+            ]
+            self.items = items
+
+    def bucket(self, b: list[int]) -> torch.Tensor:
+        """The bytes of the tensors ``b``, each from a ``BUCKET_ALIGN`` boundary, on the
+        communication device (a GPU tensor never passes through the host for NCCL; a
+        bucket of host tensors is copied to the GPU once, whole)."""
+        meta, device = self.meta, self.device
+        if self.items is None:
+            got = self.ck.read_tensors([meta[k][0] for k in b])
             parts = [got[meta[k][0]] for k in b]
         else:
-            parts = [items[k][1] for k in b]
-        # assembled on the communication device (a GPU tensor never passes through the host
-        # for NCCL; a bucket of host tensors is copied to the GPU once, whole)
+            parts = [self.items[k][1] for k in b]
         on = {t.device for t in parts}
         at = on.pop() if len(on) == 1 and device.type == "cpu" else device
         offsets, total = _bucket_offsets(meta, b)
@@ -1062,9 +1184,41 @@ def broadcast_weights(
         for t, off, end in zip(parts, offsets, [*offsets[1:], total], strict=True):
             pieces += [t.reshape(-1).view(torch.uint8).to(at), pad[: end - off - t.nbytes]]
         flat = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.uint8, device=device)
-        dist.broadcast(flat.to(device), src=src, group=group)
-        sent += flat.numel()
-    return sent
+        return flat.to(device)
+
+
+def _send_wanted(want: list[int], src: int, group: Any, device: torch.device) -> None:
+    """A receiver's answer to a :func:`send_weights` table: the indices it wants."""
+    import torch.distributed as dist
+
+    dist.send(torch.tensor([len(want)], dtype=torch.int64, device=device), dst=src, group=group)
+    if want:
+        dist.send(torch.tensor(want, dtype=torch.int64, device=device), dst=src, group=group)
+
+
+def _recv_wanted(rank: int, group: Any, device: torch.device, count: int) -> list[int]:
+    """What receiver ``rank`` asked :func:`send_weights` for (checked: indices of the
+    table, ascending, each once)."""
+    import torch.distributed as dist
+
+    n = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(n, src=rank, group=group)
+    size = int(n.item())
+    if not 0 <= size <= count:
+        raise InvalidArgumentError(f"{_STREAM}: rank {rank} asked for {size} of {count} tensors")
+    if not size:
+        return []
+    got = torch.zeros(size, dtype=torch.int64, device=device)
+    dist.recv(got, src=rank, group=group)
+    want = got.tolist()
+    if want[0] < 0 or want[-1] >= count or any(x >= y for x, y in itertools.pairwise(want)):
+        raise InvalidArgumentError(f"{_STREAM}: rank {rank} asked for tensors that are not in the table")
+    return want
+
+
+def _wanted_buckets(meta: list[Any], want: list[int], bucket_bytes: int) -> list[list[int]]:
+    """The buckets a receiver that asked for ``want`` is sent (both sides compute them)."""
+    return [[want[i] for i in b] for b in _buckets([meta[k] for k in want], bucket_bytes)]
 
 
 def _st_dtype(name: str, t: torch.Tensor) -> str:
