@@ -8,7 +8,10 @@ For a ~0.2 GB and a ~0.8 GB bf16 DeepSeek-V3-layout model (serving layout, bf16)
   quantizers' (int4, MXFP4, FP8-block) throughput next to a memcpy of the same bf16 bytes;
 - gloo over loopback, trainer -> one receiver: the streamed update (``atomic=True`` and
   ``atomic=False``) next to the receive-all path it replaced (every bucket kept in memory,
-  written to /dev/shm, then loaded), with the receiver's peak extra memory.
+  written to /dev/shm, then loaded), with the receiver's peak extra memory; and to a
+  receiver holding half the experts (EP rank 0 of 2): ``broadcast_weights`` (it receives
+  everything) next to ``send_weights`` (it is sent what it reads), with the bytes it
+  received.
 
 Peak extra memory is the receiver's / this process's resident set sampled every
 millisecond during the call, minus the resident set before it. Run:
@@ -82,22 +85,27 @@ def best(fn, repeat: int = 3) -> tuple[float, int]:
 def _stream_rank(rank: int, port: int, a: str, b: str, mode: str, out: str) -> None:
     import torch.distributed as dist
 
-    from kimi_loader.rl import broadcast_weights
+    from kimi_loader.rl import broadcast_weights, send_weights
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ep = mode.startswith("EP-half")
     if rank == 0:
         ck = kimi_loader.open(b)
-        broadcast_weights([(n, ck.get_tensor(n)) for n in ck.keys()], bucket_bytes=BUCKET)
+        send = send_weights if mode.endswith("send_weights") else broadcast_weights
+        send([(n, ck.get_tensor(n)) for n in ck.keys()], bucket_bytes=BUCKET)
     else:
-        model = kimi_loader.from_pretrained(a, dtype=torch.bfloat16)
-        up = WeightUpdater(model, baseline=a)
+        par = dict(ep_rank=0, ep_size=2) if ep else {}
+        model = kimi_loader.from_pretrained(a, dtype=torch.bfloat16, **par)
+        up = WeightUpdater(model, baseline=a, **par)
+        got = {}
         if mode == "receive-all":
             fn = lambda: _receive_all(up)  # noqa: E731
         else:
-            fn = lambda: up.update_from_distributed(atomic=mode == "atomic")  # noqa: E731
+            fn = lambda: got.update(r=up.update_from_distributed(atomic=mode != "streaming"))  # noqa: E731
         seconds, extra = timed(fn)
+        received = got["r"].bytes_received if got else None
         with open(out, "w") as fh:
-            json.dump({"seconds": seconds, "extra": extra}, fh)
+            json.dump({"seconds": seconds, "extra": extra, "received": received}, fh)
     dist.destroy_process_group()
 
 
@@ -109,7 +117,7 @@ def _receive_all(up: WeightUpdater) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from kimi_loader.rl import _bucket_offsets
+    from kimi_loader.rl import _bucket_offsets, _vote
 
     box: list = [None]
     dist.broadcast_object_list(box, src=0)
@@ -125,6 +133,7 @@ def _receive_all(up: WeightUpdater) -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         save_file(tensors, os.path.join(d, "u.safetensors"))
         up.update_from_disk(os.path.join(d, "u.safetensors"))
+    _vote(None, torch.device("cpu"), False)  # (the stream's end: the group's vote)
 
 
 def stream(a: str, b: str, mode: str) -> tuple[float, int]:
@@ -134,7 +143,11 @@ def stream(a: str, b: str, mode: str) -> tuple[float, int]:
     out = os.path.join(CACHE, "stream.json")
     mp.start_processes(_stream_rank, args=(port, a, b, mode, out), nprocs=2, join=True, start_method="spawn")
     r = json.load(open(out))
+    RECEIVED[mode] = r["received"]
     return r["seconds"], r["extra"]
+
+
+RECEIVED: dict[str, int | None] = {}  # bytes the receiver of each stream mode got
 
 
 def delta_tensors(a: str, fraction: float, seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -219,14 +232,19 @@ def measure(label: str, layers: int) -> dict:
     qf = min(timed(lambda: [quantize_fp8_block(t) for _, t in experts])[0] for _ in range(2))
     mc = min(timed(lambda: [t.clone() for _, t in experts])[0] for _ in range(3))
     qmodel = qup = None
-    for mode in ("atomic", "streaming", "receive-all"):
+    modes = ("atomic", "streaming", "receive-all", "EP-half, broadcast_weights", "EP-half, send_weights")
+    for mode in modes:
         rows[f"gloo stream, {mode}"] = stream(a, b, mode)
     print(f"\nmodel {label}: {total / 1e9:.2f} GB bf16, 5% delta = {dbytes / 1e6:.0f} MB")
     print(f"  {'':<46} {'seconds':>8} {'GB/s':>6} {'peak extra':>11}")
     section(f"model {label} ({total / 1e9:.2f} GB bf16)")
     for k, (s, extra) in rows.items():
-        print(f"  {k:<46} {s:8.3f} {total / s / 1e9 if 'full' in k or 'gloo' in k else 0:6.2f} {extra / 1e6:9.0f} MB")
-        record(k, s, None, peak_extra_bytes=extra)
+        got = RECEIVED.get(k.removeprefix("gloo stream, "))
+        print(
+            f"  {k:<46} {s:8.3f} {total / s / 1e9 if 'full' in k or 'gloo' in k else 0:6.2f} {extra / 1e6:9.0f} MB"
+            + (f"  (received {got / 1e6:.0f} MB)" if got is not None else "")
+        )
+        record(k, s, None, peak_extra_bytes=extra, **({} if got is None else {"bytes_received": got}))
     record("quantize_int4 (all experts)", qt, None, gbps=ebytes / qt / 1e9)
     record("quantize_mxfp4 (all experts)", qm, None, gbps=ebytes / qm / 1e9)
     record("quantize_fp8_block (all experts)", qf, None, gbps=ebytes / qf / 1e9)
@@ -240,6 +258,7 @@ def measure(label: str, layers: int) -> dict:
         "bytes": total,
         "delta_bytes": dbytes,
         "rows": {k: {"seconds": s, "peak_extra_bytes": e} for k, (s, e) in rows.items()},
+        "bytes_received": {f"gloo stream, {m}": got for m, got in RECEIVED.items()},
         "quantize_int4_gbps": ebytes / qt / 1e9,
         "quantize_mxfp4_gbps": ebytes / qm / 1e9,
         "quantize_fp8_block_gbps": ebytes / qf / 1e9,

@@ -17,7 +17,7 @@ from kimi_loader.synth import make_checkpoint
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 #: statements of the README that need several processes (tested in test_rl.py)
-MULTI_PROCESS = ("update_from_distributed", "broadcast_weights", "update_from_ipc", "share_tensors")
+MULTI_PROCESS = ("update_from_distributed", "broadcast_weights", "send_weights", "update_from_ipc", "share_tensors")
 
 
 def _blocks(lang: str) -> list[str]:

@@ -372,19 +372,25 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
         for _ in range(2 if twice else 1):
             try:
                 send(items, bucket_bytes=32 << 10)
-                assert mode != "bad", "the sender was not told that the receivers refused"
+                assert mode != "bad" and not mode.startswith("fail-last"), "the sender was not told of a failure"
             except kimi_loader.PeerUpdateError as e:  # (the receivers' vote)
-                assert mode == "bad" and e.ranks == list(range(1, world)), (mode, e.ranks)
+                assert e.ranks == (list(range(1, world)) if mode == "bad" else [world - 1]), (mode, e.ranks)
         dist.destroy_process_group()
         return
     tp = world - 1
-    par = dict(tp_rank=rank - 1, tp_size=tp) | (dict(ep_size=tp) if via == "pull" else {})
+    par = dict(tp_rank=rank - 1, tp_size=tp) | (dict(ep_size=tp) if via in ("pull", "ep") else {})
     ck = kimi_loader.open(a)
     model = kimi_loader.models.for_config(ck.config, **par)
     kimi_loader.load_weights(model, ck, **par)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     mode, _, executor = mode.partition("+")
     up = WeightUpdater(model, **par, baseline=ck, executor=executor or "auto")
+    if mode.startswith("fail-last") and rank == world - 1:  # this rank fails applying its first bucket
+
+        def failing(*_args, **_kw):
+            raise kimi_loader.PlanError("injected failure")
+
+        up._plan_for = failing
     result: dict = {"mode": mode}
     try:
         report = up.update_from_distributed(atomic=not mode.endswith("streaming"))
@@ -404,6 +410,8 @@ def _stream_worker(rank: int, world: int, port: int, a: str, b: str, out: str, m
     result["version"] = up.version
     model.process_group = tp_group  # the sharded runtime's collectives run among the receivers
     try:
+        if mode == "fail-last-streaming":  # (one rank refuses to run: the other's collectives would wait)
+            raise kimi_loader.InconsistentWeightsError("not run")
         result["logits_finite"] = bool(torch.isfinite(model(IDS)).all())
         result["runs"] = True
     except kimi_loader.InconsistentWeightsError:
@@ -452,8 +460,8 @@ def _run_stream(tmp_path, mode: str, world: int = 3) -> tuple[str, str, list[dic
         p.join(timeout=240)
         assert not p.is_alive(), "a rank hung"
     codes = [p.exitcode for p in ctx.processes]
-    for r in range(1, world):  # a receiver's traceback, if it failed
-        if codes[r] != 0 and os.path.exists(ctx.error_files[r]):
+    for r in range(world):  # a rank's traceback, if it failed (the sender's, unless killed)
+        if codes[r] not in (0, 3) and os.path.exists(ctx.error_files[r]):
             raise AssertionError(open(ctx.error_files[r], "rb").read()[-3000:])
     assert codes[1:] == [0] * (world - 1), codes
     assert codes[0] == (3 if mode.startswith("kill") else 0), codes
@@ -537,6 +545,26 @@ def test_a_stream_that_does_not_fit_the_plan_is_refused_before_a_byte_lands(tmp_
     for res in results:
         assert res["error"] == "ShapeMismatchError" and "[3, 3]" in res["message"], res
         assert res["unchanged"] and res["runs"] and res["version"] == 0
+
+
+@pytest.mark.parametrize("mode", ["atomic", "streaming", "atomic@pull"])
+def test_a_stream_one_rank_fails_is_committed_by_none(tmp_path, mode):
+    """The last receiver fails applying a bucket: the other, which received and staged
+    all of it, commits nothing (the group's vote; before, it committed, and the group
+    served two versions), or, streaming, marks itself inconsistent. The sender is told
+    which rank failed."""
+    _a, _b, results = _run_stream(tmp_path, f"fail-last{'' if '@' in mode else '@ep'}".replace("@", f"-{mode}@", 1))
+    first, last = results
+    assert last["error"] == "PlanError" and "injected" in last["message"], last
+    assert first["error"] == "PeerUpdateError" and "[2]" in first["message"], first
+    for res in results:
+        assert res["version"] == 0, res
+    if mode.startswith("atomic"):
+        assert "the model is unchanged" in first["message"], first
+        assert all(res["unchanged"] and res["consistent"] and res["runs"] for res in results), results
+    else:  # the first applied every bucket, the last none: the first refuses to run
+        assert not first["unchanged"] and not first["consistent"], first
+        assert last["unchanged"] and last["consistent"], last
 
 
 def test_stage_then_commit_is_execute_atomic_in_two_halves(tmp_path):
@@ -1042,10 +1070,13 @@ def test_an_nccl_stream_from_gpu_memory_equals_a_direct_load(tmp_path):
 
 
 def test_broadcast_weights_checks_its_hash_option():
-    from kimi_loader.rl import broadcast_weights
+    from kimi_loader.rl import broadcast_weights, send_weights
 
-    with pytest.raises(kimi_loader.InvalidArgumentError, match="hash must be"):
-        broadcast_weights([("x", torch.zeros(1))], hash="md5")
+    for send in (broadcast_weights, send_weights):
+        with pytest.raises(kimi_loader.InvalidArgumentError, match="hash must be"):
+            send([("x", torch.zeros(1))], hash="md5")
+        with pytest.raises(kimi_loader.InvalidArgumentError, match="not initialized"):  # (was torch's ValueError)
+            send([("x", torch.zeros(1))])
 
 
 @pytest.mark.parametrize("quant", QUANTS)

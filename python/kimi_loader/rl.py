@@ -1139,14 +1139,18 @@ class _StreamSource:
 
         if how not in ("auto", "xxh3", "device"):
             raise InvalidArgumentError(f"hash must be 'auto', 'xxh3' or 'device', got {how!r}")
+        self.items: list[tuple[str, torch.Tensor]] | None = None
+        if not isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
+            self.items = [(n, t.contiguous()) for n, t in _validate.named_tensors(named_tensors_or_path, _STREAM)]
+        if not dist.is_initialized():
+            raise InvalidArgumentError(f"{_STREAM}: torch.distributed is not initialized (init_process_group)")
         if dist.get_rank() != src:
             raise InvalidArgumentError(
                 f"{_STREAM}: the sender must be rank src={src} (this is rank {dist.get_rank()}); "
                 "the other ranks call WeightUpdater.update_from_distributed"
             )
         self.device = _comm_device(group)
-        self.items: list[tuple[str, torch.Tensor]] | None = None
-        if isinstance(named_tensors_or_path, (str, os.PathLike, Checkpoint)):
+        if self.items is None:
             # a checkpoint is read bucket by bucket with pread (never through the map, where a
             # file truncated underneath would fault): a changed file is a CheckpointIOError
             self.ck = (
@@ -1159,12 +1163,11 @@ class _StreamSource:
             hashes = self.ck.core.hash_tensors(names)
             self.meta = [(i.name, i.st_dtype, list(i.shape), i.nbytes, h) for i, h in zip(infos, hashes, strict=True)]
         else:
-            items = [(n, t.contiguous()) for n, t in _validate.named_tensors(named_tensors_or_path, _STREAM)]
+            items = self.items
             self.meta = [
                 (n, _st_dtype(n, t), list(t.shape), t.nbytes, h)
                 for (n, t), h in zip(items, _hashes(items, how), strict=True)
             ]
-            self.items = items
 
     def bucket(self, b: list[int]) -> torch.Tensor:
         """The bytes of the tensors ``b``, each from a ``BUCKET_ALIGN`` boundary, on the
