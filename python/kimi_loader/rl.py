@@ -622,9 +622,7 @@ class WeightUpdater:
         )
         # the parts of a quantized weight are read together (a dequantizing op reads the
         # data and its scale): one changed part sends its unit whole (they share a bucket)
-        units: dict[str, list[int]] = {}
-        for k, m in enumerate(meta):
-            units.setdefault(_unit_key(m[0]), []).append(k)
+        units = _units(meta)
         changed = {j for k in differ for j in units[_unit_key(meta[k][0])]}
         # where buckets are applied: on the model's device by the Triton executor (NCCL
         # buckets never leave the GPU; staging for atomic=True is device memory too), or
@@ -1095,7 +1093,7 @@ def send_weights(
         group=group,
         device=source.device,
     )
-    ranks = dist.get_process_group_ranks(group) if group is not None else range(dist.get_world_size())
+    ranks = _group_ranks(group)
     # every receiver's answer first (one that wants nothing is not kept waiting)
     wants = {r: _recv_wanted(r, group, source.device, len(source.meta)) for r in ranks if r != src}
     sent = 0
@@ -1113,11 +1111,18 @@ def _vote(group: Any, device: torch.device, failed: bool) -> list[int]:
     failed; returns the (global) ranks that did."""
     import torch.distributed as dist
 
-    ranks = dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
+    ranks = _group_ranks(group)
     flags = torch.zeros(len(ranks), dtype=torch.int64, device=device)
     flags[dist.get_rank(group)] = int(failed)
     dist.all_reduce(flags, group=group)
     return [r for r, f in zip(ranks, flags.tolist(), strict=True) if f]
+
+
+def _group_ranks(group: Any) -> list[int]:
+    """The global ranks of ``group`` (the world when ``None``), in group-rank order."""
+    import torch.distributed as dist
+
+    return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
 
 
 def _sender_vote(group: Any, device: torch.device) -> None:
@@ -1286,12 +1291,18 @@ def _unit_key(name: str) -> str:
     return base if any(suffix in u for u in _UNITS) else name
 
 
-def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
-    """Indices of ``meta`` in buckets of about ``bucket_bytes``; a quantized weight's parts
-    (same module, suffixes of one unit) are never split across buckets."""
+def _units(meta: list[Any]) -> dict[str, list[int]]:
+    """The indices of ``meta`` by unit (:func:`_unit_key`), in order of first appearance."""
     units: dict[str, list[int]] = {}
     for k, (name, *_rest) in enumerate(meta):
         units.setdefault(_unit_key(name), []).append(k)
+    return units
+
+
+def _buckets(meta: list[Any], bucket_bytes: int) -> list[list[int]]:
+    """Indices of ``meta`` in buckets of about ``bucket_bytes``; a quantized weight's parts
+    (same module, suffixes of one unit) are never split across buckets."""
+    units = _units(meta)
     buckets: list[list[int]] = []
     cur: list[int] = []
     size = 0
